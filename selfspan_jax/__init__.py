@@ -1,0 +1,37 @@
+"""selfspan-jax: self-selected attention spans for faster LLaMA decoding.
+
+Public names are re-exported lazily so that `import selfspan_jax` stays cheap
+and a notebook that only needs the data generators does not build a model.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> submodule that defines it
+_EXPORTS = {
+    "LlamaConfig": "config",
+    "RopeScaling": "config",
+    "Llama": "model",
+    "KVCache": "cache",
+    "apply_lora": "lora",
+    "lora_trainable_filter": "lora",
+    "merge_lora": "lora",
+    "load_model": "weights",
+    "CharTokenizer": "tokenizer",
+    "generate": "generate",
+    "GenerateOutput": "generate",
+}
+
+__all__ = sorted(_EXPORTS) + ["spans", "data"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
+        return getattr(module, name)
+    if name in ("spans", "data"):
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

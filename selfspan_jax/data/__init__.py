@@ -1,0 +1,1 @@
+"""Span-annotated datasets: `arithmetic` and `summarization`, and batching."""
