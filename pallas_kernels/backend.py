@@ -1,0 +1,120 @@
+"""Backend choice and tile/split parameters for the block-sparse decode kernel.
+
+Everything that depends on "which device are we on" lives here, so the kernel
+file and its callers never test `jax.default_backend()` themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+BACKENDS = ("auto", "pallas", "interpret", "xla", "reference")
+
+# H100 SXM has 132 SMs. Used when the kernel is lowered for a GPU that is not
+# attached (export against an abstract H100 in CI) or the device does not say.
+DEFAULT_GPU_CORES = 132
+
+# Shared memory the software pipeline may spend on K/V tiles. H100 has 228 KiB
+# per SM; leave room for q, the score tile and Triton's own scratch.
+_SMEM_BUDGET_BYTES = 160 * 1024
+
+
+def on_gpu() -> bool:
+    """True when the default JAX backend is a CUDA/ROCm GPU."""
+    return jax.default_backend() in ("gpu", "cuda", "rocm")
+
+
+def resolve_backend(backend: str) -> str:
+    """Maps "auto" to the concrete backend for this process; validates the name.
+
+    auto -> "pallas" on GPU (the Triton kernel), "xla" elsewhere (gather path;
+    interpret mode is a correctness tool, orders of magnitude too slow to serve).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "pallas" if on_gpu() else "xla"
+    return backend
+
+
+def gpu_core_count() -> int:
+    """Streaming multiprocessors of the attached GPU (132 if none is attached)."""
+    if on_gpu():
+        count = getattr(jax.devices()[0], "core_count", None)
+        if isinstance(count, int) and count > 0:
+            return count
+    return DEFAULT_GPU_CORES
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSparseParams:
+    """Tile and split parameters of the Pallas kernel (jax's names).
+
+    Any field left None is chosen by `resolve`. Frozen and hashable, so it can
+    be a static argument of a jitted function.
+
+    block_h:    query rows per program: the G = N/K heads of one KV head, padded
+                up to a multiple of 16 because Triton's mma needs every dot
+                dimension >= 16.
+    block_k:    tokens per inner-loop step; a cache block larger than this is
+                walked in block_size // block_k sub-tiles (bounds the K/V tile
+                held in shared memory at block sizes of 256).
+    k_splits:   programs per (batch, KV head) that share one active-block list
+                (flash-decoding): at batch 1 the B*K programs alone leave most
+                of the 132 SMs idle.
+    num_warps:  Triton warps per program.
+    num_stages: Triton software-pipeline depth of the inner loop.
+    """
+
+    block_h: int | None = None
+    block_k: int | None = None
+    k_splits: int | None = None
+    num_warps: int | None = None
+    num_stages: int | None = None
+
+    def __post_init__(self):
+        for name in ("block_h", "block_k", "k_splits", "num_warps", "num_stages"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"BlockSparseParams.{name} must be a positive int or None, got {value!r}")
+        if self.block_h is not None and self.block_h % 16:
+            raise ValueError(f"BlockSparseParams.block_h must be a multiple of 16, got {self.block_h}")
+
+    def resolve(
+        self,
+        *,
+        group_size: int,
+        batch: int,
+        kv_heads: int,
+        list_len: int,
+        block_size: int,
+        head_dim: int,
+        itemsize: int,
+        num_cores: int,
+    ) -> "BlockSparseParams":
+        """Fills every None field for one call's static shapes."""
+        block_h = self.block_h if self.block_h is not None else 16 * -(-group_size // 16)
+        if block_h < group_size:
+            raise ValueError(f"block_h={block_h} is smaller than the query group G={group_size}")
+
+        block_k = self.block_k if self.block_k is not None else min(block_size, 128)
+        if block_size % block_k or block_k < 16:
+            raise ValueError(f"block_k={block_k} must be >= 16 and divide block_size={block_size}")
+
+        if self.k_splits is not None:
+            k_splits = self.k_splits
+        else:
+            # Aim for ~2 waves of programs; never more splits than list entries
+            # (an extra split would only ever be empty).
+            k_splits = max(1, min(-(-2 * num_cores // (batch * kv_heads)), list_len))
+
+        num_warps = self.num_warps if self.num_warps is not None else (8 if block_k * head_dim >= 128 * 128 else 4)
+
+        if self.num_stages is not None:
+            num_stages = self.num_stages
+        else:
+            stage_bytes = 2 * block_k * head_dim * itemsize  # one K tile + one V tile
+            num_stages = max(1, min(3, _SMEM_BUDGET_BYTES // stage_bytes))
+        return BlockSparseParams(block_h, block_k, k_splits, num_warps, num_stages)
