@@ -145,3 +145,62 @@ class CharTokenizer:
 
     def __repr__(self) -> str:
         return f"CharTokenizer(vocab_size={self.vocab_size}, unknown={self.unknown!r})"
+
+
+_SPAN_RE = re.compile("(" + "|".join(re.escape(s) for s in (ANCHOR, REF_OPEN, REF_CLOSE)) + ")")
+
+
+def _single_token_id(tokenizer, token: str) -> int | None:
+    """Id of `token` as one vocabulary entry, or None if the tokenizer has none."""
+    i = tokenizer.convert_tokens_to_ids(token)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if i is None or (unk is not None and i == unk and token != getattr(tokenizer, "unk_token", None)):
+        return None
+    return int(i)
+
+
+def encode_with_spans(tokenizer, text: str) -> list[int]:
+    """Ids of record text with span tokens written as strings (no BOS/EOS).
+
+    Works for CharTokenizer and transformers tokenizers alike:
+    - span-token strings become their single ids (ValueError if missing:
+      add them first, e.g. hf_tokenizer.add_span_tokens);
+    - header contents (between <|ref|> and <|/ref|>) are encoded one
+      character at a time, each digit as the vocabulary entry "0".."9", so a
+      BPE that would merge "12" into one token still writes a reference as
+      single-digit tokens, which is what spans.py parses;
+    - other text is encoded chunk by chunk between span tokens with
+      `add_special_tokens=False`. Splitting at span tokens also fixes token
+      counts per segment, which summarization uses for truncation.
+
+    For CharTokenizer the result equals `tokenizer.encode(text, False)`.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a str, got {type(text).__name__}")
+    ids: list[int] = []
+    in_header = False
+    for piece in _SPAN_RE.split(text):
+        if not piece:
+            continue
+        if piece in (ANCHOR, REF_OPEN, REF_CLOSE):
+            i = _single_token_id(tokenizer, piece)
+            if i is None:
+                raise ValueError(f"tokenizer has no token {piece!r}; add the span tokens first")
+            ids.append(i)
+            if piece == REF_OPEN:
+                in_header = True
+            elif piece in (REF_CLOSE, ANCHOR):
+                in_header = False
+        elif in_header:
+            for ch in piece:
+                i = _single_token_id(tokenizer, ch)
+                if i is not None:
+                    ids.append(i)
+                elif ch.isdigit():
+                    raise ValueError(f"tokenizer has no single token for the digit {ch!r}")
+                else:
+                    # separators such as " " are spelt differently by byte-level BPE ("Ġ")
+                    ids.extend(tokenizer.encode(ch, add_special_tokens=False))
+        else:
+            ids.extend(tokenizer.encode(piece, add_special_tokens=False))
+    return ids
