@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import collections
 import glob
+import hashlib
 import json
 import os
 import re
 from typing import Any, Iterable, Sequence
+
+import numpy as np
 
 from selfspan_jax.tokenizer import ANCHOR, REF_CLOSE, REF_OPEN, encode_with_spans
 
@@ -83,53 +86,84 @@ def _read_parquet(path: str, article_field: str, summary_field: str) -> list[dic
     ]
 
 
-def _local_files(source: str) -> list[str]:
-    if os.path.isdir(source):
-        files = sorted(f for s in _LOCAL_SUFFIXES for f in glob.glob(os.path.join(source, f"*{s}")))
-        if not files:
-            raise ValueError(f"directory {source!r} holds no {'/'.join(_LOCAL_SUFFIXES)} files")
-        return files
-    return [source]
+def _local_files(source: str, split: str) -> tuple[list[str], bool]:
+    """(files, already_split): a directory with files named after `split`
+    ("validation.jsonl", "train-00000.parquet") gives those; otherwise every
+    data file, to be partitioned by hash."""
+    if not os.path.isdir(source):
+        return [source], False
+    files = sorted(f for s in _LOCAL_SUFFIXES for f in glob.glob(os.path.join(source, f"*{s}")))
+    if not files:
+        raise ValueError(f"directory {source!r} holds no {'/'.join(_LOCAL_SUFFIXES)} files")
+    named = [f for f in files if os.path.basename(f).startswith(split)]
+    return (named, True) if named else (files, False)
+
+
+SPLITS = ("train", "validation", "test", "all")
+HELD_OUT_BUCKETS = 10
+DEFAULT_HUB = "abisee/cnn_dailymail"
+
+
+def _held_out(article: str) -> bool:
+    digest = hashlib.blake2b(article.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % HELD_OUT_BUCKETS == 0
 
 
 def load_articles(
-    source: str,
+    source: str = DEFAULT_HUB,
     *,
-    config: str | None = "3.0.0",
     split: str = "train",
+    n: int | None = None,
+    seed: int = 0,
+    config: str | None = "3.0.0",
     article_field: str = "article",
     summary_field: str = "highlights",
-    limit: int | None = None,
 ) -> list[dict]:
     """Articles as [{"id", "article", "highlights"}].
 
-    `source` is a local .jsonl/.json (one object per line) or .parquet file,
-    a directory of them, or a `datasets` hub name (e.g. "abisee/cnn_dailymail"
-    with config "3.0.0") for machines with network access. Malformed input
-    raises ValueError naming file and line (JSONL) or row (Parquet).
+    `source`: a local .jsonl/.json (one object per line) or .parquet file, a
+    directory of them, or a `datasets` hub name (default CNN/DailyMail
+    "abisee/cnn_dailymail", config "3.0.0") for machines with network.
+    `split`: "train", "validation", "test" or "all". The hub and directories
+    with per-split files ("validation.jsonl") split themselves; any other
+    local data is partitioned by a stable hash of the article text: one
+    tenth is held out and serves as both "validation" and "test", the rest is
+    "train", so a single file never leaks evaluation articles into training.
+    `n`: at most this many articles, a random subset drawn with `seed` (all,
+    in file order, when None).
+    Malformed input raises ValueError naming file and line (JSONL) or row.
     """
-    if limit is not None and (not isinstance(limit, int) or limit < 0):
-        raise ValueError(f"limit must be a non-negative int or None, got {limit!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if n is not None and (not isinstance(n, int) or n < 0):
+        raise ValueError(f"n must be a non-negative int or None, got {n!r}")
     if os.path.exists(source):
+        files, already_split = _local_files(source, split)
         rows: list[dict] = []
-        for path in _local_files(source):
+        for path in files:
             if path.endswith(".parquet"):
                 rows.extend(_read_parquet(path, article_field, summary_field))
             elif path.endswith((".jsonl", ".json")):
                 rows.extend(_read_jsonl(path, article_field, summary_field))
             else:
                 raise ValueError(f"unsupported file type {path!r}; use {'/'.join(_LOCAL_SUFFIXES)}")
-            if limit is not None and len(rows) >= limit:
-                break
-        return rows[:limit] if limit is not None else rows
-    if source.endswith(_LOCAL_SUFFIXES):
-        raise ValueError(f"file {source!r} does not exist")
+        if not already_split and split != "all":
+            rows = [r for r in rows if _held_out(r["article"]) == (split != "train")]
+        if n is not None and n < len(rows):
+            keep = np.sort(np.random.default_rng(seed).choice(len(rows), n, replace=False))
+            rows = [rows[i] for i in keep]
+        return rows
+    if source.endswith(_LOCAL_SUFFIXES) or source.startswith((".", "/", "~")):
+        raise ValueError(f"local source {source!r} does not exist")
     import datasets  # heavy; only for hub loading
 
-    ds = datasets.load_dataset(source, config, split=split)
-    if limit is not None:
-        ds = ds.select(range(min(limit, len(ds))))
-    return [_check_fields(dict(row), f"{source}[{split}] row {i}", article_field, summary_field) for i, row in enumerate(ds)]
+    ds = datasets.load_dataset(source, config, split="train+validation+test" if split == "all" else split)
+    if n is not None and n < len(ds):
+        ds = ds.shuffle(seed=seed).select(range(n))
+    return [
+        _check_fields(dict(row), f"{source}[{split}] row {i}", article_field, summary_field)
+        for i, row in enumerate(ds)
+    ]
 
 
 # ---------------------------------------------------------------------------
@@ -378,8 +412,17 @@ def make_records(articles: Iterable[dict], **kwargs) -> list[dict]:
     return out
 
 
-def load_records(source: str, *, tokenizer=None, max_prompt_tokens: int | None = None, max_k: int = 3, **load_kwargs) -> list[dict]:
-    """load_articles + make_records."""
+def load_records(
+    source: str = DEFAULT_HUB,
+    *,
+    tokenizer=None,
+    max_prompt_tokens: int | None = None,
+    max_k: int = 3,
+    **load_kwargs,
+) -> list[dict]:
+    """load_articles(source, **load_kwargs) + make_records. Articles whose
+    first sentence alone exceeds `max_prompt_tokens` are skipped, so fewer
+    than `n` records may come back."""
     return make_records(
         load_articles(source, **load_kwargs), tokenizer=tokenizer, max_prompt_tokens=max_prompt_tokens, max_k=max_k
     )
