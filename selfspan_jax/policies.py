@@ -1,0 +1,206 @@
+"""Decode-time attention policies: which KV blocks and tokens each query reads.
+
+A policy is the pluggable piece between the generation loop and the
+block-sparse kernel. The loop owns the KV cache and the sampled tokens; the
+policy owns whatever it needs to decide what the next query may see, and turns
+that into the kernel's inputs:
+
+    prefill_mask(tokens [B,T], lengths [B])            -> bool [B,T,T]
+    init_state(tokens [B,T], lengths [B], max_len)     -> policy state (pytree)
+    update(state, tokens [B])                          -> policy state
+    select(state, lengths [B], *, block_size, q, k, layer_idx) -> Selection
+
+`update` appends the token that is about to be fed to the model (it sits at
+position `lengths[b]` of the cache); `select` then describes the attention row
+of exactly that query. `lengths` is the cache length *before* the step, i.e.
+the position of the current query.
+
+Two kinds of policy fit the same loop and kernel:
+
+- query-independent (`query_aware = False`): the selection depends only on the
+  emitted tokens (self-selected spans, dense). The loop calls `select` once per
+  step with `q = k = None` and shares the result across layers.
+- query-aware (`query_aware = True`): the selection depends on the current
+  queries and keys of each layer (SparQ's top-r query components against the
+  keys, per KV head -> `block_indices [B,K,NB]`). The loop calls `select`
+  inside every layer's attention with that layer's `q [B,N,H]` and
+  `k [B,K,S,H]`. A policy that also keeps its own history (ADORE's eviction
+  controller) carries it in its state and advances it in `update`.
+
+Shapes use the house letters: B batch, T prompt length, S cache length,
+N query heads, K KV heads, H head dim; NB = S // block_size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from selfspan_jax import spans as spans_lib
+
+
+@struct.dataclass
+class Selection:
+    """What one query row may read, in the kernel's vocabulary.
+
+    block_indices: int32 [B, NB] (shared by all heads) or [B, K, NB] (per KV
+        head); the first `block_counts` entries are the active blocks.
+    block_counts: int32 [B] or [B, K].
+    token_mask: bool [B, S]; True = this cache position is visible. It is the
+        exact row of the attention mask, so statistics computed from it are
+        measurements of what the kernel attended to.
+    """
+
+    block_indices: jax.Array
+    block_counts: jax.Array
+    token_mask: jax.Array
+
+
+def dense_selection(lengths: jax.Array, cache_len: int, block_size: int) -> Selection:
+    """Causal row for the query at position `lengths[b]`: every j <= lengths[b]."""
+    # [S]
+    pos = jnp.arange(cache_len, dtype=jnp.int32)
+    # [B, S]
+    token_mask = pos[None, :] <= lengths[:, None]
+    num_blocks = cache_len // block_size
+    # [B]
+    counts = (lengths // block_size + 1).astype(jnp.int32)
+    # [NB]
+    blocks = jnp.arange(num_blocks, dtype=jnp.int32)
+    # [B, NB]; padding entries 0 as block_select does
+    indices = jnp.where(blocks[None, :] < counts[:, None], blocks[None, :], 0)
+    return Selection(indices, counts, token_mask)
+
+
+def _padded_rows_see_themselves(mask: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Give each padding row its own diagonal entry.
+
+    Padding positions are written into the KV cache by prefill and sit inside
+    later active blocks until decode overwrites them. A row with nothing
+    visible can produce NaN activations, and a masked NaN value still poisons
+    `p @ v` (0 * NaN = NaN); letting a padding row see itself keeps its K/V
+    finite. Real rows are untouched.
+    """
+    T = mask.shape[-1]
+    # [T]
+    pos = jnp.arange(T)
+    # [B, T, T]
+    pad_diag = (pos[None, :, None] >= lengths[:, None, None]) & (pos[:, None] == pos[None, :])[None]
+    return mask | pad_diag
+
+
+def causal_mask(T: int, lengths: jax.Array) -> jax.Array:
+    """bool [B, T, T]: causal over the first `lengths[b]` tokens, padding isolated."""
+    pos = jnp.arange(T)
+    # [B, T]
+    valid = pos[None, :] < lengths[:, None]
+    # [B, T, T]
+    mask = (pos[:, None] >= pos[None, :])[None] & valid[:, :, None] & valid[:, None, :]
+    return _padded_rows_see_themselves(mask, lengths)
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """Base class; subclasses are frozen (hashable) so they can be jit statics."""
+
+    name: ClassVar[str] = "policy"
+    query_aware: ClassVar[bool] = False
+
+    def prefill_mask(self, tokens: jax.Array, lengths: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def init_state(self, tokens: jax.Array, lengths: jax.Array, max_len: int) -> Any:
+        raise NotImplementedError
+
+    def update(self, state: Any, tokens: jax.Array) -> Any:
+        raise NotImplementedError
+
+    def select(self, state: Any, lengths: jax.Array, *, block_size: int, cache_len: int,
+               q: jax.Array | None = None, k: jax.Array | None = None,
+               layer_idx: int | None = None) -> Selection:
+        raise NotImplementedError
+
+    def fallback(self, state: Any, batch: int) -> jax.Array:
+        """bool [B]: sequences the policy has switched to dense for good."""
+        return jnp.zeros((batch,), bool)
+
+    def report(self, state: Any) -> dict[str, jax.Array]:
+        """Per-sequence counters at the end of generation ({name: [B]}), e.g. malformed spans."""
+        return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class DensePolicy(Policy):
+    """Every earlier token; the baseline that reads all blocks up to the query."""
+
+    name: ClassVar[str] = "dense"
+
+    def prefill_mask(self, tokens, lengths):
+        return causal_mask(tokens.shape[-1], lengths)
+
+    def init_state(self, tokens, lengths, max_len):
+        return ()
+
+    def update(self, state, tokens):
+        return state
+
+    def select(self, state, lengths, *, block_size, cache_len, q=None, k=None, layer_idx=None):
+        return dense_selection(lengths, cache_len, block_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class SelfSpanPolicy(Policy):
+    """The spans the model writes itself (DESIGN.md §2), parsed token by token.
+
+    State: a batched `spans.SpanState` (every field with a leading [B]).
+    """
+
+    span_tokens: spans_lib.SpanTokens
+    max_segments: int
+
+    name: ClassVar[str] = "self_span"
+
+    def __post_init__(self):
+        if not isinstance(self.span_tokens, spans_lib.SpanTokens):
+            raise ValueError(f"span_tokens must be a spans.SpanTokens, got {type(self.span_tokens).__name__}")
+        if isinstance(self.max_segments, bool) or not isinstance(self.max_segments, int) or self.max_segments < 1:
+            raise ValueError(f"max_segments must be a positive int, got {self.max_segments!r}")
+
+    def prefill_mask(self, tokens, lengths):
+        mask = spans_lib.attention_mask(tokens, self.span_tokens, self.max_segments, lengths=lengths)
+        return _padded_rows_see_themselves(mask, lengths)
+
+    def init_state(self, tokens, lengths, max_len):
+        return jax.vmap(
+            lambda t, n: spans_lib.prefill_state(t, n, max_len, self.max_segments, self.span_tokens)
+        )(tokens, lengths)
+
+    def update(self, state, tokens):
+        return jax.vmap(lambda s, t: spans_lib.update(s, t, self.span_tokens))(state, tokens)
+
+    def select(self, state, lengths, *, block_size, cache_len, q=None, k=None, layer_idx=None):
+        indices, counts, token_mask = jax.vmap(lambda s: spans_lib.active_blocks(s, block_size))(state)
+        return Selection(indices.astype(jnp.int32), counts.astype(jnp.int32), token_mask)
+
+    def fallback(self, state, batch):
+        return jnp.asarray(state.fallback_dense, bool).reshape(batch)
+
+    def report(self, state):
+        return spans_lib.span_stats(state)
+
+
+def make_policy(policy: str | Policy, *, span_tokens=None, max_segments: int = 64) -> Policy:
+    """Resolve a policy name ("dense", "self_span") or pass a Policy through."""
+    if isinstance(policy, Policy):
+        return policy
+    if policy == "dense":
+        return DensePolicy()
+    if policy == "self_span":
+        if span_tokens is None:
+            raise ValueError("policy='self_span' needs span_tokens (or a tokenizer to derive them from)")
+        return SelfSpanPolicy(span_tokens, max_segments)
+    raise ValueError(f"unknown policy {policy!r}; choose 'dense', 'self_span' or pass a Policy")

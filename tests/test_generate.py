@@ -1,0 +1,375 @@
+"""Generation: the consistency property, stopping, sampling, statistics, compile reuse.
+
+The oracle for everything the loop computes is the full-sequence forward
+`model(final_tokens, attention_mask=...)` on the final sequences (fp32), and
+`spans.attention_mask` for the visibility rows; the sampler is checked against
+a float64 NumPy implementation of temperature / top-k / top-p.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import hypothesis.strategies as hst
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import assume, given, settings
+
+from selfspan_jax.config import LlamaConfig
+from selfspan_jax.data.arithmetic import generate_examples
+from selfspan_jax.generate import _generate_jit, generate, sample_logits
+from selfspan_jax.model import Llama
+from selfspan_jax.policies import DensePolicy, Policy, Selection, SelfSpanPolicy
+from selfspan_jax.spans import ANCHOR, REF_CLOSE, REF_OPEN, SpanTokens, attention_mask
+from selfspan_jax.tokenizer import CharTokenizer
+
+MAX_SEGMENTS = 16
+# Pallas (interpret) needs block_size >= 16 and head dim >= 16.
+BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return CharTokenizer()
+
+
+@pytest.fixture(scope="module")
+def span_tokens(tok):
+    return SpanTokens.from_tokenizer(tok)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    cfg = LlamaConfig(
+        vocab_size=len(tok), d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, mlp_dim=64, max_seq_len=512
+    )
+    return Llama(cfg, rngs=nnx.Rngs(1234))
+
+
+def _live_prompts(n: int, seed: int) -> list[str]:
+    """Prompts ending inside a later step whose header is already closed.
+
+    Step k references only segment k, so with two finished steps before it
+    the first generated token already attends to a strict subset of the
+    context (the sparse path is live from the first decode step). Different
+    numbers of body characters give uneven prompt lengths.
+    """
+    out = []
+    for i, rec in enumerate(generate_examples(n, seed=seed, split="test", min_operands=4, max_operands=4)):
+        lines = rec["completion"].split("\n")
+        head = f"{ANCHOR}{REF_OPEN}3{REF_CLOSE}"
+        out.append(rec["prompt"] + "\n".join(lines[:2]) + "\n" + head + lines[2][len(head) : len(head) + i])
+    return out
+
+
+def _final_sequences(out, prompt_ids):
+    """Right-padded prompt + generated ids [B, T] and their lengths [B]."""
+    lengths = out.prompt_lengths + out.num_tokens
+    seqs = np.zeros((len(prompt_ids), int(lengths.max())), np.int32)
+    for b, ids in enumerate(prompt_ids):
+        seqs[b, : len(ids)] = ids
+        seqs[b, len(ids) : lengths[b]] = out.tokens[b, : out.num_tokens[b]]
+    return seqs, lengths
+
+
+def _teacher_forced(model, out, prompt_ids, mask):
+    """log p(generated token m | prefix) from one full forward: float64 [B, M] (0 past the end)."""
+    seqs, _ = _final_sequences(out, prompt_ids)
+    logp = np.asarray(jax.nn.log_softmax(model(jnp.asarray(seqs), attention_mask=mask), axis=-1), np.float64)
+    ref = np.zeros(out.tokens.shape)
+    for b, ids in enumerate(prompt_ids):
+        for m in range(out.num_tokens[b]):
+            ref[b, m] = logp[b, len(ids) + m - 1, out.tokens[b, m]]
+    return ref
+
+
+def _reference_mask(policy_name, seqs, lengths, span_tokens, max_segments=MAX_SEGMENTS):
+    if policy_name == "dense":
+        return None  # the model's default causal mask
+    return attention_mask(jnp.asarray(seqs), span_tokens, max_segments, lengths=jnp.asarray(lengths))
+
+
+def _check_rows_and_stats(out, seqs, lengths, span_tokens, policy_name, max_segments=MAX_SEGMENTS):
+    """The rows the kernel was given and the statistics, against the reference mask."""
+    T = seqs.shape[1]
+    if policy_name == "dense":
+        ref = np.tril(np.ones((len(seqs), T, T), bool))
+    else:
+        ref = np.asarray(attention_mask(jnp.asarray(seqs), span_tokens, max_segments, lengths=jnp.asarray(lengths)))
+    stats = out.stats
+    for b in range(len(seqs)):
+        L = out.prompt_lengths[b]
+        assert not stats["step_valid"][b, 0]
+        for m in range(1, out.num_tokens[b]):
+            pos = L + m - 1  # the fed token's position
+            row = ref[b, pos]
+            np.testing.assert_array_equal(out.masks[b, m, :T], row)
+            assert not out.masks[b, m, T:].any()
+            assert stats["step_valid"][b, m]
+            assert stats["visible"][b, m] == row.sum()
+            assert stats["causal"][b, m] == pos + 1
+            blocks = np.unique(np.nonzero(row)[0] // BLOCK)
+            assert stats["blocks_read"][b, m] == len(blocks)
+            assert stats["dense_blocks"][b, m] == pos // BLOCK + 1
+            assert stats["attended_fraction"][b, m] == pytest.approx(row.sum() / (pos + 1))
+        assert not stats["step_valid"][b, out.num_tokens[b] :].any()
+
+
+@pytest.mark.parametrize("backend", ["xla", "interpret"])
+@pytest.mark.parametrize("policy", ["self_span", "dense"])
+def test_generation_logprobs_equal_teacher_forced(model, tok, span_tokens, policy, backend):
+    prompts = _live_prompts(3, seed=7)
+    prompt_ids = [tok.encode(p) for p in prompts]
+    assert len({len(p) for p in prompt_ids}) == 3  # uneven lengths
+    out = generate(
+        model, prompts, policy=policy, max_new_tokens=12, tokenizer=tok, block_size=BLOCK, backend=backend,
+        max_segments=MAX_SEGMENTS, return_logprobs=True, return_masks=True,
+    )
+    seqs, lengths = _final_sequences(out, prompt_ids)
+    ref = _teacher_forced(model, out, prompt_ids, _reference_mask(policy, seqs, lengths, span_tokens))
+    valid = np.arange(out.tokens.shape[1])[None, :] < out.num_tokens[:, None]
+    np.testing.assert_allclose(out.logprobs[valid], ref[valid], rtol=1e-5, atol=1e-5)
+    assert (out.logprobs[~valid] == 0).all()
+    # greedy: every chosen token is the argmax of the teacher-forced distribution
+    logits = np.asarray(model(jnp.asarray(seqs), attention_mask=_reference_mask(policy, seqs, lengths, span_tokens)))
+    for b, ids in enumerate(prompt_ids):
+        want = logits[b, len(ids) - 1 : lengths[b] - 1].argmax(-1)
+        np.testing.assert_array_equal(out.tokens[b, : out.num_tokens[b]], want)
+    _check_rows_and_stats(out, seqs, lengths, span_tokens, policy)
+    if policy == "self_span":
+        # the sparse path ran from the first decode step on
+        assert (out.stats["attended_fraction"][:, 1] < 1).all()
+        assert out.summary()["kv_read_fraction"] <= 1.0
+    else:
+        assert out.summary()["mean_attended_fraction"] == 1.0
+
+
+def test_forced_span_streams_match_training_mask(model, tok, span_tokens):
+    """Random span syntax (anchors, headers, bad refs, overflow) fed through the loop.
+
+    Teacher forcing through the decode loop must give the same rows and
+    log-probs as the training mask and the full forward, including the
+    fallbacks of DESIGN.md §2 (which this stream provokes on purpose).
+    """
+    rng = np.random.default_rng(3)
+    max_segments = 8
+    alphabet = [tok.convert_tokens_to_ids(t) for t in (ANCHOR, REF_OPEN, REF_CLOSE)]
+    alphabet += [tok.convert_tokens_to_ids(c) for c in "0123459 ,x("]
+    weights = np.array([3, 3, 3] + [2] * 7 + [1, 1, 2, 1], float)
+    prompts = _live_prompts(2, seed=11)
+    prompt_ids = [tok.encode(p) for p in prompts]
+    M = 40
+    forced = rng.choice(alphabet, size=(2, M), p=weights / weights.sum()).astype(np.int32)
+    out = generate(
+        model, prompts, policy="self_span", max_new_tokens=M, tokenizer=tok, block_size=BLOCK, backend="xla",
+        max_segments=max_segments, return_logprobs=True, return_masks=True, forced_tokens=forced,
+    )
+    np.testing.assert_array_equal(out.tokens, forced)
+    seqs, lengths = _final_sequences(out, prompt_ids)
+    ref = _teacher_forced(model, out, prompt_ids, _reference_mask("self_span", seqs, lengths, span_tokens, max_segments))
+    np.testing.assert_allclose(out.logprobs, ref, rtol=1e-5, atol=1e-5)
+    _check_rows_and_stats(out, seqs, lengths, span_tokens, "self_span", max_segments)
+    # the overflow fallback (more than max_segments anchors) shows in the stats
+    anchors = (seqs == span_tokens.anchor).cumsum(axis=1)
+    for b in range(2):
+        L = out.prompt_lengths[b]
+        want = anchors[b, L : L + M - 1] >= max_segments  # seg of the fed token
+        np.testing.assert_array_equal(out.stats["fallback"][b, 1:], want)
+        assert out.policy_report["fallback_dense"][b] == want[-1]
+    assert out.stats["fallback"].any() and (out.stats["attended_fraction"][out.stats["step_valid"]] < 1).any()
+
+
+def test_stops_at_eos_per_sequence_and_at_budget(model, tok):
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    x = tok.convert_tokens_to_ids("x")
+    forced = np.full((3, 9), x, np.int32)
+    forced[0, 2] = eos  # stops after 3 tokens
+    forced[1, 0] = eos  # stops at once (from prefill)
+    out = generate(
+        model, [[1, 5, 6], [1, 7], [1, 8, 9, 10]], policy="dense", max_new_tokens=9, tokenizer=tok,
+        block_size=BLOCK, backend="xla", return_logprobs=True, forced_tokens=forced,
+    )
+    np.testing.assert_array_equal(out.num_tokens, [3, 1, 9])
+    np.testing.assert_array_equal(out.tokens[0], [x, x, eos] + [pad] * 6)
+    np.testing.assert_array_equal(out.tokens[1], [eos] + [pad] * 8)
+    np.testing.assert_array_equal(out.tokens[2], [x] * 9)
+    assert (out.logprobs[0, 3:] == 0).all() and (out.logprobs[0, :3] < 0).all()
+    assert out.texts == ["xx", "", "x" * 9]
+    np.testing.assert_array_equal(out.stats["step_valid"].sum(1), [2, 0, 8])
+
+
+def test_same_bucket_does_not_recompile(model, tok):
+    kw = dict(policy="self_span", tokenizer=tok, block_size=BLOCK, backend="xla", max_segments=MAX_SEGMENTS)
+    generate(model, ["<bos>ab", "cde"], max_new_tokens=5, **kw)
+    before = _generate_jit._cache_size()
+    # other prompt lengths, budget, temperature and seed, same buckets
+    out = generate(model, ["abcdefgh", "c"], max_new_tokens=7, temperature=0.8, seed=5, **kw)
+    assert _generate_jit._cache_size() == before
+    assert out.tokens.shape == (2, 7)
+    # a longer prompt moves to the next bucket: exactly one new program
+    generate(model, ["a" * 20, "c"], max_new_tokens=7, **kw)
+    assert _generate_jit._cache_size() == before + 1
+
+
+def test_sampling_reproducible_and_logprobs_still_exact(model, tok, span_tokens):
+    prompts = _live_prompts(2, seed=5)
+    prompt_ids = [tok.encode(p) for p in prompts]
+    kw = dict(policy="self_span", max_new_tokens=10, tokenizer=tok, block_size=BLOCK, backend="xla",
+              max_segments=MAX_SEGMENTS, temperature=1.5, top_k=20, top_p=0.95, return_logprobs=True)
+    a = generate(model, prompts, seed=1, **kw)
+    b = generate(model, prompts, seed=1, **kw)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    seqs, lengths = _final_sequences(a, prompt_ids)
+    ref = _teacher_forced(model, a, prompt_ids, _reference_mask("self_span", seqs, lengths, span_tokens))
+    valid = np.arange(10)[None, :] < a.num_tokens[:, None]
+    np.testing.assert_allclose(a.logprobs[valid], ref[valid], rtol=1e-5, atol=1e-5)
+
+
+@dataclasses.dataclass(frozen=True)
+class _PerHeadWindow(Policy):
+    """Test policy: query-aware, per-KV-head lists [B, K, NB] of a sliding window.
+
+    It exercises the plug-in path that SparQ-style policies use: `select` runs
+    inside every layer with that layer's q and k.
+    """
+
+    window: int
+    name: ClassVar[str] = "window"
+    query_aware: ClassVar[bool] = True
+
+    def _mask(self, T, lengths):
+        pos = np.arange(T)
+        band = (pos[:, None] >= pos[None, :]) & (pos[:, None] - pos[None, :] < self.window)
+        return jnp.asarray(band)[None] & (jnp.arange(T)[None, None, :] < lengths[:, None, None])
+
+    def prefill_mask(self, tokens, lengths):
+        return self._mask(tokens.shape[-1], lengths)
+
+    def init_state(self, tokens, lengths, max_len):
+        return ()
+
+    def update(self, state, tokens):
+        return state
+
+    def select(self, state, lengths, *, block_size, cache_len, q=None, k=None, layer_idx=None):
+        assert q is not None and q.ndim == 3 and k.ndim == 4 and isinstance(layer_idx, int)
+        from pallas_kernels.block_select import blocks_from_token_mask
+
+        pos = jnp.arange(cache_len)[None, :]
+        token_mask = (pos <= lengths[:, None]) & (lengths[:, None] - pos < self.window)
+        idx, cnt = blocks_from_token_mask(token_mask, block_size)
+        K = k.shape[1]
+        return Selection(
+            jnp.broadcast_to(idx[:, None], (idx.shape[0], K, idx.shape[1])),
+            jnp.broadcast_to(cnt[:, None], (cnt.shape[0], K)),
+            token_mask,
+        )
+
+
+def test_query_aware_per_head_policy_plugs_in(model, tok):
+    pol = _PerHeadWindow(window=5)
+    prompt_ids = [tok.encode("abcdefghijk"), tok.encode("xyz")]
+    out = generate(model, prompt_ids, policy=pol, max_new_tokens=8, tokenizer=tok, block_size=BLOCK,
+                   backend="xla", return_logprobs=True)
+    seqs, lengths = _final_sequences(out, prompt_ids)
+    ref = _teacher_forced(model, out, prompt_ids, pol._mask(seqs.shape[1], jnp.asarray(lengths)))
+    valid = np.arange(8)[None, :] < out.num_tokens[:, None]
+    np.testing.assert_allclose(out.logprobs[valid], ref[valid], rtol=1e-5, atol=1e-5)
+    ok = out.stats["step_valid"]
+    assert (out.stats["visible"][ok] == np.minimum(out.stats["causal"][ok], 5)).all()
+
+
+def test_bad_arguments_raise(model, tok):
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, ["ab"], max_new_tokens=0, tokenizer=tok)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, ["ab"], max_new_tokens=2, tokenizer=tok, top_p=1.5)
+    with pytest.raises(ValueError, match="top_k"):
+        generate(model, ["ab"], max_new_tokens=2, tokenizer=tok, top_k=0)
+    with pytest.raises(ValueError, match="policy"):
+        generate(model, ["ab"], max_new_tokens=2, tokenizer=tok, policy="sparq")
+    with pytest.raises(ValueError, match="tokenizer"):
+        generate(model, ["ab"], max_new_tokens=2, policy="dense")
+    with pytest.raises(ValueError, match="prompt ids"):
+        generate(model, [[1, 5000]], max_new_tokens=2, policy="dense")
+    with pytest.raises(ValueError, match="prompt_lengths"):
+        generate(model, np.ones((2, 4), np.int32), prompt_lengths=[5, 1], max_new_tokens=2, policy="dense")
+    with pytest.raises(ValueError, match="empty"):
+        generate(model, [[]], max_new_tokens=2, policy="dense")
+    with pytest.raises(ValueError, match="max_segments"):
+        SelfSpanPolicy(SpanTokens.from_tokenizer(tok), 0)
+    with pytest.raises(ValueError, match="backend"):
+        generate(model, [[1, 2]], max_new_tokens=2, policy="dense", backend="cuda")
+
+
+def test_token_array_prompts_equal_list_prompts(model, tok):
+    arr = np.array([[1, 20, 21, 22], [1, 30, 0, 0]], np.int32)
+    kw = dict(policy=DensePolicy(), max_new_tokens=4, block_size=BLOCK, backend="xla", eos_id=tok.eos_token_id)
+    a = generate(model, arr, prompt_lengths=[4, 2], **kw)
+    b = generate(model, [[1, 20, 21, 22], [1, 30]], **kw)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert a.texts is None and a.logprobs is None and a.masks is None
+
+
+# ---------------------------------------------------------------------------
+# sampler against a float64 NumPy reference
+# ---------------------------------------------------------------------------
+
+
+def _reference_probs(logits, temperature, top_k, top_p):
+    """float64 [V]: temperature, then top-k, then top-p on the renormalised rest."""
+    z = np.asarray(logits, np.float64) / temperature
+    order = np.argsort(-z)
+    k = len(z) if top_k <= 0 else min(top_k, len(z))
+    keep = np.zeros(len(z), bool)
+    keep[order[:k]] = True
+    p = np.where(keep, np.exp(z - z.max()), 0.0)
+    p /= p.sum()
+    sorted_p = p[order]
+    before = np.cumsum(sorted_p) - sorted_p
+    keep_sorted = (before < top_p) & keep[order]
+    keep_sorted[0] = True
+    final = np.zeros(len(z), bool)
+    final[order[keep_sorted]] = True
+    q = np.where(final, p, 0.0)
+    return q / q.sum(), before, keep[order]
+
+
+_draw = jax.jit(
+    lambda logits, key, t, k, p: sample_logits(jnp.broadcast_to(logits, (20_000, logits.shape[0])), key, t, k, p)
+)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    seed=hst.integers(0, 2**31 - 1),
+    temperature=hst.floats(0.3, 2.0),
+    top_k=hst.integers(0, 8),
+    top_p=hst.floats(0.05, 1.0),
+)
+def test_sampler_matches_reference_distribution(seed, temperature, top_k, top_p):
+    V, N = 8, 20_000
+    logits = np.random.default_rng(seed).normal(0, 2, V).astype(np.float32)
+    want, before, in_k = _reference_probs(logits, temperature, top_k, top_p)
+    # keep float32 rounding away from the top-p cut-off
+    assume(np.all(np.abs(before[in_k] - top_p) > 1e-4))
+    draws = np.asarray(_draw(jnp.asarray(logits), jax.random.key(seed), jnp.float32(temperature),
+                             jnp.int32(top_k), jnp.float32(top_p)))
+    freq = np.bincount(draws, minlength=V) / N
+    assert (freq[want == 0] == 0).all()
+    sigma = np.sqrt(want * (1 - want) / N)
+    assert (np.abs(freq - want) <= 5 * sigma + 1e-3).all(), (freq, want)
+
+
+def test_greedy_and_top1_are_argmax():
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(64, 50)), jnp.float32)
+    want = np.asarray(logits).argmax(-1)
+    key = jax.random.key(0)
+    greedy = sample_logits(logits, key, jnp.float32(0.0), jnp.int32(0), jnp.float32(1.0), filtered=False)
+    top1 = sample_logits(logits, key, jnp.float32(1.0), jnp.int32(1), jnp.float32(1.0))
+    np.testing.assert_array_equal(greedy, want)
+    np.testing.assert_array_equal(top1, want)
