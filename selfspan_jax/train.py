@@ -304,17 +304,51 @@ class TokenizedSet:
         return {"tokens": self.tokens[idx], "loss_mask": self.loss_mask[idx], "lengths": self.lengths[idx]}
 
 
-def task_records(cfg: TrainConfig, split: str, n: int, seed: int) -> list[dict]:
-    """Records of the configured task; `split` is "train" or "eval"."""
+def task_records(cfg: TrainConfig, tokenizer) -> tuple[list[dict], list[dict]]:
+    """(training records, held-out records) of the configured task.
+
+    arithmetic: generated; `cfg.data` overrides the generator's Difficulty
+    knobs. The held-out records come from the generator's "test" split, a
+    disjoint hash bucket of problems.
+    summarization: `cfg.data["source"]` (a local JSONL/Parquet file or
+    directory, or a hub name) is required; `eval_source` optional, else the
+    held-out records are `num_eval` articles split off the source after a
+    seeded shuffle. `max_prompt_tokens` (default 3/4 of seq_len) cuts
+    articles at sentence boundaries; `max_k` bounds references per summary
+    sentence.
+    """
     if cfg.task == "arithmetic":
         from selfspan_jax.data import arithmetic
 
-        return arithmetic.generate_examples(n, seed=seed, split="train" if split == "train" else "test",
-                                            **cfg.data)
+        try:
+            train = arithmetic.generate_examples(cfg.num_train, seed=cfg.seed, split="train", **cfg.data)
+            held = arithmetic.generate_examples(cfg.num_eval, seed=cfg.seed + 1, split="test", **cfg.data)
+        except TypeError as err:  # an unknown Difficulty knob
+            raise ValueError(f"bad arithmetic data option in {cfg.data}: {err}") from err
+        return train, held
     from selfspan_jax.data import summarization
 
-    return summarization.load_records(split="train" if split == "train" else "validation", n=n, seed=seed,
-                                      **cfg.data)
+    opts = dict(cfg.data)
+    source = opts.pop("source", None)
+    if not source:
+        raise ValueError("task 'summarization' needs --data source=PATH (local .jsonl/.parquet file or directory, "
+                         "or a datasets hub name such as abisee/cnn_dailymail)")
+    eval_source = opts.pop("eval_source", None)
+    kwargs = {"tokenizer": tokenizer, "max_prompt_tokens": opts.pop("max_prompt_tokens", cfg.seq_len * 3 // 4),
+              "max_k": opts.pop("max_k", 3)}
+    if eval_source:
+        train = summarization.load_records(source, split="train", limit=cfg.num_train, **kwargs, **opts)
+        held = summarization.load_records(eval_source, split="validation", limit=cfg.num_eval, **kwargs, **opts)
+        return train, held
+    records = summarization.load_records(source, split="train", limit=cfg.num_train + cfg.num_eval,
+                                         **kwargs, **opts)
+    if len(records) < 2:
+        raise ValueError(f"summarization source {source!r} gave {len(records)} usable articles; need at least 2")
+    order = np.random.default_rng([cfg.seed, 7]).permutation(len(records))
+    n_eval = min(cfg.num_eval, len(records) // 2)
+    held = [records[i] for i in order[:n_eval]]
+    train = [records[i] for i in order[n_eval:]]
+    return train, held
 
 
 def tokenize_set(records: list[dict], tokenizer, seq_len: int, overlong: str, what: str) -> TokenizedSet:
@@ -436,7 +470,12 @@ def build_model(cfg: TrainConfig):
         from selfspan_jax.weights import load_model
 
         source = smollm2_gguf_path() if cfg.model == "smollm2-135m" else cfg.model
-        model, tokenizer = load_model(source, dtype="float32", compute_dtype=compute)
+        # fp32 master weights; the compute dtype is switched afterwards
+        # (load_model sets one dtype for both).
+        model, tokenizer = load_model(source, dtype="float32")
+        if tokenizer is None:
+            raise ValueError(f"model {cfg.model!r} has no tokenizer (tokenizer.json) beside its weights")
+        set_compute_dtype(model, compute)
     if cfg.seq_len > model.config.max_seq_len:
         raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
     if cfg.lora_rank:
@@ -445,6 +484,24 @@ def build_model(cfg: TrainConfig):
         apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, include_mlp=cfg.lora_mlp,
                    rngs=nnx.Rngs(cfg.seed + 1))
     return model, tokenizer
+
+
+def set_compute_dtype(model, dtype: str) -> None:
+    """Switch a model's activation dtype in place, keeping its parameters.
+
+    Every layer keeps its compute dtype in a `dtype` attribute (nnx.Linear,
+    nnx.Embed, RMSNorm) and the model reads `config.dtype`; both are static
+    graph data, so this changes the traced program, not the weights.
+    """
+    from selfspan_jax.config import _DTYPES
+
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown compute dtype {dtype!r}; choose from {sorted(_DTYPES)}")
+    jdtype = _DTYPES[dtype]
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, nnx.Module) and hasattr(module, "dtype"):
+            module.dtype = jdtype
+    model.config = model.config.replace(dtype=dtype)
 
 
 def trainable_filter(cfg: TrainConfig):
@@ -639,8 +696,7 @@ def build(cfg: TrainConfig, mesh=None) -> Built:
 
     model, tokenizer = build_model(cfg)
     span_tokens = SpanTokens.from_tokenizer(tokenizer)
-    train_records = task_records(cfg, "train", cfg.num_train, cfg.seed)
-    eval_records = task_records(cfg, "eval", cfg.num_eval, cfg.seed + 1)
+    train_records, eval_records = task_records(cfg, tokenizer)
     train_set = tokenize_set(train_records, tokenizer, cfg.seq_len, cfg.overlong, "training")
     eval_set = tokenize_set(eval_records, tokenizer, cfg.seq_len, cfg.overlong, "held-out")
     if len(train_set) < cfg.batch_size:
