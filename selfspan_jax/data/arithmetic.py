@@ -118,6 +118,7 @@ def _lex(text: str) -> list[str]:
     while pos < len(text):
         m = _TOKEN_RE.match(text, pos)
         if not m:
+            pos += len(text[pos:]) - len(text[pos:].lstrip())
             raise ValueError(f"unexpected character {text[pos]!r} at offset {pos} in expression {text!r}")
         tokens.append(m.group(1))
         pos = m.end()
