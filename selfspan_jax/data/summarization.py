@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import glob
-import hashlib
 import json
 import os
 import re
@@ -86,35 +85,28 @@ def _read_parquet(path: str, article_field: str, summary_field: str) -> list[dic
     ]
 
 
-def _local_files(source: str, split: str) -> tuple[list[str], bool]:
-    """(files, already_split): a directory with files named after `split`
-    ("validation.jsonl", "train-00000.parquet") gives those; otherwise every
-    data file, to be partitioned by hash."""
+def _local_files(source: str, split: str) -> list[str]:
+    """A directory with files named after `split` ("validation.jsonl",
+    "train-00000.parquet") gives those, otherwise every data file in it."""
     if not os.path.isdir(source):
-        return [source], False
+        return [source]
     files = sorted(f for s in _LOCAL_SUFFIXES for f in glob.glob(os.path.join(source, f"*{s}")))
     if not files:
         raise ValueError(f"directory {source!r} holds no {'/'.join(_LOCAL_SUFFIXES)} files")
     named = [f for f in files if os.path.basename(f).startswith(split)]
-    return (named, True) if named else (files, False)
+    return named or files
 
 
-SPLITS = ("train", "validation", "test", "all")
-HELD_OUT_BUCKETS = 10
+SPLITS = ("train", "validation", "test")
 DEFAULT_HUB = "abisee/cnn_dailymail"
-
-
-def _held_out(article: str) -> bool:
-    digest = hashlib.blake2b(article.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % HELD_OUT_BUCKETS == 0
 
 
 def load_articles(
     source: str = DEFAULT_HUB,
     *,
     split: str = "train",
-    n: int | None = None,
-    seed: int = 0,
+    limit: int | None = None,
+    seed: int | None = None,
     config: str | None = "3.0.0",
     article_field: str = "article",
     summary_field: str = "highlights",
@@ -124,42 +116,40 @@ def load_articles(
     `source`: a local .jsonl/.json (one object per line) or .parquet file, a
     directory of them, or a `datasets` hub name (default CNN/DailyMail
     "abisee/cnn_dailymail", config "3.0.0") for machines with network.
-    `split`: "train", "validation", "test" or "all". The hub and directories
-    with per-split files ("validation.jsonl") split themselves; any other
-    local data is partitioned by a stable hash of the article text: one
-    tenth is held out and serves as both "validation" and "test", the rest is
-    "train", so a single file never leaks evaluation articles into training.
-    `n`: at most this many articles, a random subset drawn with `seed` (all,
-    in file order, when None).
+    `split` picks the hub split, or the files of a directory whose names
+    start with it ("validation.jsonl"); a single local file, or a directory
+    without such names, is returned whole (the caller chose the file).
+    `limit`: at most this many articles: the first ones, or with `seed` a
+    seeded random subset (kept in source order).
     Malformed input raises ValueError naming file and line (JSONL) or row.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if n is not None and (not isinstance(n, int) or n < 0):
-        raise ValueError(f"n must be a non-negative int or None, got {n!r}")
+    if limit is not None and (not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be a non-negative int or None, got {limit!r}")
     if os.path.exists(source):
-        files, already_split = _local_files(source, split)
         rows: list[dict] = []
-        for path in files:
+        for path in _local_files(source, split):
             if path.endswith(".parquet"):
                 rows.extend(_read_parquet(path, article_field, summary_field))
             elif path.endswith((".jsonl", ".json")):
                 rows.extend(_read_jsonl(path, article_field, summary_field))
             else:
                 raise ValueError(f"unsupported file type {path!r}; use {'/'.join(_LOCAL_SUFFIXES)}")
-        if not already_split and split != "all":
-            rows = [r for r in rows if _held_out(r["article"]) == (split != "train")]
-        if n is not None and n < len(rows):
-            keep = np.sort(np.random.default_rng(seed).choice(len(rows), n, replace=False))
-            rows = [rows[i] for i in keep]
+        if limit is not None and limit < len(rows):
+            if seed is None:
+                rows = rows[:limit]
+            else:
+                keep = np.sort(np.random.default_rng(seed).choice(len(rows), limit, replace=False))
+                rows = [rows[i] for i in keep]
         return rows
     if source.endswith(_LOCAL_SUFFIXES) or source.startswith((".", "/", "~")):
         raise ValueError(f"local source {source!r} does not exist")
     import datasets  # heavy; only for hub loading
 
-    ds = datasets.load_dataset(source, config, split="train+validation+test" if split == "all" else split)
-    if n is not None and n < len(ds):
-        ds = ds.shuffle(seed=seed).select(range(n))
+    ds = datasets.load_dataset(source, config, split=split)
+    if limit is not None and limit < len(ds):
+        ds = (ds if seed is None else ds.shuffle(seed=seed)).select(range(limit))
     return [
         _check_fields(dict(row), f"{source}[{split}] row {i}", article_field, summary_field)
         for i, row in enumerate(ds)
