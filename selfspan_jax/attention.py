@@ -48,11 +48,12 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
     p = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
     p = jnp.where(m, p, 0.0)
     denom = jnp.sum(p, axis=-1)  # [B, K, G, T]
-    # out: [B, T, K, G, H]
-    out = jnp.einsum("bkgts,bksh->btkgh", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    # out: [B, K, G, T, H] -- dot_general's own output order: XLA:CPU's DotThunk
+    # rejects BF16 x BF16 -> F32 when the einsum output is permuted ("btkgh").
+    out = jnp.einsum("bkgts,bksh->bkgth", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     inv = jnp.where(denom > 0, 1.0 / jnp.where(denom > 0, denom, 1.0), 0.0)
-    out = out * jnp.transpose(inv, (0, 3, 1, 2))[..., None]
-    return out.reshape(B, T, N, H).astype(q.dtype)
+    out = out * inv[..., None]
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, T, N, H).astype(q.dtype)
 
 
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
