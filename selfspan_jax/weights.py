@@ -96,21 +96,26 @@ def _model_param_shapes(config: LlamaConfig) -> tuple[Any, Any, dict[str, tuple[
     return (graphdef, rest), params, shapes
 
 
-def build_model(config: LlamaConfig, tensors: dict[str, LazyTensor]):
+def build_model(config: LlamaConfig, tensors: dict[str, LazyTensor],
+                source_name: Callable[[str], str] = lambda name: name):
     """A `Llama(config)` whose parameters are exactly `tensors` (our paths), cast to config.weight_dtype.
 
-    Raises ValueError naming every missing / unexpected parameter and the first
-    shape mismatch before any tensor data is read.
+    Raises ValueError naming every missing / unexpected tensor (by its name in
+    the file, via `source_name`) and the first shape mismatch, before any
+    tensor data is read.
     """
     (graphdef, rest), params, expected = _model_param_shapes(config)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+    missing = sorted(set(expected) - set(tensors), key=_natural)
+    unexpected = sorted(set(tensors) - set(expected), key=_natural)
     if missing or unexpected:
-        raise ValueError(
-            f"checkpoint does not match Llama({_short(config)}): "
-            f"missing {missing[:8]}{'...' if len(missing) > 8 else ''} ({len(missing)} in all), "
-            f"unexpected {[tensors[u].source for u in unexpected[:8]]} ({len(unexpected)} in all)"
-        )
+        parts = []
+        if missing:
+            names = [f"{source_name(m)} (-> {m})" for m in missing[:8]]
+            parts.append(f"missing {len(missing)} tensor(s): {', '.join(names)}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            names = [tensors[u].source for u in unexpected[:8]]
+            parts.append(f"{len(unexpected)} unexpected tensor(s): {', '.join(names)}")
+        raise ValueError(f"checkpoint does not match Llama({_short(config)}): " + "; ".join(parts))
     for name, (shape, _) in expected.items():
         if tensors[name].shape != shape:
             raise ValueError(
@@ -129,6 +134,11 @@ def build_model(config: LlamaConfig, tensors: dict[str, LazyTensor]):
             raise ValueError(f"tensor {t.source!r} holds non-finite values (corrupt file?)")
         flat.append((path, var.replace(jnp.asarray(value, dtype=dtype))))
     return nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
+
+
+def _natural(name: str):
+    """Sort key putting layers.2 before layers.10."""
+    return [int(p) if p.isdigit() else p for p in name.split(".")]
 
 
 def _short(config: LlamaConfig) -> str:
@@ -150,6 +160,18 @@ _GGUF_LAYER = {
     "ffn_up.weight": ("mlp.up_proj.kernel", "t"),
     "ffn_down.weight": ("mlp.down_proj.kernel", "t"),
 }
+
+
+_GGUF_TOP = {"embed.embedding": "token_embd.weight", "final_norm.scale": "output_norm.weight",
+             "lm_head.kernel": "output.weight"}
+
+
+def gguf_name(ours: str) -> str:
+    """The GGUF tensor name of one of our parameter paths (for error messages)."""
+    if ours in _GGUF_TOP:
+        return _GGUF_TOP[ours]
+    layer, rest = ours.split(".", 2)[1:]
+    return next(f"blk.{layer}.{g}" for g, (o, _) in _GGUF_LAYER.items() if o == rest)
 
 
 def open_gguf(path: str):
@@ -266,13 +288,14 @@ def gguf_tensors(reader, config: LlamaConfig) -> dict[str, LazyTensor]:
 
 
 def load_gguf(path: str, dtype: str = "float32"):
-    """(Llama, tokenizer) from a llama GGUF file; the tokenizer comes from its metadata."""
+    """(Llama, tokenizer) from a llama GGUF file; the tokenizer comes from its metadata (None if it has none)."""
     from selfspan_jax.hf_tokenizer import tokenizer_from_gguf
 
     reader = open_gguf(path)
     config = _with_dtype(config_from_gguf(reader), dtype)
-    model = build_model(config, gguf_tensors(reader, config))
-    return model, tokenizer_from_gguf(reader)
+    model = build_model(config, gguf_tensors(reader, config), gguf_name)
+    tokenizer = tokenizer_from_gguf(reader) if "tokenizer.ggml.tokens" in reader.fields else None
+    return model, tokenizer
 
 
 # ---------------------------------------------------------------------------
@@ -382,6 +405,16 @@ _HF_LAYER = {
 }
 
 
+def hf_name(ours: str) -> str:
+    """The HF checkpoint tensor name of one of our parameter paths (for error messages)."""
+    top = {"embed.embedding": "model.embed_tokens.weight", "final_norm.scale": "model.norm.weight",
+           "lm_head.kernel": "lm_head.weight"}
+    if ours in top:
+        return top[ours]
+    layer, rest = ours.split(".", 2)[1:]
+    return next(f"model.layers.{layer}.{h}" for h, (o, _) in _HF_LAYER.items() if o == rest)
+
+
 def hf_tensors(raw: dict[str, LazyTensor], config: LlamaConfig) -> dict[str, LazyTensor]:
     """Our parameter path -> LazyTensor from HF LlamaForCausalLM names."""
     out: dict[str, LazyTensor] = {}
@@ -455,7 +488,7 @@ def load_hf_checkpoint(path: str, dtype: str = "float32"):
     from selfspan_jax.hf_tokenizer import tokenizer_from_dir
 
     config, tensors = read_hf_checkpoint(path)
-    model = build_model(_with_dtype(config, dtype), tensors)
+    model = build_model(_with_dtype(config, dtype), tensors, hf_name)
     tokenizer = tokenizer_from_dir(path) if os.path.isfile(os.path.join(path, "tokenizer.json")) else None
     return model, tokenizer
 
