@@ -181,3 +181,17 @@ def test_hf_tokenizer_header_digits_are_single_tokens():
     ids = batch["tokens"][0, :L].tolist()
     np.testing.assert_array_equal(batch["attention_mask"][0, :L, :L], brute_mask(ids, tok, 8))
     assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+
+
+def test_oracle_density_matches_a_hand_count():
+    recs = [A.make_record("((3+4)*5-2)/3"), A.make_record("2*3+4*5")]
+    out = Bt.oracle_density(recs, TOK, SPAN_TOKENS, MAX_SEG, chunk=1)
+    fracs, finals = [], []
+    for r in recs:
+        ids, mask = Bt.tokenize_record(TOK, r)
+        m = brute_mask(ids, TOK)
+        fracs += [m[t, : t + 1].mean() for t in range(len(ids)) if mask[t]]
+        finals.append(m[-1].sum() / len(ids))
+    assert out["density"] == pytest.approx(np.mean(fracs), abs=1e-12)
+    assert out["final_density"] == pytest.approx(np.mean(finals), abs=1e-12)
+    assert out["completion_tokens"] == len(fracs) and 0 < out["density"] < 1

@@ -259,3 +259,44 @@ class BatchIterator:
         batch = collate([self._encoded[i] for i in idx], **self._kwargs)
         batch["indices"] = idx
         return batch
+
+
+# ---------------------------------------------------------------------------
+# Oracle density
+# ---------------------------------------------------------------------------
+def oracle_density(
+    records: Sequence[dict], tokenizer, span_tokens, max_segments: int, *, chunk: int = 64
+) -> dict[str, float]:
+    """How sparse the annotated spans make attention, before any training.
+
+    For every completion query t (completion tokens and EOS), the fraction of
+    keys j <= t that `spans.attention_mask` lets it see; `density` is the
+    token-weighted mean over all records, `final_density` the mean over
+    records of that fraction at the last token (what a decoder reads at the
+    end of an answer). Records are batched `chunk` at a time, padded to the
+    longest record, so the mask function compiles once per chunk shape.
+    """
+    encoded = [tokenize_record(tokenizer, r) for r in records]
+    if not encoded:
+        raise ValueError("oracle_density needs at least one record")
+    T = max(len(ids) for ids, _ in encoded)
+    visible_sum, n_queries, finals = 0.0, 0, []
+    for start in range(0, len(encoded), chunk):
+        part = encoded[start : start + chunk]
+        batch = collate(part, T, span_tokens, max_segments, pad_id=_pad_id(tokenizer), batch_size=chunk)
+        # [B, T]: visible keys per query, and keys j <= t per query
+        visible = batch["attention_mask"].sum(-1)
+        causal = np.arange(1, T + 1)[None, :]
+        frac = visible / causal
+        for b, (ids, _) in enumerate(part):
+            q = batch["loss_mask"][b]
+            visible_sum += float(frac[b][q].sum())
+            n_queries += int(q.sum())
+            finals.append(float(frac[b, len(ids) - 1]))
+    return {
+        "density": visible_sum / n_queries,
+        "final_density": float(np.mean(finals)),
+        "completion_tokens": n_queries,
+        "mean_length": float(np.mean([len(ids) for ids, _ in encoded])),
+        "records": len(encoded),
+    }
