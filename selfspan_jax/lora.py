@@ -68,12 +68,15 @@ def apply_lora(model: Llama, *, rank: int, alpha: float, targets=ATTN_TARGETS, i
     targets = tuple(dict.fromkeys(targets))  # de-duplicate, keep order
     if is_lora(model):
         raise ValueError("apply_lora: model already has LoRA adapters; merge_lora first")
+    # Check every projection before wrapping any, so a bad rank leaves the model untouched.
     for parent, name in _parents(model, targets):
         base = getattr(parent, name)
-        kernel = base.kernel[...]
         if rank > min(base.in_features, base.out_features):
             raise ValueError(f"apply_lora: rank={rank} exceeds min(in, out) of {name} "
                              f"({base.in_features}, {base.out_features})")
+    for parent, name in _parents(model, targets):
+        base = getattr(parent, name)
+        kernel = base.kernel[...]
         wrapped = ScaledLoRALinear(
             base.in_features, base.out_features, lora_rank=rank, lora_scale=alpha / rank,
             use_bias=False, dtype=base.dtype, param_dtype=base.param_dtype,
