@@ -91,8 +91,10 @@ class Checkpointer:
         """Restore (state, data) of `step` (default: the latest) into `target`.
 
         `target` is an abstract pytree shaped like the saved ``state`` (see
-        `abstract_tree`). Raises `CheckpointError` naming the step directory
-        when it cannot be read or does not match the target.
+        `abstract_tree`); None restores the saved structure as nested dicts
+        of arrays on the default device (for inspection). Raises
+        `CheckpointError` naming the step directory when it cannot be read or
+        does not match the target.
         """
         if step is None:
             step = self.latest_step()
@@ -104,7 +106,10 @@ class Checkpointer:
         try:
             restored = self._manager.restore(
                 step,
-                args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()),
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target) if target is not None else ocp.args.StandardRestore(),
+                    data=ocp.args.JsonRestore(),
+                ),
             )
             state, data = restored["state"], restored["data"]
         except Exception as err:  # orbax raises a zoo of types (ValueError, KeyError, tensorstore errors)

@@ -35,12 +35,13 @@ from flax import nnx
 
 from selfspan_jax import sharding as shd
 from selfspan_jax.checkpoint import Checkpointer, abstract_tree
+from selfspan_jax.data.batches import DataPosition, _pad_id, next_indices, tokenize_record
 
 TASKS = ("arithmetic", "summarization")
 SPAN_POLICIES = ("self_span", "dense")
 BUILTIN_MODELS = ("tiny", "smollm2-135m")
 SCHEDULES = ("cosine", "linear", "constant")
-OVERLONG = ("refuse", "cut", "drop")
+OVERLONG = ("error", "truncate", "drop")  # the names data.batches uses
 DTYPES = ("auto", "float32", "bfloat16")
 
 # Fields that may differ between a run directory's saved config and the
@@ -89,7 +90,7 @@ class TrainConfig:
     b1: float = 0.9
     b2: float = 0.95
     dtype: str = "auto"
-    overlong: str = "refuse"
+    overlong: str = "error"
     seed: int = 0
     # bookkeeping
     save_every: int = 500
@@ -311,11 +312,11 @@ def task_records(cfg: TrainConfig, tokenizer) -> tuple[list[dict], list[dict]]:
     knobs. The held-out records come from the generator's "test" split, a
     disjoint hash bucket of problems.
     summarization: `cfg.data["source"]` (a local JSONL/Parquet file or
-    directory, or a hub name) is required; `eval_source` optional, else the
-    held-out records are `num_eval` articles split off the source after a
-    seeded shuffle. `max_prompt_tokens` (default 3/4 of seq_len) cuts
-    articles at sentence boundaries; `max_k` bounds references per summary
-    sentence.
+    directory, or a hub name) is required; train and held-out records are the
+    loader's "train" and "validation" splits (for a single local file, a
+    stable hash holds a tenth of the articles out). `max_prompt_tokens`
+    (default 3/4 of seq_len) cuts articles at sentence boundaries; other
+    keys (`max_k`, `config`, field names) go to the loader.
     """
     if cfg.task == "arithmetic":
         from selfspan_jax.data import arithmetic
@@ -333,21 +334,16 @@ def task_records(cfg: TrainConfig, tokenizer) -> tuple[list[dict], list[dict]]:
     if not source:
         raise ValueError("task 'summarization' needs --data source=PATH (local .jsonl/.parquet file or directory, "
                          "or a datasets hub name such as abisee/cnn_dailymail)")
-    eval_source = opts.pop("eval_source", None)
     kwargs = {"tokenizer": tokenizer, "max_prompt_tokens": opts.pop("max_prompt_tokens", cfg.seq_len * 3 // 4),
-              "max_k": opts.pop("max_k", 3)}
-    if eval_source:
-        train = summarization.load_records(source, split="train", limit=cfg.num_train, **kwargs, **opts)
-        held = summarization.load_records(eval_source, split="validation", limit=cfg.num_eval, **kwargs, **opts)
-        return train, held
-    records = summarization.load_records(source, split="train", limit=cfg.num_train + cfg.num_eval,
-                                         **kwargs, **opts)
-    if len(records) < 2:
-        raise ValueError(f"summarization source {source!r} gave {len(records)} usable articles; need at least 2")
-    order = np.random.default_rng([cfg.seed, 7]).permutation(len(records))
-    n_eval = min(cfg.num_eval, len(records) // 2)
-    held = [records[i] for i in order[:n_eval]]
-    train = [records[i] for i in order[n_eval:]]
+              **opts}
+    try:
+        train = summarization.load_records(source, split="train", n=cfg.num_train, seed=cfg.seed, **kwargs)
+        held = summarization.load_records(source, split="validation", n=cfg.num_eval, seed=cfg.seed + 1, **kwargs)
+    except TypeError as err:  # an unknown loader option
+        raise ValueError(f"bad summarization data option in {cfg.data}: {err}") from err
+    if not train or not held:
+        raise ValueError(f"summarization source {source!r} gave {len(train)} training and {len(held)} held-out "
+                         "records; need at least one of each")
     return train, held
 
 
@@ -355,20 +351,20 @@ def tokenize_set(records: list[dict], tokenizer, seq_len: int, overlong: str, wh
     """Tokenize records into fixed [N, seq_len] arrays.
 
     Examples longer than `seq_len` are refused (ValueError saying how many and
-    how long), cut to `seq_len` tokens, or dropped, per `overlong`.
+    how long), cut to `seq_len` tokens, or dropped, per `overlong` (the
+    `on_overflow` modes of data.batches).
     """
-    from selfspan_jax.data.batches import tokenize_record
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = _pad_id(tokenizer)
     encoded = [tokenize_record(tokenizer, r) for r in records]
     lengths = np.array([len(ids) for ids, _ in encoded], np.int64)
     too_long = np.flatnonzero(lengths > seq_len)
     if too_long.size:
         msg = (f"{too_long.size} of {len(records)} {what} examples are longer than seq_len={seq_len} "
                f"(longest: {int(lengths.max())} tokens)")
-        if overlong == "refuse":
-            raise ValueError(f"{msg}; raise --seq-len to {int(lengths.max())}, or pass --overlong cut "
-                             "(truncate them) or --overlong drop (skip them)")
+        if overlong == "error":
+            raise ValueError(f"{msg}; raise --seq-len to {int(lengths.max())}, or pass --overlong truncate "
+                             "(cut them) or --overlong drop (skip them)")
         if overlong == "drop":
             keep = np.flatnonzero(lengths <= seq_len)
             if keep.size == 0:
@@ -385,44 +381,6 @@ def tokenize_set(records: list[dict], tokenizer, seq_len: int, overlong: str, wh
         loss_mask[i, : len(mask)] = mask
         out_len[i] = len(ids)
     return TokenizedSet(tokens, loss_mask, out_len, records)
-
-
-@dataclasses.dataclass
-class DataPosition:
-    """Where the training stream stands: the next batch starts at `index` of
-    epoch `epoch`'s permutation, drawn from `seed`. JSON-serialised into
-    every checkpoint."""
-
-    epoch: int = 0
-    index: int = 0
-    seed: int = 0
-
-    def to_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
-
-
-def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    # A fresh generator per (seed, epoch): position -> permutation needs no
-    # generator state in the checkpoint.
-    return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def next_batch_indices(n: int, batch_size: int, pos: DataPosition) -> tuple[np.ndarray, DataPosition]:
-    """Indices of the next `batch_size` examples and the position after them.
-
-    A batch that crosses an epoch boundary continues into the next epoch's
-    permutation, so every batch is full and the stream is one sequence of
-    epochs.
-    """
-    out, epoch, index = [], pos.epoch, pos.index
-    while len(out) < batch_size:
-        perm = epoch_permutation(n, pos.seed, epoch)
-        take = min(batch_size - len(out), n - index)
-        out.extend(perm[index: index + take])
-        index += take
-        if index == n:
-            epoch, index = epoch + 1, 0
-    return np.asarray(out, np.int64), DataPosition(epoch, index, pos.seed)
 
 
 # ---------------------------------------------------------------------------
@@ -545,7 +503,7 @@ def make_train_step(graphdef, tx, mask_fn, grad_accum: int):
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step(trainable, frozen, opt_state, batch):
+    def train_step(trainable, frozen, opt_state, batch):
         if grad_accum == 1:
             (loss_sum, (n, correct)), grads = grad_fn(trainable, frozen, batch)
         else:
@@ -564,25 +522,25 @@ def make_train_step(graphdef, tx, mask_fn, grad_accum: int):
             (grads, loss_sum, n, correct), _ = jax.lax.scan(body, init, micro)
         denom = jnp.maximum(n, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         metrics = {"loss": loss_sum / denom, "token_acc": correct / denom, "grad_norm": grad_norm,
                    "n_targets": n}
         return trainable, opt_state, metrics
 
-    return step
+    return train_step
 
 
 def make_eval_step(graphdef, mask_fn):
     """eval(trainable, frozen, batch) -> (loss_sum, n_targets, n_correct), teacher-forced."""
 
-    def step(trainable, frozen, batch):
+    def eval_step(trainable, frozen, batch):
         model = nnx.merge(graphdef, trainable, frozen)
         logits = model(batch["tokens"], attention_mask=mask_fn(batch))
         return completion_loss(logits, batch["tokens"], batch["loss_mask"])
 
-    return step
+    return eval_step
 
 
 # ---------------------------------------------------------------------------
@@ -746,8 +704,12 @@ def train(cfg: TrainConfig, *, mesh=None, on_step: Callable[[int], None] | None 
     b = build(cfg, mesh)
     mesh = b.mesh
     mask_fn = _mask_fn(cfg, b.span_tokens)
+    # Moments shard like their parameters (same shapes, same rule). Placing
+    # them explicitly also keeps step 1 and step 2 one compiled program: the
+    # jit cache keys on each input's sharding.
     opt_state = jax.jit(b.tx.init)(b.trainable)
-    opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
+    opt_sh = shd.tree_shardings(mesh, opt_state)
+    opt_state = shd.shard_tree(opt_state, opt_sh)
     rep = shd.replicated(mesh)
     train_step = jax.jit(
         make_train_step(b.graphdef, b.tx, mask_fn, cfg.grad_accum),
@@ -765,7 +727,7 @@ def train(cfg: TrainConfig, *, mesh=None, on_step: Callable[[int], None] | None 
         state, data = ckpt.restore(target)
         trainable, opt_state = state["params"], state["opt_state"]
         step = int(state["step"])
-        pos = DataPosition(int(data["epoch"]), int(data["index"]), int(data["seed"]))
+        pos = DataPosition.from_dict(data)
     is_main = jax.process_index() == 0
     log = MetricsLog(cfg.run_dir, step, is_main, cfg.tensorboard)
     schedule = make_schedule(cfg)
@@ -810,7 +772,7 @@ def train(cfg: TrainConfig, *, mesh=None, on_step: Callable[[int], None] | None 
     final_eval: dict[str, float] = {}
     try:
         while step < cfg.steps:
-            idx, pos = next_batch_indices(len(b.train_set), cfg.batch_size, pos)
+            idx, pos = next_indices(len(b.train_set), cfg.batch_size, pos)
             host = b.train_set.rows(idx[rows])
             tokens_since += int(host["lengths"].sum()) * jax.process_count()
             batch = shd.put_batch(host, mesh)
@@ -963,7 +925,7 @@ _FLAGS: list[tuple[str, str, Any, str]] = [
     ("--b2", "b2", float, "Adam beta2"),
     ("--dtype", "dtype", str, "compute dtype: auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16; "
                               "master weights and adapters stay float32"),
-    ("--overlong", "overlong", str, "examples longer than --seq-len: refuse (error) | cut (truncate) | drop"),
+    ("--overlong", "overlong", str, "examples longer than --seq-len: error (refuse, say how many) | truncate (cut them) | drop"),
     ("--seed", "seed", int, "seed of model init, data and shuffling"),
     ("--save-every", "save_every", int, "checkpoint every N steps (and at the end)"),
     ("--keep-checkpoints", "keep_checkpoints", int, "keep the newest K checkpoints"),

@@ -1,0 +1,349 @@
+"""Training: config resolution, loss against a float64 NumPy reference, error
+paths, kill/resume to identical parameters, and 1-device vs 4-device runs.
+
+The kill/resume and 4-device tests run the trainer in subprocesses (SIGKILL
+needs a process to kill; the 4 CPU devices need XLA_FLAGS before jax starts).
+They share a persistent compilation cache so each program compiles once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+from flax import nnx
+
+from numpy_llama import llama_forward, params_from_model
+from selfspan_jax import train as T
+from selfspan_jax.checkpoint import Checkpointer, abstract_tree
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_MODEL = {"d_model": 32, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "mlp_dim": 64}
+# 3-operand problems: sequences of at most ~60 characters.
+SMALL_DATA = {"min_operands": 3, "max_operands": 3}
+
+
+def _seed() -> int:
+    seed = secrets.randbelow(2**20)
+    print(f"seed={seed}")
+    return seed
+
+
+def _small(out, **kw) -> T.TrainConfig:
+    base = dict(model_overrides=SMALL_MODEL, data=SMALL_DATA, num_train=64, num_eval=8, steps=4, batch_size=8,
+                seq_len=64, lr=3e-3, warmup_steps=1, save_every=2, eval_every=100, log_every=1,
+                eval_generate=False, progress=False, tensorboard=False, out=str(out))
+    base.update(kw)
+    return T.TrainConfig(**base)
+
+
+# ---------------------------------------------------------------------------
+# Config and command line
+# ---------------------------------------------------------------------------
+def test_precedence_defaults_file_flags(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump({"steps": 7, "lr": 0.01, "model_overrides": {"d_model": 48}}))
+    cfg, print_only = T.config_from_args(["--config", str(cfg_file), "--lr", "0.002", "--model-override",
+                                          "n_layers=2", "--no-progress"])
+    assert not print_only
+    assert cfg.steps == 7                      # from the file
+    assert cfg.lr == 0.002                     # flag beats file
+    assert cfg.model_overrides == {"d_model": 48, "n_layers": 2}  # merged, value typed
+    assert cfg.progress is False
+    assert cfg.batch_size == T.DEFAULT.batch_size  # untouched default
+    json_file = tmp_path / "c.json"
+    json_file.write_text(json.dumps({"span_policy": "dense", "fsdp": 2}))
+    cfg2, _ = T.config_from_args(["--config", str(json_file)])
+    assert (cfg2.span_policy, cfg2.fsdp) == ("dense", 2)
+
+
+def test_help_documents_every_field():
+    text = T.build_arg_parser().format_help()
+    flags = {flag for flag, *_ in T._FLAGS}
+    fields = {field for _, field, *_ in T._FLAGS}
+    assert fields == {f for f in T.TrainConfig.__dataclass_fields__}
+    for flag in flags | {"--config", "--task", "--model", "--lora-rank", "--span-policy", "--steps", "--batch-size",
+                         "--seq-len", "--lr", "--schedule", "--save-every", "--out"}:
+        assert flag in text, flag
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--task", "poetry"], "unknown task 'poetry'"),
+    (["--model", "gpt5"], "unknown model 'gpt5'"),
+    (["--lora-rank", "8"], "lora_rank=8 on the from-scratch model 'tiny'"),
+    (["--span-policy", "sparse"], "unknown span_policy"),
+    (["--steps", "0"], "steps must be a positive int"),
+    (["--batch-size", "6", "--grad-accum", "4"], "not divisible by grad_accum"),
+    (["--dp", "0"], "dp must be"),
+])
+def test_bad_settings_raise(argv, match):
+    with pytest.raises(ValueError, match=match):
+        T.config_from_args(argv)
+
+
+def test_config_file_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: 3\nstepz: 4\n")
+    with pytest.raises(ValueError, match=r"unknown fields \['stepz'\]"):
+        T.config_from_args(["--config", str(bad)])
+    with pytest.raises(ValueError, match="does not exist"):
+        T.config_from_args(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_script_reports_errors_cleanly(capsys):
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--model", "nope"]) == 2
+    assert "unknown model 'nope'" in capsys.readouterr().err
+    assert script.main(["--print-config", "--steps", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps"] == 3
+
+
+# ---------------------------------------------------------------------------
+# Loss, schedule
+# ---------------------------------------------------------------------------
+def _np_completion_loss(logits, tokens, mask):
+    logits = logits.astype(np.float64)[:, :-1]
+    m = logits.max(-1, keepdims=True)
+    logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+    tgt = tokens[:, 1:]
+    w = mask[:, 1:]
+    nll = -np.take_along_axis(logp, tgt[..., None], -1)[..., 0]
+    correct = logits.argmax(-1) == tgt
+    return (nll * w).sum(), w.sum(), (correct * w).sum()
+
+
+def test_completion_loss_matches_numpy():
+    rng = np.random.default_rng(_seed())
+    B, Tn, V = 3, 11, 17
+    logits = rng.normal(0, 3, (B, Tn, V)).astype(np.float32)
+    tokens = rng.integers(0, V, (B, Tn))
+    mask = rng.random((B, Tn)) < 0.6
+    got = [float(x) for x in T.completion_loss(jnp.asarray(logits), jnp.asarray(tokens), jnp.asarray(mask))]
+    want = _np_completion_loss(logits, tokens, mask)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_eval_step_matches_float64_model_with_span_mask(tmp_path):
+    """Teacher-forced loss of the jitted eval step == float64 NumPy LLaMA run
+    with the span mask of spans.attention_mask, on real arithmetic rows."""
+    from selfspan_jax.spans import attention_mask
+
+    cfg = _small(tmp_path, seed=_seed())
+    b = T.build(cfg)
+    rows = b.train_set.rows(np.arange(4))
+    got = jax.jit(T.make_eval_step(b.graphdef, T._mask_fn(cfg, b.span_tokens)))(
+        b.trainable, b.frozen, {k: jnp.asarray(v) for k, v in rows.items()})
+    mask = np.asarray(attention_mask(rows["tokens"], b.span_tokens, cfg.max_segments, rows["lengths"]))
+    # The span mask must differ from causal somewhere, or this test proves nothing about it.
+    causal = np.tril(np.ones((cfg.seq_len,) * 2, bool))
+    valid = np.arange(cfg.seq_len)[None, :] < rows["lengths"][:, None]
+    assert (mask != (causal[None] & valid[:, :, None] & valid[:, None, :])).any()
+    logits = llama_forward(params_from_model(b.model), b.model.config, rows["tokens"], mask=mask)
+    want = _np_completion_loss(logits, rows["tokens"], rows["loss_mask"])
+    np.testing.assert_allclose([float(x) for x in got], want, rtol=2e-5)
+
+
+def test_schedule_warmup_then_cosine():
+    cfg = T.TrainConfig(lr=1e-3, steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    sched = T.make_schedule(cfg)
+    for step in (0, 5, 10, 40, 77, 100):
+        if step <= 10:
+            want = 1e-3 * step / 10
+        else:
+            frac = (step - 10) / 90
+            want = 1e-4 + 0.5 * (1e-3 - 1e-4) * (1 + np.cos(np.pi * frac))
+        assert float(sched(step)) == pytest.approx(want, rel=1e-5, abs=1e-9), step
+
+
+def test_grad_accumulation_equals_full_batch(tmp_path):
+    cfg = _small(tmp_path, seed=_seed(), span_policy="dense")
+    b = T.build(cfg)
+    mask_fn = T._mask_fn(cfg, b.span_tokens)
+    batch = {k: jnp.asarray(v) for k, v in b.train_set.rows(np.arange(8)).items()}
+    opt = b.tx.init(b.trainable)
+    outs = []
+    for accum in (1, 4):
+        step = jax.jit(T.make_train_step(b.graphdef, b.tx, mask_fn, accum))
+        outs.append(step(b.trainable, b.frozen, opt, batch))
+    (p1, _, m1), (p4, _, m4) = outs
+    assert float(m1["loss"]) == pytest.approx(float(m4["loss"]), rel=1e-5)
+    assert float(m1["n_targets"]) == float(m4["n_targets"]) == float(batch["loss_mask"][:, 1:].sum())
+    for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Error paths
+# ---------------------------------------------------------------------------
+def test_overlong_examples_refused_cut_or_dropped():
+    from selfspan_jax.data import arithmetic
+    from selfspan_jax.data.batches import tokenize_record
+    from selfspan_jax.tokenizer import CharTokenizer
+
+    tok = CharTokenizer()
+    records = arithmetic.generate_examples(40, seed=_seed())
+    lengths = np.array([len(tokenize_record(tok, r)[0]) for r in records])
+    seq_len = int(np.median(lengths))
+    n_long = int((lengths > seq_len).sum())
+    assert n_long > 0
+    with pytest.raises(ValueError, match=rf"{n_long} of 40 training examples are longer than seq_len={seq_len} "
+                                         rf"\(longest: {lengths.max()} tokens\)"):
+        T.tokenize_set(records, tok, seq_len, "error", "training")
+    cut = T.tokenize_set(records, tok, seq_len, "truncate", "training")
+    assert len(cut) == 40 and cut.lengths.max() == seq_len
+    full = tokenize_record(tok, records[0])[0][:seq_len]
+    assert list(cut.tokens[0, : len(full)]) == full
+    dropped = T.tokenize_set(records, tok, seq_len, "drop", "training")
+    assert len(dropped) == 40 - n_long and (dropped.lengths <= seq_len).all()
+
+
+def test_run_dir_with_other_config_is_refused(tmp_path):
+    cfg = _small(tmp_path / "run")
+    T.prepare_run_dir(cfg)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved == cfg.to_dict()
+    T.prepare_run_dir(cfg.replace(progress=True))  # cosmetic fields may change
+    with pytest.raises(ValueError, match=r"different config \(lr: saved 0.003 vs now 0.1"):
+        T.prepare_run_dir(cfg.replace(lr=0.1))
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
+    # An absurd learning rate overflows the weights after the first update,
+    # so the loss of step 2 is NaN/inf.
+    cfg = _small(tmp_path / "run", lr=1e30, warmup_steps=0, grad_clip=0.0, save_every=1, steps=6,
+                 span_policy="dense")
+    with pytest.raises(T.TrainingDiverged, match=r"at step 2; stopped; the last good checkpoint is step 1"):
+        T.train(cfg)
+    with Checkpointer(tmp_path / "run" / "checkpoints") as mgr:
+        assert mgr.all_steps() == [1]
+    logged = [m["step"] for m in T.read_metrics(tmp_path / "run")]
+    assert logged == [1]
+
+
+# ---------------------------------------------------------------------------
+# Kill / resume and multi-device (subprocesses)
+# ---------------------------------------------------------------------------
+def _env(cache: Path, devices: int = 1) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    # Each program compiles once across the test's processes.
+    env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+    return env
+
+
+def _train_cmd(out: Path, seed: int, steps: int) -> list[str]:
+    return [sys.executable, str(ROOT / "scripts" / "train.py"), "--out", str(out), "--seed", str(seed),
+            "--steps", str(steps), "--save-every", "2", "--keep-checkpoints", "2", "--log-every", "1",
+            "--num-train", "40", "--num-eval", "8", "--batch-size", "8", "--seq-len", "64", "--lr", "3e-3",
+            "--warmup-steps", "2", "--eval-every", "1000", "--no-eval-generate", "--no-progress",
+            "--no-tensorboard", "--span-policy", "dense",
+            *[a for k, v in SMALL_MODEL.items() for a in ("--model-override", f"{k}={v}")],
+            *[a for k, v in SMALL_DATA.items() for a in ("--data", f"{k}={v}")]]
+
+
+def _final_state(run: Path, step: int):
+    with Checkpointer(run / "checkpoints") as mgr:
+        assert mgr.latest_step() == step
+        return mgr.restore(None)
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+    seed, steps = _seed(), 30
+    cache = tmp_path / "jax_cache"
+    ref = subprocess.run(_train_cmd(tmp_path / "ref", seed, steps), env=_env(cache), capture_output=True,
+                         text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(run, seed, steps), env=_env(cache), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    ckpts = run / "checkpoints"
+    # Kill as soon as a mid-run checkpoint is committed (the step directory
+    # appears atomically when orbax renames its temporary directory).
+    while time.time() < deadline and proc.poll() is None:
+        if ckpts.exists() and any(p.name.isdigit() and int(p.name) >= 4 for p in ckpts.iterdir()):
+            break
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, f"run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+    with Checkpointer(ckpts) as mgr:
+        killed_at = mgr.latest_step()
+    assert killed_at is not None and killed_at < steps
+
+    resumed = subprocess.run(_train_cmd(run, seed, steps), env=_env(cache), capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (s_ref, d_ref), (s_run, d_run) = _final_state(tmp_path / "ref", steps), _final_state(run, steps)
+    assert d_ref == d_run  # same data position
+    assert jax.tree.structure(s_ref) == jax.tree.structure(s_run)
+    # embedding, final norm, 2 layer norms, 7 projections (the head is tied)
+    assert len(jax.tree.leaves(s_ref["params"])) == 11
+    for x, y in zip(jax.tree.leaves(s_ref), jax.tree.leaves(s_run), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # metrics.jsonl: one line per step, the redone steps not duplicated, same losses.
+    ref_m = [m for m in T.read_metrics(tmp_path / "ref") if "loss" in m]
+    run_m = [m for m in T.read_metrics(run) if "loss" in m]
+    assert [m["step"] for m in run_m] == list(range(1, steps + 1)) == [m["step"] for m in ref_m]
+    assert [m["loss"] for m in run_m] == [m["loss"] for m in ref_m]
+
+
+_MULTI = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    from selfspan_jax import train as T
+    cfg = T.TrainConfig(**json.loads(sys.argv[1]))
+    res = T.train(cfg)
+    spec = {jax.tree_util.keystr(k): str(v.sharding.spec) for k, v in
+            jax.tree_util.tree_flatten_with_path(res.trainable)[0]}
+    np.savez(sys.argv[2], *[np.asarray(x) for x in jax.tree.leaves(res.trainable)])
+    print(json.dumps({"devices": jax.device_count(), "spec": spec}))
+""")
+
+
+def test_four_devices_dp_fsdp_match_one_device(tmp_path):
+    seed = _seed()
+    # d_model 64 so that the embedding and MLP kernels pass the FSDP size threshold.
+    model = dict(SMALL_MODEL, d_model=64, mlp_dim=128)
+    cfg = _small(tmp_path / "one", model_overrides=model, seed=seed, steps=4, save_every=100)
+    multi = cfg.replace(out=str(tmp_path / "four"), dp=2, fsdp=2)
+    proc = subprocess.run([sys.executable, "-c", _MULTI, json.dumps(multi.to_dict()), str(tmp_path / "four.npz")],
+                          env=_env(tmp_path / "cache", devices=4), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info["devices"] == 4
+    assert "fsdp" in info["spec"]["['embed']['embedding'].value"]
+    assert "fsdp" in info["spec"]["['layers'][0]['mlp']['up_proj']['kernel'].value"]
+    assert "fsdp" not in info["spec"]["['final_norm']['scale'].value"]  # below the size threshold
+
+    one = T.train(cfg)
+    assert jax.device_count() == 1
+    l1 = [m["loss"] for m in T.read_metrics(tmp_path / "one") if "loss" in m]
+    l4 = [m["loss"] for m in T.read_metrics(tmp_path / "four") if "loss" in m]
+    assert len(l1) == len(l4) == 4
+    np.testing.assert_allclose(l4, l1, rtol=2e-5)
+    e1 = [m["eval_loss"] for m in T.read_metrics(tmp_path / "one") if "eval_loss" in m]
+    e4 = [m["eval_loss"] for m in T.read_metrics(tmp_path / "four") if "eval_loss" in m]
+    np.testing.assert_allclose(e4, e1, rtol=2e-5)
+    four = np.load(tmp_path / "four.npz")
+    for i, x in enumerate(jax.tree.leaves(one.trainable)):
+        np.testing.assert_allclose(four[f"arr_{i}"], np.asarray(x), atol=5e-5)
