@@ -87,8 +87,11 @@ def block_sparse_decode_kernel(
             blk = idx_ref[b, h, first + t]
             start = pl.multiple_of(blk * block_size, block_size)
         else:
-            blk = idx_ref[b, h, first + t // tiles_per_block]
-            start = pl.multiple_of(blk * block_size + (t % tiles_per_block) * block_k, block_k)
+            # lax.div/rem, not // and %: t >= 0, and jnp's floor-mod sign fix-up
+            # does not lower on Triton.
+            sub = jnp.int32(tiles_per_block)
+            blk = idx_ref[b, h, first + lax.div(t, sub)]
+            start = pl.multiple_of(blk * block_size + lax.rem(t, sub) * block_k, block_k)
         # One indexer on the whole-array ref: Triton lowering rejects chained
         # `.at[...][...]` indexers (DESIGN.md §4).
         k = k_ref[b, h, pl.ds(start, block_k), :]  # [block_k, H]

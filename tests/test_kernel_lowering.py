@@ -1,0 +1,101 @@
+"""The Pallas kernel lowers to Triton IR for an H100, proved without a GPU.
+
+jax.export lowers for CUDA against an abstract H100 (DESIGN.md §4): this runs
+the whole Pallas -> Triton lowering and serialises the Triton module into the
+`__gpu$xla.gpu.triton` custom call. It proves lowering, not PTX compilation;
+the GPU visit (scripts/gpu_session.sh) covers the rest.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax import export
+from jax.experimental import pallas as pl
+
+from pallas_kernels import block_sparse_decode
+from pallas_kernels.backend import BlockSparseParams
+
+TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+def _h100_mesh():
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
+    return jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+
+
+def export_for_h100(fn, *avals):
+    with jax.sharding.use_abstract_mesh(_h100_mesh()):
+        return export.export(
+            jax.jit(fn),
+            platforms=["cuda"],
+            disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
+        )(*avals)
+
+
+def _avals(batch, num_heads, kv_heads, seq_len, head_dim, block_size, dtype, per_head, with_mask):
+    lead = (batch, kv_heads) if per_head else (batch,)
+    avals = [
+        jax.ShapeDtypeStruct((batch, num_heads, head_dim), dtype),
+        jax.ShapeDtypeStruct((batch, kv_heads, seq_len, head_dim), dtype),
+        jax.ShapeDtypeStruct((batch, kv_heads, seq_len, head_dim), dtype),
+        jax.ShapeDtypeStruct((*lead, seq_len // block_size), jnp.int32),
+        jax.ShapeDtypeStruct(lead, jnp.int32),
+    ]
+    if with_mask:
+        avals.append(jax.ShapeDtypeStruct((batch, seq_len), jnp.bool_))
+    return avals
+
+
+@pytest.mark.parametrize(
+    "dtype, per_head, with_mask, block_size, num_heads, kv_heads, head_dim",
+    [
+        (jnp.float32, False, False, 64, 32, 32, 128),  # LLaMA-7B heads, G = 1
+        (jnp.bfloat16, False, True, 64, 32, 32, 128),
+        (jnp.bfloat16, True, True, 128, 32, 8, 128),  # GQA 32q/8kv, G = 4
+        (jnp.float32, True, False, 16, 32, 4, 64),  # G = 8, smallest block
+        (jnp.bfloat16, True, False, 256, 16, 2, 64),  # 256-token blocks as 2 sub-tiles of 128
+        (jnp.float32, False, True, 32, 40, 2, 128),  # G = 20: block_h padded to 32
+    ],
+)
+def test_lowers_to_triton(dtype, per_head, with_mask, block_size, num_heads, kv_heads, head_dim):
+    seq_len = 16 * block_size
+    precision = "highest" if dtype == jnp.float32 else None
+
+    def fn(*args):
+        return block_sparse_decode(*args, block_size=block_size, backend="pallas", precision=precision)
+
+    exported = export_for_h100(fn, *_avals(2, num_heads, kv_heads, seq_len, head_dim, block_size, dtype, per_head, with_mask))
+    text = exported.mlir_module()
+    assert text.count(TRITON_CALL) == 1
+    assert exported.platforms == ("cuda",)
+    out = exported.out_avals[0]
+    assert out.shape == (2, num_heads, head_dim) and out.dtype == dtype
+
+
+def test_explicit_params_reach_the_launch():
+    # The grid carries k_splits; num_warps/num_stages go to the Triton call.
+    params = BlockSparseParams(block_k=32, k_splits=5, num_warps=2, num_stages=1)
+
+    def fn(*args):
+        return block_sparse_decode(*args, block_size=64, backend="pallas", params=params)
+
+    text = export_for_h100(fn, *_avals(1, 8, 2, 1024, 64, 64, jnp.bfloat16, True, True)).mlir_module()
+    assert "grid_x = 1 : i32, grid_y = 2 : i32, grid_z = 5 : i32" in text
+    assert "num_warps = 2" in text and "num_stages = 1" in text
+
+
+def test_export_really_runs_triton_lowering():
+    # Negative control: a kernel with a chained indexer (which Triton lowering
+    # rejects, DESIGN.md §4) must fail the same export, so a pass above means
+    # the Triton lowering accepted our kernel rather than being skipped.
+    def kernel(x_ref, o_ref):
+        b = pl.program_id(0)
+        o_ref[b, :, :] = x_ref.at[b][pl.ds(0, 16), :] * 2
+
+    def fn(x):
+        return pl.pallas_call(kernel, grid=(2,), out_shape=jax.ShapeDtypeStruct((2, 16, 16), jnp.float32))(x)
+
+    with pytest.raises(NotImplementedError, match="multiple indexers"):
+        export_for_h100(fn, jax.ShapeDtypeStruct((2, 32, 16), jnp.float32))
