@@ -24,6 +24,20 @@ class RopeScaling:
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
 
+    def __post_init__(self):
+        if self.factor < 1:
+            raise ValueError(f"RopeScaling.factor must be >= 1, got {self.factor}")
+        if not 0 < self.low_freq_factor < self.high_freq_factor:
+            raise ValueError(
+                "RopeScaling needs 0 < low_freq_factor < high_freq_factor, got "
+                f"{self.low_freq_factor}, {self.high_freq_factor}"
+            )
+        if self.original_max_position_embeddings <= 0:
+            raise ValueError(
+                "RopeScaling.original_max_position_embeddings must be > 0, got "
+                f"{self.original_max_position_embeddings}"
+            )
+
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
@@ -65,7 +79,8 @@ class LlamaConfig:
                 "set head_dim_override"
             )
         if self.head_dim % 2:
-            raise ValueError(f"head dim must be even for RoPE, got {self.head_dim}")
+            which = "head_dim_override" if self.head_dim_override else "d_model / n_heads"
+            raise ValueError(f"LlamaConfig head dim ({which}) must be even for RoPE, got {self.head_dim}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ValueError(f"LlamaConfig.{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
