@@ -20,7 +20,6 @@ import json
 import os
 from typing import Any
 
-import numpy as np
 
 from selfspan_jax.spans import ANCHOR, REF_CLOSE, REF_OPEN
 
@@ -158,26 +157,12 @@ def add_span_tokens(tokenizer) -> tuple[int, int, int]:
     return ids
 
 
-def digit_token_table(tokenizer) -> np.ndarray:
-    """int32 [V]: the decimal value of each single-digit token, -1 for all others.
+def splits_digits(tokenizer, text: str = "12345 67890 2024, 3.14159 x1000000 (7)") -> bool:
+    """True when every digit of `text` becomes a token of exactly that one digit.
 
-    V = len(tokenizer). A token counts as a digit iff it decodes to exactly one of
-    "0".."9" (byte-level BPE spells a leading space as part of the token, so " 7"
-    is *not* a digit token: spaces end numbers, DESIGN.md section 2).
+    Strict on purpose: a token like " 7" (space + digit) would not be a digit
+    token for the span parser, so a number written after a space would vanish.
     """
-    table = np.full(len(tokenizer), -1, dtype=np.int32)
-    for d in range(10):
-        for token_id in set(tokenizer.convert_tokens_to_ids([str(d)]) or []):
-            if token_id is not None and token_id >= 0 and tokenizer.decode([token_id]) == str(d):
-                table[token_id] = d
-    return table
-
-
-def splits_digits(tokenizer, text: str = "12345 67890 2024, 3.14159 x1000000") -> bool:
-    """True when every digit of `text` becomes its own token (span headers need this)."""
     ids = tokenizer.encode(text, add_special_tokens=False)
     pieces = [tokenizer.decode([i]) for i in ids]
-    digit_pieces = [p for p in pieces if any(c.isdigit() for c in p)]
-    return all(len(p.strip()) == 1 and p.strip().isdigit() for p in digit_pieces) and sum(
-        len(p.strip()) for p in digit_pieces
-    ) == sum(c.isdigit() for c in text)
+    return all(len(p) == 1 for p in pieces if any(c.isdigit() for c in p))

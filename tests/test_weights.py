@@ -132,6 +132,8 @@ def test_hf_tokenizer_json_and_span_tokens_without_growth():
     ids = [tok.convert_tokens_to_ids(s) for s in SPAN_TOKEN_STRINGS]
     assert len(set(ids)) == 3 and max(ids) < model.config.vocab_size == 128
     assert model.num_new_tokens == 0
+    # This BPE learned "▁40": the digit check must notice (it passes for SmolLM2 below).
+    assert not splits_digits(tok)
 
 
 def test_hf_checkpoint_errors(tmp_path):
