@@ -312,9 +312,9 @@ def task_records(cfg: TrainConfig, tokenizer) -> tuple[list[dict], list[dict]]:
     knobs. The held-out records come from the generator's "test" split, a
     disjoint hash bucket of problems.
     summarization: `cfg.data["source"]` (a local JSONL/Parquet file or
-    directory, or a hub name) is required; train and held-out records are the
-    loader's "train" and "validation" splits (for a single local file, a
-    stable hash holds a tenth of the articles out). `max_prompt_tokens`
+    directory, or a hub name) is required; held-out records are `num_eval`
+    of the loader's "validation" split, training records its "train" split
+    minus any held-out article (a single file has no splits). `max_prompt_tokens`
     (default 3/4 of seq_len) cuts articles at sentence boundaries; other
     keys (`max_k`, `config`, field names) go to the loader.
     """
@@ -337,13 +337,19 @@ def task_records(cfg: TrainConfig, tokenizer) -> tuple[list[dict], list[dict]]:
     kwargs = {"tokenizer": tokenizer, "max_prompt_tokens": opts.pop("max_prompt_tokens", cfg.seq_len * 3 // 4),
               **opts}
     try:
-        train = summarization.load_records(source, split="train", n=cfg.num_train, seed=cfg.seed, **kwargs)
-        held = summarization.load_records(source, split="validation", n=cfg.num_eval, seed=cfg.seed + 1, **kwargs)
+        held = summarization.load_records(source, split="validation", limit=cfg.num_eval, seed=cfg.seed + 1,
+                                          **kwargs)
+        # A source without splits (one local file) returns the same articles
+        # for every split: drop the held-out ones from training by content.
+        held_prompts = {r["prompt"] for r in held}
+        train = summarization.load_records(source, split="train", limit=cfg.num_train + len(held), seed=cfg.seed,
+                                           **kwargs)
     except TypeError as err:  # an unknown loader option
         raise ValueError(f"bad summarization data option in {cfg.data}: {err}") from err
+    train = [r for r in train if r["prompt"] not in held_prompts][: cfg.num_train]
     if not train or not held:
         raise ValueError(f"summarization source {source!r} gave {len(train)} training and {len(held)} held-out "
-                         "records; need at least one of each")
+                         "records (after removing held-out articles from training); need at least one of each")
     return train, held
 
 

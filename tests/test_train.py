@@ -347,3 +347,17 @@ def test_four_devices_dp_fsdp_match_one_device(tmp_path):
     four = np.load(tmp_path / "four.npz")
     for i, x in enumerate(jax.tree.leaves(one.trainable)):
         np.testing.assert_allclose(four[f"arr_{i}"], np.asarray(x), atol=5e-5)
+
+
+def test_summarization_task_from_local_file(tmp_path):
+    fixture = ROOT / "tests" / "fixtures" / "news_sample.jsonl"
+    cfg = _small(tmp_path, task="summarization", data={"source": str(fixture)}, seq_len=1024, overlong="drop",
+                 num_train=10, num_eval=3, batch_size=2)
+    from selfspan_jax.tokenizer import CharTokenizer
+
+    train, held = T.task_records(cfg, CharTokenizer())
+    assert len(held) == 3 and len(train) == 7  # the fixture is one file of 10 articles, no splits
+    assert not {r["id"] for r in train} & {r["id"] for r in held}  # held-out articles never trained on
+    assert all(r["task"] == "summarization" for r in train + held)
+    with pytest.raises(ValueError, match="needs --data source=PATH"):
+        T.task_records(cfg.replace(data={}), CharTokenizer())
