@@ -54,14 +54,32 @@ def _round_up(n: int, multiple: int) -> int:
 # ---------------------------------------------------------------------------
 
 
+def _filter_top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """scaled logits [B, V] -> the same with everything outside top-k, then top-p, set to -inf."""
+    V = scaled.shape[-1]
+    # [B, V] descending
+    sorted_desc = -jnp.sort(-scaled, axis=-1)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V).astype(jnp.int32)
+    # [B, 1]
+    kth = jnp.take_along_axis(sorted_desc, jnp.broadcast_to(k - 1, (scaled.shape[0],))[:, None], axis=-1)
+    in_k = jnp.arange(V)[None, :] < k
+    probs = jax.nn.softmax(jnp.where(in_k, sorted_desc, -jnp.inf), axis=-1)
+    # keep rank r while the mass strictly before it is < top_p (rank 0 always)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = in_k & (mass_before < top_p)
+    n_keep = jnp.maximum(jnp.sum(keep, axis=-1), 1)
+    # [B, 1]
+    pth = jnp.take_along_axis(sorted_desc, (n_keep - 1)[:, None], axis=-1)
+    cutoff = jnp.maximum(kth, pth)
+    return jnp.where(scaled >= cutoff, scaled, -jnp.inf)
+
+
 def sample_logits(
     logits: jax.Array,
     rng: jax.Array,
     temperature: jax.Array,
     top_k: jax.Array,
     top_p: jax.Array,
-    *,
-    filtered: bool = True,
 ) -> jax.Array:
     """Draws one token per row: logits [B, V] -> int32 [B].
 
@@ -70,33 +88,17 @@ def sample_logits(
     largest (top_k <= 0: no limit), then to the smallest set of those whose
     renormalised probability reaches `top_p` (top_p >= 1: no limit), and a
     token is drawn from what remains. Ties at a cut-off are kept. All three
-    knobs are arrays (traced), so changing them does not recompile; `filtered`
-    is static and skips the sort when neither limit is in use.
+    knobs are arrays (traced), so changing them does not recompile; the sort
+    behind the limits runs only when one is in use (`lax.cond`).
     """
-    V = logits.shape[-1]
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    safe_t = jnp.where(temperature > 0, temperature, 1.0)
-    scaled = logits / safe_t
-    if filtered:
-        # [B, V] descending
-        sorted_desc = -jnp.sort(-scaled, axis=-1)
-        k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V).astype(jnp.int32)
-        # [B, 1]
-        kth = jnp.take_along_axis(sorted_desc, jnp.broadcast_to(k - 1, (scaled.shape[0],))[:, None], axis=-1)
-        rank = jnp.arange(V)[None, :]
-        in_k = rank < k
-        probs = jax.nn.softmax(jnp.where(in_k, sorted_desc, -jnp.inf), axis=-1)
-        # keep rank r while the mass strictly before it is < top_p (rank 0 always)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep = in_k & (mass_before < top_p)
-        n_keep = jnp.maximum(jnp.sum(keep, axis=-1), 1)
-        # [B, 1]
-        pth = jnp.take_along_axis(sorted_desc, (n_keep - 1)[:, None], axis=-1)
-        cutoff = jnp.maximum(kth, pth)
-        scaled = jnp.where(scaled >= cutoff, scaled, -jnp.inf)
+    sampling = temperature > 0
+    scaled = logits / jnp.where(sampling, temperature, 1.0)
+    limited = sampling & ((top_k > 0) | (top_p < 1.0))
+    scaled = jax.lax.cond(limited, _filter_top_k_top_p, lambda x, *_: x, scaled, top_k, top_p)
     drawn = jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
-    return jnp.where(temperature > 0, drawn, greedy)
+    return jnp.where(sampling, drawn, greedy)
 
 
 # ---------------------------------------------------------------------------
@@ -165,7 +167,7 @@ def _selection_stats(sel: Selection, pos: jax.Array, block_size: int):
 @functools.partial(
     jax.jit,
     static_argnames=(
-        "graphdef", "policy", "block_size", "cache_len", "budget", "backend", "precision", "filtered", "return_masks",
+        "graphdef", "policy", "block_size", "cache_len", "budget", "backend", "precision", "return_masks",
     ),
 )
 def _generate_jit(
@@ -180,6 +182,7 @@ def _generate_jit(
     eos_id,
     pad_id,
     forced,
+    use_forced,
     *,
     graphdef,
     policy: Policy,
@@ -188,13 +191,14 @@ def _generate_jit(
     budget: int,
     backend: str,
     precision,
-    filtered: bool,
     return_masks: bool,
 ):
     """prompt int32 [B, T] right-padded, lengths int32 [B] -> (final loop state, policy report).
 
-    forced: None or int32 [B, M]: emit these tokens instead of sampling
-    (teacher forcing through the decode loop; benchmarks replay recorded traces).
+    forced: int32 [B, M], emitted instead of sampled tokens when the bool
+    `use_forced` is set (teacher forcing through the decode loop; tests and
+    benchmarks replay recorded traces). Both are arrays so that forcing does
+    not compile a second program.
     """
     model = nnx.merge(graphdef, params)
     B, T = prompt.shape
@@ -211,9 +215,9 @@ def _generate_jit(
     policy_state = policy.init_state(prompt, lengths, S)
 
     def choose(step_logits, step):
-        if forced is not None:
-            return forced[:, step]
-        return sample_logits(step_logits, jax.random.fold_in(rng, step), temperature, top_k, top_p, filtered=filtered)
+        drawn = sample_logits(step_logits, jax.random.fold_in(rng, step), temperature, top_k, top_p)
+        given = jax.lax.dynamic_index_in_dim(forced, step, axis=1, keepdims=False)
+        return jnp.where(use_forced, given, drawn)
 
     tok0 = choose(last, 0)
     zeros_i = jnp.zeros((B, M), jnp.int32)
@@ -504,14 +508,13 @@ def generate(
     if prompt.min() < 0 or prompt.max() >= vocab:
         raise ValueError(f"prompt ids must be in [0, {vocab}), got range [{prompt.min()}, {prompt.max()}]")
 
-    forced = None
+    forced = np.full((B, M), pad_id, np.int32)
     if forced_tokens is not None:
         f = np.asarray(forced_tokens, np.int32)
         if f.ndim != 2 or f.shape[0] != B or f.shape[1] < max_new_tokens:
             raise ValueError(f"forced_tokens must be [B={B}, >= {max_new_tokens}], got shape {f.shape}")
         if f.min() < 0 or f.max() >= vocab:
             raise ValueError(f"forced_tokens must be in [0, {vocab}), got range [{f.min()}, {f.max()}]")
-        forced = np.full((B, M), pad_id, np.int32)
         forced[:, :max_new_tokens] = f[:, :max_new_tokens]
 
     graphdef, params = nnx.split(model)
@@ -526,7 +529,8 @@ def generate(
         jax.random.key(seed),
         jnp.int32(eos),
         jnp.int32(pad_id),
-        None if forced is None else jnp.asarray(forced),
+        jnp.asarray(forced),
+        jnp.bool_(forced_tokens is not None),
         graphdef=graphdef,
         policy=pol,
         block_size=int(block_size),
@@ -534,7 +538,6 @@ def generate(
         budget=M,
         backend=backend,
         precision=precision,
-        filtered=top_k is not None or top_p is not None,
         return_masks=return_masks,
     )
     # host transfer = the sync point for anyone timing generate()
