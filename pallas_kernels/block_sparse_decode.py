@@ -439,9 +439,9 @@ def visible_tokens(block_indices, block_counts, token_mask, *, block_size, seq_l
     """Token visibility of a block list: int [B, K, L], [B, K] (, bool [B, S]) -> bool [B, K, S]."""
     num_blocks = seq_len // block_size
     live = jnp.arange(block_indices.shape[-1]) < block_counts[..., None]  # [B, K, L]
-    # [B, K, NB]: one-hot of the live ids, OR-ed over the list.
-    hit = (block_indices[..., None] == jnp.arange(num_blocks)) & live[..., None]
-    block_on = hit.any(axis=-2)
+    # [B, K, NB]: scatter-OR of the live ids (O(L), no [L, NB] one-hot).
+    scatter = lambda ids, on: jnp.zeros((num_blocks,), jnp.bool_).at[ids].max(on, mode="drop")
+    block_on = jax.vmap(jax.vmap(scatter))(block_indices, live)
     vis = jnp.repeat(block_on, block_size, axis=-1)  # [B, K, S]
     if token_mask is not None:
         vis = vis & token_mask[:, None, :]

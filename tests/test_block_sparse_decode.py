@@ -19,15 +19,17 @@ from hypothesis import strategies as st
 
 from pallas_kernels import block_sparse_decode, block_sparse_decode_reference
 from pallas_kernels.backend import BlockSparseParams, on_gpu, resolve_backend
-from pallas_kernels.block_sparse_decode_xla import bucket_capacities
+from pallas_kernels.block_sparse_decode_xla import block_sparse_decode_xla, chunk_blocks
 
 # Bounds on max |out - ref| for outputs of magnitude <= ~3 (v ~ N(0, 1)).
 # float32 at full precision: a few ulps of accumulation. bfloat16: the output
 # is rounded to bf16 (2^-9 relative) and the probabilities enter the p @ v dot
 # as bf16, as they do on the GPU's mma.
-ATOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
+# Observed on CPU (8 cases, H=128, 512 tokens): float32 2.3e-6 / 9e-7,
+# bfloat16 4.7e-3 / 2.2e-3 (max abs / relative norm); bounds are 2-5x that.
+ATOL = {jnp.float32: 1e-5, jnp.bfloat16: 1.2e-2}
 # Same bound on ||out - ref|| / ||ref||.
-RTOL_NORM = {jnp.float32: 5e-6, jnp.bfloat16: 6e-3}
+RTOL_NORM = {jnp.float32: 5e-6, jnp.bfloat16: 4e-3}
 
 
 # ---------------------------------------------------------------------------
@@ -252,20 +254,24 @@ class TestReference(_BackendTests):
 class TestXla(_BackendTests):
     backend = "xla"
 
-    @pytest.mark.parametrize("list_len", [1, 5, 16, 40])
-    def test_bucket_capacities(self, list_len):
-        caps = bucket_capacities(list_len)
-        assert caps[-1] == list_len and list(caps) == sorted(set(caps))
-        # Every count 1..L fits a bucket wasting under 50%.
-        for n in range(1, list_len + 1):
-            cap = min(c for c in caps if c >= n)
-            assert cap < 1.5 * n + 1
+    @pytest.mark.parametrize("chunk", [1, 3, 4])
+    def test_chunks(self, chunk):
+        # Lists whose length is not a multiple of the chunk, ragged per-head
+        # counts, a token mask: the loop's padding entries must never count.
+        rng = np.random.default_rng(chunk)
+        case = dict(batch=2, num_heads=4, kv_heads=2, seq_len=11 * 16, head_dim=16, block_size=16,
+                    dtype=jnp.float32, per_head=True, with_mask=True, list_len=10, counts=[[10, 4], [7, 0]])
+        q, k, v, idx, cnt, mask = random_case(rng, **case)
+        out = block_sparse_decode_xla(q.reshape(2, 2, 2, 16), k, v, jnp.asarray(idx), jnp.asarray(cnt),
+                                      jnp.asarray(mask), block_size=16, sm_scale=0.25, precision="highest", chunk=chunk)
+        ref = attention_np(q, k, v, visible_np(idx, cnt, mask, 2, 176, 16), 0.25)
+        assert_close(np.asarray(out).reshape(2, 4, 16), ref, jnp.float32)
 
-    def test_every_bucket(self):
-        # One count per bucket boundary (and one past it), all through one compiled switch.
-        case = dict(batch=1, num_heads=2, kv_heads=1, seq_len=20 * 16, head_dim=16, block_size=16, dtype=jnp.float32)
-        for n in (1, 2, 3, 4, 5, 6, 7, 13, 19, 20):
-            self.check({**case, "counts": [n]}, seed=n)
+    def test_chunk_blocks(self):
+        # ~4 MiB of K+V per step, at least 1 block, never past the list.
+        assert chunk_blocks(batch=1, kv_heads=32, block_size=64, head_dim=128, itemsize=4, list_len=128) == 2
+        assert chunk_blocks(batch=64, kv_heads=32, block_size=256, head_dim=128, itemsize=4, list_len=128) == 1
+        assert chunk_blocks(batch=1, kv_heads=1, block_size=16, head_dim=64, itemsize=2, list_len=3) == 3
 
 
 class TestInterpret(_BackendTests):
