@@ -35,6 +35,7 @@ from pallas_kernels import block_sparse_decode
 from pallas_kernels.backend import resolve_backend
 from selfspan_jax.cache import KVCache
 from selfspan_jax.policies import Policy, Selection, make_policy
+from selfspan_jax.tokenizer import encode_with_spans
 
 # Prompt buckets start here so that short prompts share one program.
 _MIN_PROMPT_BUCKET = 16
@@ -411,7 +412,10 @@ def _prepare_prompts(prompts, tokenizer, prompt_lengths) -> tuple[list[list[int]
         if isinstance(p, str):
             if tokenizer is None:
                 raise ValueError("string prompts need a tokenizer")
-            out.append(list(tokenizer.encode(p, add_special_tokens=True)))
+            # The same ids training saw for this text: BOS + encode_with_spans
+            # (header digits one token each, whatever the tokenizer merges).
+            bos = getattr(tokenizer, "bos_token_id", None)
+            out.append(([] if bos is None else [int(bos)]) + encode_with_spans(tokenizer, p))
         else:
             out.append([int(x) for x in np.asarray(p).reshape(-1)])
     empty = [i for i, p in enumerate(out) if not p]
@@ -445,7 +449,8 @@ def generate(
 ) -> GenerateOutput:
     """Generates up to `max_new_tokens` tokens per prompt with the given attention policy.
 
-    prompts: strings (encoded with `tokenizer`, BOS added), id lists of
+    prompts: strings (BOS + `tokenizer.encode_with_spans`, the ids training
+        uses for a record's prompt), id lists of
         different lengths, or an int array [B, T] (with `prompt_lengths` when
         it is right-padded).
     policy: "self_span" (spans the model writes, DESIGN.md §2), "dense", or a
