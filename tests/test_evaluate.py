@@ -1,0 +1,160 @@
+"""Evaluation: scoring, the run loader, the script end to end, the heat map."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from selfspan_jax import evaluate as ev
+from selfspan_jax import train as T
+from selfspan_jax.data import arithmetic, summarization
+from selfspan_jax.spans import SpanTokens, attention_mask
+from selfspan_jax.tokenizer import CharTokenizer, encode_with_spans
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_MODEL = {"d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "mlp_dim": 64}
+SMALL_DATA = {"min_operands": 3, "max_operands": 3}
+
+
+def test_exact_match_scores_the_checker_verdicts():
+    recs = arithmetic.generate_examples(4, seed=3, split="test")
+    good = [r["completion"] for r in recs]
+    # a wrong final answer and a wrong reference id
+    bad_answer = good[1].rsplit("\n", 1)[0] + "\n" + good[1].rsplit("\n", 1)[1].replace(
+        recs[1]["answer"], str(int(recs[1]["answer"]) + 1))
+    bad_ref = good[2].replace("<|ref|>1<|/ref|>", "<|ref|>0<|/ref|>", 1)
+    texts = [good[0], bad_answer, bad_ref, good[3]]
+    assert ev.score("arithmetic", recs, texts) == {"exact_match": 50.0}
+    assert ev.score("arithmetic", recs, good) == {"exact_match": 100.0}
+    with pytest.raises(ValueError, match="generations"):
+        ev.score("arithmetic", recs, good[:2])
+    with pytest.raises(ValueError, match="task"):
+        ev.score("translation", recs, good)
+
+
+def test_rouge_strips_headers_and_matches_hand_values():
+    rec = summarization.make_record(
+        "The bridge opened on Saturday. It links two parks. Costs rose by a third.",
+        "The bridge opened.\nCosts rose.",
+    )
+    # strip_spans recovers the summary sentences the record was built from
+    assert ev.strip_spans(rec["completion"]) == " ".join(rec["answer"].split("\n"))
+    assert ev.score("summarization", [rec], [rec["completion"]]) == pytest.approx(
+        {"rouge1": 100.0, "rouge2": 100.0, "rougeL": 100.0})
+    # reference "the bridge opened costs rose" (5 unigrams) vs "the bridge": P=1, R=2/5, F=4/7
+    got = ev.score("summarization", [rec], ["<|anchor|><|ref|>1<|/ref|>The bridge"])
+    assert got["rouge1"] == pytest.approx(100 * 4 / 7)
+    assert got["rouge2"] == pytest.approx(100 * 2 * (1 * 0.25) / (1 + 0.25))  # 1 of 4 bigrams, P=1
+    assert ev.score("summarization", [rec], ["zebra"])["rouge1"] == 0.0
+
+
+def test_span_image_rows_are_the_span_mask(tmp_path):
+    tok = CharTokenizer()
+    st = SpanTokens.from_tokenizer(tok)
+    rec = arithmetic.generate_examples(1, seed=5, split="test")[0]
+    prompt = [tok.bos_token_id] + encode_with_spans(tok, rec["prompt"])
+    seq = prompt + encode_with_spans(tok, rec["completion"]) + [tok.eos_token_id]
+    from selfspan_jax.viz import span_image
+
+    img = span_image(seq, len(prompt), span_tokens=st, max_segments=64)
+    mask = np.asarray(attention_mask(jnp.asarray(seq), st, 64))[len(prompt):]
+    T = len(seq)
+    rows = np.arange(len(prompt), T)
+    np.testing.assert_array_equal(img == 0, np.arange(T)[None, :] > rows[:, None])  # future
+    np.testing.assert_array_equal(img >= 2, mask)  # visible
+    # header colour exactly on A, R, digits between R and /R, and /R
+    chars = [tok.convert_ids_to_tokens(t) for t in seq]
+    in_header, want = False, []
+    for c in chars:
+        in_header = (in_header or c == "<|ref|>") and c != "<|anchor|>"
+        want.append(in_header or c in ("<|anchor|>", "<|/ref|>"))
+        if c == "<|/ref|>":
+            in_header = False
+    np.testing.assert_array_equal((img == 3).any(0), mask.any(0) & np.array(want))
+    with pytest.raises(ValueError, match="prompt_length"):
+        span_image(seq, len(seq), span_tokens=st, max_segments=64)
+    from selfspan_jax.viz import plot_span_heatmap
+
+    png = plot_span_heatmap(seq, len(prompt), tmp_path / "spans.png", span_tokens=st, max_segments=64, tokenizer=tok)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "tiny"
+    cfg = T.TrainConfig(model_overrides=SMALL_MODEL, data=SMALL_DATA, num_train=32, num_eval=4, steps=2,
+                        batch_size=8, seq_len=64, warmup_steps=1, save_every=2, eval_every=100, log_every=1,
+                        eval_generate=False, progress=False, tensorboard=False, max_segments=16, out=str(out))
+    return cfg, T.train(cfg)
+
+
+def test_load_for_eval_restores_the_trained_parameters(trained_run):
+    cfg, result = trained_run
+    loaded = ev.load_for_eval(cfg.out)
+    assert loaded.step == 2 and loaded.task == "arithmetic" and loaded.max_segments == 16
+    from flax import nnx
+
+    want = jax.tree.leaves(nnx.state(result.model, nnx.Param))
+    got = jax.tree.leaves(nnx.state(loaded.model, nnx.Param))
+    assert len(want) == len(got) > 0
+    for a, b in zip(want, got):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="step"):
+        ev.load_for_eval("smollm2-135m", step=3)
+
+
+def test_evaluate_script_end_to_end(trained_run, tmp_path, capsys):
+    cfg, _ = trained_run
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import evaluate as script
+    finally:
+        sys.path.pop(0)
+    rc = script.main([cfg.out, "--num", "6", "--batch-size", "6", "--max-new-tokens", "24", "--repeats", "1",
+                      "--backend", "xla", "--out-dir", str(tmp_path), "--name", "ev"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| dense |" in printed and "| self_span |" in printed
+    result = json.loads((tmp_path / "ev.json").read_text())
+    assert (tmp_path / "ev.md").read_text().count("| self_span |") == 1
+    assert result["environment"]["jax_version"] == jax.__version__
+    dense, sparse = result["policies"]["dense"], result["policies"]["self_span"]
+    assert result["ratios"]["dense"] == 1.0
+    assert result["ratios"]["self_span"] == pytest.approx(
+        sparse["timing"]["tokens_per_s"] / dense["timing"]["tokens_per_s"])
+    assert dense["mean_attended_fraction"] == 1.0 and dense["kv_read_fraction"] == 1.0
+    assert 0 < sparse["kv_read_fraction"] <= 1.0
+    # the aggregates are those of the generations themselves (same batch, same program)
+    loaded = ev.load_for_eval(cfg.out)
+    recs = ev.held_out_records("arithmetic", 6, seed=12345, data=SMALL_DATA)
+    out = ev.generate(loaded.model, [r["prompt"] for r in recs], policy="self_span", max_new_tokens=24,
+                      tokenizer=loaded.tokenizer, block_size=16, backend="xla", max_segments=16)
+    s = out.summary()
+    for key in ("mean_attended_fraction", "kv_read_fraction", "token_read_fraction", "decode_steps",
+                "generated_tokens"):
+        assert sparse[key] == pytest.approx(s[key]), key
+    want = ev.score("arithmetic", recs, out.texts)["exact_match"]
+    assert sparse["exact_match"] == want
+    assert sparse["timing"]["tokens"] == int(out.num_tokens.sum())
+    # a bad source is reported, not a traceback
+    assert script.main([str(tmp_path / "nothing-here")]) == 2
+
+
+def test_format_table_and_errors():
+    result = {"config": {"task": "arithmetic"}, "ratios": {"dense": 1.0, "self_span": 1.25},
+              "policies": {name: {"exact_match": em, "mean_attended_fraction": f, "kv_read_fraction": f,
+                                  "timing": {"tokens_per_s": tps}, "fallback_steps": 0}
+                           for name, em, f, tps in (("dense", 90.0, 1.0, 100.0), ("self_span", 91.0, 0.4, 125.0))}}
+    table = ev.format_table(result).splitlines()
+    assert table[0].startswith("| policy | exact_match |")
+    assert table[3] == "| self_span | 91.0 | 0.400 | 0.400 | 125.0 | 1.25x | 0 |"
+    with pytest.raises(ValueError, match="no records"):
+        ev.evaluate_policies(None, None, [], task="arithmetic")
+    with pytest.raises(ValueError, match="task"):
+        ev.held_out_records("poetry", 2, seed=0)
