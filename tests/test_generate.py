@@ -333,6 +333,8 @@ def test_bad_arguments_raise(model, tok):
         generate(model, [[1, 2]], max_new_tokens=600, policy="dense")
     with pytest.raises(ValueError, match="max_segments"):
         SelfSpanPolicy(SpanTokens.from_tokenizer(tok), 0)
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        generate(model, [[1, 2], [1, 3]], max_new_tokens=2, policy="dense", prefill_chunk=3)
     with pytest.raises(ValueError, match="backend"):
         generate(model, [[1, 2]], max_new_tokens=2, policy="dense", backend="cuda")
 
@@ -346,6 +348,11 @@ def test_token_array_prompts_equal_list_prompts(model, tok):
     a = generate(model, arr, prompt_lengths=[len(p) for p in ids], **kw)
     b = generate(model, ids, **kw)
     np.testing.assert_array_equal(a.tokens, b.tokens)
+    # prefilling one sequence at a time writes the same cache
+    c = generate(model, ids, prefill_chunk=1, return_logprobs=True, **kw)
+    d = generate(model, ids, return_logprobs=True, **kw)
+    np.testing.assert_array_equal(c.tokens, b.tokens)
+    np.testing.assert_allclose(c.logprobs, d.logprobs, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(a.prompt_lengths, [len(p) for p in ids])
     assert a.texts is None and a.logprobs is None
 
