@@ -2,11 +2,12 @@
 
 Flash-decoding written in plain jnp: a `lax.fori_loop` whose trip count is the
 largest live count in the batch (a run-time value, so nothing recompiles as
-lists grow) walks the block lists `chunk` entries at a time; each step gathers
-those blocks of every (batch, KV head) into a small [B, K, chunk*bs, H] tile,
-scores it and folds it into an fp32 online softmax. Only the live blocks are
-read, once each, and the gathered tile stays in cache between the gather and
-the two dots.
+lists grow) walks the block lists a few MB at a time: each step gathers
+`chunk` blocks (or, when one block of every (batch, KV head) is already over
+the step budget, a `tile`-token slice of one block) of every (batch, KV head)
+into a small [B, K, chunk*tile, H] array, scores it and folds it into an fp32
+online softmax. Only the live blocks are read, once each, and the gathered
+array stays in cache between the gather and the two dots.
 
 Two designs measured worse on 2 CPU cores (T = 8k, 32 heads x 128, f32; see
 docs/notes/kernel.md): gathering all live blocks at once at a static bucket
@@ -16,7 +17,7 @@ operands, ~14 ms per call, and the multi-MB gathered copies made the dots
 over the cache (2x slower than this loop even with every block live).
 
 Letters: B batch, K KV heads, G = N/K, H head dim, S cache length, L list
-length, C chunk (blocks per step), NB blocks in the cache.
+length, C chunk (rows per step), NB blocks in the cache.
 """
 
 from __future__ import annotations
@@ -25,19 +26,31 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-# Bytes of K+V gathered per loop step. Small enough to stay in L2/L3 between
-# the gather and the dots, large enough to amortise a step's fixed cost
-# (~50-100 us of loop and op dispatch on CPU).
-_STEP_BYTES = 4 * 1024 * 1024
+# Bytes of K+V gathered per loop step. Small enough to stay in cache between
+# the gather and the dots, large enough to amortise a step's fixed cost (loop
+# and op dispatch, tens of us on CPU). Measured on 2 shared cores at T = 8k
+# (docs/notes/kernel.md): 0.5-2 MiB per step ran fastest, >= 8 MiB 2-3x slower.
+STEP_BYTES = 2 * 1024 * 1024
 _MAX_CHUNK = 8
 
 _NEG = -0.7 * float(np.finfo(np.float32).max)
 
 
-def chunk_blocks(*, batch: int, kv_heads: int, block_size: int, head_dim: int, itemsize: int, list_len: int) -> int:
-    """Blocks per (batch, KV head) gathered in one loop step."""
-    per_block = batch * kv_heads * block_size * head_dim * itemsize * 2
-    return int(max(1, min(_MAX_CHUNK, list_len, _STEP_BYTES // per_block)))
+def step_shape(*, batch: int, kv_heads: int, block_size: int, head_dim: int, itemsize: int,
+               step_bytes: int = STEP_BYTES) -> tuple[int, int]:
+    """(tile, chunk): tokens per gathered row and rows per (batch, KV head) per step.
+
+    A row is a whole block when one block of every (b, k) fits the step budget
+    (then `chunk` blocks go per step); otherwise blocks are cut into `tile`-token
+    rows (a divisor of block_size), one per step, so the working set stays
+    bounded at any batch size and block size.
+    """
+    per_token = batch * kv_heads * head_dim * itemsize * 2  # K and V of one token of every (b, k)
+    tokens = max(1, step_bytes // per_token)
+    if tokens >= block_size:
+        return block_size, int(min(_MAX_CHUNK, tokens // block_size))
+    tile = max(d for d in range(1, block_size + 1) if block_size % d == 0 and (d <= tokens or d == 1))
+    return tile, 1
 
 
 def block_sparse_decode_xla(
@@ -51,42 +64,53 @@ def block_sparse_decode_xla(
     block_size: int,
     sm_scale: float,
     precision,
+    tile: int | None = None,
     chunk: int | None = None,
 ):
-    """Returns f32 [B, K, G, H]; rows with nothing visible are 0."""
+    """Returns f32 [B, K, G, H]; rows with nothing visible are 0.
+
+    tile, chunk: override step_shape (tests); tile must divide block_size.
+    """
     batch, kv_heads, seq_len, head_dim = k.shape
     num_blocks = seq_len // block_size
-    list_len = block_indices.shape[-1]
-    if chunk is None:
-        chunk = chunk_blocks(batch=batch, kv_heads=kv_heads, block_size=block_size, head_dim=head_dim,
-                             itemsize=jnp.dtype(k.dtype).itemsize, list_len=list_len)
-    # [B, K, L'] with L' a multiple of chunk; the padding entries are never live.
-    idx = jnp.pad(block_indices, ((0, 0), (0, 0), (0, -list_len % chunk)))
+    auto_tile, auto_chunk = step_shape(batch=batch, kv_heads=kv_heads, block_size=block_size, head_dim=head_dim,
+                                       itemsize=jnp.dtype(k.dtype).itemsize)
+    tile = tile or auto_tile
+    chunk = chunk or (auto_chunk if tile == block_size else 1)
+    rows_per_block = block_size // tile
+    num_rows = num_blocks * rows_per_block  # rows per (b, k)
+    # Tile t of the list (t-th row in list order) is row `sub` of entry e:
+    # t = e * rows_per_block + sub. [B, K, L*rpb], padded to a multiple of chunk
+    # (the padding is never live).
+    row_ids = (block_indices[..., None] * rows_per_block + jnp.arange(rows_per_block)).reshape(batch, kv_heads, -1)
+    list_rows = row_ids.shape[-1]
+    row_ids = jnp.pad(row_ids, ((0, 0), (0, 0), (0, -list_rows % chunk)))
+    live_rows = block_counts * rows_per_block  # [B, K]
 
-    # Row views: one row = one contiguous block, so each gathered row is a
-    # memcpy-sized slice. [B*K*NB, bs*H] and [B*NB, bs].
-    k_rows = k.reshape(batch * kv_heads * num_blocks, block_size * head_dim)
-    v_rows = v.reshape(batch * kv_heads * num_blocks, block_size * head_dim)
-    head_base = (jnp.arange(batch)[:, None, None] * kv_heads + jnp.arange(kv_heads)[None, :, None]) * num_blocks
+    # Row views: one row = `tile` contiguous tokens, so each gathered row is a
+    # memcpy-sized slice. [B*K*rows, tile*H] and [B*rows, tile].
+    k_rows = k.reshape(batch * kv_heads * num_rows, tile * head_dim)
+    v_rows = v.reshape(batch * kv_heads * num_rows, tile * head_dim)
+    head_base = (jnp.arange(batch)[:, None, None] * kv_heads + jnp.arange(kv_heads)[None, :, None]) * num_rows
     if token_mask is not None:
-        mask_rows = token_mask.reshape(batch * num_blocks, block_size)
-        batch_base = jnp.arange(batch)[:, None, None] * num_blocks
+        mask_rows = token_mask.reshape(batch * num_rows, tile)
+        batch_base = jnp.arange(batch)[:, None, None] * num_rows
 
     def step(i, carry):
         o_prev, m_prev, l_prev = carry  # [B, K, G, H], [B, K, G], [B, K, G] (f32)
-        sel = lax.dynamic_slice_in_dim(idx, i * chunk, chunk, axis=2)  # [B, K, C]
+        sel = lax.dynamic_slice_in_dim(row_ids, i * chunk, chunk, axis=2)  # [B, K, C]
         rows = (head_base + sel).reshape(-1)
         # Ids were clamped by the caller: promise_in_bounds drops a per-element
         # clamp that measured several times slower than the copy itself.
-        kb = k_rows.at[rows].get(mode="promise_in_bounds").reshape(batch, kv_heads, chunk * block_size, head_dim)
-        vb = v_rows.at[rows].get(mode="promise_in_bounds").reshape(batch, kv_heads, chunk * block_size, head_dim)
-        live = i * chunk + jnp.arange(chunk) < block_counts[..., None]  # [B, K, C]
-        vis = jnp.repeat(live, block_size, axis=-1)  # [B, K, C*bs]
+        kb = k_rows.at[rows].get(mode="promise_in_bounds").reshape(batch, kv_heads, chunk * tile, head_dim)
+        vb = v_rows.at[rows].get(mode="promise_in_bounds").reshape(batch, kv_heads, chunk * tile, head_dim)
+        live = i * chunk + jnp.arange(chunk) < live_rows[..., None]  # [B, K, C]
+        vis = jnp.repeat(live, tile, axis=-1)  # [B, K, C*tile]
         if token_mask is not None:
             tok = mask_rows.at[(batch_base + sel).reshape(-1)].get(mode="promise_in_bounds")
-            vis = vis & tok.reshape(batch, kv_heads, chunk * block_size)
-        vis = vis[:, :, None, :]  # [B, K, 1, C*bs]
-        # [B, K, G, C*bs]
+            vis = vis & tok.reshape(batch, kv_heads, chunk * tile)
+        vis = vis[:, :, None, :]  # [B, K, 1, C*tile]
+        # [B, K, G, C*tile]
         s = jnp.einsum("bkgh,bksh->bkgs", q, kb, precision=precision, preferred_element_type=jnp.float32) * sm_scale
         s = jnp.where(vis, s, _NEG)
         m_next = jnp.maximum(m_prev, s.max(axis=-1))
@@ -98,7 +122,7 @@ def block_sparse_decode_xla(
 
     lead = q.shape[:-1]
     init = (jnp.zeros(q.shape, jnp.float32), jnp.full(lead, _NEG, jnp.float32), jnp.zeros(lead, jnp.float32))
-    num_steps = (block_counts.max() + chunk - 1) // chunk
+    num_steps = (live_rows.max() + chunk - 1) // chunk
     o, _, l = lax.fori_loop(0, num_steps, step, init)
     safe = jnp.where(l > 0, l, 1.0)
     return jnp.where((l > 0)[..., None], o / safe[..., None], 0.0)

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from pallas_kernels import block_sparse_decode, block_sparse_decode_reference
 from pallas_kernels.backend import BlockSparseParams, on_gpu, resolve_backend
-from pallas_kernels.block_sparse_decode_xla import block_sparse_decode_xla, chunk_blocks
+from pallas_kernels.block_sparse_decode_xla import block_sparse_decode_xla, step_shape
 
 # Bounds on max |out - ref| for outputs of magnitude <= ~3 (v ~ N(0, 1)).
 # float32 at full precision: a few ulps of accumulation. bfloat16: the output
@@ -254,24 +254,30 @@ class TestReference(_BackendTests):
 class TestXla(_BackendTests):
     backend = "xla"
 
-    @pytest.mark.parametrize("chunk", [1, 3, 4])
-    def test_chunks(self, chunk):
-        # Lists whose length is not a multiple of the chunk, ragged per-head
-        # counts, a token mask: the loop's padding entries must never count.
-        rng = np.random.default_rng(chunk)
+    @pytest.mark.parametrize("tile, chunk", [(16, 1), (16, 3), (16, 4), (8, 1), (4, 3)])
+    def test_step_shapes(self, tile, chunk):
+        # Whole blocks several per step, and blocks cut into sub-block rows;
+        # lists whose row count is not a multiple of the chunk, ragged
+        # per-head counts, a token mask: padding rows must never count.
+        rng = np.random.default_rng(tile + chunk)
         case = dict(batch=2, num_heads=4, kv_heads=2, seq_len=11 * 16, head_dim=16, block_size=16,
                     dtype=jnp.float32, per_head=True, with_mask=True, list_len=10, counts=[[10, 4], [7, 0]])
         q, k, v, idx, cnt, mask = random_case(rng, **case)
         out = block_sparse_decode_xla(q.reshape(2, 2, 2, 16), k, v, jnp.asarray(idx), jnp.asarray(cnt),
-                                      jnp.asarray(mask), block_size=16, sm_scale=0.25, precision="highest", chunk=chunk)
+                                      jnp.asarray(mask), block_size=16, sm_scale=0.25, precision="highest",
+                                      tile=tile, chunk=chunk)
         ref = attention_np(q, k, v, visible_np(idx, cnt, mask, 2, 176, 16), 0.25)
         assert_close(np.asarray(out).reshape(2, 4, 16), ref, jnp.float32)
 
-    def test_chunk_blocks(self):
-        # ~4 MiB of K+V per step, at least 1 block, never past the list.
-        assert chunk_blocks(batch=1, kv_heads=32, block_size=64, head_dim=128, itemsize=4, list_len=128) == 2
-        assert chunk_blocks(batch=64, kv_heads=32, block_size=256, head_dim=128, itemsize=4, list_len=128) == 1
-        assert chunk_blocks(batch=1, kv_heads=1, block_size=16, head_dim=64, itemsize=2, list_len=3) == 3
+    def test_step_shape(self):
+        # 4 MiB of K+V per step: several whole blocks when they are small,
+        # sub-block tiles (a divisor of the block) when one block is too big.
+        kw = dict(kv_heads=32, head_dim=128, itemsize=4, step_bytes=4 << 20)  # 32 KiB per token of all heads
+        assert step_shape(batch=1, block_size=64, **kw) == (64, 2)
+        assert step_shape(batch=1, block_size=16, **kw) == (16, 8)
+        assert step_shape(batch=4, block_size=256, **kw) == (32, 1)
+        assert step_shape(batch=64, block_size=48, **kw) == (2, 1)
+        assert step_shape(batch=1, block_size=48, **kw) == (48, 2)
 
 
 class TestInterpret(_BackendTests):
