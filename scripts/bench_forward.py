@@ -6,10 +6,10 @@ Both sides load the same GGUF (ours via `load_model`, PyTorch via transformers'
 GGUF loader, both dequantized to fp32), run a full forward with fp32 logits on
 the same random tokens for each shape ([1, 256] and [8, 256] by default), and
 report the median wall time of --repeats runs after --warmup runs. The PyTorch
-side runs in a subprocess (this same file with --torch-worker) under the
-Python 3.11 + torch venv, since the project itself never imports torch; the
-two sides run one after the other in one invocation, on the same cores, with
-the same thread count. The last-position logits of both are compared as a
+side is a long-lived subprocess (this same file with --torch-worker) under the
+Python 3.11 + torch venv, since the project itself never imports torch; runs
+of the two sides alternate, so both see the same background load on the
+shared cores. The last-position logits of both are compared as a
 sanity check. Writes benchmarks/results/forward_cpu.json and prints a table.
 
 Only the standard library is imported at module level so the torch worker
@@ -33,21 +33,15 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _timed(fn, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 # ---------------------------------------------------------------------------
 # PyTorch side (runs under the torch venv)
 # ---------------------------------------------------------------------------
 def torch_worker(args) -> None:
+    """Serves timed forwards: reads "KEY" lines on stdin, answers one JSON line each.
+
+    Kept alive for the whole run so that our runs and PyTorch's can alternate
+    and see the same background load (the CPU is shared).
+    """
     import numpy as np
     import torch
     import transformers
@@ -56,20 +50,20 @@ def torch_worker(args) -> None:
     torch.set_num_threads(args.threads)
     folder, name = os.path.split(args.gguf)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    result = {"torch": torch.__version__, "transformers": transformers.__version__,
-              "threads": torch.get_num_threads(), "shapes": {}}
-    for key in args.shapes.split(","):
-        tokens = torch.from_numpy(np.load(os.path.join(args.workdir, f"tokens_{key}.npy")).astype(np.int64))
-
-        @torch.no_grad()
-        def run():
-            return model(tokens).logits
-
-        times = _timed(run, args.warmup, args.repeats)
-        np.save(os.path.join(args.workdir, f"torch_last_{key}.npy"), run()[:, -1].float().numpy())
-        result["shapes"][key] = times
-    with open(os.path.join(args.workdir, "torch.json"), "w") as f:
-        json.dump(result, f)
+    tokens = {
+        key: torch.from_numpy(np.load(os.path.join(args.workdir, f"tokens_{key}.npy")).astype(np.int64))
+        for key in args.shapes.split(",")
+    }
+    print(json.dumps({"torch": torch.__version__, "transformers": transformers.__version__,
+                      "threads": torch.get_num_threads()}), flush=True)
+    for line in sys.stdin:
+        key = line.strip()
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            logits = model(tokens[key]).logits
+            dt = time.perf_counter() - t0
+        np.save(os.path.join(args.workdir, f"torch_last_{key}.npy"), logits[:, -1].float().numpy())
+        print(json.dumps({"key": key, "seconds": dt}), flush=True)
 
 
 # ---------------------------------------------------------------------------
@@ -91,7 +85,8 @@ def main() -> None:
     parser.add_argument("--shapes", default="1x256,8x256", help="comma-separated BxT")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="threads per side; 1 also pins XLA to one thread (XLA otherwise uses every core)")
     parser.add_argument("--torch-python", default="/tmp/torchref/bin/python")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "forward_cpu.json"))
     parser.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
@@ -102,6 +97,10 @@ def main() -> None:
         torch_worker(args)
         return
 
+    if args.threads == 1:
+        # Must be set before jax initialises its CPU client.
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -125,15 +124,23 @@ def main() -> None:
             # Ids below 49152 so both vocabularies (ours has no span rows here) agree.
             np.save(os.path.join(workdir, f"tokens_{key}.npy"), rng.integers(0, 49152, (b, t), dtype=np.int32))
 
-        # PyTorch first: it is a separate process, so its memory is gone before ours is timed.
         cmd = [args.torch_python, os.path.abspath(__file__), "--torch-worker", "--gguf", gguf,
-               "--workdir", workdir, "--shapes", args.shapes, "--warmup", str(args.warmup),
-               "--repeats", str(args.repeats), "--threads", str(args.threads)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            raise SystemExit(f"torch worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-        with open(os.path.join(workdir, "torch.json")) as f:
-            torch_result = json.load(f)
+               "--workdir", workdir, "--shapes", args.shapes, "--threads", str(args.threads)]
+        worker = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True)
+
+        def torch_forward(key: str) -> float:
+            worker.stdin.write(key + "\n")
+            worker.stdin.flush()
+            line = worker.stdout.readline()
+            if not line:
+                raise SystemExit(f"torch worker died (exit {worker.wait()}); run it by hand: {' '.join(cmd)}")
+            return json.loads(line)["seconds"]
+
+        header = worker.stdout.readline()
+        if not header:
+            raise SystemExit(f"torch worker failed to start (exit {worker.wait()}): {' '.join(cmd)}")
+        torch_info = json.loads(header)
 
         model, _ = load_model("smollm2-135m", add_span_tokens=False)
         graphdef, state = nnx.split(model)
@@ -142,39 +149,62 @@ def main() -> None:
         def forward(state, tokens):
             return nnx.merge(graphdef, state)(tokens)  # fp32 logits [B, T, V]
 
-        rows = []
-        for key, (b, t) in shapes.items():
-            tokens = jnp.asarray(np.load(os.path.join(workdir, f"tokens_{key}.npy")))
+        def ours_forward(tokens) -> float:
             t0 = time.perf_counter()
             forward(state, tokens).block_until_ready()
-            compile_s = time.perf_counter() - t0
-            ours = _timed(lambda: forward(state, tokens).block_until_ready(), args.warmup, args.repeats)
-            last = np.asarray(forward(state, tokens)[:, -1])
-            diff = float(np.abs(last - np.load(os.path.join(workdir, f"torch_last_{key}.npy"))).max())
-            theirs = torch_result["shapes"][key]
-            rows.append({
-                "shape": [b, t], "tokens": b * t,
-                "ours_median_s": statistics.median(ours), "torch_median_s": statistics.median(theirs),
-                "speedup_vs_torch": statistics.median(theirs) / statistics.median(ours),
-                "ours_times_s": ours, "torch_times_s": theirs, "ours_compile_s": compile_s,
-                "max_abs_last_logit_diff": diff,
-            })
+            return time.perf_counter() - t0
 
-    result = {
+        rows = []
+        try:
+            for key, (b, t) in shapes.items():
+                tokens = jnp.asarray(np.load(os.path.join(workdir, f"tokens_{key}.npy")))
+                compile_s = ours_forward(tokens)
+                for _ in range(args.warmup):
+                    ours_forward(tokens)
+                    torch_forward(key)
+                ours, theirs = [], []
+                for _ in range(args.repeats):  # alternate, so both sides see the same load
+                    ours.append(ours_forward(tokens))
+                    theirs.append(torch_forward(key))
+                last = np.asarray(forward(state, tokens)[:, -1])
+                diff = float(np.abs(last - np.load(os.path.join(workdir, f"torch_last_{key}.npy"))).max())
+                rows.append({
+                    "shape": [b, t], "tokens": b * t,
+                    "ours_median_s": statistics.median(ours), "torch_median_s": statistics.median(theirs),
+                    "speedup_vs_torch": statistics.median(theirs) / statistics.median(ours),
+                    "ours_times_s": ours, "torch_times_s": theirs, "ours_compile_s": compile_s,
+                    "max_abs_last_logit_diff": diff,
+                })
+        finally:
+            worker.stdin.close()
+            worker.wait()
+        load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+    # One file, one entry per thread count: the shared 2-core CPU makes the
+    # multi-threaded numbers depend on background load (see docs/notes/weights.md).
+    result = {}
+    if os.path.isfile(args.out):
+        with open(args.out) as f:
+            result = json.load(f)
+    result.update({
         "benchmark": "forward_cpu",
         "model": "SmolLM2-135M-Instruct (" + GGUF_NAME + ", dequantized to fp32)",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": f"{jax.devices()[0].device_kind} ({_cpu_name()}, {os.cpu_count()} logical cores)",
-        "jax": jax.__version__, "torch": torch_result["torch"], "transformers": torch_result["transformers"],
-        "threads": args.threads, "warmup": args.warmup, "repeats": args.repeats,
+        "jax": jax.__version__, "torch": torch_info["torch"], "transformers": torch_info["transformers"],
         "dtype": "float32", "logits": "full [B, T, V] fp32 on both sides",
-        "results": rows,
+    })
+    result.setdefault("runs", {})[f"threads={args.threads}"] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "threads": args.threads, "torch_threads": torch_info["threads"],
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "load_average_1min_at_end": load_avg,
+        "warmup": args.warmup, "repeats": args.repeats, "results": rows,
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 
-    print(f"{result['model']} on {result['device']}; jax {result['jax']}, torch {result['torch']}")
+    print(f"{result['model']} on {result['device']}; jax {result['jax']}, torch {result['torch']}, "
+          f"{args.threads} thread(s) per side, load average {load_avg}")
     print(f"{'shape':>10} {'ours (s)':>10} {'torch (s)':>10} {'torch/ours':>11} {'ours tok/s':>11} {'|dlogit|':>9}")
     for r in rows:
         print(f"{'x'.join(map(str, r['shape'])):>10} {r['ours_median_s']:>10.3f} {r['torch_median_s']:>10.3f} "

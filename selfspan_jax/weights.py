@@ -89,10 +89,11 @@ def _model_param_shapes(config: LlamaConfig) -> tuple[Any, Any, dict[str, tuple[
     if jax.tree_util.tree_leaves(rest):
         # Only parameters come from a checkpoint; anything else would be left abstract.
         raise ValueError(f"Llama has non-parameter state {jax.tree_util.tree_structure(rest)}; the loader cannot fill it")
-    shapes = {
-        ".".join(str(p) for p in path): (tuple(v.get_value().shape), v.get_value().dtype)
-        for path, v in nnx.to_flat_state(params)
-    }
+    shapes = {}
+    for path, v in nnx.to_flat_state(params):
+        # get_value() on current flax; .value on older releases (the GPU image pins another jax).
+        value = v.get_value() if hasattr(v, "get_value") else v.value
+        shapes[".".join(str(p) for p in path)] = (tuple(value.shape), value.dtype)
     return (graphdef, rest), params, shapes
 
 
