@@ -505,6 +505,8 @@ def _with_dtype(config: LlamaConfig, dtype: str) -> LlamaConfig:
 
 def preset_path(name: str) -> str:
     """The weight file of a named preset, found inside its installed package (never imported)."""
+    if name not in PRESET_FILES:
+        raise ValueError(f"unknown weights preset {name!r}; choose from {sorted(PRESET_FILES)}")
     module, dist, file = PRESET_FILES[name]
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
