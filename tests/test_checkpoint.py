@@ -35,16 +35,29 @@ def _seed() -> int:
     return seed
 
 
+_TEMPLATE = {}
+
+
 def _train_state(seed: int):
-    """A stand-in training state: nnx params + an optax AdamW state after one update."""
-    model = Llama(CFG, rngs=nnx.Rngs(seed))
-    params = nnx.state(model, nnx.Param)
-    tx = optax.adamw(1e-2)
-    opt_state = tx.init(params)
-    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(seed), p.shape, p.dtype), params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    return {"params": params, "opt_state": opt_state, "step": jnp.int32(seed % 1000)}
+    """A stand-in training state shaped like the trainer's: nnx params and an
+    optax AdamW state, every array filled with fresh random numbers.
+
+    The structure is built once (eager init compiles every op); the values
+    come from NumPy so each call is cheap.
+    """
+    if not _TEMPLATE:
+        params = nnx.state(Llama(CFG, rngs=nnx.Rngs(0)), nnx.Param)
+        _TEMPLATE["state"] = {"params": params, "opt_state": optax.adamw(1e-2).init(params),
+                              "step": jnp.int32(0)}
+    rng = np.random.default_rng(seed)
+
+    def fill(x):
+        x = np.asarray(x)
+        if np.issubdtype(x.dtype, np.floating):
+            return jnp.asarray(rng.normal(size=x.shape).astype(x.dtype))
+        return jnp.asarray(rng.integers(0, 1000, x.shape).astype(x.dtype))
+
+    return jax.tree.map(fill, _TEMPLATE["state"])
 
 
 def _assert_trees_equal(a, b):
@@ -130,7 +143,7 @@ def test_shape_mismatch_raises(tmp_path):
     state = _train_state(seed)
     with ck.Checkpointer(tmp_path / "ckpt") as mgr:
         mgr.save(1, state, {"epoch": 0, "index": 0, "seed": seed})
-        bigger = Llama(CFG.replace(d_model=48), rngs=nnx.Rngs(0))
+        bigger = nnx.eval_shape(lambda: Llama(CFG.replace(d_model=48), rngs=nnx.Rngs(0)))
         target = dict(ck.abstract_tree(state), params=ck.abstract_tree(nnx.state(bigger, nnx.Param)))
         with pytest.raises(ck.CheckpointError, match="does not match"):
             mgr.restore(target)
@@ -140,16 +153,26 @@ def test_shape_mismatch_raises(tmp_path):
             mgr.save(-1, state, {})
 
 
+_LORA_TEMPLATES = {}
+
+
+def _lora_template(untied: bool, rank: int = 4):
+    key = (untied, rank)
+    if key not in _LORA_TEMPLATES:
+        model = Llama(CFG.replace(tie_embeddings=not untied), rngs=nnx.Rngs(0))
+        model.add_tokens(2)
+        apply_lora(model, rank=rank, alpha=8.0, include_mlp=True, rngs=nnx.Rngs(1))
+        _LORA_TEMPLATES[key] = model
+    return nnx.clone(_LORA_TEMPLATES[key])  # a deep copy: merge(split(m)) would share Variables
+
+
 def _lora_model(seed: int, untied: bool):
-    """A LoRA-wrapped model with random (nonzero) adapters and two span-token rows."""
-    cfg = CFG.replace(tie_embeddings=not untied)
-    model = Llama(cfg, rngs=nnx.Rngs(seed))
-    model.add_tokens(2)
-    apply_lora(model, rank=4, alpha=8.0, include_mlp=True, rngs=nnx.Rngs(seed + 1))
+    """A LoRA-wrapped model (two span-token rows added) with every weight,
+    adapters included, drawn fresh from `seed`."""
+    model = _lora_template(untied)
     rng = np.random.default_rng(seed)
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.LoRAParam, nnx.Param))):
-        if "lora_b" in path or "new_token_embed" in path or "new_token_head" in path:
-            var[...] = jnp.asarray(rng.normal(0, 0.3, var[...].shape), jnp.float32)
+    for _, var in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.LoRAParam, nnx.Param))):
+        var[...] = jnp.asarray(rng.normal(0, 0.3, var[...].shape), jnp.float32)
     return model
 
 
@@ -210,17 +233,25 @@ def test_lora_adapters_roundtrip(tmp_path):
     # Only adapters and new-token rows: no base weight travels with them.
     assert not any(k.endswith("proj.weight") and "lora" not in k for k in tensors)
 
-    fresh = Llama(model.config.replace(vocab_size=CFG.vocab_size), rngs=nnx.Rngs(seed))
-    fresh.add_tokens(2)
-    apply_lora(fresh, rank=4, alpha=8.0, include_mlp=True, rngs=nnx.Rngs(12345))
+    # The same base weights, fresh adapters, then the saved ones loaded.
+    fresh = _lora_template(untied=True)
+    base_only = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))  # LoRAParam subclasses Param
+    base_vars = dict(nnx.to_flat_state(nnx.state(model, base_only)))
+    for path, var in nnx.to_flat_state(nnx.state(fresh, base_only)):
+        var[...] = base_vars[path][...]
+    assert not np.allclose(np.asarray(fresh(jnp.zeros((1, 3), jnp.int32))), np.asarray(model(jnp.zeros((1, 3), jnp.int32))))
     ck.load_lora_adapters(fresh, out)
     tokens = jnp.asarray(np.random.default_rng(seed + 1).integers(0, model.config.vocab_size, (2, 8)))
     np.testing.assert_allclose(np.asarray(fresh(tokens)), np.asarray(model(tokens)), atol=1e-5)
 
-    wrong_rank = Llama(model.config.replace(vocab_size=CFG.vocab_size), rngs=nnx.Rngs(seed))
-    wrong_rank.add_tokens(2)
-    apply_lora(wrong_rank, rank=2, alpha=8.0, include_mlp=True, rngs=nnx.Rngs(0))
+    def rank2():
+        m = Llama(CFG.replace(tie_embeddings=False), rngs=nnx.Rngs(0))
+        m.add_tokens(2)
+        return apply_lora(m, rank=2, alpha=8.0, include_mlp=True, rngs=nnx.Rngs(0))
+
+    # The shape check comes before any copy, so an abstract model suffices.
     with pytest.raises(ValueError, match="shape"):
-        ck.load_lora_adapters(wrong_rank, out)
+        ck.load_lora_adapters(nnx.eval_shape(rank2), out)
     with pytest.raises(ValueError, match="no LoRA adapters"):
-        ck.save_lora_adapters(Llama(CFG, rngs=nnx.Rngs(0)), tmp_path / "none", rank=4, alpha=8.0)
+        ck.save_lora_adapters(nnx.eval_shape(lambda: Llama(CFG, rngs=nnx.Rngs(0))), tmp_path / "none", rank=4,
+                              alpha=8.0)
