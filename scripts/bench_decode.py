@@ -15,7 +15,7 @@ generations while the context reaches the length asked for:
   reads segment 0, its own segment and the previous step;
 - prefill: the first `context` tokens; decode: the next `new_tokens`, forced.
 
-Decode time = median time of a run with `new_tokens` minus median time of a
+Decode time = best time of a run with `new_tokens` minus best time of a
 prefill-only run (1 token), so prefill does not dilute the ratio. The JSON
 also holds rho (KV blocks read / dense blocks), r (dense KV bytes / weight
 bytes per step) and the memory-bound ceiling (1 + r) / (1 + rho r) of
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -87,14 +86,20 @@ def reference_traces(n: int, split: str, seed: int) -> list[tuple[str, str]]:
     return [(r["prompt"], r["completion"]) for r in generate_examples(n, seed=seed, split=split)]
 
 
-def _median_time(fn, repeats: int) -> tuple[float, list[float], object]:
+def _best_time(fn, repeats: int) -> tuple[float, list[float], object]:
+    """Min over timed repeats after a warm-up (compile) call.
+
+    The minimum, not the median: decode time is a difference of two runs that
+    share a long prefill, and on a shared machine a slow outlier in either run
+    swamps it (the median gave a negative difference on the 2-core CPU).
+    """
     out = fn()  # warm-up (compile)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), times, out
+    return min(times), times, out
 
 
 def bench_point(model, tokenizer, stream_rows, *, batch, context, new_tokens, block_size, backend, max_segments,
@@ -108,14 +113,17 @@ def bench_point(model, tokenizer, stream_rows, *, batch, context, new_tokens, bl
     for policy in ("dense", "self_span"):
         kw = dict(policy=policy, tokenizer=tokenizer, block_size=block_size, backend=backend,
                   max_segments=max_segments, prefill_chunk=prefill_chunk, eos_id=-1)
-        t_full, all_full, out = _median_time(
+        t_full, all_full, out = _best_time(
             lambda: generate(model, prompts, max_new_tokens=new_tokens, forced_tokens=forced, **kw), repeats)
-        t_pre, all_pre, _ = _median_time(
+        t_pre, all_pre, _ = _best_time(
             lambda: generate(model, prompts, max_new_tokens=1, forced_tokens=forced[:, :1], **kw), repeats)
         if not np.array_equal(out.tokens, forced):
             raise AssertionError("forced decode did not emit the trace")
         s = out.summary()
-        decode_s = max(t_full - t_pre, 1e-9)
+        if t_full <= t_pre:
+            raise RuntimeError(f"{policy}: the run with {new_tokens} tokens ({t_full:.3f} s) was not slower than "
+                               f"prefill alone ({t_pre:.3f} s); the machine is too noisy, raise --new-tokens")
+        decode_s = t_full - t_pre
         point[policy] = {
             "total_s": t_full, "prefill_s": t_pre, "decode_s": decode_s,
             "decode_tokens_per_s": batch * (new_tokens - 1) / decode_s,
@@ -214,7 +222,7 @@ def main(argv=None) -> int:
         "traces": {"origin": origin, "split": args.split, "count": len(traces)},
         "settings": {"block_size": args.block_size, "backend": args.backend, "repeats": args.repeats,
                      "new_tokens": args.new_tokens, "max_segments": args.max_segments,
-                     "prefill_chunk": args.prefill_chunk, "timing": "median of repeats after a warm-up; decode = "
+                     "prefill_chunk": args.prefill_chunk, "timing": "min of repeats after a warm-up; decode = "
                      "run(new_tokens) - run(1 token)"},
         "points": points,
         "command": "python scripts/bench_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
