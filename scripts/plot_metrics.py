@@ -32,18 +32,19 @@ def plot(run_dirs: list[Path], out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    for run in run_dirs:
+    for i, run in enumerate(run_dirs):
         train, evals = load(run)
-        name = run.name
+        name, color = run.name, f"C{i}"  # one colour per run, line style per metric
         if train:
-            ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label=f"{name} train", lw=1)
+            ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], color=color, lw=1, alpha=0.6,
+                         label=f"{name} train")
         if evals:
             steps = [r["step"] for r in evals]
-            ax_loss.plot(steps, [r["eval_loss"] for r in evals], "o-", label=f"{name} held-out")
-            ax_acc.plot(steps, [r["eval_token_acc"] for r in evals], "s--", label=f"{name} token acc")
+            ax_loss.plot(steps, [r["eval_loss"] for r in evals], "o-", color=color, label=f"{name} held-out")
+            ax_acc.plot(steps, [r["eval_token_acc"] for r in evals], "s--", color=color, label=f"{name} token acc")
             em = [(r["step"], r["eval_exact_match"]) for r in evals if "eval_exact_match" in r]
             if em:
-                ax_acc.plot(*zip(*em), "o-", label=f"{name} exact match")
+                ax_acc.plot(*zip(*em), "o-", color=color, lw=2, label=f"{name} exact match")
     ax_loss.set(xlabel="step", ylabel="loss (nats / completion token)", yscale="log", title="loss")
     ax_acc.set(xlabel="step", ylabel="accuracy", ylim=(0, 1.02), title="held-out accuracy")
     for ax in (ax_loss, ax_acc):
