@@ -302,17 +302,17 @@ def load_lora_adapters(model, adapter_dir: str | os.PathLike):
             if full not in tensors:
                 raise ValueError(f"{path}: missing {full}")
             value = tensors[full].T
-            # .value, not [...]: an abstract (eval_shape) model has no data to index
-            if value.shape != var.value.shape:
-                raise ValueError(f"{path}: {full} has shape {tensors[full].shape}, model expects {var.value.shape[::-1]}")
-            var[...] = value.astype(var.value.dtype)
+            # .shape, not [...].shape: an abstract (eval_shape) model has no data to index
+            if value.shape != var.shape:
+                raise ValueError(f"{path}: {full} has shape {tensors[full].shape}, model expects {var.shape[::-1]}")
+            var[...] = value.astype(var.dtype)
             seen.add(full)
     for key, attr in ((NEW_EMBED_KEY, "new_token_embed"), (NEW_HEAD_KEY, "new_token_head")):
         if key in tensors:
             var = getattr(model, attr)
-            if var is None or var.value.shape != tensors[key].shape:
+            if var is None or var.shape != tensors[key].shape:
                 raise ValueError(f"{path}: {key} shape {tensors[key].shape} does not fit the model")
-            var[...] = tensors[key].astype(var.value.dtype)
+            var[...] = tensors[key].astype(var.dtype)
             seen.add(key)
     extra = sorted(set(tensors) - seen)
     if extra:

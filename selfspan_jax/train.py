@@ -699,7 +699,7 @@ class TrainResult:
         return nnx.merge(self.graphdef, self.trainable, self.frozen)
 
 
-def train(cfg: TrainConfig, *, mesh=None, on_step: Callable[[int], None] | None = None) -> TrainResult:
+def train(cfg: TrainConfig, *, mesh=None) -> TrainResult:
     """Train (or resume) the run `cfg.out`; returns the final state.
 
     Starting again with the same config after a crash continues from the
@@ -794,8 +794,6 @@ def train(cfg: TrainConfig, *, mesh=None, on_step: Callable[[int], None] | None 
             pending.append((step, metrics))
             if bar is not None:
                 bar.update(1)
-            if on_step is not None:
-                on_step(step)
             at_end = step == cfg.steps
             if step % cfg.log_every == 0 or step % cfg.save_every == 0 or at_end:
                 flush(time.time())
