@@ -35,7 +35,7 @@ from flax import nnx
 
 from selfspan_jax import sharding as shd
 from selfspan_jax.checkpoint import Checkpointer, abstract_tree
-from selfspan_jax.data.batches import DataPosition, _pad_id, next_indices, tokenize_record
+from selfspan_jax.data.batches import DataPosition, pad_id_of, next_indices, tokenize_record
 
 TASKS = ("arithmetic", "summarization")
 SPAN_POLICIES = ("self_span", "dense")
@@ -376,7 +376,7 @@ def tokenize_set(records: list[dict], tokenizer, seq_len: int, overlong: str, wh
     `on_overflow` modes of data.batches).
     """
 
-    pad = _pad_id(tokenizer)
+    pad = pad_id_of(tokenizer)
     encoded = [tokenize_record(tokenizer, r) for r in records]
     lengths = np.array([len(ids) for ids, _ in encoded], np.int64)
     too_long = np.flatnonzero(lengths > seq_len)

@@ -59,7 +59,7 @@ def count_overflow(records: Sequence[dict], tokenizer, seq_len: int) -> int:
     return int((record_lengths(records, tokenizer) > seq_len).sum())
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id_of(tokenizer) -> int:
     # Padding positions are excluded by `lengths`, so any id works; prefer the
     # tokenizer's own pad, then EOS (LLaMA tokenizers often have no pad).
     for name in ("pad_token_id", "eos_token_id"):
@@ -151,7 +151,7 @@ def make_batch(
     encoded = [tokenize_record(tokenizer, r) for r in records]
     return collate(
         encoded, seq_len, span_tokens, max_segments,
-        pad_id=_pad_id(tokenizer), on_overflow=on_overflow, batch_size=batch_size,
+        pad_id=pad_id_of(tokenizer), on_overflow=on_overflow, batch_size=batch_size,
     )
 
 
@@ -242,7 +242,7 @@ class BatchIterator:
             raise ValueError("no records left to batch")
         self._encoded = encoded
         self._kwargs = dict(seq_len=seq_len, span_tokens=span_tokens, max_segments=max_segments,
-                            pad_id=_pad_id(tokenizer), on_overflow="truncate")
+                            pad_id=pad_id_of(tokenizer), on_overflow="truncate")
         self.batch_size = batch_size
         # a saved position carries its own seed; `seed` starts a new stream
         self.position = position if position is not None else DataPosition(seed=seed)
@@ -283,7 +283,7 @@ def oracle_density(
     visible_sum, n_queries, finals = 0.0, 0, []
     for start in range(0, len(encoded), chunk):
         part = encoded[start : start + chunk]
-        batch = collate(part, T, span_tokens, max_segments, pad_id=_pad_id(tokenizer), batch_size=chunk)
+        batch = collate(part, T, span_tokens, max_segments, pad_id=pad_id_of(tokenizer), batch_size=chunk)
         # [B, T]: visible keys per query, and keys j <= t per query
         visible = batch["attention_mask"].sum(-1)
         causal = np.arange(1, T + 1)[None, :]
