@@ -204,3 +204,18 @@ def encode_with_spans(tokenizer, text: str) -> list[int]:
         else:
             ids.extend(tokenizer.encode(piece, add_special_tokens=False))
     return ids
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """BOS + `encode_with_spans(text)`: the ids a sequence starts with, in training and generation alike.
+
+    BOS is left out when the tokenizer has none, and when the text already
+    starts with it: chat templates write their own (SmolLM2's BOS is
+    `<|im_start|>`, the first token of every templated turn), and a doubled
+    BOS derails the model.
+    """
+    ids = encode_with_spans(tokenizer, text)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None or (ids and ids[0] == int(bos)):
+        return ids
+    return [int(bos)] + ids

@@ -88,3 +88,24 @@ def test_unknown_characters():
         TOK.decode([len(TOK)])
     with pytest.raises(ValueError, match="str"):
         TOK.encode(123)
+
+
+def test_encode_prompt_adds_bos_once():
+    """Training and generation share encode_prompt: BOS once, never doubled by a chat template."""
+    from selfspan_jax.hf_tokenizer import add_span_tokens, tokenizer_from_gguf
+    from selfspan_jax.tokenizer import encode_prompt, encode_with_spans
+    from selfspan_jax.weights import preset_path
+
+    char = CharTokenizer()
+    text = "Evaluate step by step.<|anchor|>(3+4)*5\n"
+    assert encode_prompt(char, text) == [char.bos_token_id] + encode_with_spans(char, text)
+
+    tok = tokenizer_from_gguf(preset_path("smollm2-135m"))
+    add_span_tokens(tok)
+    chat = tok.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], tokenize=False,
+                                   add_generation_prompt=True)
+    ids = encode_prompt(tok, chat)
+    assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id
+    assert ids == tok.encode(chat, add_special_tokens=False)
+    plain = encode_prompt(tok, "2+3=")
+    assert plain[0] == tok.bos_token_id and plain[1:] == tok.encode("2+3=", add_special_tokens=False)

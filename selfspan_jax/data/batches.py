@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from selfspan_jax.tokenizer import encode_with_spans
+from selfspan_jax.tokenizer import encode_prompt, encode_with_spans
 
 OVERFLOW_MODES = ("error", "truncate", "drop")
 
@@ -31,8 +31,9 @@ OVERFLOW_MODES = ("error", "truncate", "drop")
 def tokenize_record(tokenizer, record: dict) -> tuple[list[int], list[bool]]:
     """(ids, loss_mask) of BOS + prompt + completion + EOS.
 
-    loss_mask[t] is True for the completion tokens and EOS. BOS is skipped
-    for tokenizers that have none.
+    loss_mask[t] is True for the completion tokens and EOS. BOS comes from
+    `tokenizer.encode_prompt` (skipped when the tokenizer has none or the
+    prompt already starts with it).
     """
     for key in ("prompt", "completion"):
         if not isinstance(record.get(key), str):
@@ -40,12 +41,10 @@ def tokenize_record(tokenizer, record: dict) -> tuple[list[int], list[bool]]:
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("tokenizer has no eos_token_id; records end with EOS")
-    bos = getattr(tokenizer, "bos_token_id", None)
-    head = [] if bos is None else [int(bos)]
-    prompt = encode_with_spans(tokenizer, record["prompt"])
+    prompt = encode_prompt(tokenizer, record["prompt"])
     completion = encode_with_spans(tokenizer, record["completion"])
-    ids = head + prompt + completion + [int(eos)]
-    mask = [False] * (len(head) + len(prompt)) + [True] * (len(completion) + 1)
+    ids = prompt + completion + [int(eos)]
+    mask = [False] * len(prompt) + [True] * (len(completion) + 1)
     return ids, mask
 
 
