@@ -1,33 +1,62 @@
 #!/usr/bin/env python
-"""The main job: train the tiny model on arithmetic on the CPU, then evaluate it dense vs self-span.
+"""The main job: train the tiny model on arithmetic on the CPU with and without spans, then compare them.
 
-    python scripts/demo.py                 # train runs/default (training's defaults), evaluate, print the table
-    python scripts/demo.py --skip-train    # evaluate an existing runs/default only
+    python scripts/demo.py                 # train both runs (training's defaults), evaluate, print the table
+    python scripts/demo.py --skip-train    # evaluate the existing runs only
 
 Step 1 is exactly `scripts/train.py` with its defaults (tiny model, step-by-step
-arithmetic with span headers, about ten minutes on an idle 2-core CPU; running
-it again resumes or reuses the finished run). Step 2 is `scripts/evaluate.py`
-on that run: held-out problems generated greedily with dense attention and
-with the self-selected spans, the accuracy of both, the fraction of the
-context each generated token attended to, the fraction of KV-cache bytes read,
-and tokens/s; results go to benchmarks/results/demo.{json,md}. Step 3 draws the
-span heat map of one example (benchmarks/results/demo_spans.png).
+arithmetic with span headers, trained under the span mask; about ten minutes
+on an idle 2-core CPU) into runs/default. Step 2 trains the dense baseline:
+the same command with `--span-policy dense` (same data, causal mask) into
+runs/dense. Running the demo again resumes an interrupted run or reuses a
+finished one. Step 3 is `scripts/evaluate.py runs/default --baseline
+runs/dense`: held-out problems generated greedily by (a) the span-trained
+model with its self-selected spans, (b) the span-trained model decoded dense
+(an out-of-distribution ablation: it never trained without the mask) and (c)
+the dense-trained baseline decoded dense; for each, exact match, the fraction
+of the context each generated token attended to, the fraction of KV-cache
+bytes read, tokens/s, and ratios against (c). Results, with the wall time of
+every phase, go to benchmarks/results/demo.{json,md}. Step 4 draws the span
+heat map of one example (benchmarks/results/demo_spans.png).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
+def _recorded_train_s(run_dir: str) -> float | None:
+    """Wall seconds the run's own metrics say training took (last train line; a resumed run counts its last leg)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    elapsed = [json.loads(line).get("elapsed_s") for line in path.read_text().splitlines() if line.strip()]
+    elapsed = [e for e in elapsed if e is not None]
+    return elapsed[-1] if elapsed else None
+
+
+def _train(train_script, train_lib, out: str, extra: list[str], what: str) -> int:
+    cfg = train_lib.DEFAULT.replace(out=out)
+    if (Path(out) / "checkpoints" / str(cfg.steps)).is_dir():
+        print(f"[demo] {out} already holds the finished {what} (step {cfg.steps}); skipping training")
+        return 0
+    print(f"[demo] training the {what} -> {out} (resumes if interrupted)")
+    return train_script.main([*extra, "--out", out])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="demo.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/default", help="training run directory")
-    p.add_argument("--skip-train", action="store_true", help="evaluate the existing run only")
+    p.add_argument("--out", default="runs/default", help="run directory of the span-trained model")
+    p.add_argument("--baseline", default="runs/dense", help="run directory of the dense-trained baseline")
+    p.add_argument("--skip-train", action="store_true", help="evaluate the existing runs only")
     p.add_argument("--num", type=int, default=256, help="held-out problems to evaluate")
     p.add_argument("--results", default="benchmarks/results", help="where the table and picture go")
     args = p.parse_args(argv)
@@ -36,23 +65,48 @@ def main(argv=None) -> int:
     import plot_spans
     import train as train_script
 
+    from selfspan_jax import evaluate as ev
     from selfspan_jax import train as train_lib
 
+    wall: dict[str, float] = {}
+    load = {"start": os.getloadavg()}
+    runs = [(args.out, [], "span-trained model (self_span mask)"),
+            (args.baseline, ["--span-policy", "dense"], "dense baseline (causal mask, same data)")]
     if not args.skip_train:
-        cfg = train_lib.DEFAULT.replace(out=args.out)
-        done = (Path(args.out) / "checkpoints" / str(cfg.steps)).is_dir()
-        if done:
-            print(f"[demo] {args.out} already holds the finished run (step {cfg.steps}); skipping training")
-        else:
-            print(f"[demo] training the tiny model on arithmetic -> {args.out} (resumes if interrupted)")
-            rc = train_script.main(["--out", args.out])
+        for out, extra, what in runs:
+            t0 = time.perf_counter()
+            rc = _train(train_script, train_lib, out, extra, what)
             if rc:
                 return rc
-    print("[demo] evaluating dense vs self_span on held-out problems")
-    rc = evaluate_script.main([args.out, "--num", str(args.num), "--out-dir", args.results, "--name", "demo"])
+            wall[f"train {out}"] = time.perf_counter() - t0
+    print("[demo] evaluating: span-trained self_span, span-trained dense (ablation), dense baseline")
+    t0 = time.perf_counter()
+    rc = evaluate_script.main([args.out, "--baseline", args.baseline, "--num", str(args.num),
+                               "--out-dir", args.results, "--name", "demo"])
     if rc:
         return rc
-    return plot_spans.main([args.out, "--out", str(Path(args.results) / "demo_spans.png")])
+    wall["evaluate"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rc = plot_spans.main([args.out, "--out", str(Path(args.results) / "demo_spans.png")])
+    if rc:
+        return rc
+    wall["heat map"] = time.perf_counter() - t0
+    load["end"] = os.getloadavg()
+
+    # the phases' wall times go beside the table (the evaluation wrote it before they were known)
+    json_path = Path(args.results) / "demo.json"
+    result = json.loads(json_path.read_text())
+    result["wall_s"] = wall
+    result["recorded_train_s"] = {out: _recorded_train_s(out) for out, _, _ in runs}
+    result["load_average"] = load
+    result.setdefault("notes", []).append(
+        "training wall time as recorded in each run's metrics.jsonl: "
+        + ", ".join(f"{k} {'?' if v is None else f'{v:.0f} s'}" for k, v in result["recorded_train_s"].items())
+        + f"; 1/5/15-min load average at start {load['start'][0]:.1f}/{load['start'][1]:.1f}/{load['start'][2]:.1f}"
+        f", at end {load['end'][0]:.1f}/{load['end'][1]:.1f}/{load['end'][2]:.1f} ({os.cpu_count()} CPUs)")
+    ev.write_results(result, args.results, "demo")
+    print("\n".join(f"[demo] {k}: {v:.0f} s" for k, v in wall.items()))
+    return 0
 
 
 if __name__ == "__main__":

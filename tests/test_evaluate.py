@@ -109,24 +109,31 @@ def test_load_for_eval_restores_the_trained_parameters(trained_run):
         ev.load_for_eval("smollm2-135m", step=3)
 
 
-def test_evaluate_script_end_to_end(trained_run, tmp_path, capsys):
-    cfg, _ = trained_run
+def _script(name):
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
-        import evaluate as script
+        return __import__(name)
     finally:
         sys.path.pop(0)
+
+
+def test_evaluate_script_end_to_end(trained_run, tmp_path, capsys):
+    cfg, _ = trained_run
+    script = _script("evaluate")
     rc = script.main([cfg.out, "--num", "6", "--batch-size", "6", "--max-new-tokens", "24", "--repeats", "1",
                       "--backend", "xla", "--out-dir", str(tmp_path), "--name", "ev"])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "| dense |" in printed and "| self_span |" in printed
+    assert "| span-trained/dense (baseline) (out-of-distribution ablation) |" in printed
+    assert "| span-trained/self_span |" in printed and "note: ratios are against span-trained/dense" in printed
     result = json.loads((tmp_path / "ev.json").read_text())
-    assert (tmp_path / "ev.md").read_text().count("| self_span |") == 1
+    assert (tmp_path / "ev.md").read_text().count("| span-trained/self_span |") == 1
     assert result["environment"]["jax_version"] == jax.__version__
-    dense, sparse = result["policies"]["dense"], result["policies"]["self_span"]
-    assert result["ratios"]["dense"] == 1.0
-    assert result["ratios"]["self_span"] == pytest.approx(
+    assert result["baseline"] == "span-trained/dense"
+    dense, sparse = result["rows"]["span-trained/dense"], result["rows"]["span-trained/self_span"]
+    assert (dense["trained_with"], dense["policy"], sparse["policy"]) == ("self_span", "dense", "self_span")
+    assert result["vs_baseline"]["span-trained/dense"]["tokens_per_s"] == 1.0
+    assert result["vs_baseline"]["span-trained/self_span"]["tokens_per_s"] == pytest.approx(
         sparse["timing"]["tokens_per_s"] / dense["timing"]["tokens_per_s"])
     assert dense["mean_attended_fraction"] == 1.0 and dense["kv_read_fraction"] == 1.0
     assert 0 < sparse["kv_read_fraction"] <= 1.0
@@ -146,6 +153,112 @@ def test_evaluate_script_end_to_end(trained_run, tmp_path, capsys):
     assert script.main([str(tmp_path / "nothing-here")]) == 2
 
 
+@pytest.fixture(scope="module")
+def dense_run(trained_run):
+    cfg, _ = trained_run
+    dense = cfg.replace(span_policy="dense", out=str(Path(cfg.out).parent / "dense"))
+    return dense, T.train(dense)
+
+
+def test_baseline_rows_are_each_model_under_its_policy(trained_run, dense_run, tmp_path, capsys):
+    (cfg, _), (dcfg, _) = trained_run, dense_run
+    rc = _script("evaluate").main(
+        [cfg.out, "--baseline", dcfg.out, "--num", "5", "--batch-size", "5", "--max-new-tokens", "20",
+         "--repeats", "2", "--backend", "xla", "--out-dir", str(tmp_path), "--name", "cmp"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| dense-trained/dense (baseline) | dense | dense |" in printed
+    assert "| span-trained/dense (out-of-distribution ablation) | self_span | dense |" in printed
+    result = json.loads((tmp_path / "cmp.json").read_text())
+    assert list(result["rows"]) == ["span-trained/self_span", "span-trained/dense", "dense-trained/dense"]
+    assert result["baseline"] == "dense-trained/dense" and result["config"]["baseline_step"] == 2
+    assert result["notes"] == []  # the two runs differ only in span_policy and out
+    rows, base = result["rows"], result["rows"]["dense-trained/dense"]
+    # each row is its own model: regenerate every row from the loaded runs and compare
+    recs = ev.held_out_records("arithmetic", 5, seed=12345, data=SMALL_DATA)
+    kw = dict(max_new_tokens=20, block_size=16, backend="xla", max_segments=16)
+    for name, run, policy in (("span-trained/self_span", cfg.out, "self_span"),
+                              ("span-trained/dense", cfg.out, "dense"), ("dense-trained/dense", dcfg.out, "dense")):
+        loaded = ev.load_for_eval(run)
+        out = ev.generate(loaded.model, [r["prompt"] for r in recs], policy=policy, tokenizer=loaded.tokenizer, **kw)
+        m = rows[name]
+        assert [e["generated"] for e in m["examples"]] == out.texts[:3], name
+        assert m["generated_tokens"] == int(out.num_tokens.sum()), name
+        assert m["exact_match"] == ev.score("arithmetic", recs, out.texts)["exact_match"], name
+        assert m["timing"]["repeats"] == 2 and len(m["timing"]["all_seconds"]) == 2
+        r = result["vs_baseline"][name]
+        assert r["tokens_per_s"] == pytest.approx(m["timing"]["tokens_per_s"] / base["timing"]["tokens_per_s"])
+        assert r["kv_read_fraction"] == pytest.approx(m["kv_read_fraction"] / base["kv_read_fraction"])
+        assert r["exact_match_delta"] == pytest.approx(m["exact_match"] - base["exact_match"])
+    # two trainings, not one model twice: the mask changed the parameters
+    from flax import nnx
+
+    span_p, dense_p = (jax.tree.leaves(nnx.state(ev.load_for_eval(d).model, nnx.Param)) for d in (cfg.out, dcfg.out))
+    assert not all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(span_p, dense_p))
+    md = (tmp_path / "cmp.md").read_text()
+    assert f"- dense-trained/dense: model `{dcfg.out} step 2` (trained with dense), decoded with dense" in md
+
+
+def test_build_rows_refuses_a_baseline_on_other_data():
+    build_rows = _script("evaluate").build_rows
+    run_cfg = {"task": "arithmetic", "data": {"max_operand": 9}, "span_policy": "self_span", "steps": 10}
+
+    def loaded(source, **cfg):
+        return ev.Loaded(None, None, cfg.get("task", "arithmetic"), 16, source, 10, {**run_cfg, **cfg})
+
+    run = loaded("a")
+    with pytest.raises(ValueError, match="not the same held-out distribution"):
+        build_rows(run, loaded("b", span_policy="dense", data={"max_operand": 5}), ["self_span"], ["dense"])
+    with pytest.raises(ValueError, match="summarization"):
+        build_rows(run, loaded("b", span_policy="dense", task="summarization"), ["self_span"], ["dense"])
+    rows, baseline, notes = build_rows(run, loaded("b", span_policy="dense", steps=20), ["self_span"], ["dense"])
+    assert [r.name for r in rows] == ["span-trained/self_span", "dense-trained/dense"] and baseline == rows[1].name
+    assert notes == ["the run and its baseline also differ in: steps (10 vs 20)"]
+    # a baseline trained like the run: names stay unique, and the notes say it is no dense baseline
+    rows, baseline, notes = build_rows(run, loaded("b"), ["self_span", "dense"], ["dense"])
+    assert [r.name for r in rows] == ["span-trained/self_span", "span-trained/dense", "baseline span-trained/dense"]
+    assert baseline == "baseline span-trained/dense" and "not dense" in notes[0]
+    rows, baseline, notes = build_rows(run, None, ["self_span"], ["dense"])
+    assert baseline is None and notes == []
+
+
+class _FakeOut:
+    def __init__(self, n):
+        self.num_tokens = np.array([n])
+
+
+def test_time_interleaved_takes_turns_and_reports_medians(monkeypatch):
+    calls, clock = [], iter(np.arange(100.0) ** 2)  # call k lasts (2k+1) ticks: every duration differs
+    monkeypatch.setattr(ev.time, "perf_counter", lambda: float(next(clock)))
+
+    def fn(name, n):
+        def call():
+            calls.append(name)
+            return _FakeOut(n)
+        return call
+
+    got = ev.time_interleaved({"a": fn("a", 10), "b": fn("b", 30)}, repeats=3)
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # warm-up of each, then in turns
+    # perf_counter pairs (0,1), (4,9)... -> durations 1, 5, 9, 13, 17, 21 alternate between a and b
+    assert got["a"]["all_seconds"] == [1.0, 9.0, 17.0] and got["b"]["all_seconds"] == [5.0, 13.0, 21.0]
+    assert got["a"]["seconds"] == 9.0 and got["b"]["tokens_per_s"] == 30 / 13.0
+    with pytest.raises(ValueError, match="repeats"):
+        ev.time_interleaved({"a": fn("a", 1)}, repeats=0)
+
+
+def test_evaluate_rows_rejects_bad_rows():
+    recs = arithmetic.generate_examples(2, seed=1, split="test")
+    row = ev.Row("x", None, None, "dense")
+    with pytest.raises(ValueError, match="unique"):
+        ev.evaluate_rows([row, row], recs, task="arithmetic")
+    with pytest.raises(ValueError, match="baseline='y'"):
+        ev.evaluate_rows([row], recs, task="arithmetic", baseline="y")
+    with pytest.raises(ValueError, match="no rows"):
+        ev.evaluate_rows([], recs, task="arithmetic")
+    assert ev.ood_note("self_span", "dense") == "out-of-distribution ablation"
+    assert ev.ood_note("dense", "dense") == ev.ood_note("pretrained", "dense") == ""
+
+
 def test_format_table_and_errors():
     result = {"config": {"task": "arithmetic"}, "ratios": {"dense": 1.0, "self_span": 1.25},
               "policies": {name: {"exact_match": em, "mean_attended_fraction": f, "kv_read_fraction": f,
@@ -154,6 +267,14 @@ def test_format_table_and_errors():
     table = ev.format_table(result).splitlines()
     assert table[0].startswith("| policy | exact_match |")
     assert table[3] == "| self_span | 91.0 | 0.400 | 0.400 | 125.0 | 1.25x | 0 |"
+    rows = {"config": {"task": "arithmetic"}, "baseline": "d/dense",
+            "rows": {n: {**result["policies"][p], "trained_with": t, "policy": p, "note": note}
+                     for n, t, p, note in (("s/self_span", "self_span", "self_span", ""), ("d/dense", "dense", "dense", ""))},
+            "vs_baseline": {"s/self_span": {"exact_match_delta": 1.0, "kv_read_fraction": 0.4, "tokens_per_s": 1.25},
+                            "d/dense": {"exact_match_delta": 0.0, "kv_read_fraction": 1.0, "tokens_per_s": 1.0}}}
+    table = ev.format_table(rows).splitlines()
+    assert table[2] == "| s/self_span | self_span | self_span | 91.0 | 0.400 | 0.400 | 125.0 | +1.0 pt | 0.400x | 1.25x | 0 |"
+    assert table[3].startswith("| d/dense (baseline) | dense | dense | 90.0 |")
     with pytest.raises(ValueError, match="no records"):
         ev.evaluate_policies(None, None, [], task="arithmetic")
     with pytest.raises(ValueError, match="task"):
