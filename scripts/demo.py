@@ -43,13 +43,14 @@ def _recorded_train_s(run_dir: str) -> float | None:
     return elapsed[-1] if elapsed else None
 
 
-def _train(train_script, train_lib, out: str, extra: list[str], what: str) -> int:
+def _train(train_script, train_lib, out: str, extra: list[str], what: str) -> tuple[int, bool]:
+    """(exit status, whether a finished run was reused instead of trained)."""
     cfg = train_lib.DEFAULT.replace(out=out)
     if (Path(out) / "checkpoints" / str(cfg.steps)).is_dir():
         print(f"[demo] {out} already holds the finished {what} (step {cfg.steps}); skipping training")
-        return 0
+        return 0, True
     print(f"[demo] training the {what} -> {out} (resumes if interrupted)")
-    return train_script.main([*extra, "--out", out])
+    return train_script.main([*extra, "--out", out]), False
 
 
 def main(argv=None) -> int:
@@ -59,6 +60,9 @@ def main(argv=None) -> int:
     p.add_argument("--skip-train", action="store_true", help="evaluate the existing runs only")
     p.add_argument("--num", type=int, default=256, help="held-out problems to evaluate")
     p.add_argument("--results", default="benchmarks/results", help="where the table and picture go")
+    # one timed call of the 64-problem batch lasts ~0.15 s on the 2-core CPU: 20 turns keep the median
+    # steady under the load of a shared machine for ~10 s more than evaluate.py's default of 5
+    p.add_argument("--repeats", type=int, default=20, help="timed repeats per row (median)")
     args = p.parse_args(argv)
 
     import evaluate as evaluate_script
@@ -75,14 +79,14 @@ def main(argv=None) -> int:
     if not args.skip_train:
         for out, extra, what in runs:
             t0 = time.perf_counter()
-            rc = _train(train_script, train_lib, out, extra, what)
+            rc, reused = _train(train_script, train_lib, out, extra, what)
             if rc:
                 return rc
-            wall[f"train {out}"] = time.perf_counter() - t0
+            wall[f"train {out}" + (" (finished run reused)" if reused else "")] = time.perf_counter() - t0
     print("[demo] evaluating: span-trained self_span, span-trained dense (ablation), dense baseline")
     t0 = time.perf_counter()
     rc = evaluate_script.main([args.out, "--baseline", args.baseline, "--num", str(args.num),
-                               "--out-dir", args.results, "--name", "demo"])
+                               "--repeats", str(args.repeats), "--out-dir", args.results, "--name", "demo"])
     if rc:
         return rc
     wall["evaluate"] = time.perf_counter() - t0
