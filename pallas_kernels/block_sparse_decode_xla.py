@@ -1,13 +1,25 @@
 """XLA path of block-sparse decode attention (the CPU backend).
 
-Flash-decoding written in plain jnp: a `lax.fori_loop` whose trip count is the
-largest live count in the batch (a run-time value, so nothing recompiles as
-lists grow) walks the block lists a few MB at a time: each step gathers
-`chunk` blocks (or, when one block of every (batch, KV head) is already over
-the step budget, a `tile`-token slice of one block) of every (batch, KV head)
-into a small [B, K, chunk*tile, H] array, scores it and folds it into an fp32
-online softmax. Only the live blocks are read, once each, and the gathered
-array stays in cache between the gather and the two dots.
+Flash-decoding written in plain jnp over one work list for the whole batch:
+the live rows of every (batch, KV head) list, one pair after another. A
+`lax.fori_loop` whose trip count is ceil(total live rows / rows per step) (a
+run-time value, so nothing recompiles as lists grow) takes the next rows a few
+MB at a time -- `chunk` per (batch, KV head) on average, each a whole block,
+or a `tile`-token slice of one when a block of every pair is already over the
+step budget -- whoever owns them, gathers them into a small [P, tile, H]
+array, scores them against their owner's queries and folds them into that
+owner's fp32 online softmax (segment max / sums over the sorted owners). Only
+the live blocks are read, once each, and the gathered array stays in cache
+between the gather and the two dots. A loop per (batch, KV head) instead runs
+to the batch's longest list: on the recorded span traces some sequence of a
+batch of 8 reads every block (its header is dense) at 98% of the steps, so
+that loop read like density 0.99 when the batch's mean was 0.49
+(docs/notes/generation.md).
+
+With `layer`, k and v are the model's stacked cache [NL, B, K, S, H] and the
+loop reads that layer's rows from it directly (a reshape of the whole stack is
+a bitcast); a sliced `k[layer]` would be copied whole by XLA:CPU before the
+loop, every call.
 
 Two designs measured worse on 2 CPU cores (T = 8k, 32 heads x 128, f32; see
 docs/notes/kernel.md): gathering all live blocks at once at a static bucket
@@ -17,11 +29,13 @@ operands, ~14 ms per call, and the multi-MB gathered copies made the dots
 over the cache (2x slower than this loop even with every block live).
 
 Letters: B batch, K KV heads, G = N/K, H head dim, S cache length, L list
-length, C chunk (rows per step), NB blocks in the cache.
+length, C chunk (rows per (b, k) per step on average), P = B*K*C rows per step,
+NL layers, NB blocks in the cache.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -97,54 +111,78 @@ def block_sparse_decode_xla(
     chunk = chunk or (auto_chunk if tile == block_size else 1)
     rows_per_block = block_size // tile
     num_rows = num_blocks * rows_per_block  # rows per (b, k)
-    # Tile t of the list (t-th row in list order) is row `sub` of entry e:
-    # t = e * rows_per_block + sub. [B, K, L*rpb], padded to a multiple of chunk
-    # (the padding is never live).
-    row_ids = (block_indices[..., None] * rows_per_block + jnp.arange(rows_per_block)).reshape(batch, kv_heads, -1)
+    # Tile t of a (b, k) list (t-th row in list order) is row `sub` of entry e:
+    # t = e * rows_per_block + sub. [B*K, LR], LR = L * rows_per_block.
+    pairs = batch * kv_heads
+    row_ids = (block_indices[..., None] * rows_per_block + jnp.arange(rows_per_block)).reshape(pairs, -1)
     list_rows = row_ids.shape[-1]
-    row_ids = jnp.pad(row_ids, ((0, 0), (0, 0), (0, -list_rows % chunk)))
-    live_rows = block_counts * rows_per_block  # [B, K]
+    live_rows = (block_counts * rows_per_block).reshape(pairs)  # [B*K]
+
+    # One work list for the whole batch: the live rows of every (b, k), one
+    # pair after another, so a loop step takes the next `per_step` rows
+    # whoever owns them and the trip count is ceil(total live / per_step).
+    # A per-(b, k) loop runs to the batch's *longest* list instead: with span
+    # headers read densely, some sequence of a batch of 8 reads every block at
+    # 98% of the steps of the recorded traces, so that loop gathered (padding)
+    # rows for the dense count while the batch's mean density was 0.49.
+    per_step = pairs * chunk
+    slots = pairs * list_rows + (-(pairs * list_rows) % per_step)
+    ends = jnp.cumsum(live_rows)
+    starts = ends - live_rows
+    total = ends[-1]
+    # owner of slot j = the last pair whose list starts at or before j (empty
+    # lists share their start with the next pair, so the later one wins)
+    owner = jnp.cumsum(jnp.zeros((slots,), jnp.int32).at[starts].add(1, mode="drop")) - 1
+    owner = jnp.clip(owner, 0, pairs - 1)
+    slot = jnp.arange(slots, dtype=jnp.int32)
+    valid = slot < total  # [slots]; padding slots sit at the end, owned by the last pair
+    within = jnp.clip(slot - starts[owner], 0, list_rows - 1)
+    slot_rows = row_ids.reshape(-1)[owner * list_rows + within]  # [slots] row within its (b, k)
 
     # Row views: one row = `tile` contiguous tokens, so each gathered row is a
-    # memcpy-sized slice. [B*K*rows, tile*H] and [B*rows, tile].
-    k_rows = k.reshape(num_layers * batch * kv_heads * num_rows, tile * head_dim)
-    v_rows = v.reshape(num_layers * batch * kv_heads * num_rows, tile * head_dim)
-    head_base = ((int(layer) * batch + jnp.arange(batch)[:, None, None]) * kv_heads
-                 + jnp.arange(kv_heads)[None, :, None]) * num_rows
+    # memcpy-sized slice. [NL*B*K*rows, tile*H] (a bitcast of the stacked
+    # cache, no copy) and [B*rows, tile].
+    k_rows = k.reshape(num_layers * pairs * num_rows, tile * head_dim)
+    v_rows = v.reshape(num_layers * pairs * num_rows, tile * head_dim)
+    q_pairs = q.reshape(pairs, *q.shape[2:])  # [B*K, G, H]
     if token_mask is not None:
         mask_rows = token_mask.reshape(batch * num_rows, tile)
-        batch_base = jnp.arange(batch)[:, None, None] * num_rows
 
     def step(i, carry):
-        o_prev, m_prev, l_prev = carry  # [B, K, G, H], [B, K, G], [B, K, G] (f32)
-        sel = lax.dynamic_slice_in_dim(row_ids, i * chunk, chunk, axis=2)  # [B, K, C]
-        rows = (head_base + sel).reshape(-1)
+        o_prev, m_prev, l_prev = carry  # [B*K, G, H], [B*K, G], [B*K, G] (f32)
+        own = lax.dynamic_slice_in_dim(owner, i * per_step, per_step)  # [P], ascending
+        rid = lax.dynamic_slice_in_dim(slot_rows, i * per_step, per_step)
+        ok = lax.dynamic_slice_in_dim(valid, i * per_step, per_step)
+        rows = (int(layer) * pairs + own) * num_rows + rid
         # Ids were clamped by the caller: promise_in_bounds drops a per-element
         # clamp that measured several times slower than the copy itself.
-        kb = k_rows.at[rows].get(mode="promise_in_bounds").reshape(batch, kv_heads, chunk * tile, head_dim)
-        vb = v_rows.at[rows].get(mode="promise_in_bounds").reshape(batch, kv_heads, chunk * tile, head_dim)
-        live = i * chunk + jnp.arange(chunk) < live_rows[..., None]  # [B, K, C]
-        vis = jnp.repeat(live, tile, axis=-1)  # [B, K, C*tile]
+        kb = k_rows.at[rows].get(mode="promise_in_bounds").reshape(per_step, tile, head_dim)
+        vb = v_rows.at[rows].get(mode="promise_in_bounds").reshape(per_step, tile, head_dim)
+        vis = jnp.broadcast_to(ok[:, None], (per_step, tile))  # [P, tile]
         if token_mask is not None:
-            tok = mask_rows.at[(batch_base + sel).reshape(-1)].get(mode="promise_in_bounds")
-            vis = vis & tok.reshape(batch, kv_heads, chunk * tile)
-        vis = vis[:, :, None, :]  # [B, K, 1, C*tile]
-        # [B, K, G, C*tile]
-        s = jnp.einsum("bkgh,bksh->bkgs", q, kb, precision=precision, preferred_element_type=jnp.float32) * sm_scale
+            vis = vis & mask_rows.at[(own // kv_heads) * num_rows + rid].get(mode="promise_in_bounds")
+        vis = vis[:, None, :]  # [P, 1, tile]
+        # [P, G, tile]
+        s = jnp.einsum("pgh,psh->pgs", q_pairs[own], kb, precision=precision,
+                       preferred_element_type=jnp.float32) * sm_scale
         s = jnp.where(vis, s, _NEG)
-        m_next = jnp.maximum(m_prev, s.max(axis=-1))
+        seg = dict(num_segments=pairs, indices_are_sorted=True)
+        # empty segments give -inf, which the running max absorbs
+        m_next = jnp.maximum(m_prev, jax.ops.segment_max(s.max(axis=-1), own, **seg))
         correction = jnp.exp(m_prev - m_next)
-        p = jnp.where(vis, jnp.exp(s - m_next[..., None]), 0.0)
-        l_next = correction * l_prev + p.sum(axis=-1)
-        pv = jnp.einsum("bkgs,bksh->bkgh", p.astype(vb.dtype), vb, precision=precision, preferred_element_type=jnp.float32)
-        return correction[..., None] * o_prev + pv, m_next, l_next
+        p = jnp.where(vis, jnp.exp(s - m_next[own][..., None]), 0.0)
+        l_next = correction * l_prev + jax.ops.segment_sum(p.sum(axis=-1), own, **seg)
+        # [P, G, H]
+        pv = jnp.einsum("pgs,psh->pgh", p.astype(vb.dtype), vb, precision=precision, preferred_element_type=jnp.float32)
+        return correction[..., None] * o_prev + jax.ops.segment_sum(pv, own, **seg), m_next, l_next
 
-    lead = q.shape[:-1]
-    init = (jnp.zeros(q.shape, jnp.float32), jnp.full(lead, _NEG, jnp.float32), jnp.zeros(lead, jnp.float32))
-    num_steps = (live_rows.max() + chunk - 1) // chunk
+    lead = (pairs, q.shape[2])
+    init = (jnp.zeros((pairs, *q.shape[2:]), jnp.float32), jnp.full(lead, _NEG, jnp.float32),
+            jnp.zeros(lead, jnp.float32))
+    num_steps = (total + per_step - 1) // per_step
     o, _, l = lax.fori_loop(0, num_steps, step, init)
     safe = jnp.where(l > 0, l, 1.0)
-    return jnp.where((l > 0)[..., None], o / safe[..., None], 0.0)
+    return jnp.where((l > 0)[..., None], o / safe[..., None], 0.0).reshape(q.shape)
 
 
 def block_sparse_decode_xla_stacked(
