@@ -16,9 +16,11 @@ generations while the context reaches the length asked for:
   segment its recorded header named (see `trace_stream`);
 - prefill: the first `context` tokens; decode: the next `new_tokens`, forced.
 
-Decode time = best time of a run with `new_tokens` minus best time of a run
-with half the budget bucket + 1 tokens: one compiled program, one prefill,
-so the difference is decode steps only and prefill does not dilute the ratio. The JSON
+Decode time = median over repeats of (time of a run with `new_tokens` minus
+time of a run with half the budget bucket + 1 tokens): one compiled program,
+one prefill, so the difference is decode steps only and prefill does not
+dilute the ratio. Each repeat runs the four programs (two policies x two
+lengths) back to back, so both policies see the same load. The JSON
 also holds rho (KV blocks read / dense blocks), r (dense KV bytes / weight
 bytes per step) and the memory-bound ceiling (1 + r) / (1 + rho r) of
 DESIGN.md section 5.
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -107,20 +110,22 @@ def reference_traces(n: int, split: str, seed: int) -> list[tuple[str, str]]:
     return [(r["prompt"], r["completion"]) for r in generate_examples(n, seed=seed, split=split)]
 
 
-def _best_time(fn, repeats: int) -> tuple[float, list[float], object]:
-    """Min over timed repeats after a warm-up (compile) call.
+def _interleaved_times(fns: dict, repeats: int) -> dict:
+    """{name: [seconds per repeat]} after one warm-up (compile) call of each.
 
-    The minimum, not the median: decode time is a difference of two runs that
-    share a long prefill, and on a shared machine a slow outlier in either run
-    swamps it (the median gave a negative difference on the 2-core CPU).
+    Every repeat runs each program once, in turn, so the programs see the same
+    load (the 2-core CPU is shared with training jobs): a slow spell hits all
+    of them in the same repeat and cancels out of the paired differences.
     """
-    out = fn()  # warm-up (compile)
-    times = []
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), times, out
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def bench_point(model, tokenizer, stream_rows, *, batch, context, new_tokens, block_size, backend, max_segments,
@@ -131,32 +136,44 @@ def bench_point(model, tokenizer, stream_rows, *, batch, context, new_tokens, bl
     prompts = np.asarray([row[:context] for row in stream_rows[:batch]], np.int32)
     forced = np.asarray([row[context : context + new_tokens] for row in stream_rows[:batch]], np.int32)
     point = {"batch": batch, "context": context, "new_tokens": new_tokens}
-    # Both timed runs share one compiled program (same budget bucket, same
-    # cache length) and the same prefill; their difference is pure decode.
+    # Both timed runs of a policy share one compiled program (same budget
+    # bucket, same cache length) and the same prefill; their difference is
+    # pure decode.
     bucket = 1 << (new_tokens - 1).bit_length()
     short = bucket // 2 + 1
     if new_tokens - short < 8:
         raise ValueError(f"new_tokens={new_tokens} leaves {new_tokens - short} steps between the two runs of bucket "
                          f"{bucket}; use a value near a power of two (e.g. 64, 128)")
     point["short_tokens"] = short
-    for policy in ("dense", "self_span"):
+    outs = {}
+
+    def run(policy, n):
         kw = dict(policy=policy, tokenizer=tokenizer, block_size=block_size, backend=backend,
                   max_segments=max_segments, prefill_chunk=prefill_chunk, eos_id=-1)
-        t_full, all_full, out = _best_time(
-            lambda: generate(model, prompts, max_new_tokens=new_tokens, forced_tokens=forced, **kw), repeats)
-        t_short, all_short, _ = _best_time(
-            lambda: generate(model, prompts, max_new_tokens=short, forced_tokens=forced[:, :short], **kw), repeats)
+
+        def go():
+            outs[(policy, n)] = generate(model, prompts, max_new_tokens=n, forced_tokens=forced[:, :n], **kw)
+        return go
+
+    policies = ("dense", "self_span")
+    times = _interleaved_times({(pol, n): run(pol, n) for pol in policies for n in (new_tokens, short)}, repeats)
+    for policy in policies:
+        out = outs[(policy, new_tokens)]
         if not np.array_equal(out.tokens, forced):
             raise AssertionError("forced decode did not emit the trace")
         s = out.summary()
-        if t_full <= t_short:
-            raise RuntimeError(f"{policy}: {new_tokens} tokens ({t_full:.3f} s) were not slower than {short} "
-                               f"({t_short:.3f} s); the machine is too noisy, raise --repeats")
-        decode_s = t_full - t_short
+        full, part = np.array(times[(policy, new_tokens)]), np.array(times[(policy, short)])
+        # median of the per-repeat differences: both runs of a repeat ran back to back
+        decode_s = float(np.median(full - part))
+        if decode_s <= 0:
+            raise RuntimeError(f"{policy}: {new_tokens} tokens were not slower than {short} (median difference "
+                               f"{decode_s:.3f} s); the machine is too noisy, raise --repeats")
         point[policy] = {
-            "total_s": t_full, "short_s": t_short, "decode_s": decode_s,
+            "total_s": float(np.median(full)), "short_s": float(np.median(part)), "decode_s": decode_s,
             "decode_tokens_per_s": batch * (new_tokens - short) / decode_s,
-            "all_total_s": all_full, "all_short_s": all_short,
+            "decode_ms_per_step": decode_s / (new_tokens - short) * 1e3,
+            "decode_s_of_mins": float(full.min() - part.min()),
+            "all_total_s": full.tolist(), "all_short_s": part.tolist(),
             "mean_attended_fraction": s["mean_attended_fraction"], "kv_read_fraction": s["kv_read_fraction"],
         }
     point["speedup"] = point["self_span"]["decode_tokens_per_s"] / point["dense"]["decode_tokens_per_s"]
@@ -173,7 +190,7 @@ def main(argv=None) -> int:
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--backend", default="auto")
     p.add_argument("--max-segments", type=int, default=4096, help="long streams hold hundreds of segments")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--prefill-chunk", type=int, default=None, help="sequences per prefill chunk (GPU memory)")
     p.add_argument("--traces", default=None, help="JSON list of [prompt, completion] recorded generations")
     p.add_argument("--record-from", default=None, metavar="RUN", help="record traces from this trained run first")
@@ -182,6 +199,7 @@ def main(argv=None) -> int:
     p.add_argument("--split", default="harder", help="arithmetic split the traces come from")
     p.add_argument("--out", default="benchmarks/results/decode_cpu.json")
     args = p.parse_args(argv)
+    load_start = list(os.getloadavg())  # the 2-core CPU is shared: record the load the numbers ran under
 
     import jax
 
@@ -251,8 +269,10 @@ def main(argv=None) -> int:
         "traces": {"origin": origin, "split": args.split, "count": len(traces)},
         "settings": {"block_size": args.block_size, "backend": args.backend, "repeats": args.repeats,
                      "new_tokens": args.new_tokens, "max_segments": args.max_segments,
-                     "prefill_chunk": args.prefill_chunk, "timing": "min of repeats after a warm-up; decode = "
-                     "run(new_tokens) - run(short_tokens), same program and prefill"},
+                     "prefill_chunk": args.prefill_chunk, "timing": "after a warm-up, repeats interleave the four "
+                     "programs; decode = median over repeats of run(new_tokens) - run(short_tokens), same program "
+                     "and prefill", "load_average_1_5_15_at_start": load_start,
+                     "load_average_1_5_15_at_end": list(os.getloadavg())},
         "points": points,
         "command": "python scripts/bench_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
