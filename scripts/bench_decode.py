@@ -2,7 +2,7 @@
 """End-to-end decode throughput, dense vs self-selected spans, on recorded span traces.
 
 A LLaMA-shaped model with random weights (speed does not depend on them)
-decodes through `selfspan_jax.generate` -- the same jitted loop, policy and
+decodes through `selfspan_jax.generate` (defined in `selfspan_jax.generation`) -- the same jitted loop, policy and
 kernel as real generation -- with the emitted tokens forced to a recorded
 trace, so the span structure (anchors, headers, references) is that of real
 generations while the context reaches the length asked for:
@@ -131,7 +131,7 @@ def _interleaved_times(fns: dict, repeats: int) -> dict:
 def bench_point(model, tokenizer, stream_rows, *, batch, context, new_tokens, block_size, backend, max_segments,
                 repeats, prefill_chunk):
     """Time both policies at one (batch, context); returns a dict for the JSON."""
-    from selfspan_jax.generate import generate
+    from selfspan_jax.generation import generate
 
     prompts = np.asarray([row[:context] for row in stream_rows[:batch]], np.int32)
     forced = np.asarray([row[context : context + new_tokens] for row in stream_rows[:batch]], np.int32)

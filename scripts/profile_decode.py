@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     from selfspan_jax.cache import KVCache
     from selfspan_jax.config import LlamaConfig
     from pallas_kernels.block_sparse_decode_xla import block_sparse_decode_xla_stacked
-    from selfspan_jax.generate import _decode_step_stacked, _next_pow2, _round_up, generate
+    from selfspan_jax.generation import _decode_step_stacked, _next_pow2, _round_up, generate
     from selfspan_jax.model import Llama
     from selfspan_jax.policies import SelfSpanPolicy, dense_selection
     from selfspan_jax.spans import SpanTokens

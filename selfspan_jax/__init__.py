@@ -10,7 +10,9 @@ import importlib
 
 __version__ = "0.1.0"
 
-# public name -> submodule that defines it
+# public name -> submodule that defines it. (`generate` lives in `generation`:
+# a submodule named `generate` would replace this function with the module as
+# soon as anything imported it.)
 _EXPORTS = {
     "LlamaConfig": "config",
     "RopeScaling": "config",
@@ -21,8 +23,8 @@ _EXPORTS = {
     "merge_lora": "lora",
     "load_model": "weights",
     "CharTokenizer": "tokenizer",
-    "generate": "generate",
-    "GenerateOutput": "generate",
+    "generate": "generation",
+    "GenerateOutput": "generation",
 }
 
 __all__ = sorted(_EXPORTS) + ["spans", "data"]

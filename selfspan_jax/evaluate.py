@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from selfspan_jax.generate import generate
+from selfspan_jax.generation import generate
 from selfspan_jax.tokenizer import ANCHOR, REF_CLOSE, REF_OPEN
 
 TASKS = ("arithmetic", "summarization")

@@ -891,7 +891,7 @@ def exact_match(b: Built, trainable, *, batch_size: int | None = None) -> float:
     """Fraction of held-out arithmetic problems whose greedy derivation the
     checker accepts, generated with the run's span policy."""
     from selfspan_jax.data import arithmetic
-    from selfspan_jax.generate import generate
+    from selfspan_jax.generation import generate
 
     cfg = b.cfg
     model = nnx.merge(b.graphdef, jax.device_get(trainable), jax.device_get(b.frozen))

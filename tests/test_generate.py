@@ -21,7 +21,7 @@ from hypothesis import assume, given, settings
 
 from selfspan_jax.config import LlamaConfig
 from selfspan_jax.data.arithmetic import generate_examples
-from selfspan_jax.generate import _generate_jit, generate, sample_logits
+from selfspan_jax.generation import _generate_jit, generate, sample_logits
 from selfspan_jax.model import Llama
 from selfspan_jax.policies import DensePolicy, Policy, Selection, SelfSpanPolicy
 from selfspan_jax.spans import ANCHOR, REF_CLOSE, REF_OPEN, SpanTokens, attention_mask
@@ -415,3 +415,12 @@ def test_greedy_and_top1_are_argmax():
     top1 = sample_logits(logits, key, jnp.float32(1.0), jnp.int32(1), jnp.float32(1.0))
     np.testing.assert_array_equal(greedy, want)
     np.testing.assert_array_equal(top1, want)
+
+
+def test_public_generate_is_the_function():
+    """`selfspan_jax.generate` is callable even after its defining module has been imported."""
+    import selfspan_jax
+    import selfspan_jax.generation  # noqa: F401  (importing a submodule must not shadow the name)
+
+    assert selfspan_jax.generate is selfspan_jax.generation.generate
+    assert callable(selfspan_jax.generate)

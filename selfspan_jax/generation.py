@@ -38,7 +38,7 @@ from selfspan_jax.cache import KVCache
 from selfspan_jax.layers import rope_cos_sin
 from selfspan_jax.model import _inv_freq
 from selfspan_jax.policies import Policy, Selection, make_policy
-from selfspan_jax.tokenizer import encode_with_spans
+from selfspan_jax.tokenizer import encode_prompt
 
 # Prompt buckets start here so that short prompts share one program.
 _MIN_PROMPT_BUCKET = 16
@@ -488,10 +488,8 @@ def _prepare_prompts(prompts, tokenizer, prompt_lengths) -> tuple[list[list[int]
         if isinstance(p, str):
             if tokenizer is None:
                 raise ValueError("string prompts need a tokenizer")
-            # The same ids training saw for this text: BOS + encode_with_spans
-            # (header digits one token each, whatever the tokenizer merges).
-            bos = getattr(tokenizer, "bos_token_id", None)
-            out.append(([] if bos is None else [int(bos)]) + encode_with_spans(tokenizer, p))
+            # The same ids training saw for this text (one BOS, never doubled)
+            out.append(encode_prompt(tokenizer, p))
         else:
             out.append([int(x) for x in np.asarray(p).reshape(-1)])
     empty = [i for i, p in enumerate(out) if not p]
@@ -526,7 +524,7 @@ def generate(
 ) -> GenerateOutput:
     """Generates up to `max_new_tokens` tokens per prompt with the given attention policy.
 
-    prompts: strings (BOS + `tokenizer.encode_with_spans`, the ids training
+    prompts: strings (`tokenizer.encode_prompt`: BOS once + span-aware ids, what training
         uses for a record's prompt), id lists of
         different lengths, or an int array [B, T] (with `prompt_lengths` when
         it is right-padded).
