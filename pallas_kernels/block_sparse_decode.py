@@ -48,11 +48,12 @@ _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # 1. Kernel body
 # --------------------------------------------------------------------------
 def block_sparse_decode_kernel(
+    layer_ref,  # int32 [1]: the layer of the stacked cache to read
     idx_ref,  # int32 [B, K, L]: active block ids, the first cnt_ref[b, k] are live
     cnt_ref,  # int32 [B, K]
     q_ref,  # [B, K, block_h, H]: the G query heads of each KV head, zero-padded rows
-    k_ref,  # [B, K, S, H]: the whole cache; read only at listed blocks
-    v_ref,  # [B, K, S, H]
+    k_ref,  # [NL, B, K, S, H]: the whole stacked cache; read only at listed blocks of one layer
+    v_ref,  # [NL, B, K, S, H]
     *refs,  # [mask_ref int8 [B, S]], o_ref f32 [k_splits, B, K, block_h, H], m_ref, l_ref f32 [k_splits, B, K, block_h]
     sm_scale: float,
     block_size: int,
@@ -67,6 +68,7 @@ def block_sparse_decode_kernel(
         o_ref, m_ref, l_ref = refs
     b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     k_splits = pl.num_programs(2)
+    layer = layer_ref[0]
     block_h, head_dim = q_ref.shape[-2], q_ref.shape[-1]
 
     # This split's contiguous share of the live entries. Dividing the live
@@ -94,7 +96,7 @@ def block_sparse_decode_kernel(
             start = pl.multiple_of(blk * block_size + lax.rem(t, sub) * block_k, block_k)
         # One indexer on the whole-array ref: Triton lowering rejects chained
         # `.at[...][...]` indexers (DESIGN.md §4).
-        k = k_ref[b, h, pl.ds(start, block_k), :]  # [block_k, H]
+        k = k_ref[layer, b, h, pl.ds(start, block_k), :]  # [block_k, H]
         # [block_h, block_k]
         s = lax.dot_general(
             q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
@@ -109,7 +111,7 @@ def block_sparse_decode_kernel(
         if has_mask:
             p = jnp.where(keep, p, 0.0)
         l_next = correction * l_prev + p.sum(axis=-1)
-        v = v_ref[b, h, pl.ds(start, block_k), :]  # [block_k, H]
+        v = v_ref[layer, b, h, pl.ds(start, block_k), :]  # [block_k, H]
         # [block_h, H]; p goes to the cache dtype so bf16 caches use the bf16 mma.
         pv = lax.dot_general(
             p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
@@ -155,8 +157,9 @@ def _combine_splits(o, m, l):
 
 def _pallas_block_sparse(
     q,  # [B, K, G, H]
-    k,  # [B, K, S, H]
-    v,  # [B, K, S, H]
+    k,  # [NL, B, K, S, H]: stacked cache (NL = 1 for a single layer)
+    v,  # [NL, B, K, S, H]
+    layer,  # int32 scalar: the layer of k, v to read
     block_indices,  # int32 [B, K, L]
     block_counts,  # int32 [B, K]
     token_mask,  # bool [B, S] or None
@@ -183,7 +186,9 @@ def _pallas_block_sparse(
     # [B, K, block_h, H]: Triton's mma needs >= 16 rows; padded rows attend
     # with q = 0 and are dropped below.
     q_pad = jnp.pad(q, ((0, 0), (0, 0), (0, p.block_h - group), (0, 0)))
-    inputs = [block_indices, block_counts, q_pad, k, v]
+    # The layer is an ordinary input (no scalar prefetch on Triton, DESIGN.md
+    # §4) so one compiled kernel serves every layer of the stacked cache.
+    inputs = [jnp.reshape(layer, (1,)).astype(jnp.int32), block_indices, block_counts, q_pad, k, v]
     if token_mask is not None:
         # int8 rather than bool: i1 tensors in global memory are awkward in Triton.
         inputs.append(token_mask.astype(jnp.int8))
@@ -221,12 +226,29 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def _validate_layer(k, v, layer):
+    """Checks a stacked cache k, v [NL, B, K, S, H] and its layer; returns per-layer shape stand-ins."""
+    if k.ndim != 5:
+        raise ValueError(f"k must be the stacked cache [NL, B, K, S, H] when layer is given, got shape {k.shape}")
+    if v.shape != k.shape:
+        raise ValueError(f"v shape {v.shape} != k shape {k.shape}")
+    layer_arr = jnp.asarray(layer) if not isinstance(layer, (int, np.integer)) else None
+    if layer_arr is not None and (layer_arr.shape != () or not jnp.issubdtype(layer_arr.dtype, jnp.integer)):
+        raise ValueError(f"layer must be an int or an integer scalar, got {layer!r}")
+    if _is_concrete(layer):
+        value = int(layer)
+        if not 0 <= value < k.shape[0]:
+            raise ValueError(f"layer={value} outside [0, NL={k.shape[0]})")
+    # _validate reads only shape, ndim and dtype of the per-layer arrays.
+    return jax.ShapeDtypeStruct(k.shape[1:], k.dtype), jax.ShapeDtypeStruct(v.shape[1:], v.dtype)
+
+
 def _validate(q, k, v, block_indices, block_counts, token_mask, block_size, backend):
     """Raises ValueError naming the offending argument; returns (B, N, K, S, H, L)."""
     if q.ndim != 3:
         raise ValueError(f"q must be [B, N, H], got shape {q.shape}")
-    if k.ndim != 4:
-        raise ValueError(f"k must be [B, K, S, H], got shape {k.shape}")
+    if len(k.shape) != 4:
+        raise ValueError(f"k must be [B, K, S, H] (or [NL, B, K, S, H] with layer=), got shape {k.shape}")
     if v.shape != k.shape:
         raise ValueError(f"v shape {v.shape} != k shape {k.shape}")
     batch, num_heads, head_dim = q.shape
@@ -319,12 +341,14 @@ def block_sparse_decode(
     k_splits: int | None = None,
     precision=None,
     params: BlockSparseParams | None = None,
+    layer=None,
 ):
     """Decode attention over the listed KV blocks only.
 
     Args:
       q: [B, N, H] one query token per sequence (not pre-scaled).
-      k, v: [B, K, S, H] KV cache, N % K == 0 (grouped-query attention).
+      k, v: [B, K, S, H] KV cache, N % K == 0 (grouped-query attention); with
+        `layer`, the model's stacked cache [NL, B, K, S, H].
       block_indices: int [B, L] (shared by all KV heads) or [B, K, L]; the
         first block_counts entries are the live, distinct block ids in any order.
       block_counts: int [B] or [B, K] (a [B] count applies to every head).
@@ -338,6 +362,11 @@ def block_sparse_decode(
       precision: dot precision; None is the backend default (tf32 for float32
         on a GPU), "highest" asks for full float32.
       params: tile/split parameters of the Pallas kernel (backend.BlockSparseParams).
+      layer: None, or an int / int32 scalar: attend to layer `layer` of the
+        stacked k, v, read in place. Every backend indexes the stack itself
+        because a caller's `k[layer]` is a slice that XLA copies whole before
+        the kernel, every call (docs/notes/generation.md). Eager calls raise
+        ValueError for a layer outside [0, NL); under jit it is clamped.
 
     Returns:
       [B, N, H] in q's dtype; rows that see no token are 0.
@@ -346,7 +375,13 @@ def block_sparse_decode(
     clamped; eager calls raise ValueError for them.
     """
     backend = resolve_backend(backend)
-    _validate(q, k, v, block_indices, block_counts, token_mask, block_size, backend)
+    if layer is None:
+        _validate(q, k, v, block_indices, block_counts, token_mask, block_size, backend)
+        # A unit stack: one code path below; the reshape is a bitcast, no copy.
+        k, v, layer = k[None], v[None], 0
+    else:
+        k_one, v_one = _validate_layer(k, v, layer)
+        _validate(q, k_one, v_one, block_indices, block_counts, token_mask, block_size, backend)
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
     params = params or BlockSparseParams()
@@ -358,6 +393,7 @@ def block_sparse_decode(
         q,
         k,
         v,
+        jnp.asarray(layer, jnp.int32),
         block_indices,
         block_counts,
         token_mask,
@@ -370,11 +406,15 @@ def block_sparse_decode(
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "backend", "sm_scale", "precision", "params"))
-def _block_sparse_decode_jit(q, k, v, block_indices, block_counts, token_mask, *, block_size, backend, sm_scale, precision, params):
+def _block_sparse_decode_jit(q, k, v, layer, block_indices, block_counts, token_mask, *, block_size, backend, sm_scale,
+                             precision, params):
+    # k, v [NL, B, K, S, H]; layer int32 scalar (a traced value: one program
+    # serves every layer).
     from pallas_kernels.block_sparse_decode_xla import block_sparse_decode_xla
 
     batch, num_heads, head_dim = q.shape
-    kv_heads, seq_len = k.shape[1], k.shape[2]
+    kv_heads, seq_len = k.shape[2], k.shape[3]
+    layer = jnp.clip(layer, 0, k.shape[0] - 1)
     num_blocks = seq_len // block_size
     # [B, K, L] and [B, K]: shared lists become per-head views (int32, tiny).
     idx = block_indices.astype(jnp.int32)
@@ -396,6 +436,7 @@ def _block_sparse_decode_jit(q, k, v, block_indices, block_counts, token_mask, *
             qg,
             k,
             v,
+            layer,
             idx,
             cnt,
             token_mask,
@@ -406,9 +447,13 @@ def _block_sparse_decode_jit(q, k, v, block_indices, block_counts, token_mask, *
             interpret=backend == "interpret",
         )
     elif backend == "xla":
-        out = block_sparse_decode_xla(qg, k, v, idx, cnt, token_mask, block_size=block_size, sm_scale=sm_scale, precision=precision)
+        out = block_sparse_decode_xla(qg, k, v, idx, cnt, token_mask, block_size=block_size, sm_scale=sm_scale,
+                                      precision=precision, layer=layer)
     else:
-        out = _reference_grouped(qg, k, v, idx, cnt, token_mask, block_size=block_size, sm_scale=sm_scale, precision=precision)
+        # The oracle indexes then computes: clarity over speed.
+        k1, v1 = (lax.dynamic_index_in_dim(x, layer, axis=0, keepdims=False) for x in (k, v))
+        out = _reference_grouped(qg, k1, v1, idx, cnt, token_mask, block_size=block_size, sm_scale=sm_scale,
+                                 precision=precision)
     return out.reshape(batch, num_heads, head_dim).astype(q.dtype)
 
 
@@ -455,9 +500,10 @@ def _reference_grouped(q, k, v, idx, cnt, token_mask, *, block_size, sm_scale, p
 
 
 def block_sparse_decode_reference(
-    q, k, v, block_indices, block_counts, token_mask=None, *, block_size: int, sm_scale: float | None = None
+    q, k, v, block_indices, block_counts, token_mask=None, *, block_size: int, sm_scale: float | None = None, layer=None
 ):
     """Masked dense attention over the whole cache; same contract as block_sparse_decode."""
     return block_sparse_decode(
-        q, k, v, block_indices, block_counts, token_mask, block_size=block_size, backend="reference", sm_scale=sm_scale
+        q, k, v, block_indices, block_counts, token_mask, block_size=block_size, backend="reference", sm_scale=sm_scale,
+        layer=layer,
     )

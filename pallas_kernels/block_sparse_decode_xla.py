@@ -80,13 +80,14 @@ def block_sparse_decode_xla(
     precision,
     tile: int | None = None,
     chunk: int | None = None,
-    layer: int | None = None,
+    layer=None,
 ):
     """Returns f32 [B, K, G, H]; rows with nothing visible are 0.
 
     tile, chunk: override step_shape (tests); tile must divide block_size.
     layer: with a stacked cache k, v [NL, B, K, S, H], attend to layer
-        `layer` of it. The loop then reads that layer's rows straight out of
+        `layer` of it (an int or int32 scalar, traced is fine; the caller
+        keeps it in [0, NL)). The loop then reads that layer's rows straight out of
         the stacked buffer: handing the kernel `k[layer]` instead makes XLA:CPU
         materialise the slice (a copy of the layer's whole K and V, every call,
         whatever the density) because a slice cannot fuse into a while loop's
@@ -101,8 +102,6 @@ def block_sparse_decode_xla(
         if k.ndim != 5:
             raise ValueError(f"k must be the stacked cache [NL, B, K, S, H] with layer, got shape {k.shape}")
         num_layers = k.shape[0]
-        if not 0 <= int(layer) < num_layers:
-            raise ValueError(f"layer must be in [0, {num_layers}), got {layer}")
     _, batch, kv_heads, seq_len, head_dim = k.shape
     num_blocks = seq_len // block_size
     auto_tile, auto_chunk = step_shape(batch=batch, kv_heads=kv_heads, block_size=block_size, head_dim=head_dim,
@@ -153,7 +152,7 @@ def block_sparse_decode_xla(
         own = lax.dynamic_slice_in_dim(owner, i * per_step, per_step)  # [P], ascending
         rid = lax.dynamic_slice_in_dim(slot_rows, i * per_step, per_step)
         ok = lax.dynamic_slice_in_dim(valid, i * per_step, per_step)
-        rows = (int(layer) * pairs + own) * num_rows + rid
+        rows = (layer * pairs + own) * num_rows + rid
         # Ids were clamped by the caller: promise_in_bounds drops a per-element
         # clamp that measured several times slower than the copy itself.
         kb = k_rows.at[rows].get(mode="promise_in_bounds").reshape(per_step, tile, head_dim)
@@ -184,59 +183,3 @@ def block_sparse_decode_xla(
     safe = jnp.where(l > 0, l, 1.0)
     return jnp.where((l > 0)[..., None], o / safe[..., None], 0.0).reshape(q.shape)
 
-
-def block_sparse_decode_xla_stacked(
-    q,  # [B, N, H]
-    k,  # [NL, B, K, S, H]: the model's stacked KV cache
-    v,  # [NL, B, K, S, H]
-    layer: int,
-    block_indices,  # int [B, L] or [B, K, L]
-    block_counts,  # int [B] or [B, K]
-    token_mask=None,  # bool [B, S] or None
-    *,
-    block_size: int,
-    sm_scale: float | None = None,
-    precision=None,
-):
-    """`block_sparse_decode(q, k[layer], v[layer], ...)` on the xla path, without slicing the cache.
-
-    Same contract and result as the public function with backend="xla"
-    (counts and ids clamped as under jit, output in q's dtype); it exists for
-    callers that hold the stacked cache, such as the generation loop, so that
-    a decode step reads only the listed blocks instead of copying every
-    layer's K and V first.
-    """
-    from pallas_kernels.block_sparse_decode import _normalise_precision
-
-    if q.ndim != 3 or k.ndim != 5 or v.shape != k.shape:
-        raise ValueError(f"q must be [B, N, H] and k, v [NL, B, K, S, H], got {q.shape}, {k.shape}, {v.shape}")
-    num_layers, batch, kv_heads, seq_len, head_dim = k.shape
-    num_heads = q.shape[1]
-    if q.shape[0] != batch or q.shape[2] != head_dim or num_heads % kv_heads:
-        raise ValueError(f"q shape {q.shape} does not match the cache {k.shape} (N must be a multiple of K)")
-    if not isinstance(block_size, (int, np.integer)) or block_size < 1 or seq_len % block_size:
-        raise ValueError(f"block_size must be a positive divisor of S={seq_len}, got {block_size!r}")
-    if token_mask is not None and token_mask.shape != (batch, seq_len):
-        raise ValueError(f"token_mask must be [B, S] = {(batch, seq_len)}, got {token_mask.shape}")
-    num_blocks = seq_len // block_size
-    idx = jnp.asarray(block_indices).astype(jnp.int32)
-    if idx.ndim == 2:
-        idx = jnp.broadcast_to(idx[:, None, :], (batch, kv_heads, idx.shape[-1]))
-    cnt = jnp.asarray(block_counts).astype(jnp.int32)
-    if cnt.ndim == 1:
-        cnt = jnp.broadcast_to(cnt[:, None], (batch, kv_heads))
-    if idx.shape[:2] != (batch, kv_heads) or cnt.shape != (batch, kv_heads):
-        raise ValueError(f"block_indices {jnp.shape(block_indices)} / block_counts {jnp.shape(block_counts)} do not "
-                         f"match batch {batch} and {kv_heads} KV heads")
-    if idx.shape[-1] == 0:
-        return jnp.zeros_like(q)
-    # The same clamps as the public function under jit: no list can read outside the cache.
-    cnt = jnp.clip(cnt, 0, min(idx.shape[-1], num_blocks))
-    idx = jnp.clip(idx, 0, num_blocks - 1)
-    qg = q.reshape(batch, kv_heads, num_heads // kv_heads, head_dim)
-    out = block_sparse_decode_xla(
-        qg, k, v, idx, cnt, token_mask, block_size=int(block_size),
-        sm_scale=float(sm_scale if sm_scale is not None else 1.0 / np.sqrt(head_dim)),
-        precision=_normalise_precision(precision), layer=int(layer),
-    )
-    return out.reshape(batch, num_heads, head_dim).astype(q.dtype)

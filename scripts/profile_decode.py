@@ -7,10 +7,11 @@ Times, side by side in one process, interleaved over rounds (medians):
   that reads no KV (returns q): the weight matmuls, norms, RoPE, cache write;
 - `step_dense_default`: the same with the model's default masked dense attention;
 - `step_dense` / `step_span`: the same with `block_sparse_decode` on the dense
-  selection / on recorded self_span selections of the batch (rotating over steps);
-  `model.decode_step` hands it `cache.k[i]`, which XLA:CPU copies per layer;
-- `stacked_dense` / `stacked_span`: `generate._decode_step_stacked` (what the
-  loop runs on the xla backend), the kernel reading the stacked cache in place;
+  selection / on recorded self_span selections of the batch (rotating over steps),
+  handed the slice `k_all[i]` -- which XLA:CPU copies per layer (the old hook);
+- `stacked_dense` / `stacked_span`: `block_sparse_decode(..., layer=i)` on the
+  stacked cache `model.decode_step` passes (what the generation loop runs),
+  the kernel reading the stacked cache in place;
 - `attn_dense` / `attn_span`: `block_sparse_decode` alone on one layer's cache;
 - `policy`: `SelfSpanPolicy.update` + `select` alone (batched, jitted);
 - `generate_dense` / `generate_span`: the whole loop, per step, from two
@@ -59,8 +60,7 @@ def main(argv=None) -> int:
     from pallas_kernels import block_sparse_decode
     from selfspan_jax.cache import KVCache
     from selfspan_jax.config import LlamaConfig
-    from pallas_kernels.block_sparse_decode_xla import block_sparse_decode_xla_stacked
-    from selfspan_jax.generation import _decode_step_stacked, _next_pow2, _round_up, generate
+    from selfspan_jax.generation import _next_pow2, _round_up, generate
     from selfspan_jax.model import Llama
     from selfspan_jax.policies import SelfSpanPolicy, dense_selection
     from selfspan_jax.spans import SpanTokens
@@ -119,18 +119,16 @@ def main(argv=None) -> int:
         @jax.jit
         def step(params, cache, tokens, idx, cnt, mask):
             m = nnx.merge(graphdef, params)
-            if kind == "stacked":
-                attend = lambda q, k, v, i: block_sparse_decode_xla_stacked(q, k, v, i, idx, cnt, mask,  # noqa: E731
-                                                                             block_size=bs)
-                logits, c = _decode_step_stacked(m, tokens, cache, attend)
-                return logits, c.replace(lengths=cache.lengths)
             if kind == "weights":
                 fn = lambda q, k, v, i: q  # noqa: E731
             elif kind == "default":
                 fn = None
-            else:
+            elif kind == "stacked":
                 fn = lambda q, k, v, i: block_sparse_decode(q, k, v, idx, cnt, mask, block_size=bs,  # noqa: E731
-                                                            backend="xla")
+                                                            backend="xla", layer=i)
+            else:  # the per-layer slice the hook used to pass
+                fn = lambda q, k, v, i: block_sparse_decode(q, k[i], v[i], idx, cnt, mask,  # noqa: E731
+                                                            block_size=bs, backend="xla")
             logits, c = m.decode_step(tokens, cache, attention_fn=fn)
             return logits, c.replace(lengths=cache.lengths)
 
@@ -146,7 +144,7 @@ def main(argv=None) -> int:
         err = float(jnp.linalg.norm(got_logits - ref_logits) / jnp.linalg.norm(ref_logits))
         print(f"stacked vs sliced decode_step logits: rel err {err:.2e}", flush=True)
         if not err < 1e-5:
-            raise AssertionError(f"stacked decode step differs from model.decode_step: {err}")
+            raise AssertionError(f"stacked (layer=) decode step differs from the sliced one: {err}")
     holder_cache = cache
     attn = jax.jit(lambda q, k, v, idx, cnt, mask: block_sparse_decode(q, k, v, idx, cnt, mask, block_size=bs,
                                                                         backend="xla"))

@@ -33,10 +33,7 @@ from flax import nnx, struct
 
 from pallas_kernels import block_sparse_decode
 from pallas_kernels.backend import resolve_backend
-from pallas_kernels.block_sparse_decode_xla import block_sparse_decode_xla_stacked
 from selfspan_jax.cache import KVCache
-from selfspan_jax.layers import rope_cos_sin
-from selfspan_jax.model import _inv_freq
 from selfspan_jax.policies import Policy, Selection, make_policy
 from selfspan_jax.tokenizer import encode_prompt
 
@@ -168,37 +165,6 @@ def _selection_stats(sel: Selection, pos: jax.Array, block_size: int):
     return visible, counts, (pos // block_size + 1).astype(jnp.int32)
 
 
-def _decode_step_stacked(model, tokens: jax.Array, cache: KVCache, attend) -> tuple[jax.Array, KVCache]:
-    """`model.decode_step` whose attention gets the stacked cache: attend(q [B, N, H], k, v [NL, B, K, S, H], i).
-
-    Why not `model.decode_step(attention_fn=...)`: it hands each layer
-    `cache.k[i]`, and XLA:CPU materialises that slice (a slice cannot fuse
-    into the kernel's while-loop operand), i.e. copies every layer's whole K
-    and V each step -- the full dense KV traffic, read and written, whatever
-    the span density. At the bench_decode CPU shape that copy cost more than
-    the attention itself and erased the self_span gain (docs/notes/generation.md,
-    "Why the CPU decode number was what it was"). The layer math is
-    `Llama.decode_step`'s, line for line; tests/test_generate.py checks the
-    log-probs of both paths against the full forward.
-    """
-    B = tokens.shape[0]
-    cache.check(model.config, B)
-    pos = cache.lengths  # [B]
-    cos, sin = rope_cos_sin(pos[:, None], _inv_freq(model.config))  # [B, 1, H]
-    x = model.embed_tokens(tokens[:, None])  # [B, 1, D]
-    ck, cv = cache.k, cache.v
-    b_idx = jnp.arange(B)
-    for i, layer in enumerate(model.layers):
-        q, k, v = layer.attn.qkv(layer.attn_norm(x), cos, sin)  # q [B, 1, N, H]; k, v [B, K, 1, H]
-        ck = ck.at[i, b_idx, :, pos, :].set(k[:, :, 0].astype(ck.dtype))
-        cv = cv.at[i, b_idx, :, pos, :].set(v[:, :, 0].astype(cv.dtype))
-        o = attend(q[:, 0], ck, cv, i)  # [B, N, H]
-        x = x + layer.attn.out(o[:, None].astype(x.dtype))
-        x = x + layer.mlp(layer.mlp_norm(x))
-    logits = model.project_vocab(model.final_norm(x))[:, 0]
-    return logits, cache.replace(k=ck, v=cv, lengths=pos + 1)
-
-
 def _chunked_prefill(model, prompt, mask, lengths, cache_len: int, chunk: int):
     """Prefill `chunk` sequences at a time -> (cache, last-position logits [B, V]).
 
@@ -318,37 +284,31 @@ def _generate_jit(
             # read back for statistics; the last layer's stands for the step.
             seen: list[Selection] = []
 
-            def attention_fn(q, k, v, layer_idx):
-                s = policy.select(pstate, pos, q=q, k=k, layer_idx=layer_idx, **kw)
+            def attention_fn(q, k_all, v_all, layer_idx):
+                # The policy scores this layer's keys; the attention itself
+                # reads the stacked cache in place.
+                s = policy.select(pstate, pos, q=q, k=k_all[layer_idx], layer_idx=layer_idx, **kw)
                 seen.append(s)
                 return block_sparse_decode(
-                    q, k, v, s.block_indices, s.block_counts, s.token_mask, block_size=block_size, backend=backend,
-                    precision=precision,
+                    q, k_all, v_all, s.block_indices, s.block_counts, s.token_mask, block_size=block_size,
+                    backend=backend, precision=precision, layer=layer_idx,
                 )
 
             step_logits, cache = model.decode_step(fed, st.cache, attention_fn=attention_fn)
             sel = seen[-1]
         else:
             sel = policy.select(pstate, pos, **kw)
-            if backend == "xla":
-                # The kernel reads the listed blocks straight out of the stacked
-                # cache (no per-layer slice copy, see _decode_step_stacked).
-                def attend(q, k_all, v_all, layer_idx):
-                    return block_sparse_decode_xla_stacked(
-                        q, k_all, v_all, layer_idx, sel.block_indices, sel.block_counts, sel.token_mask,
-                        block_size=block_size, precision=precision,
-                    )
 
-                step_logits, cache = _decode_step_stacked(model, fed, st.cache, attend)
-            else:
+            def attention_fn(q, k_all, v_all, layer_idx):
+                # layer=: the kernel reads the listed blocks straight out of the
+                # stacked cache; a k_all[layer_idx] slice would be copied whole
+                # every step (docs/notes/generation.md).
+                return block_sparse_decode(
+                    q, k_all, v_all, sel.block_indices, sel.block_counts, sel.token_mask, block_size=block_size,
+                    backend=backend, precision=precision, layer=layer_idx,
+                )
 
-                def attention_fn(q, k, v, layer_idx):
-                    return block_sparse_decode(
-                        q, k, v, sel.block_indices, sel.block_counts, sel.token_mask, block_size=block_size,
-                        backend=backend, precision=precision,
-                    )
-
-                step_logits, cache = model.decode_step(fed, st.cache, attention_fn=attention_fn)
+            step_logits, cache = model.decode_step(fed, st.cache, attention_fn=attention_fn)
 
         tok = choose(step_logits, st.step)
         active = ~st.done

@@ -28,7 +28,9 @@ from selfspan_jax.cache import KVCache
 from selfspan_jax.config import LlamaConfig
 from selfspan_jax.layers import MLP, RMSNorm, rope_cos_sin, rope_inv_freq
 
-# attention_fn(q [B, N, H], k [B, K, S, H], v [B, K, S, H], layer_idx) -> [B, N, H]
+# attention_fn(q [B, N, H], k_all [L, B, K, S, H], v_all [L, B, K, S, H], layer_idx: int) -> [B, N, H]
+# The whole stacked cache, not k_all[layer_idx]: a per-layer slice is a copy
+# XLA makes before any kernel can read it (docs/notes/generation.md).
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, int], jax.Array]
 
 
@@ -240,9 +242,11 @@ class Llama(nnx.Module):
 
         The token of sequence b sits at position cache.lengths[b]; its K/V are
         written there before attention, so the query sees itself. attention_fn
-        gets q [B, N, H] (RoPE'd, not pre-scaled) and this layer's full cache
-        k, v [B, K, S_max, H]; default = masked dense attention over positions
-        <= lengths[b]. A sequence whose cache is full (lengths[b] == S_max)
+        gets q [B, N, H] (RoPE'd, not pre-scaled), the whole stacked cache
+        k_all, v_all [L, B, K, S_max, H] (this layer's K/V already written) and
+        the layer index (a python int); it reads layer layer_idx itself, so a
+        kernel can read it in place instead of XLA copying a slice every step.
+        Default = masked dense attention over positions <= lengths[b]. A sequence whose cache is full (lengths[b] == S_max)
         has its write dropped; callers stop before that.
         Jit it with the cache donated: otherwise XLA must copy the whole cache
         to a fresh output buffer every step (measured 10x slower on CPU).
@@ -255,9 +259,8 @@ class Llama(nnx.Module):
             # visible: [B, S_max]
             visible = jnp.arange(cache.max_len)[None, :] <= pos[:, None]
 
-            def attention_fn(q, k, v, layer_idx):
-                del layer_idx
-                return decode_attention(q, k, v, visible)
+            def attention_fn(q, k_all, v_all, layer_idx):
+                return decode_attention(q, k_all[layer_idx], v_all[layer_idx], visible)
 
         cos, sin = rope_cos_sin(pos[:, None], _inv_freq(self.config))  # [B, 1, H]
         x = self.embed_tokens(tokens[:, None])  # [B, 1, D]
@@ -269,7 +272,7 @@ class Llama(nnx.Module):
             # first, so the update is [B, K, H]. Inside jit this is in place.
             ck = ck.at[i, b_idx, :, pos, :].set(k[:, :, 0].astype(ck.dtype))
             cv = cv.at[i, b_idx, :, pos, :].set(v[:, :, 0].astype(cv.dtype))
-            o = attention_fn(q[:, 0], ck[i], cv[i], i)  # [B, N, H]
+            o = attention_fn(q[:, 0], ck, cv, i)  # [B, N, H]
             x = x + layer.attn.out(o[:, None].astype(x.dtype))
             x = x + layer.mlp(layer.mlp_norm(x))
         logits = self.project_vocab(self.final_norm(x))[:, 0]

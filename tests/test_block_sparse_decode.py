@@ -239,6 +239,33 @@ class _BackendTests:
         assert_close(out, attention_np(q, k, v, np.ones((1, 2, 64), bool)), jnp.float32)
 
 
+    @pytest.mark.parametrize("per_head, with_mask, dtype", [(False, True, jnp.float32), (True, False, jnp.bfloat16)])
+    def test_stacked_layer_equals_slice(self, per_head, with_mask, dtype):
+        # layer= reads one layer of a stacked cache in place; it must equal the
+        # op on that layer's slice, for an eager int layer and a traced one.
+        rng = np.random.default_rng()
+        num_layers = int(rng.integers(2, 5))
+        layer = int(rng.integers(0, num_layers))
+        case = dict(batch=2, num_heads=4, kv_heads=2, seq_len=128, head_dim=32, block_size=32, dtype=dtype,
+                    per_head=per_head, with_mask=with_mask)
+        q, k, v, idx, cnt, mask = random_case(rng, **case)
+        # [NL, B, K, S, H]: fresh random layers around the one under test
+        k_all = jnp.asarray(rng.standard_normal((num_layers, *k.shape)) * 1.5, dtype).at[layer].set(k)
+        v_all = jnp.asarray(rng.standard_normal((num_layers, *v.shape)), dtype).at[layer].set(v)
+        mask = None if mask is None else jnp.asarray(mask)
+        sliced = self.call(q, k, v, idx, cnt, mask, block_size=32)
+        stacked = self.call(q, k_all, v_all, idx, cnt, mask, block_size=32, layer=layer)
+        traced = jax.jit(lambda i: self.call(q, k_all, v_all, idx, cnt, mask, block_size=32, layer=i))(
+            jnp.int32(layer))
+        ref = attention_np(q, k, v, visible_np(idx, cnt, None if mask is None else np.asarray(mask), 2, 128, 32))
+        for out in (stacked, traced):
+            assert out.shape == q.shape and out.dtype == q.dtype
+            assert_close(out, ref, dtype)
+            # same blocks read in the same order: equal to the slice up to reassociation
+            np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(sliced, np.float32),
+                                       atol=ATOL[dtype] / 4, rtol=0)
+
+
 class TestReference(_BackendTests):
     backend = "reference"
 
@@ -361,6 +388,13 @@ class TestValidation:
             (dict(q=jnp.zeros((2, 4, 8))), "k shape"),
             (dict(backend="cuda"), "backend"),
             (dict(precision="fast"), "precision"),
+            (dict(layer=0), "stacked cache"),
+            (dict(k=jnp.zeros((3, 2, 2, 64, 16)), v=jnp.zeros((3, 2, 2, 64, 16)), layer=3), "layer=3"),
+            (dict(k=jnp.zeros((3, 2, 2, 64, 16)), v=jnp.zeros((3, 2, 2, 64, 16)), layer=-1), "layer=-1"),
+            (dict(k=jnp.zeros((3, 2, 2, 64, 16)), v=jnp.zeros((3, 2, 2, 64, 16)), layer=1.5), "layer must be"),
+            (dict(k=jnp.zeros((3, 2, 2, 64, 16)), v=jnp.zeros((2, 2, 2, 64, 16)), layer=1), "v shape"),
+            (dict(k=jnp.zeros((3, 2, 2, 64, 16)), v=jnp.zeros((3, 2, 2, 64, 16)), layer=1,
+                  q=jnp.zeros((2, 4, 8))), "k shape"),
         ],
     )
     def test_raises(self, over, match):

@@ -74,6 +74,25 @@ def test_lowers_to_triton(dtype, per_head, with_mask, block_size, num_heads, kv_
     assert out.shape == (2, num_heads, head_dim) and out.dtype == dtype
 
 
+def test_stacked_cache_layer_lowers_to_triton():
+    # layer= (the generation loop's call: the model's stacked cache and a
+    # traced layer index) reads k_ref[layer, b, h, pl.ds(...), :] with one
+    # indexer; the whole [NL, B, K, S, H] cache goes to the kernel, no slice.
+    num_layers, seq_len = 4, 1024
+    q, k, v, idx, cnt, mask = _avals(2, 32, 8, seq_len, 128, 64, jnp.bfloat16, False, True)
+    k_all = jax.ShapeDtypeStruct((num_layers, *k.shape), k.dtype)
+
+    def fn(q, k_all, v_all, layer, idx, cnt, mask):
+        return block_sparse_decode(q, k_all, v_all, idx, cnt, mask, block_size=64, backend="pallas", layer=layer)
+
+    exported = export_for_h100(fn, q, k_all, k_all, jax.ShapeDtypeStruct((), jnp.int32), idx, cnt, mask)
+    text = exported.mlir_module()
+    assert text.count(TRITON_CALL) == 1
+    # the custom call takes the full stacked cache as an operand
+    assert f"tensor<{num_layers}x2x8x{seq_len}x128xbf16>" in text
+    assert exported.out_avals[0].shape == (2, 32, 128)
+
+
 def test_explicit_params_reach_the_launch():
     # The grid carries k_splits; num_warps/num_stages go to the Triton call.
     params = BlockSparseParams(block_k=32, k_splits=5, num_warps=2, num_stages=1)

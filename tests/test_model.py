@@ -191,8 +191,8 @@ def test_decode_attention_fn_contract(rng):
     """A custom attention_fn over a random visible set equals the NumPy model with that mask row.
 
     Proves what the span policy / Pallas kernel relies on: q is RoPE'd and
-    unscaled, k/v are this layer's cache [B, K, S_max, H] including the new
-    token, and layer_idx counts layers.
+    unscaled, k/v are the whole stacked cache [L, B, K, S_max, H] including
+    this layer's new token, and layer_idx counts layers.
     """
     cfg = small_config()
     model = random_model(cfg, rng)
@@ -206,11 +206,12 @@ def test_decode_attention_fn_contract(rng):
     visible[np.arange(B), lengths] = True
     seen = []
 
-    def attention_fn(q, k, v, layer_idx):
+    def attention_fn(q, k_all, v_all, layer_idx):
         assert q.shape == (B, cfg.n_heads, cfg.head_dim)
-        assert k.shape == v.shape == (B, cfg.n_kv_heads, S_max, cfg.head_dim)
+        # the whole stacked cache, so a kernel can read one layer in place
+        assert k_all.shape == v_all.shape == (cfg.n_layers, B, cfg.n_kv_heads, S_max, cfg.head_dim)
         seen.append(layer_idx)
-        return decode_attention(q, k, v, jnp.asarray(visible))
+        return decode_attention(q, k_all[layer_idx], v_all[layer_idx], jnp.asarray(visible))
 
     tok = seqs[np.arange(B), lengths]
     # Traced once, so `seen` records each layer index exactly once.
