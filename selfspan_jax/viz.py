@@ -121,7 +121,7 @@ def plot_span_heatmap(
     ax.set_ylabel("generated token (query)")
     frac = (img == _VISIBLE).sum() + (img == _VISIBLE_SPAN).sum()
     causal = (img != _FUTURE).sum()
-    ax.set_title((title + "\n" if title else "") + f"self-selected spans: {frac / causal:.0%} of earlier keys visible",
+    ax.set_title((title + "\n" if title else "") + f"self-selected spans: {frac / causal:.0%} of (query, earlier key) pairs visible",
                  fontsize=10)
     ax.legend(handles=[Patch(facecolor=c, edgecolor="#a0aec0", label=lab) for c, lab in zip(_COLOURS, _LABELS)],
               loc="upper center", bbox_to_anchor=(0.5, -0.12 - 6.0 / max(n_rows, 1) * 0.0), ncol=4, fontsize=7,
