@@ -85,6 +85,9 @@ class TrainConfig:
     lora_mlp: bool = False
     span_policy: str = "self_span"
     max_segments: int = 64
+    # warm start: a run directory whose latest checkpoint's trainable
+    # parameters initialise this run (fresh optimizer, step 0)
+    init_from: str | None = None
     # optimisation
     steps: int = 1500
     batch_size: int = 32
@@ -164,6 +167,8 @@ class TrainConfig:
                 f"model_overrides {self.model_overrides} only apply to the from-scratch 'tiny' model, "
                 f"not {self.model!r} (its shape comes from its checkpoint)"
             )
+        if self.init_from is not None and not (isinstance(self.init_from, str) and self.init_from):
+            raise ValueError(f"init_from must be a run directory path or None, got {self.init_from!r}")
         for name in ("dp", "fsdp"):
             value = getattr(self, name)
             if not isinstance(value, int) or value == 0 or value < -1:
@@ -738,6 +743,8 @@ def train(cfg: TrainConfig, *, mesh=None) -> TrainResult:
         trainable, opt_state = state["params"], state["opt_state"]
         step = int(state["step"])
         pos = DataPosition.from_dict(data)
+    elif cfg.init_from is not None:
+        trainable = init_params_from(cfg, cfg.init_from, trainable, b.param_shardings)
     is_main = jax.process_index() == 0
     log = MetricsLog(cfg.run_dir, step, is_main, cfg.tensorboard)
     schedule = make_schedule(cfg)
@@ -826,6 +833,32 @@ def _export_at_end(cfg: TrainConfig, result: TrainResult) -> None:
         ck.save_lora_adapters(model, cfg.run_dir / "adapters", rank=cfg.lora_rank, alpha=cfg.lora_alpha)
     if cfg.export_merged:
         ck.export_merged_safetensors(model, cfg.run_dir / "export", tokenizer=result.tokenizer)
+
+
+def init_params_from(cfg: TrainConfig, run_dir: str | os.PathLike, trainable, shardings):
+    """Trainable parameters of `run_dir`'s latest checkpoint, placed like
+    `trainable` (a warm start, e.g. long derivations from a short-problem
+    run). The source run must train the same parameter tree: same model and
+    shape, same LoRA setting; anything else is refused with the reason."""
+    src = Path(run_dir)
+    saved = src / "config.yaml"
+    if not saved.is_file():
+        raise ValueError(f"init_from {str(src)!r} is not a run directory (no config.yaml)")
+    src_cfg = TrainConfig.from_dict(yaml.safe_load(saved.read_text()))
+    for field in ("model", "model_overrides", "lora_rank", "lora_mlp"):
+        if getattr(src_cfg, field) != getattr(cfg, field):
+            raise ValueError(
+                f"init_from {str(src)!r} trained {field}={getattr(src_cfg, field)!r}, this run has "
+                f"{getattr(cfg, field)!r}: the parameter trees differ"
+            )
+    target = {"params": abstract_tree(trainable, shardings),
+              "opt_state": abstract_tree(jax.eval_shape(make_optimizer(src_cfg).init, trainable)),
+              "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    with Checkpointer(src / "checkpoints") as mgr:
+        if mgr.latest_step() is None:
+            raise ValueError(f"init_from {str(src)!r} has no checkpoint yet")
+        state, _ = mgr.restore(target)
+    return state["params"]
 
 
 def load_run(run_dir: str | os.PathLike, step: int | None = None):
@@ -940,6 +973,8 @@ _FLAGS: list[tuple[str, str, Any, str]] = [
     ("--span-policy", "span_policy", str, "self_span: train with the DESIGN.md section 2 span mask on every "
                                           "sequence; dense: same data, causal mask (the ablation)"),
     ("--max-segments", "max_segments", int, "segment limit of the span language"),
+    ("--init-from", "init_from", str, "warm start: initialise the trained parameters from this run directory's "
+                                      "latest checkpoint (same model; fresh optimizer, step 0)"),
     ("--steps", "steps", int, "optimizer steps"),
     ("--batch-size", "batch_size", int, "global batch size in sequences (per optimizer step)"),
     ("--grad-accum", "grad_accum", int, "split each batch into this many micro-batches (gradient accumulation)"),

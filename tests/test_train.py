@@ -226,6 +226,29 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
     assert logged == [1]
 
 
+def test_init_from_starts_from_another_runs_parameters(tmp_path):
+    seed = _seed()
+    source = T.train(_small(tmp_path / "short", seed=seed, steps=3))
+    # A warm start on other data: with a vanishing learning rate its first
+    # checkpoint must hold the source's final parameters, not its own init.
+    warm_cfg = _small(tmp_path / "long", seed=seed + 1, steps=1, lr=1e-30, warmup_steps=0,
+                      data={"min_operands": 4, "max_operands": 4}, seq_len=96, init_from=str(tmp_path / "short"))
+    warm = T.train(warm_cfg)
+    cold = T.train(warm_cfg.replace(init_from=None, out=str(tmp_path / "cold")))
+    src_leaves = jax.tree.leaves(jax.device_get(source.trainable))
+    warm_leaves = jax.tree.leaves(jax.device_get(warm.trainable))
+    cold_leaves = jax.tree.leaves(jax.device_get(cold.trainable))
+    assert len(src_leaves) == len(warm_leaves)
+    for a, b in zip(src_leaves, warm_leaves):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert any(not np.array_equal(np.asarray(a), np.asarray(c)) for a, c in zip(src_leaves, cold_leaves))
+
+    with pytest.raises(ValueError, match=r"trained model_overrides=.*the parameter trees differ"):
+        T.train(warm_cfg.replace(out=str(tmp_path / "other"), model_overrides={**SMALL_MODEL, "d_model": 48}))
+    with pytest.raises(ValueError, match=r"is not a run directory"):
+        T.train(warm_cfg.replace(out=str(tmp_path / "none"), init_from=str(tmp_path / "missing")))
+
+
 # ---------------------------------------------------------------------------
 # Kill / resume and multi-device (subprocesses)
 # ---------------------------------------------------------------------------
