@@ -3,6 +3,7 @@
 
     python scripts/demo.py                 # train both runs (training's defaults), evaluate, print the table
     python scripts/demo.py --skip-train    # evaluate the existing runs only
+    python scripts/demo.py --long          # then long derivations (attended fraction < 50%)
 
 Step 1 is exactly `scripts/train.py` with its defaults (tiny model, step-by-step
 arithmetic with span headers, trained under the span mask; about ten minutes
@@ -18,6 +19,13 @@ of the context each generated token attended to, the fraction of KV-cache
 bytes read, tokens/s, and ratios against (c). Results, with the wall time of
 every phase, go to benchmarks/results/demo.{json,md}. Step 4 draws the span
 heat map of one example (benchmarks/results/demo_spans.png).
+
+With --long, both runs then continue on long derivations (14-18 operands,
+configs/arith_long.yaml and configs/arith_long_dense.yaml, warm-started from
+the runs above, 900 steps each; about 65 min each on the 2-core CPU), and the
+pair is evaluated the same way on held-out 16-18-operand problems, where the
+spans leave under half of the context visible: demo_long.{json,md},
+demo_long_spans.png.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ def _recorded_train_s(run_dir: str) -> float | None:
 
 def _train(train_script, train_lib, out: str, extra: list[str], what: str) -> tuple[int, bool]:
     """(exit status, whether a finished run was reused instead of trained)."""
-    cfg = train_lib.DEFAULT.replace(out=out)
+    cfg, _ = train_lib.config_from_args([*extra, "--out", out])
     if (Path(out) / "checkpoints" / str(cfg.steps)).is_dir():
         print(f"[demo] {out} already holds the finished {what} (step {cfg.steps}); skipping training")
         return 0, True
@@ -63,6 +71,9 @@ def main(argv=None) -> int:
     # one timed call of the 64-problem batch lasts ~0.15 s on the 2-core CPU: 20 turns keep the median
     # steady under the load of a shared machine for ~10 s more than evaluate.py's default of 5
     p.add_argument("--repeats", type=int, default=20, help="timed repeats per row (median)")
+    p.add_argument("--long", action="store_true",
+                   help="then continue both runs on long derivations (configs/arith_long*.yaml, warm-started "
+                        "from them) and evaluate those on held-out 16-18-operand problems: demo_long.{json,md}")
     args = p.parse_args(argv)
 
     import evaluate as evaluate_script
@@ -96,9 +107,59 @@ def main(argv=None) -> int:
         return rc
     wall["heat map"] = time.perf_counter() - t0
     load["end"] = os.getloadavg()
+    _annotate(ev, args.results, "demo", wall, runs, load)
+    print("\n".join(f"[demo] {k}: {v:.0f} s" for k, v in wall.items()))
+    if args.long:
+        return _long(args, train_script, train_lib, evaluate_script, plot_spans, ev)
+    return 0
 
-    # the phases' wall times go beside the table (the evaluation wrote it before they were known)
-    json_path = Path(args.results) / "demo.json"
+
+# The long-derivation stage: held-out problems with 16-18 operands (15-17
+# reduction steps, ~500 tokens), where each step sees segment 0, the previous
+# step and itself, so under half of the context is visible (oracle 0.465).
+LONG_RUNS = (("configs/arith_long.yaml", "span-trained long-derivation model"),
+             ("configs/arith_long_dense.yaml", "dense-trained long-derivation baseline"))
+LONG_EVAL_DATA = ("min_operands=16", "max_operands=18")
+
+
+def _long(args, train_script, train_lib, evaluate_script, plot_spans, ev) -> int:
+    wall: dict[str, float] = {}
+    load = {"start": os.getloadavg()}
+    runs = []
+    for (config, what), source in zip(LONG_RUNS, (args.out, args.baseline)):
+        extra = ["--config", str(ROOT / config), "--init-from", source]
+        runs.append((train_lib.config_from_args(extra)[0].out, extra, what))
+    if not args.skip_train:
+        for out, extra, what in runs:
+            t0 = time.perf_counter()
+            rc, reused = _train(train_script, train_lib, out, extra, what)
+            if rc:
+                return rc
+            wall[f"train {out}" + (" (finished run reused)" if reused else "")] = time.perf_counter() - t0
+    span_run, dense_run = runs[0][0], runs[1][0]
+    data = [a for item in LONG_EVAL_DATA for a in ("--data", item)]
+    print("[demo] evaluating the long-derivation runs on held-out 16-18-operand problems")
+    t0 = time.perf_counter()
+    rc = evaluate_script.main([span_run, "--baseline", dense_run, *data, "--num", str(args.num),
+                               "--repeats", str(max(3, args.repeats // 4)), "--out-dir", args.results,
+                               "--name", "demo_long"])
+    if rc:
+        return rc
+    wall["evaluate"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rc = plot_spans.main([span_run, *data, "--out", str(Path(args.results) / "demo_long_spans.png")])
+    if rc:
+        return rc
+    wall["heat map"] = time.perf_counter() - t0
+    load["end"] = os.getloadavg()
+    _annotate(ev, args.results, "demo_long", wall, runs, load)
+    print("\n".join(f"[demo long] {k}: {v:.0f} s" for k, v in wall.items()))
+    return 0
+
+
+def _annotate(ev, results: str, name: str, wall: dict, runs, load: dict) -> None:
+    """Put the phases' wall times beside the table (the evaluation wrote it before they were known)."""
+    json_path = Path(results) / f"{name}.json"
     result = json.loads(json_path.read_text())
     result["wall_s"] = wall
     result["recorded_train_s"] = {out: _recorded_train_s(out) for out, _, _ in runs}
@@ -108,9 +169,7 @@ def main(argv=None) -> int:
         + ", ".join(f"{k} {'?' if v is None else f'{v:.0f} s'}" for k, v in result["recorded_train_s"].items())
         + f"; 1/5/15-min load average at start {load['start'][0]:.1f}/{load['start'][1]:.1f}/{load['start'][2]:.1f}"
         f", at end {load['end'][0]:.1f}/{load['end'][1]:.1f}/{load['end'][2]:.1f} ({os.cpu_count()} CPUs)")
-    ev.write_results(result, args.results, "demo")
-    print("\n".join(f"[demo] {k}: {v:.0f} s" for k, v in wall.items()))
-    return 0
+    ev.write_results(result, results, name)
 
 
 if __name__ == "__main__":

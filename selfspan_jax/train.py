@@ -397,6 +397,8 @@ def tokenize_set(records: list[dict], tokenizer, seq_len: int, overlong: str, wh
                 raise ValueError(f"{msg}; --overlong drop would leave no {what} examples")
             encoded = [encoded[i] for i in keep]
             records = [records[i] for i in keep]
+        # said once per set, so a changed distribution never goes unnoticed
+        print(f"[train] {msg}: {'dropped' if overlong == 'drop' else 'cut to seq_len'}", file=sys.stderr)
     n = len(encoded)
     tokens = np.full((n, seq_len), pad, np.int32)
     loss_mask = np.zeros((n, seq_len), bool)
