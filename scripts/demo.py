@@ -76,42 +76,22 @@ def main(argv=None) -> int:
                         "from them) and evaluate those on held-out 16-18-operand problems: demo_long.{json,md}")
     args = p.parse_args(argv)
 
-    import evaluate as evaluate_script
-    import plot_spans
-    import train as train_script
-
-    from selfspan_jax import evaluate as ev
-    from selfspan_jax import train as train_lib
-
-    wall: dict[str, float] = {}
-    load = {"start": os.getloadavg()}
     runs = [(args.out, [], "span-trained model (self_span mask)"),
             (args.baseline, ["--span-policy", "dense"], "dense baseline (causal mask, same data)")]
-    if not args.skip_train:
-        for out, extra, what in runs:
-            t0 = time.perf_counter()
-            rc, reused = _train(train_script, train_lib, out, extra, what)
-            if rc:
-                return rc
-            wall[f"train {out}" + (" (finished run reused)" if reused else "")] = time.perf_counter() - t0
-    print("[demo] evaluating: span-trained self_span, span-trained dense (ablation), dense baseline")
-    t0 = time.perf_counter()
-    rc = evaluate_script.main([args.out, "--baseline", args.baseline, "--num", str(args.num),
-                               "--repeats", str(args.repeats), "--out-dir", args.results, "--name", "demo"])
-    if rc:
+    print_what = "span-trained self_span, span-trained dense (ablation), dense baseline"
+    rc = _stage(args, runs, [], args.repeats, "demo", print_what)
+    if rc or not args.long:
         return rc
-    wall["evaluate"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    rc = plot_spans.main([args.out, "--out", str(Path(args.results) / "demo_spans.png")])
-    if rc:
-        return rc
-    wall["heat map"] = time.perf_counter() - t0
-    load["end"] = os.getloadavg()
-    _annotate(ev, args.results, "demo", wall, runs, load)
-    print("\n".join(f"[demo] {k}: {v:.0f} s" for k, v in wall.items()))
-    if args.long:
-        return _long(args, train_script, train_lib, evaluate_script, plot_spans, ev)
-    return 0
+    from selfspan_jax import train as train_lib
+
+    long_runs = []
+    for (config, what), source in zip(LONG_RUNS, (args.out, args.baseline)):
+        extra = ["--config", str(ROOT / config), "--init-from", source]
+        long_runs.append((train_lib.config_from_args(extra)[0].out, extra, what))
+    data = [a for item in LONG_EVAL_DATA for a in ("--data", item)]
+    # one timed call of a long batch lasts seconds, not 0.15 s: fewer turns suffice
+    return _stage(args, long_runs, data, max(3, args.repeats // 4), "demo_long",
+                  "the long-derivation runs on held-out 16-18-operand problems")
 
 
 # The long-derivation stage: held-out problems with 16-18 operands (15-17
@@ -122,13 +102,19 @@ LONG_RUNS = (("configs/arith_long.yaml", "span-trained long-derivation model"),
 LONG_EVAL_DATA = ("min_operands=16", "max_operands=18")
 
 
-def _long(args, train_script, train_lib, evaluate_script, plot_spans, ev) -> int:
+def _stage(args, runs, data: list[str], repeats: int, name: str, what_evaluated: str) -> int:
+    """Train (or reuse) the span run and its dense baseline, evaluate the pair
+    on held-out data, draw the heat map, and record the wall time of each phase
+    in `<name>.json`."""
+    import evaluate as evaluate_script
+    import plot_spans
+    import train as train_script
+
+    from selfspan_jax import evaluate as ev
+    from selfspan_jax import train as train_lib
+
     wall: dict[str, float] = {}
     load = {"start": os.getloadavg()}
-    runs = []
-    for (config, what), source in zip(LONG_RUNS, (args.out, args.baseline)):
-        extra = ["--config", str(ROOT / config), "--init-from", source]
-        runs.append((train_lib.config_from_args(extra)[0].out, extra, what))
     if not args.skip_train:
         for out, extra, what in runs:
             t0 = time.perf_counter()
@@ -137,23 +123,21 @@ def _long(args, train_script, train_lib, evaluate_script, plot_spans, ev) -> int
                 return rc
             wall[f"train {out}" + (" (finished run reused)" if reused else "")] = time.perf_counter() - t0
     span_run, dense_run = runs[0][0], runs[1][0]
-    data = [a for item in LONG_EVAL_DATA for a in ("--data", item)]
-    print("[demo] evaluating the long-derivation runs on held-out 16-18-operand problems")
+    print(f"[demo] evaluating {what_evaluated}")
     t0 = time.perf_counter()
     rc = evaluate_script.main([span_run, "--baseline", dense_run, *data, "--num", str(args.num),
-                               "--repeats", str(max(3, args.repeats // 4)), "--out-dir", args.results,
-                               "--name", "demo_long"])
+                               "--repeats", str(repeats), "--out-dir", args.results, "--name", name])
     if rc:
         return rc
     wall["evaluate"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    rc = plot_spans.main([span_run, *data, "--out", str(Path(args.results) / "demo_long_spans.png")])
+    rc = plot_spans.main([span_run, *data, "--out", str(Path(args.results) / f"{name}_spans.png")])
     if rc:
         return rc
     wall["heat map"] = time.perf_counter() - t0
     load["end"] = os.getloadavg()
-    _annotate(ev, args.results, "demo_long", wall, runs, load)
-    print("\n".join(f"[demo long] {k}: {v:.0f} s" for k, v in wall.items()))
+    _annotate(ev, args.results, name, wall, runs, load)
+    print("\n".join(f"[{name}] {k}: {v:.0f} s" for k, v in wall.items()))
     return 0
 
 
