@@ -853,13 +853,18 @@ def init_params_from(cfg: TrainConfig, run_dir: str | os.PathLike, trainable, sh
                 f"init_from {str(src)!r} trained {field}={getattr(src_cfg, field)!r}, this run has "
                 f"{getattr(cfg, field)!r}: the parameter trees differ"
             )
+    return _restore_params(src, src_cfg, trainable, shardings)
+
+
+def _restore_params(run_dir: Path, run_cfg: TrainConfig, trainable, shardings=None, step: int | None = None):
+    """Trainable parameters of a run's checkpoint (default: the latest),
+    restored into `trainable`'s shapes; the optimizer state is read as `run_cfg`
+    wrote it and dropped. Raises CheckpointError when there is none."""
     target = {"params": abstract_tree(trainable, shardings),
-              "opt_state": abstract_tree(jax.eval_shape(make_optimizer(src_cfg).init, trainable)),
+              "opt_state": abstract_tree(jax.eval_shape(make_optimizer(run_cfg).init, trainable)),
               "step": jax.ShapeDtypeStruct((), jnp.int32)}
-    with Checkpointer(src / "checkpoints") as mgr:
-        if mgr.latest_step() is None:
-            raise ValueError(f"init_from {str(src)!r} has no checkpoint yet")
-        state, _ = mgr.restore(target)
+    with Checkpointer(run_dir / "checkpoints") as mgr:
+        state, _ = mgr.restore(target, step)
     return state["params"]
 
 
@@ -883,12 +888,7 @@ def load_run(run_dir: str | os.PathLike, step: int | None = None):
     else:
         model, tokenizer = build_model(cfg)
     graphdef, trainable, frozen = nnx.split(model, trainable_filter(cfg), ...)
-    target = {"params": abstract_tree(trainable),
-              "opt_state": abstract_tree(jax.eval_shape(make_optimizer(cfg).init, trainable)),
-              "step": jax.ShapeDtypeStruct((), jnp.int32)}
-    with Checkpointer(run_dir / "checkpoints") as mgr:
-        state, _ = mgr.restore(target, step)
-    return nnx.merge(graphdef, state["params"], frozen), tokenizer, cfg
+    return nnx.merge(graphdef, _restore_params(run_dir, cfg, trainable, step=step), frozen), tokenizer, cfg
 
 
 # ---------------------------------------------------------------------------
