@@ -36,96 +36,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-# The CPU shape keeps LLaMA-7B's head dim (128, MHA) and cuts depth, width and
-# vocabulary so a 2-core CPU finishes in minutes. It is chosen to keep r =
-# dense KV bytes / weight bytes per step in the range of LLaMA-7B at batch 32
-# and 2k tokens (r ~ 2.5), the regime where skipping KV blocks pays: at batch
-# 8 and 2k tokens this shape has r ~ 3.
-SHAPES = {
-    "llama2-7b": dict(preset="llama2-7b"),
-    "cpu-reduced": dict(preset="llama2-7b", d_model=512, n_layers=2, n_heads=4, n_kv_heads=4, mlp_dim=1376,
-                        vocab_size=4096),
-}
+from selfspan_jax import reporting
+from selfspan_jax.benchmarks import SHAPES, random_model, record_traces, reference_traces, trace_stream
 
-
-def trace_stream(completions: list[tuple[str, str]], tokenizer, length: int) -> list[int]:
-    """Token ids of a long multi-problem derivation, >= `length` tokens.
-
-    Layout, as in summarization: the instruction (segment 0), then every
-    problem line as its own prompt segment, then the recorded derivations one
-    after another. References are renumbered to global segments: a
-    derivation's local segment 1 (its problem line) becomes that problem's
-    prompt segment, local segment k >= 2 (its step k - 1) the global segment of
-    that step. So every decoded step still reads segment 0, itself and the
-    one segment the recorded generation named -- the recorded span structure
-    at a long context -- and no header-less problem line sits among the
-    decoded tokens (those would be dense by the span rule).
-    """
-    from selfspan_jax.tokenizer import ANCHOR, REF_CLOSE, REF_OPEN, encode_with_spans
-
-    ref = re.compile(re.escape(REF_OPEN) + r"(\d+)" + re.escape(REF_CLOSE))
-    instruction = completions[0][0].split(ANCHOR)[0]
-    chosen, total = [], len(encode_with_spans(tokenizer, instruction)) + 1
-    while total < length:
-        prompt, completion = completions[len(chosen) % len(completions)]
-        chosen.append((ANCHOR + prompt.split(ANCHOR, 1)[1], completion.rstrip("\n") + "\n"))
-        total += sum(len(encode_with_spans(tokenizer, t)) for t in chosen[-1])
-    text = instruction + "".join(problem for problem, _ in chosen)
-    segment = len(chosen)  # global segment of the last anchor so far
-    for i, (_, completion) in enumerate(chosen, start=1):
-        start = segment  # step j of this derivation becomes global segment start + j
-
-        def renumber(m, i=i, start=start):
-            k = int(m.group(1))
-            return f"{REF_OPEN}{i if k == 1 else start + k - 1}{REF_CLOSE}"
-
-        text += ref.sub(renumber, completion)
-        segment += completion.count(ANCHOR)
-    return [tokenizer.bos_token_id] + encode_with_spans(tokenizer, text)
-
-
-def record_traces(run: str, n: int, split: str, seed: int) -> list[tuple[str, str]]:
-    """(prompt, generated completion) of `n` held-out problems, greedy, self_span, by a trained run."""
-    from selfspan_jax import evaluate as ev
-
-    loaded = ev.load_for_eval(run)
-    records = ev.held_out_records("arithmetic", n, seed=seed, split=split,
-                                  data=(loaded.train_config or {}).get("data", {}))
-    out = ev.generate(loaded.model, [r["prompt"] for r in records], policy="self_span",
-                      max_new_tokens=ev._budget(records, loaded.tokenizer, loaded.model), tokenizer=loaded.tokenizer,
-                      max_segments=loaded.max_segments)
-    return [(r["prompt"], t) for r, t in zip(records, out.texts)]
-
-
-def reference_traces(n: int, split: str, seed: int) -> list[tuple[str, str]]:
-    from selfspan_jax.data.arithmetic import generate_examples
-
-    return [(r["prompt"], r["completion"]) for r in generate_examples(n, seed=seed, split=split)]
-
-
-def _interleaved_times(fns: dict, repeats: int) -> dict:
-    """{name: [seconds per repeat]} after one warm-up (compile) call of each.
-
-    Every repeat runs each program once, in turn, so the programs see the same
-    load (the 2-core CPU is shared with training jobs): a slow spell hits all
-    of them in the same repeat and cancels out of the paired differences.
-    """
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def bench_point(model, tokenizer, stream_rows, *, batch, context, new_tokens, block_size, backend, max_segments,
@@ -156,7 +74,7 @@ def bench_point(model, tokenizer, stream_rows, *, batch, context, new_tokens, bl
         return go
 
     policies = ("dense", "self_span")
-    times = _interleaved_times({(pol, n): run(pol, n) for pol in policies for n in (new_tokens, short)}, repeats)
+    times = reporting.interleaved_times({(pol, n): run(pol, n) for pol in policies for n in (new_tokens, short)}, repeats)
     for policy in policies:
         out = outs[(policy, new_tokens)]
         if not np.array_equal(out.tokens, forced):
@@ -201,10 +119,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     load_start = list(os.getloadavg())  # the 2-core CPU is shared: record the load the numbers ran under
 
-    import jax
-
-    from selfspan_jax.config import LlamaConfig
-    from selfspan_jax.evaluate import environment
     from selfspan_jax.tokenizer import CharTokenizer
 
     tokenizer = CharTokenizer()
@@ -222,19 +136,8 @@ def main(argv=None) -> int:
 
     batches = [int(b) for b in args.batch.split(",")]
     contexts = [int(c) for c in args.context.split(",")]
-    shape = dict(SHAPES[args.shape])
-    preset = shape.pop("preset")
-    config = LlamaConfig.preset(preset, dtype=args.dtype, param_dtype=args.dtype,
-                                max_seq_len=max(contexts) + args.new_tokens + 64, **shape)
-    from flax import nnx
-
-    from selfspan_jax.model import Llama
-
-    # Random weights: jit the initialiser so 7B parameters are created on the
-    # device directly, not op by op on the host.
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
-    state = jax.jit(lambda: nnx.state(Llama(config, rngs=nnx.Rngs(0))))()
-    model = nnx.merge(graphdef, state)
+    model = random_model(args.shape, args.dtype, max(contexts) + args.new_tokens + 64)
+    config = model.config
 
     need = max(contexts) + args.new_tokens
     # each row starts at a different problem so the batch is not one sequence repeated
@@ -263,7 +166,7 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "end-to-end decode, dense vs self_span, forced recorded span traces",
         "label": label,
-        "environment": environment(),
+        "environment": reporting.environment(),
         "model": {"shape": args.shape, **config.to_dict(), "num_params": config.num_params(),
                   "weights": "random (speed does not depend on them)"},
         "traces": {"origin": origin, "split": args.split, "count": len(traces)},
@@ -276,9 +179,7 @@ def main(argv=None) -> int:
         "points": points,
         "command": "python scripts/bench_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = reporting.write_json(result, args.out)
     print(f"| batch | context | dense tok/s | self_span tok/s | speedup | rho | ceiling |\n|---|---|---|---|---|---|---|")
     for pt in points:
         print(f"| {pt['batch']} | {pt['context']} | {pt['dense']['decode_tokens_per_s']:.1f} | "

@@ -31,34 +31,32 @@ demo_long_spans.png.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
+from selfspan_jax import evaluate as ev
+from selfspan_jax import runs
+from selfspan_jax.train import TrainingDiverged, train
+from selfspan_jax.train_config import config_from_args, parse_key_value
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
 
 
-def _recorded_train_s(run_dir: str) -> float | None:
-    """Wall seconds the run's own metrics say training took (last train line; a resumed run counts its last leg)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    elapsed = [json.loads(line).get("elapsed_s") for line in path.read_text().splitlines() if line.strip()]
-    elapsed = [e for e in elapsed if e is not None]
-    return elapsed[-1] if elapsed else None
-
-
-def _train(train_script, train_lib, out: str, extra: list[str], what: str) -> tuple[int, bool]:
+def _train(out: str, extra: list[str], what: str) -> tuple[int, bool]:
     """(exit status, whether a finished run was reused instead of trained)."""
-    cfg, _ = train_lib.config_from_args([*extra, "--out", out])
-    if (Path(out) / "checkpoints" / str(cfg.steps)).is_dir():
+    cfg, _ = config_from_args([*extra, "--out", out])
+    if runs.is_finished(cfg):
         print(f"[demo] {out} already holds the finished {what} (step {cfg.steps}); skipping training")
         return 0, True
     print(f"[demo] training the {what} -> {out} (resumes if interrupted)")
-    return train_script.main([*extra, "--out", out]), False
+    try:
+        train(cfg)
+    except (ValueError, TrainingDiverged) as err:
+        print(f"demo.py: error: {err}", file=sys.stderr)
+        return 1, False
+    return 0, False
 
 
 def main(argv=None) -> int:
@@ -76,19 +74,17 @@ def main(argv=None) -> int:
                         "from them) and evaluate those on held-out 16-18-operand problems: demo_long.{json,md}")
     args = p.parse_args(argv)
 
-    runs = [(args.out, [], "span-trained model (self_span mask)"),
-            (args.baseline, ["--span-policy", "dense"], "dense baseline (causal mask, same data)")]
+    runs_ = [(args.out, [], "span-trained model (self_span mask)"),
+             (args.baseline, ["--span-policy", "dense"], "dense baseline (causal mask, same data)")]
     print_what = "span-trained self_span, span-trained dense (ablation), dense baseline"
-    rc = _stage(args, runs, [], args.repeats, "demo", print_what)
+    rc = _stage(args, runs_, {}, args.repeats, "demo", print_what)
     if rc or not args.long:
         return rc
-    from selfspan_jax import train as train_lib
-
     long_runs = []
     for (config, what), source in zip(LONG_RUNS, (args.out, args.baseline)):
         extra = ["--config", str(ROOT / config), "--init-from", source]
-        long_runs.append((train_lib.config_from_args(extra)[0].out, extra, what))
-    data = [a for item in LONG_EVAL_DATA for a in ("--data", item)]
+        long_runs.append((config_from_args(extra)[0].out, extra, what))
+    data = dict(parse_key_value(item) for item in LONG_EVAL_DATA)
     # one timed call of a long batch lasts seconds, not 0.15 s: fewer turns suffice
     return _stage(args, long_runs, data, max(3, args.repeats // 4), "demo_long",
                   "the long-derivation runs on held-out 16-18-operand problems")
@@ -100,60 +96,54 @@ def main(argv=None) -> int:
 LONG_RUNS = (("configs/arith_long.yaml", "span-trained long-derivation model"),
              ("configs/arith_long_dense.yaml", "dense-trained long-derivation baseline"))
 LONG_EVAL_DATA = ("min_operands=16", "max_operands=18")
+# what scripts/evaluate.py and scripts/plot_spans.py use by default: the demo's numbers are theirs
+EVAL_SEED = 12345
 
 
-def _stage(args, runs, data: list[str], repeats: int, name: str, what_evaluated: str) -> int:
+def _stage(args, stage_runs, data: dict, repeats: int, name: str, what_evaluated: str) -> int:
     """Train (or reuse) the span run and its dense baseline, evaluate the pair
     on held-out data, draw the heat map, and record the wall time of each phase
     in `<name>.json`."""
-    import evaluate as evaluate_script
-    import plot_spans
-    import train as train_script
-
-    from selfspan_jax import evaluate as ev
-    from selfspan_jax import train as train_lib
-
     wall: dict[str, float] = {}
     load = {"start": os.getloadavg()}
     if not args.skip_train:
-        for out, extra, what in runs:
+        for out, extra, what in stage_runs:
             t0 = time.perf_counter()
-            rc, reused = _train(train_script, train_lib, out, extra, what)
+            rc, reused = _train(out, extra, what)
             if rc:
                 return rc
             wall[f"train {out}" + (" (finished run reused)" if reused else "")] = time.perf_counter() - t0
-    span_run, dense_run = runs[0][0], runs[1][0]
+    span_run, dense_run = stage_runs[0][0], stage_runs[1][0]
     print(f"[demo] evaluating {what_evaluated}")
     t0 = time.perf_counter()
-    rc = evaluate_script.main([span_run, "--baseline", dense_run, *data, "--num", str(args.num),
-                               "--repeats", str(repeats), "--out-dir", args.results, "--name", name])
-    if rc:
-        return rc
+    try:
+        result = ev.compare(span_run, baseline=dense_run, data=data, num=args.num, seed=EVAL_SEED,
+                            batch_size=64, block_size=16, timing_repeats=repeats)
+    except ValueError as err:
+        print(f"demo.py: error: {err}", file=sys.stderr)
+        return 2
+    print(ev.format_table(result))
+    for line in result["notes"]:
+        print(f"note: {line}")
     wall["evaluate"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    rc = plot_spans.main([span_run, *data, "--out", str(Path(args.results) / f"{name}_spans.png")])
-    if rc:
-        return rc
+    loaded = ev.load_for_eval(span_run)
+    _, _, _, records = ev.held_out_records(loaded, 1, seed=EVAL_SEED, task="arithmetic", data=data)
+    path, out = ev.span_heatmap(loaded, records[0], Path(args.results) / f"{name}_spans.png")
+    print(f"{out['title']}\nwrote {path}")
     wall["heat map"] = time.perf_counter() - t0
     load["end"] = os.getloadavg()
-    _annotate(ev, args.results, name, wall, runs, load)
-    print("\n".join(f"[{name}] {k}: {v:.0f} s" for k, v in wall.items()))
-    return 0
-
-
-def _annotate(ev, results: str, name: str, wall: dict, runs, load: dict) -> None:
-    """Put the phases' wall times beside the table (the evaluation wrote it before they were known)."""
-    json_path = Path(results) / f"{name}.json"
-    result = json.loads(json_path.read_text())
-    result["wall_s"] = wall
-    result["recorded_train_s"] = {out: _recorded_train_s(out) for out, _, _ in runs}
-    result["load_average"] = load
-    result.setdefault("notes", []).append(
+    recorded = {out: runs.recorded_train_seconds(out) for out, _, _ in stage_runs}
+    result.update(wall_s=wall, recorded_train_s=recorded, load_average=load)
+    result["notes"].append(
         "training wall time as recorded in each run's metrics.jsonl: "
-        + ", ".join(f"{k} {'?' if v is None else f'{v:.0f} s'}" for k, v in result["recorded_train_s"].items())
+        + ", ".join(f"{k} {'?' if v is None else f'{v:.0f} s'}" for k, v in recorded.items())
         + f"; 1/5/15-min load average at start {load['start'][0]:.1f}/{load['start'][1]:.1f}/{load['start'][2]:.1f}"
         f", at end {load['end'][0]:.1f}/{load['end'][1]:.1f}/{load['end'][2]:.1f} ({os.cpu_count()} CPUs)")
-    ev.write_results(result, results, name)
+    json_path, md_path = ev.write_results(result, args.results, name)
+    print(f"wrote {json_path} and {md_path}")
+    print("\n".join(f"[{name}] {k}: {v:.0f} s" for k, v in wall.items()))
+    return 0
 
 
 if __name__ == "__main__":

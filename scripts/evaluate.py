@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import yaml
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
@@ -65,104 +63,35 @@ def _split_policies(text: str) -> list[str]:
     return policies
 
 
-# fields that may differ between a run and its baseline without making the comparison unfair
-_NOT_COMPARED = {"span_policy", "out", "progress", "tensorboard", "eval_batch_size", "log_every", "save_every",
-                 "keep_checkpoints", "eval_every", "eval_generate", "export_merged"}
-
-
-def build_rows(loaded, base, policies, baseline_policies):
-    """The evaluation rows of a run (and of its baseline), the row ratios are taken against, and notes.
-
-    Raises ValueError when the baseline was trained on another task or data
-    than the run (its held-out records would not be the run's).
-    """
-    from selfspan_jax import evaluate as ev
-
-    def trained(l):
-        return (l.train_config or {}).get("span_policy", "pretrained")
-
-    def row(l, policy, prefix=""):
-        tw = trained(l)
-        return ev.Row(f"{prefix}{'span' if tw == 'self_span' else tw}-trained/{policy}", l.model, l.tokenizer,
-                      policy, trained_with=tw, source=l.source if l.step is None else f"{l.source} step {l.step}",
-                      note=ev.ood_note(tw, policy))
-
-    rows = [row(loaded, p) for p in policies]
-    notes = []
-    if base is None:
-        dense = [r.name for r in rows if r.policy == "dense"]
-        baseline = dense[0] if dense else None
-        if baseline and trained(loaded) == "self_span":
-            notes.append(f"ratios are against {baseline}: the same span-trained model decoded dense, an "
-                         "out-of-distribution ablation; pass --baseline RUN for a dense-trained baseline")
-        return rows, baseline, notes
-    mine, theirs = loaded.train_config or {}, base.train_config or {}
-    if base.task != loaded.task or theirs.get("data") != mine.get("data"):
-        raise ValueError(f"baseline {base.source!r} was trained on task {base.task!r} with data "
-                         f"{theirs.get('data')}, the run {loaded.source!r} on task {loaded.task!r} with data "
-                         f"{mine.get('data')}: not the same held-out distribution")
-    names = {r.name for r in rows}
-    base_rows = [row(base, p) for p in baseline_policies]
-    if names & {r.name for r in base_rows}:
-        base_rows = [row(base, p, "baseline ") for p in baseline_policies]
-    if trained(base) != "dense":
-        notes.append(f"the baseline {base.source} was trained with {trained(base)!r}, not dense")
-    differ = sorted(k for k in set(mine) | set(theirs) if k not in _NOT_COMPARED and mine.get(k) != theirs.get(k))
-    if differ:
-        notes.append("the run and its baseline also differ in: "
-                     + ", ".join(f"{k} ({mine.get(k)!r} vs {theirs.get(k)!r})" for k in differ))
-    return rows + base_rows, base_rows[0].name, notes
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from selfspan_jax import evaluate as ev
+    from selfspan_jax.train_config import parse_key_value
 
     try:
-        loaded = ev.load_for_eval(args.source, step=args.step)
-        cfg = loaded.train_config or {}
-        task = args.task or loaded.task or "arithmetic"
-        data = dict(cfg.get("data", {})) if cfg.get("task") == task else {}
-        for item in args.data:
-            if "=" not in item:
-                raise ValueError(f"--data expects KEY=VALUE, got {item!r}")
-            key, value = item.split("=", 1)
-            data[key.strip()] = yaml.safe_load(value)
-        split = args.split or ("test" if task == "arithmetic" else "validation")
-        records = ev.held_out_records(task, args.num, seed=args.seed, split=split, data=data,
-                                      tokenizer=loaded.tokenizer)
-        max_segments = args.max_segments or loaded.max_segments
-        base = None if args.baseline is None else ev.load_for_eval(args.baseline, step=args.baseline_step)
-        rows, baseline, notes = build_rows(loaded, base, _split_policies(args.policies),
-                                           _split_policies(args.baseline_policies))
-        result = ev.evaluate_rows(
-            rows, records, task=task, baseline=baseline, batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens, block_size=args.block_size, backend=args.backend,
-            max_segments=max_segments, timing_repeats=args.repeats, timing_batch=args.timing_batch,
+        result = ev.compare(
+            args.source, baseline=args.baseline, step=args.step, baseline_step=args.baseline_step, task=args.task,
+            split=args.split, data=dict(parse_key_value(item) for item in args.data), num=args.num, seed=args.seed,
+            policies=_split_policies(args.policies), baseline_policies=_split_policies(args.baseline_policies),
+            max_segments=args.max_segments, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+            block_size=args.block_size, backend=args.backend, timing_repeats=args.repeats,
+            timing_batch=args.timing_batch,
         )
     except ValueError as err:
         print(f"evaluate.py: error: {err}", file=sys.stderr)
         return 2
-    result["config"].update(source=loaded.source, step=loaded.step, split=split, seed=args.seed, data=data,
-                            baseline_source=None if base is None else base.source,
-                            baseline_step=None if base is None else base.step)
-    result["notes"] = notes
-    result["environment"] = ev.environment()
-    name = args.name or f"eval_{task}_{split}"
+    cfg = result["config"]
+    name = args.name or f"eval_{cfg['task']}_{cfg['split']}"
     json_path, md_path = ev.write_results(result, args.out_dir, name)
     print(ev.format_table(result))
-    for line in notes:
+    for line in result["notes"]:
         print(f"note: {line}")
     print(f"\nwrote {json_path} and {md_path}")
     if args.heatmap:
-        from selfspan_jax.spans import SpanTokens
-        from selfspan_jax.viz import plot_span_heatmap
-
-        out = ev.generate_one(loaded.model, loaded.tokenizer, records[0], max_segments=max_segments,
-                              block_size=args.block_size, backend=args.backend)
-        path = plot_span_heatmap(out["tokens"], out["prompt_length"], args.heatmap,
-                                 span_tokens=SpanTokens.from_tokenizer(loaded.tokenizer), max_segments=max_segments,
-                                 tokenizer=loaded.tokenizer, title=out["title"])
+        loaded = ev.load_for_eval(args.source, step=args.step)
+        _, _, _, records = ev.held_out_records(loaded, 1, seed=args.seed, task=cfg["task"], split=cfg["split"],
+                                               data=cfg["data"])
+        path, _ = ev.span_heatmap(loaded, records[0], args.heatmap, block_size=args.block_size, backend=args.backend)
         print(f"wrote {path}")
     return 0
 

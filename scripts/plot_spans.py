@@ -24,24 +24,17 @@ def main(argv=None) -> int:
     p.add_argument("--data", action="append", default=[], metavar="KEY=VALUE", help="arithmetic Difficulty knob")
     args = p.parse_args(argv)
 
-    import yaml
-
     from selfspan_jax import evaluate as ev
-    from selfspan_jax.spans import SpanTokens
-    from selfspan_jax.viz import plot_span_heatmap
+    from selfspan_jax.train_config import parse_key_value
 
     try:
         loaded = ev.load_for_eval(args.source)
-        data = dict((loaded.train_config or {}).get("data", {}))
-        data.update({k.strip(): yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.data)})
-        record = ev.held_out_records("arithmetic", args.index + 1, seed=args.seed, split=args.split, data=data)[-1]
-        out = ev.generate_one(loaded.model, loaded.tokenizer, record, max_segments=loaded.max_segments)
+        _, _, _, records = ev.held_out_records(loaded, args.index + 1, seed=args.seed, task="arithmetic",
+                                               split=args.split, data=dict(parse_key_value(d) for d in args.data))
+        path, out = ev.span_heatmap(loaded, records[-1], args.out)
     except ValueError as err:
         print(f"plot_spans.py: error: {err}", file=sys.stderr)
         return 2
-    path = plot_span_heatmap(out["tokens"], out["prompt_length"], args.out,
-                             span_tokens=SpanTokens.from_tokenizer(loaded.tokenizer),
-                             max_segments=loaded.max_segments, tokenizer=loaded.tokenizer, title=out["title"])
     print(f"{out['title']}\ngenerated: {out['text']!r}\nattended fraction {out['summary']['mean_attended_fraction']:.3f}"
           f"\nwrote {path}")
     return 0

@@ -55,24 +55,18 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     from flax import nnx
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_decode import SHAPES, trace_stream
     from pallas_kernels import block_sparse_decode
+    from selfspan_jax.benchmarks import random_model, trace_stream
     from selfspan_jax.cache import KVCache
-    from selfspan_jax.config import LlamaConfig
     from selfspan_jax.generation import _next_pow2, _round_up, generate
-    from selfspan_jax.model import Llama
     from selfspan_jax.policies import SelfSpanPolicy, dense_selection
     from selfspan_jax.spans import SpanTokens
     from selfspan_jax.tokenizer import CharTokenizer
 
     B, T, bs = args.batch, args.context, args.block_size
-    shape = dict(SHAPES["cpu-reduced"])
-    preset = shape.pop("preset")
-    config = LlamaConfig.preset(preset, dtype="float32", param_dtype="float32",
-                                max_seq_len=T + args.new_tokens + 64, **shape)
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
-    model = nnx.merge(graphdef, jax.jit(lambda: nnx.state(Llama(config, rngs=nnx.Rngs(0))))())
+    model = random_model("cpu-reduced", "float32", T + args.new_tokens + 64)
+    config = model.config
+    graphdef, _ = nnx.split(model)
     tok = CharTokenizer()
     traces = [tuple(t) for t in json.loads(Path(args.traces).read_text())["traces"]]
     rows = [trace_stream(traces[i:] + traces[:i], tok, T + args.new_tokens) for i in range(B)]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train a model on span-annotated data. `python scripts/train.py --help` lists every flag.
 
-Thin wrapper: flags -> `selfspan_jax.train.TrainConfig` -> `selfspan_jax.train.train`.
+Thin wrapper: flags -> `selfspan_jax.train_config.TrainConfig` -> `selfspan_jax.train.train`.
 Running the same command again resumes the run in --out from its latest checkpoint.
 """
 
@@ -9,11 +9,12 @@ import json
 import sys
 
 from selfspan_jax import train as train_lib
+from selfspan_jax.train_config import config_from_args
 
 
 def main(argv=None) -> int:
     try:
-        cfg, print_only = train_lib.config_from_args(argv)
+        cfg, print_only = config_from_args(argv)
     except ValueError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2

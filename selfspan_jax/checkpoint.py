@@ -47,6 +47,20 @@ def abstract_tree(tree, shardings=None):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def _restore_args(target, partial: bool):
+    if target is None:
+        return ocp.args.StandardRestore()
+    if not partial:
+        return ocp.args.StandardRestore(target)
+    # PyTreeRestore is what can skip saved entries; leaves without a sharding
+    # land on the default device as jax arrays (not numpy).
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: x if getattr(x, "sharding", None) is not None
+                          else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), target)
+    return ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=True)
+
+
 class Checkpointer:
     """`orbax.checkpoint.CheckpointManager` over a run's ``checkpoints/`` dir.
 
@@ -87,12 +101,15 @@ class Checkpointer:
             force=True,
         )
 
-    def restore(self, target, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+    def restore(self, target, step: int | None = None, *, partial: bool = False) -> tuple[Any, dict[str, Any]]:
         """Restore (state, data) of `step` (default: the latest) into `target`.
 
         `target` is an abstract pytree shaped like the saved ``state`` (see
         `abstract_tree`); None restores the saved structure as nested dicts
-        of arrays on the default device (for inspection). Raises
+        of arrays on the default device (for inspection). With `partial`,
+        `target` may name a subset of the saved entries (e.g. only
+        ``{"params": ...}``) and only those are read: loading a run for
+        inference needs no optimizer state to restore into. Raises
         `CheckpointError` naming the step directory when it cannot be read or
         does not match the target.
         """
@@ -107,7 +124,7 @@ class Checkpointer:
             restored = self._manager.restore(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target) if target is not None else ocp.args.StandardRestore(),
+                    state=_restore_args(target, partial),
                     data=ocp.args.JsonRestore(),
                 ),
             )

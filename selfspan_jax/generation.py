@@ -387,6 +387,38 @@ class GenerateOutput:
     policy: str
     policy_report: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
+    @classmethod
+    def concatenate(cls, outputs: Sequence["GenerateOutput"]) -> "GenerateOutput":
+        """One output for several batches of the same call (same policy and token budget), batch-major
+        in the given order; `summary()` of the result aggregates over all of them. Mask rows of
+        different cache lengths are padded with False (not visible)."""
+        outputs = list(outputs)
+        if not outputs:
+            raise ValueError("nothing to concatenate")
+        if len({o.policy for o in outputs}) > 1 or len({o.tokens.shape[1] for o in outputs}) > 1:
+            raise ValueError("outputs of different policies or token budgets cannot be concatenated: "
+                             f"{[(o.policy, o.tokens.shape[1]) for o in outputs]}")
+        if len(outputs) == 1:
+            return outputs[0]
+        cat = lambda name: np.concatenate([getattr(o, name) for o in outputs])  # noqa: E731
+        masks = None
+        if all(o.masks is not None for o in outputs):
+            S = max(o.masks.shape[-1] for o in outputs)
+            masks = np.concatenate([np.pad(o.masks, ((0, 0), (0, 0), (0, S - o.masks.shape[-1])))
+                                    for o in outputs])
+        return cls(
+            tokens=cat("tokens"),
+            num_tokens=cat("num_tokens"),
+            prompt_lengths=cat("prompt_lengths"),
+            texts=None if any(o.texts is None for o in outputs) else [t for o in outputs for t in o.texts],
+            logprobs=None if any(o.logprobs is None for o in outputs) else cat("logprobs"),
+            stats={k: np.concatenate([o.stats[k] for o in outputs]) for k in outputs[0].stats},
+            masks=masks,
+            policy=outputs[0].policy,
+            policy_report={k: np.concatenate([o.policy_report[k] for o in outputs])
+                           for k in outputs[0].policy_report},
+        )
+
     def sequences(self) -> list[np.ndarray]:
         """Generated ids of each sequence, trimmed to `num_tokens`."""
         return [self.tokens[b, : self.num_tokens[b]] for b in range(len(self.num_tokens))]

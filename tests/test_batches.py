@@ -58,39 +58,40 @@ def test_tokenize_record_loss_mask_is_completion_and_eos(arith, news):
         assert mask == [False] * len(prompt) + [True] * len(completion)
 
 
-def test_make_batch_shapes_masks_and_padding_rows(arith, news):
+def _row_mask(data, b, span_tokens=SPAN_TOKENS, max_segments=MAX_SEG):
+    """The span mask the train step computes on device for row b of a TokenizedSet."""
+    rows = data.rows(np.array([b]))
+    return np.asarray(spans.attention_mask(rows["tokens"], span_tokens, max_segments, lengths=rows["lengths"]))[0]
+
+
+def test_tokenize_set_shapes_padding_and_span_masks(arith, news):
     records = arith[:3] + news[:2]
     T = 512
-    batch = Bt.make_batch(records, TOK, T, SPAN_TOKENS, MAX_SEG, batch_size=7)
-    assert batch["tokens"].shape == batch["targets"].shape == batch["loss_mask"].shape == (7, T)
-    assert batch["tokens"].dtype == np.int32 and batch["attention_mask"].shape == (7, T, T)
+    data = Bt.tokenize_set(records, TOK, T)
+    assert data.tokens.shape == data.loss_mask.shape == (5, T) and data.tokens.dtype == np.int32
+    assert len(data) == 5 and data.records == records
     for b, r in enumerate(records):
         ids, mask = Bt.tokenize_record(TOK, r)
         L = len(ids)
-        assert batch["lengths"][b] == L
-        np.testing.assert_array_equal(batch["tokens"][b, :L], ids)
-        assert (batch["tokens"][b, L:] == TOK.pad_token_id).all()
-        sel = batch["tokens"][b][batch["loss_mask"][b]]
-        assert TOK.decode(sel) == r["completion"] + "<eos>"
-        np.testing.assert_array_equal(batch["targets"][b, : L - 1], ids[1:])
-        np.testing.assert_array_equal(batch["target_mask"][b, : L - 1], mask[1:])
-        assert not batch["target_mask"][b, L - 1 :].any() and not batch["loss_mask"][b, L:].any()
-        # per row: spans.attention_mask of the unpadded row, and the brute-force rule
-        am = batch["attention_mask"][b]
+        assert data.lengths[b] == L
+        np.testing.assert_array_equal(data.tokens[b, :L], ids)
+        assert (data.tokens[b, L:] == TOK.pad_token_id).all()
+        assert TOK.decode(data.tokens[b][data.loss_mask[b]]) == r["completion"] + "<eos>"
+        assert not data.loss_mask[b, L:].any()
+        # the mask of the padded row: the unpadded row's mask, and the brute-force rule; padding sees nothing
+        am = _row_mask(data, b)
         np.testing.assert_array_equal(am[:L, :L], np.asarray(spans.attention_mask(np.array(ids), SPAN_TOKENS, MAX_SEG)))
         np.testing.assert_array_equal(am[:L, :L], brute_mask(ids, TOK))
         assert not am[L:].any() and not am[:, L:].any()
-    for b in range(len(records), 7):  # padding rows
-        assert batch["lengths"][b] == 0
-        assert not batch["loss_mask"][b].any() and not batch["target_mask"][b].any()
-        assert not batch["attention_mask"][b].any()
+    picked = data.rows(np.array([4, 0]))
+    np.testing.assert_array_equal(picked["tokens"], data.tokens[[4, 0]])
+    np.testing.assert_array_equal(picked["lengths"], data.lengths[[4, 0]])
 
 
 def test_arithmetic_steps_see_only_the_previous_step():
-    r = A.make_record("((3+4)*5-2)/3")
-    batch = Bt.make_batch([r], TOK, 128, SPAN_TOKENS, MAX_SEG)
-    ids = batch["tokens"][0, : batch["lengths"][0]].tolist()
-    am = batch["attention_mask"][0]
+    data = Bt.tokenize_set([A.make_record("((3+4)*5-2)/3")], TOK, 128)
+    ids = data.tokens[0, : data.lengths[0]].tolist()
+    am = _row_mask(data, 0)
     anchor = TOK.convert_tokens_to_ids(ANCHOR)
     starts = [i for i, x in enumerate(ids) if x == anchor]  # segments 1..5
     eos = len(ids) - 1
@@ -100,55 +101,47 @@ def test_arithmetic_steps_see_only_the_previous_step():
     assert am[eos, : starts[0]].all() and not am[eos, starts[0] : starts[3]].any()
 
 
-def test_overflow_error_counts_examples_and_truncate(arith):
-    lengths = Bt.record_lengths(arith, TOK)
+def test_overlong_modes_count_cut_and_drop(arith, capsys):
+    lengths = np.array([len(Bt.tokenize_record(TOK, r)[0]) for r in arith])
     T = int(np.sort(lengths)[2])  # exactly the records longer than the third-shortest overflow
     n_over = int((lengths > T).sum())
-    assert Bt.count_overflow(arith, TOK, T) == n_over > 0
-    with pytest.raises(ValueError, match=f"{n_over} of {len(arith)} examples are longer than seq_len={T}"):
-        Bt.make_batch(arith, TOK, T, SPAN_TOKENS, MAX_SEG)
-    batch = Bt.make_batch(arith, TOK, T, SPAN_TOKENS, MAX_SEG, on_overflow="truncate")
-    np.testing.assert_array_equal(batch["lengths"], np.minimum(lengths, T))
-    with pytest.raises(ValueError, match="on_overflow"):
-        Bt.make_batch(arith, TOK, T, SPAN_TOKENS, MAX_SEG, on_overflow="drop")
-    with pytest.raises(ValueError, match="batch_size"):
-        Bt.make_batch(arith, TOK, 512, SPAN_TOKENS, MAX_SEG, batch_size=2)
+    assert n_over > 0
+    with pytest.raises(ValueError, match=f"{n_over} of {len(arith)} training examples are longer than seq_len={T}"):
+        Bt.tokenize_set(arith, TOK, T)
+    cut = Bt.tokenize_set(arith, TOK, T, "truncate")
+    np.testing.assert_array_equal(cut.lengths, np.minimum(lengths, T))
+    assert "cut to seq_len" in capsys.readouterr().err
+    dropped = Bt.tokenize_set(arith, TOK, T, "drop", "held-out")
+    assert len(dropped) == len(arith) - n_over and (dropped.lengths <= T).all()
+    assert dropped.records == [r for r, n in zip(arith, lengths) if n <= T]
+    assert f"{n_over} of {len(arith)} held-out examples" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="leave no"):
+        Bt.tokenize_set(arith, TOK, int(lengths.min()) - 1, "drop")
+    with pytest.raises(ValueError, match="overlong"):
+        Bt.tokenize_set(arith, TOK, T, "skip")
+    with pytest.raises(ValueError, match="seq_len"):
+        Bt.tokenize_set(arith, TOK, 0)
 
 
-def test_iterator_resumes_exactly_and_covers_each_epoch():
-    records = A.generate_examples(11, seed=1)
-    kw = dict(batch_size=4, seq_len=96, span_tokens=SPAN_TOKENS, max_segments=MAX_SEG)
-    it = Bt.BatchIterator(records, TOK, seed=5, **kw)
-    stream, positions = [], []
+def test_stream_resumes_exactly_and_covers_each_epoch():
+    n, bs = 11, 4
+    pos, draws, positions = Bt.DataPosition(seed=5), [], []
     for _ in range(8):
-        positions.append(it.position)
-        stream.append(next(it))
-    seen = np.concatenate([b["indices"] for b in stream])
+        positions.append(pos)
+        idx, pos = Bt.next_indices(n, bs, pos)
+        draws.append(idx)
+    seen = np.concatenate(draws)
     # 32 draws = two full epochs of 11 plus 10: each epoch is a permutation
     assert sorted(seen[:11]) == list(range(11)) and sorted(seen[11:22]) == list(range(11))
     assert positions[3] == Bt.DataPosition(epoch=1, index=1, seed=5)
-    resumed = Bt.BatchIterator(records, TOK, position=Bt.DataPosition.from_dict(positions[5].to_dict()), **kw)
-    for want in stream[5:]:
-        got = next(resumed)
-        for key in want:
-            np.testing.assert_array_equal(got[key], want[key])
-    other = Bt.BatchIterator(records, TOK, seed=6, **kw)
-    assert not np.array_equal(next(other)["indices"], stream[0]["indices"])
+    # a position (as a checkpoint stores it) alone determines the rest of the stream
+    resumed = Bt.DataPosition.from_dict(positions[5].to_dict())
+    for want in draws[5:]:
+        got, resumed = Bt.next_indices(n, bs, resumed)
+        np.testing.assert_array_equal(got, want)
+    assert not np.array_equal(Bt.next_indices(n, bs, Bt.DataPosition(seed=6))[0], draws[0])
     with pytest.raises(ValueError, match="index 11"):
-        Bt.BatchIterator(records, TOK, position=Bt.DataPosition(0, 11, 5), **kw)
-
-
-def test_iterator_overflow_modes():
-    records = A.generate_examples(10, seed=2)
-    lengths = Bt.record_lengths(records, TOK)
-    T = int(np.median(lengths))
-    n_over = int((lengths > T).sum())
-    kw = dict(batch_size=2, seq_len=T, span_tokens=SPAN_TOKENS, max_segments=MAX_SEG)
-    with pytest.raises(ValueError, match=f"{n_over} of 10 examples"):
-        Bt.BatchIterator(records, TOK, **kw)
-    it = Bt.BatchIterator(records, TOK, on_overflow="drop", **kw)
-    assert it.n_dropped == n_over and len(it) == 10 - n_over
-    assert (next(it)["lengths"] <= T).all()
+        Bt.next_indices(n, bs, Bt.DataPosition(0, 11, 5))
 
 
 def _bpe_tokenizer():
@@ -176,10 +169,10 @@ def test_hf_tokenizer_header_digits_are_single_tokens():
     # the mask parses the forced digits: a header "1" makes segment 1 visible
     span_tokens = spans.SpanTokens.from_tokenizer(tok)
     record = {"prompt": f"S\n{ANCHOR}[1] ab\n{ANCHOR}[2] cd\n", "completion": f"{ANCHOR}{REF_OPEN}1{REF_CLOSE}ab"}
-    batch = Bt.make_batch([record], tok, 40, span_tokens, 8)
-    L = int(batch["lengths"][0])
-    ids = batch["tokens"][0, :L].tolist()
-    np.testing.assert_array_equal(batch["attention_mask"][0, :L, :L], brute_mask(ids, tok, 8))
+    data = Bt.tokenize_set([record], tok, 40)
+    L = int(data.lengths[0])
+    ids = data.tokens[0, :L].tolist()
+    np.testing.assert_array_equal(_row_mask(data, 0, span_tokens, 8)[:L, :L], brute_mask(ids, tok, 8))
     assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from selfspan_jax import evaluate as ev
+from selfspan_jax import reporting, tasks
 from selfspan_jax import train as T
 from selfspan_jax.data import arithmetic, summarization
 from selfspan_jax.spans import SpanTokens, attention_mask
@@ -30,12 +31,13 @@ def test_exact_match_scores_the_checker_verdicts():
         recs[1]["answer"], str(int(recs[1]["answer"]) + 1))
     bad_ref = good[2].replace("<|ref|>1<|/ref|>", "<|ref|>0<|/ref|>", 1)
     texts = [good[0], bad_answer, bad_ref, good[3]]
-    assert ev.score("arithmetic", recs, texts) == {"exact_match": 50.0}
-    assert ev.score("arithmetic", recs, good) == {"exact_match": 100.0}
+    assert tasks.get("arithmetic").score(recs, texts) == {"exact_match": 50.0}
+    assert tasks.get("arithmetic").score(recs, good) == {"exact_match": 100.0}
     with pytest.raises(ValueError, match="generations"):
-        ev.score("arithmetic", recs, good[:2])
-    with pytest.raises(ValueError, match="task"):
-        ev.score("translation", recs, good)
+        tasks.get("arithmetic").score(recs, good[:2])
+    assert tasks.get("arithmetic").exact(recs, texts) == [True, False, False, True]
+    with pytest.raises(ValueError, match="unknown task 'translation'"):
+        tasks.get("translation")
 
 
 def test_rouge_strips_headers_and_matches_hand_values():
@@ -44,14 +46,14 @@ def test_rouge_strips_headers_and_matches_hand_values():
         "The bridge opened.\nCosts rose.",
     )
     # strip_spans recovers the summary sentences the record was built from
-    assert ev.strip_spans(rec["completion"]) == " ".join(rec["answer"].split("\n"))
-    assert ev.score("summarization", [rec], [rec["completion"]]) == pytest.approx(
+    assert tasks.strip_spans(rec["completion"]) == " ".join(rec["answer"].split("\n"))
+    assert tasks.get("summarization").score([rec], [rec["completion"]]) == pytest.approx(
         {"rouge1": 100.0, "rouge2": 100.0, "rougeL": 100.0})
     # reference "the bridge opened costs rose" (5 unigrams) vs "the bridge": P=1, R=2/5, F=4/7
-    got = ev.score("summarization", [rec], ["<|anchor|><|ref|>1<|/ref|>The bridge"])
+    got = tasks.get("summarization").score([rec], ["<|anchor|><|ref|>1<|/ref|>The bridge"])
     assert got["rouge1"] == pytest.approx(100 * 4 / 7)
     assert got["rouge2"] == pytest.approx(100 * 2 * (1 * 0.25) / (1 + 0.25))  # 1 of 4 bigrams, P=1
-    assert ev.score("summarization", [rec], ["zebra"])["rouge1"] == 0.0
+    assert tasks.get("summarization").score([rec], ["zebra"])["rouge1"] == 0.0
 
 
 def test_span_image_rows_are_the_span_mask(tmp_path):
@@ -139,14 +141,14 @@ def test_evaluate_script_end_to_end(trained_run, tmp_path, capsys):
     assert 0 < sparse["kv_read_fraction"] <= 1.0
     # the aggregates are those of the generations themselves (same batch, same program)
     loaded = ev.load_for_eval(cfg.out)
-    recs = ev.held_out_records("arithmetic", 6, seed=12345, data=SMALL_DATA)
+    recs = tasks.get("arithmetic").records("test", 6, seed=12345, data=SMALL_DATA)
     out = ev.generate(loaded.model, [r["prompt"] for r in recs], policy="self_span", max_new_tokens=24,
                       tokenizer=loaded.tokenizer, block_size=16, backend="xla", max_segments=16)
     s = out.summary()
     for key in ("mean_attended_fraction", "kv_read_fraction", "token_read_fraction", "decode_steps",
                 "generated_tokens"):
         assert sparse[key] == pytest.approx(s[key]), key
-    want = ev.score("arithmetic", recs, out.texts)["exact_match"]
+    want = tasks.get("arithmetic").score(recs, out.texts)["exact_match"]
     assert sparse["exact_match"] == want
     assert sparse["timing"]["tokens"] == int(out.num_tokens.sum())
     # a bad source is reported, not a traceback
@@ -175,7 +177,7 @@ def test_baseline_rows_are_each_model_under_its_policy(trained_run, dense_run, t
     assert result["notes"] == []  # the two runs differ only in span_policy and out
     rows, base = result["rows"], result["rows"]["dense-trained/dense"]
     # each row is its own model: regenerate every row from the loaded runs and compare
-    recs = ev.held_out_records("arithmetic", 5, seed=12345, data=SMALL_DATA)
+    recs = tasks.get("arithmetic").records("test", 5, seed=12345, data=SMALL_DATA)
     kw = dict(max_new_tokens=20, block_size=16, backend="xla", max_segments=16)
     for name, run, policy in (("span-trained/self_span", cfg.out, "self_span"),
                               ("span-trained/dense", cfg.out, "dense"), ("dense-trained/dense", dcfg.out, "dense")):
@@ -184,7 +186,7 @@ def test_baseline_rows_are_each_model_under_its_policy(trained_run, dense_run, t
         m = rows[name]
         assert [e["generated"] for e in m["examples"]] == out.texts[:3], name
         assert m["generated_tokens"] == int(out.num_tokens.sum()), name
-        assert m["exact_match"] == ev.score("arithmetic", recs, out.texts)["exact_match"], name
+        assert m["exact_match"] == tasks.get("arithmetic").score(recs, out.texts)["exact_match"], name
         assert m["timing"]["repeats"] == 2 and len(m["timing"]["all_seconds"]) == 2
         r = result["vs_baseline"][name]
         assert r["tokens_per_s"] == pytest.approx(m["timing"]["tokens_per_s"] / base["timing"]["tokens_per_s"])
@@ -199,8 +201,8 @@ def test_baseline_rows_are_each_model_under_its_policy(trained_run, dense_run, t
     assert f"- dense-trained/dense: model `{dcfg.out} step 2` (trained with dense), decoded with dense" in md
 
 
-def test_build_rows_refuses_a_baseline_on_other_data():
-    build_rows = _script("evaluate").build_rows
+def test_comparison_rows_refuse_a_baseline_on_other_data():
+    build_rows = ev.comparison_rows
     run_cfg = {"task": "arithmetic", "data": {"max_operand": 9}, "span_policy": "self_span", "steps": 10}
 
     def loaded(source, **cfg):
@@ -229,7 +231,7 @@ class _FakeOut:
 
 def test_time_interleaved_takes_turns_and_reports_medians(monkeypatch):
     calls, clock = [], iter(np.arange(100.0) ** 2)  # call k lasts (2k+1) ticks: every duration differs
-    monkeypatch.setattr(ev.time, "perf_counter", lambda: float(next(clock)))
+    monkeypatch.setattr(reporting.time, "perf_counter", lambda: float(next(clock)))
 
     def fn(name, n):
         def call():
@@ -260,22 +262,19 @@ def test_evaluate_rows_rejects_bad_rows():
 
 
 def test_format_table_and_errors():
-    result = {"config": {"task": "arithmetic"}, "ratios": {"dense": 1.0, "self_span": 1.25},
-              "policies": {name: {"exact_match": em, "mean_attended_fraction": f, "kv_read_fraction": f,
-                                  "timing": {"tokens_per_s": tps}, "fallback_steps": 0}
-                           for name, em, f, tps in (("dense", 90.0, 1.0, 100.0), ("self_span", 91.0, 0.4, 125.0))}}
-    table = ev.format_table(result).splitlines()
-    assert table[0].startswith("| policy | exact_match |")
-    assert table[3] == "| self_span | 91.0 | 0.400 | 0.400 | 125.0 | 1.25x | 0 |"
+    stats = {name: {"exact_match": em, "mean_attended_fraction": f, "kv_read_fraction": f,
+                    "timing": {"tokens_per_s": tps}, "fallback_steps": 0}
+             for name, em, f, tps in (("dense", 90.0, 1.0, 100.0), ("self_span", 91.0, 0.4, 125.0))}
     rows = {"config": {"task": "arithmetic"}, "baseline": "d/dense",
-            "rows": {n: {**result["policies"][p], "trained_with": t, "policy": p, "note": note}
+            "rows": {n: {**stats[p], "trained_with": t, "policy": p, "note": note}
                      for n, t, p, note in (("s/self_span", "self_span", "self_span", ""), ("d/dense", "dense", "dense", ""))},
             "vs_baseline": {"s/self_span": {"exact_match_delta": 1.0, "kv_read_fraction": 0.4, "tokens_per_s": 1.25},
                             "d/dense": {"exact_match_delta": 0.0, "kv_read_fraction": 1.0, "tokens_per_s": 1.0}}}
     table = ev.format_table(rows).splitlines()
+    assert table[0].startswith("| row | trained with | decoded with | exact_match |")
     assert table[2] == "| s/self_span | self_span | self_span | 91.0 | 0.400 | 0.400 | 125.0 | +1.0 pt | 0.400x | 1.25x | 0 |"
     assert table[3].startswith("| d/dense (baseline) | dense | dense | 90.0 |")
     with pytest.raises(ValueError, match="no records"):
-        ev.evaluate_policies(None, None, [], task="arithmetic")
-    with pytest.raises(ValueError, match="task"):
-        ev.held_out_records("poetry", 2, seed=0)
+        ev.evaluate_rows([ev.Row("x", None, None, "dense")], [], task="arithmetic")
+    with pytest.raises(ValueError, match="unknown task 'poetry'"):
+        tasks.get("poetry").records("test", 2, seed=0)

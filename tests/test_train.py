@@ -27,8 +27,10 @@ import yaml
 from flax import nnx
 
 from numpy_llama import llama_forward, params_from_model
+from selfspan_jax import runs, tasks
 from selfspan_jax import train as T
-from selfspan_jax.checkpoint import Checkpointer, abstract_tree
+from selfspan_jax import train_config as C
+from selfspan_jax.checkpoint import Checkpointer
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_MODEL = {"d_model": 32, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "mlp_dim": 64}
@@ -56,28 +58,41 @@ def _small(out, **kw) -> T.TrainConfig:
 def test_precedence_defaults_file_flags(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(yaml.safe_dump({"steps": 7, "lr": 0.01, "model_overrides": {"d_model": 48}}))
-    cfg, print_only = T.config_from_args(["--config", str(cfg_file), "--lr", "0.002", "--model-override",
+    cfg, print_only = C.config_from_args(["--config", str(cfg_file), "--lr", "0.002", "--model-override",
                                           "n_layers=2", "--no-progress"])
     assert not print_only
     assert cfg.steps == 7                      # from the file
     assert cfg.lr == 0.002                     # flag beats file
     assert cfg.model_overrides == {"d_model": 48, "n_layers": 2}  # merged, value typed
     assert cfg.progress is False
-    assert cfg.batch_size == T.DEFAULT.batch_size  # untouched default
+    assert cfg.batch_size == C.DEFAULT.batch_size  # untouched default
     json_file = tmp_path / "c.json"
     json_file.write_text(json.dumps({"span_policy": "dense", "fsdp": 2}))
-    cfg2, _ = T.config_from_args(["--config", str(json_file)])
+    cfg2, _ = C.config_from_args(["--config", str(json_file)])
     assert (cfg2.span_policy, cfg2.fsdp) == ("dense", 2)
 
 
 def test_help_documents_every_field():
-    text = T.build_arg_parser().format_help()
-    flags = {flag for flag, *_ in T._FLAGS}
-    fields = {field for _, field, *_ in T._FLAGS}
-    assert fields == {f for f in T.TrainConfig.__dataclass_fields__}
-    for flag in flags | {"--config", "--task", "--model", "--lora-rank", "--span-policy", "--steps", "--batch-size",
-                         "--seq-len", "--lr", "--schedule", "--save-every", "--out"}:
+    """Every TrainConfig field has exactly one flag, derived from the field, with its help text."""
+    parser = C.build_arg_parser()
+    text = parser.format_help()
+    flags = dict(C.field_flags())
+    assert {f.name for f in flags.values()} == set(T.TrainConfig.__dataclass_fields__)
+    dests = {a.dest for a in parser._actions} - {"help", "config", "print_config"}
+    assert dests == set(T.TrainConfig.__dataclass_fields__)
+    for flag, field in flags.items():
         assert flag in text, flag
+        assert field.metadata["help"].split()[0] in text, field.name
+    assert {"--model-override", "--no-eval-generate", "--no-progress", "--lora-mlp", "--export-merged",
+            "--init-from", "--data"} <= set(flags)
+    for flag in ("--config", "--task", "--model", "--lora-rank", "--span-policy", "--steps", "--batch-size",
+                 "--seq-len", "--lr", "--schedule", "--save-every", "--out"):
+        assert flag in text, flag
+    # a flag of each kind parses into its field, typed
+    cfg, _ = C.config_from_args(["--no-eval-generate", "--lora-alpha", "8", "--init-from", "runs/x", "--data",
+                                 "max_operands=5", "--seed", "3"])
+    assert (cfg.eval_generate, cfg.lora_alpha, cfg.init_from, cfg.seed) == (False, 8.0, "runs/x", 3)
+    assert cfg.data["max_operands"] == 5 and cfg.data["max_operand"] == 9  # merged into the task's defaults
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -91,16 +106,16 @@ def test_help_documents_every_field():
 ])
 def test_bad_settings_raise(argv, match):
     with pytest.raises(ValueError, match=match):
-        T.config_from_args(argv)
+        C.config_from_args(argv)
 
 
 def test_config_file_errors(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("steps: 3\nstepz: 4\n")
     with pytest.raises(ValueError, match=r"unknown fields \['stepz'\]"):
-        T.config_from_args(["--config", str(bad)])
+        C.config_from_args(["--config", str(bad)])
     with pytest.raises(ValueError, match="does not exist"):
-        T.config_from_args(["--config", str(tmp_path / "missing.yaml")])
+        C.config_from_args(["--config", str(tmp_path / "missing.yaml")])
 
 
 def test_script_reports_errors_cleanly(capsys):
@@ -181,36 +196,14 @@ def test_schedule_warmup_then_cosine():
 # ---------------------------------------------------------------------------
 # Error paths
 # ---------------------------------------------------------------------------
-def test_overlong_examples_refused_cut_or_dropped():
-    from selfspan_jax.data import arithmetic
-    from selfspan_jax.data.batches import tokenize_record
-    from selfspan_jax.tokenizer import CharTokenizer
-
-    tok = CharTokenizer()
-    records = arithmetic.generate_examples(40, seed=_seed())
-    lengths = np.array([len(tokenize_record(tok, r)[0]) for r in records])
-    seq_len = int(np.median(lengths))
-    n_long = int((lengths > seq_len).sum())
-    assert n_long > 0
-    with pytest.raises(ValueError, match=rf"{n_long} of 40 training examples are longer than seq_len={seq_len} "
-                                         rf"\(longest: {lengths.max()} tokens\)"):
-        T.tokenize_set(records, tok, seq_len, "error", "training")
-    cut = T.tokenize_set(records, tok, seq_len, "truncate", "training")
-    assert len(cut) == 40 and cut.lengths.max() == seq_len
-    full = tokenize_record(tok, records[0])[0][:seq_len]
-    assert list(cut.tokens[0, : len(full)]) == full
-    dropped = T.tokenize_set(records, tok, seq_len, "drop", "training")
-    assert len(dropped) == 40 - n_long and (dropped.lengths <= seq_len).all()
-
-
 def test_run_dir_with_other_config_is_refused(tmp_path):
     cfg = _small(tmp_path / "run")
-    T.prepare_run_dir(cfg)
+    runs.prepare(cfg)
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved == cfg.to_dict()
-    T.prepare_run_dir(cfg.replace(progress=True))  # cosmetic fields may change
+    runs.prepare(cfg.replace(progress=True))  # cosmetic fields may change
     with pytest.raises(ValueError, match=r"different config \(lr: saved 0.003 vs now 0.1"):
-        T.prepare_run_dir(cfg.replace(lr=0.1))
+        runs.prepare(cfg.replace(lr=0.1))
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
@@ -222,7 +215,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
         T.train(cfg)
     with Checkpointer(tmp_path / "run" / "checkpoints") as mgr:
         assert mgr.all_steps() == [1]
-    logged = [m["step"] for m in T.read_metrics(tmp_path / "run")]
+    logged = [m["step"] for m in runs.read_metrics(tmp_path / "run")]
     assert logged == [1]
 
 
@@ -315,8 +308,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     for x, y in zip(jax.tree.leaves(s_ref), jax.tree.leaves(s_run), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     # metrics.jsonl: one line per step, the redone steps not duplicated, same losses.
-    ref_m = [m for m in T.read_metrics(tmp_path / "ref") if "loss" in m]
-    run_m = [m for m in T.read_metrics(run) if "loss" in m]
+    ref_m = [m for m in runs.read_metrics(tmp_path / "ref") if "loss" in m]
+    run_m = [m for m in runs.read_metrics(run) if "loss" in m]
     assert [m["step"] for m in run_m] == list(range(1, steps + 1)) == [m["step"] for m in ref_m]
     assert [m["loss"] for m in run_m] == [m["loss"] for m in ref_m]
 
@@ -354,23 +347,23 @@ def test_four_devices_dp_fsdp_match_one_device(tmp_path):
 
     one = T.train(cfg)
     assert jax.device_count() == 1
-    l1 = [m["loss"] for m in T.read_metrics(tmp_path / "one") if "loss" in m]
-    l4 = [m["loss"] for m in T.read_metrics(tmp_path / "four") if "loss" in m]
+    l1 = [m["loss"] for m in runs.read_metrics(tmp_path / "one") if "loss" in m]
+    l4 = [m["loss"] for m in runs.read_metrics(tmp_path / "four") if "loss" in m]
     assert len(l1) == len(l4) == 4
     np.testing.assert_allclose(l4, l1, rtol=2e-5)
-    n1 = [m for m in T.read_metrics(tmp_path / "one") if "loss" in m]
-    n4 = [m for m in T.read_metrics(tmp_path / "four") if "loss" in m]
+    n1 = [m for m in runs.read_metrics(tmp_path / "one") if "loss" in m]
+    n4 = [m for m in runs.read_metrics(tmp_path / "four") if "loss" in m]
     assert [m["token_acc"] for m in n1] == pytest.approx([m["token_acc"] for m in n4], abs=1e-6)
-    e1 = [m["eval_loss"] for m in T.read_metrics(tmp_path / "one") if "eval_loss" in m]
-    e4 = [m["eval_loss"] for m in T.read_metrics(tmp_path / "four") if "eval_loss" in m]
+    e1 = [m["eval_loss"] for m in runs.read_metrics(tmp_path / "one") if "eval_loss" in m]
+    e4 = [m["eval_loss"] for m in runs.read_metrics(tmp_path / "four") if "eval_loss" in m]
     np.testing.assert_allclose(e4, e1, rtol=2e-5)
     four = np.load(tmp_path / "four.npz")
     for i, x in enumerate(jax.tree.leaves(one.trainable)):
         np.testing.assert_allclose(four[f"arr_{i}"], np.asarray(x), atol=5e-5)
     # load_run restores the final checkpoint into an nnx.eval_shape model.
-    loaded, _, loaded_cfg = T.load_run(tmp_path / "one")
-    assert loaded_cfg == cfg
-    for x, y in zip(jax.tree.leaves(nnx.state(loaded)), jax.tree.leaves(one.trainable), strict=True):
+    run = runs.load_run(tmp_path / "one")
+    assert run.config == cfg and run.step == cfg.steps
+    for x, y in zip(jax.tree.leaves(nnx.state(run.model)), jax.tree.leaves(one.trainable), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
@@ -380,12 +373,16 @@ def test_summarization_task_from_local_file(tmp_path):
                  num_train=10, num_eval=3, batch_size=2)
     from selfspan_jax.tokenizer import CharTokenizer
 
-    train, held = T.task_records(cfg, CharTokenizer())
+    def task_records(cfg, tok):
+        return tasks.get(cfg.task).training_records(cfg.data, num_train=cfg.num_train, num_eval=cfg.num_eval,
+                                                   seed=cfg.seed, tokenizer=tok, seq_len=cfg.seq_len)
+
+    train, held = task_records(cfg, CharTokenizer())
     assert len(held) == 3 and len(train) == 7  # the fixture is one file of 10 articles, no splits
     assert not {r["id"] for r in train} & {r["id"] for r in held}  # held-out articles never trained on
     assert all(r["task"] == "summarization" for r in train + held)
     with pytest.raises(ValueError, match="needs --data source=PATH"):
-        T.task_records(cfg.replace(data={}), CharTokenizer())
+        task_records(cfg.replace(data={}), CharTokenizer())
 
 
 def test_lora_trains_only_adapters_and_span_rows(tmp_path):
@@ -419,5 +416,5 @@ def test_lora_trains_only_adapters_and_span_rows(tmp_path):
     ck.load_lora_adapters(base, tmp_path / "run" / "adapters")
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, base.config.vocab_size, (2, 12)))
     np.testing.assert_allclose(np.asarray(base(tokens)), np.asarray(trained(tokens)), atol=1e-5)
-    loaded, _, _ = T.load_run(tmp_path / "run")  # base reloaded from cfg.model, adapters from the checkpoint
+    loaded = runs.load_run(tmp_path / "run").model  # base reloaded from cfg.model, adapters from the checkpoint
     np.testing.assert_allclose(np.asarray(loaded(tokens)), np.asarray(trained(tokens)), atol=1e-6)

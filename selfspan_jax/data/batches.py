@@ -1,31 +1,36 @@
-"""Training batches from span-annotated records.
+"""Training batches from span-annotated records: the one batching path.
 
 A record {"prompt", "completion", ...} becomes BOS + prompt + completion +
-EOS; the loss covers the completion (span headers included, so the model
-learns to write its own headers) and EOS. Span-token strings in the text
-become their single ids and header digits single-digit tokens
-(`tokenizer.encode_with_spans`), which is what `spans.attention_mask` parses.
+EOS (`tokenize_record`); the loss covers the completion (span headers
+included, so the model learns to write its own headers) and EOS. Span-token
+strings in the text become their single ids and header digits single-digit
+tokens (`tokenizer.encode_with_spans`), which is what `spans.attention_mask`
+parses.
 
-Mask conventions (all arrays numpy, host-side; shapes B batch, T = seq_len):
-- `loss_mask[b, t]`: token t is a training target, i.e. the logits at t-1
-  are scored against it. Same convention as `tokenize_record` and
-  `train.completion_loss`.
-- `targets[b, t] = tokens[b, t+1]` and `target_mask[b, t] = loss_mask[b, t+1]`
-  (last column: pad / False), for losses written against logits at t.
-- `attention_mask[b]` = `spans.attention_mask` of the row with its length:
-  positions >= lengths[b] see nothing and are seen by nothing.
+A split is tokenized once into fixed-shape arrays (`tokenize_set`); batches
+are rows of it drawn by a resumable shuffled stream (`next_indices` from a
+`DataPosition`). The span attention mask is not built here: the train step
+computes it on device from the tokens and lengths (`spans.attention_mask`).
+
+Conventions (numpy, host-side; N records, T = seq_len):
+- `loss_mask[n, t]`: token t is a training target, i.e. the logits at t-1
+  are scored against it (as `train.completion_loss` reads it);
+- positions >= `lengths[n]` are padding: never a target, and the span mask
+  lets them see nothing and be seen by nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Sequence
+import sys
+from typing import Sequence
 
 import numpy as np
 
+from selfspan_jax import spans
 from selfspan_jax.tokenizer import encode_prompt, encode_with_spans
 
-OVERFLOW_MODES = ("error", "truncate", "drop")
+OVERLONG_MODES = ("error", "truncate", "drop")
 
 
 def tokenize_record(tokenizer, record: dict) -> tuple[list[int], list[bool]]:
@@ -48,16 +53,6 @@ def tokenize_record(tokenizer, record: dict) -> tuple[list[int], list[bool]]:
     return ids, mask
 
 
-def record_lengths(records: Sequence[dict], tokenizer) -> np.ndarray:
-    """int64 [N]: tokenized length of every record (BOS and EOS included)."""
-    return np.array([len(tokenize_record(tokenizer, r)[0]) for r in records], np.int64)
-
-
-def count_overflow(records: Sequence[dict], tokenizer, seq_len: int) -> int:
-    """Number of records longer than `seq_len` tokens."""
-    return int((record_lengths(records, tokenizer) > seq_len).sum())
-
-
 def pad_id_of(tokenizer) -> int:
     # Padding positions are excluded by `lengths`, so any id works; prefer the
     # tokenizer's own pad, then EOS (LLaMA tokenizers often have no pad).
@@ -68,90 +63,67 @@ def pad_id_of(tokenizer) -> int:
     return 0
 
 
-def _overflow_message(lengths: np.ndarray, seq_len: int) -> str:
-    too_long = lengths > seq_len
-    return (
-        f"{int(too_long.sum())} of {len(lengths)} examples are longer than seq_len={seq_len} "
-        f"(longest: {int(lengths.max())} tokens)"
-    )
+@dataclasses.dataclass
+class TokenizedSet:
+    """Fixed-shape arrays of a whole split: tokens int32 [N, T] (right-padded),
+    loss_mask bool [N, T], lengths int32 [N]; `records` are the source dicts
+    (over-long ones dropped when `overlong="drop"`)."""
+
+    tokens: np.ndarray
+    loss_mask: np.ndarray
+    lengths: np.ndarray
+    records: list[dict]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def rows(self, idx) -> dict[str, np.ndarray]:
+        """The batch of rows `idx`: {"tokens", "loss_mask", "lengths"} (what the train step takes)."""
+        return {"tokens": self.tokens[idx], "loss_mask": self.loss_mask[idx], "lengths": self.lengths[idx]}
 
 
-def collate(
-    encoded: Sequence[tuple[Sequence[int], Sequence[bool]]],
-    seq_len: int,
-    span_tokens,
-    max_segments: int,
-    *,
-    pad_id: int = 0,
-    on_overflow: str = "error",
-    batch_size: int | None = None,
-) -> dict[str, np.ndarray]:
-    """Batch of already tokenized (ids, loss_mask) pairs; see `make_batch`."""
-    from selfspan_jax import spans  # jax import deferred: tokenising needs none
+def tokenize_set(records: Sequence[dict], tokenizer, seq_len: int, overlong: str = "error",
+                 what: str = "training") -> TokenizedSet:
+    """Tokenize records (`tokenize_record`) into fixed [N, seq_len] arrays.
 
-    if not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
-    if on_overflow not in ("error", "truncate"):
-        raise ValueError(f"on_overflow must be 'error' or 'truncate' for a batch, got {on_overflow!r}")
-    n = len(encoded)
-    B = n if batch_size is None else batch_size
-    if not isinstance(B, int) or B < max(n, 1):
-        raise ValueError(f"batch_size must be an int >= the number of records ({n}) and >= 1, got {batch_size!r}")
-    lengths = np.array([len(ids) for ids, _ in encoded], np.int64)
-    if n and on_overflow == "error" and (lengths > seq_len).any():
-        raise ValueError(_overflow_message(lengths, seq_len) + "; raise seq_len or use on_overflow='truncate'")
-    # [B, T]
-    tokens = np.full((B, seq_len), pad_id, np.int32)
-    loss_mask = np.zeros((B, seq_len), bool)
-    out_lengths = np.zeros((B,), np.int32)
-    for b, (ids, mask) in enumerate(encoded):
-        if len(ids) != len(mask):
-            raise ValueError(f"row {b}: {len(ids)} ids but {len(mask)} loss-mask entries")
-        L = min(len(ids), seq_len)
-        tokens[b, :L] = ids[:L]
-        loss_mask[b, :L] = mask[:L]
-        out_lengths[b] = L
-    targets = np.full_like(tokens, pad_id)
-    targets[:, :-1] = tokens[:, 1:]
-    target_mask = np.zeros_like(loss_mask)
-    target_mask[:, :-1] = loss_mask[:, 1:]
-    # [B, T, T]
-    attention_mask = np.asarray(spans.attention_mask(tokens, span_tokens, max_segments, lengths=out_lengths))
-    return {
-        "tokens": tokens,
-        "targets": targets,
-        "loss_mask": loss_mask,
-        "target_mask": target_mask,
-        "lengths": out_lengths,
-        "attention_mask": attention_mask,
-    }
-
-
-def make_batch(
-    records: Sequence[dict],
-    tokenizer,
-    seq_len: int,
-    span_tokens,
-    max_segments: int,
-    *,
-    on_overflow: str = "error",
-    batch_size: int | None = None,
-) -> dict[str, np.ndarray]:
-    """Right-padded batch of records.
-
-    Returns numpy arrays: tokens int32 [B, T], targets int32 [B, T],
-    loss_mask bool [B, T], target_mask bool [B, T], lengths int32 [B],
-    attention_mask bool [B, T, T] (see the module docstring for the
-    conventions). B = len(records), or `batch_size` with empty padding rows
-    (length 0, every mask False). Records longer than T raise a ValueError
-    saying how many (`on_overflow="error"`) or are cut to T tokens
-    (`"truncate"`; the EOS may then be lost).
+    Examples longer than `seq_len` are refused (ValueError saying how many and
+    how long), cut to `seq_len` tokens (the EOS may then be lost), or dropped,
+    per `overlong` ("error" | "truncate" | "drop"); a cut or a drop is said
+    once on stderr, so a changed distribution never goes unnoticed. `what`
+    names the set in those messages.
     """
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
+        raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+    if overlong not in OVERLONG_MODES:
+        raise ValueError(f"overlong must be one of {OVERLONG_MODES}, got {overlong!r}")
+    records = list(records)
+    pad = pad_id_of(tokenizer)
     encoded = [tokenize_record(tokenizer, r) for r in records]
-    return collate(
-        encoded, seq_len, span_tokens, max_segments,
-        pad_id=pad_id_of(tokenizer), on_overflow=on_overflow, batch_size=batch_size,
-    )
+    lengths = np.array([len(ids) for ids, _ in encoded], np.int64)
+    too_long = np.flatnonzero(lengths > seq_len)
+    if too_long.size:
+        msg = (f"{too_long.size} of {len(records)} {what} examples are longer than seq_len={seq_len} "
+               f"(longest: {int(lengths.max())} tokens)")
+        if overlong == "error":
+            raise ValueError(f"{msg}; raise --seq-len to {int(lengths.max())}, or pass --overlong truncate "
+                             "(cut them) or --overlong drop (skip them)")
+        if overlong == "drop":
+            keep = np.flatnonzero(lengths <= seq_len)
+            if keep.size == 0:
+                raise ValueError(f"{msg}; --overlong drop would leave no {what} examples")
+            encoded = [encoded[i] for i in keep]
+            records = [records[i] for i in keep]
+        print(f"[train] {msg}: {'dropped' if overlong == 'drop' else 'cut to seq_len'}", file=sys.stderr)
+    n = len(encoded)
+    tokens = np.full((n, seq_len), pad, np.int32)
+    loss_mask = np.zeros((n, seq_len), bool)
+    out_len = np.zeros((n,), np.int32)
+    for i, (ids, mask) in enumerate(encoded):
+        ids, mask = ids[:seq_len], mask[:seq_len]
+        tokens[i, : len(ids)] = ids
+        loss_mask[i, : len(mask)] = mask
+        out_len[i] = len(ids)
+    return TokenizedSet(tokens, loss_mask, out_len, records)
 
 
 # ---------------------------------------------------------------------------
@@ -201,65 +173,6 @@ def next_indices(n: int, batch_size: int, pos: DataPosition) -> tuple[np.ndarray
     return np.asarray(out, np.int64), DataPosition(epoch, index, pos.seed)
 
 
-class BatchIterator:
-    """Endless shuffled batches with an explicit, resumable position.
-
-    Records are tokenized once. `it.position` is where the NEXT batch
-    starts; `BatchIterator(..., position=saved)` continues a stream exactly.
-    `on_overflow="drop"` removes over-long records up front (the count is in
-    `it.n_dropped`); "error" refuses them with the count; "truncate" cuts.
-    """
-
-    def __init__(
-        self,
-        records: Sequence[dict],
-        tokenizer,
-        *,
-        batch_size: int,
-        seq_len: int,
-        span_tokens,
-        max_segments: int,
-        seed: int = 0,
-        position: DataPosition | None = None,
-        on_overflow: str = "error",
-    ):
-        if on_overflow not in OVERFLOW_MODES:
-            raise ValueError(f"on_overflow must be one of {OVERFLOW_MODES}, got {on_overflow!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        encoded = [tokenize_record(tokenizer, r) for r in records]
-        lengths = np.array([len(ids) for ids, _ in encoded], np.int64)
-        self.n_dropped = 0
-        if len(encoded) and (lengths > seq_len).any():
-            if on_overflow == "error":
-                raise ValueError(_overflow_message(lengths, seq_len) + "; raise seq_len or use on_overflow='truncate'/'drop'")
-            if on_overflow == "drop":
-                keep = lengths <= seq_len
-                self.n_dropped = int((~keep).sum())
-                encoded = [e for e, k in zip(encoded, keep) if k]
-        if not encoded:
-            raise ValueError("no records left to batch")
-        self._encoded = encoded
-        self._kwargs = dict(seq_len=seq_len, span_tokens=span_tokens, max_segments=max_segments,
-                            pad_id=pad_id_of(tokenizer), on_overflow="truncate")
-        self.batch_size = batch_size
-        # a saved position carries its own seed; `seed` starts a new stream
-        self.position = position if position is not None else DataPosition(seed=seed)
-        next_indices(len(encoded), batch_size, self.position)  # validates the position
-
-    def __len__(self) -> int:
-        return len(self._encoded)
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        idx, self.position = next_indices(len(self._encoded), self.batch_size, self.position)
-        batch = collate([self._encoded[i] for i in idx], **self._kwargs)
-        batch["indices"] = idx
-        return batch
-
-
 # ---------------------------------------------------------------------------
 # Oracle density
 # ---------------------------------------------------------------------------
@@ -275,27 +188,31 @@ def oracle_density(
     end of an answer). Records are batched `chunk` at a time, padded to the
     longest record, so the mask function compiles once per chunk shape.
     """
-    encoded = [tokenize_record(tokenizer, r) for r in records]
-    if not encoded:
+    records = list(records)
+    if not records:
         raise ValueError("oracle_density needs at least one record")
-    T = max(len(ids) for ids, _ in encoded)
+    T = int(max(len(tokenize_record(tokenizer, r)[0]) for r in records))
+    data = tokenize_set(records, tokenizer, T, "error", "oracle-density")
     visible_sum, n_queries, finals = 0.0, 0, []
-    for start in range(0, len(encoded), chunk):
-        part = encoded[start : start + chunk]
-        batch = collate(part, T, span_tokens, max_segments, pad_id=pad_id_of(tokenizer), batch_size=chunk)
-        # [B, T]: visible keys per query, and keys j <= t per query
-        visible = batch["attention_mask"].sum(-1)
-        causal = np.arange(1, T + 1)[None, :]
-        frac = visible / causal
-        for b, (ids, _) in enumerate(part):
-            q = batch["loss_mask"][b]
+    causal = np.arange(1, T + 1)[None, :]
+    for start in range(0, len(data), chunk):
+        # the last chunk is padded with empty rows (length 0: they see nothing) to one shape
+        idx = np.arange(start, start + chunk)
+        real = idx < len(data)
+        rows = data.rows(np.minimum(idx, len(data) - 1))
+        lengths = np.where(real, rows["lengths"], 0).astype(np.int32)
+        # [B, T, T] -> [B, T]: visible keys per query, over keys j <= t per query
+        mask = np.asarray(spans.attention_mask(rows["tokens"], span_tokens, max_segments, lengths=lengths))
+        frac = mask.sum(-1) / causal
+        for b in np.flatnonzero(real):
+            q = rows["loss_mask"][b]
             visible_sum += float(frac[b][q].sum())
             n_queries += int(q.sum())
-            finals.append(float(frac[b, len(ids) - 1]))
+            finals.append(float(frac[b, rows["lengths"][b] - 1]))
     return {
         "density": visible_sum / n_queries,
         "final_density": float(np.mean(finals)),
         "completion_tokens": n_queries,
-        "mean_length": float(np.mean([len(ids) for ids, _ in encoded])),
-        "records": len(encoded),
+        "mean_length": float(np.mean(data.lengths)),
+        "records": len(data),
     }
