@@ -180,7 +180,7 @@ def main(argv=None) -> int:
         "command": "python scripts/bench_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     out = reporting.write_json(result, args.out)
-    print(f"| batch | context | dense tok/s | self_span tok/s | speedup | rho | ceiling |\n|---|---|---|---|---|---|---|")
+    print("| batch | context | dense tok/s | self_span tok/s | speedup | rho | ceiling |\n|---|---|---|---|---|---|---|")
     for pt in points:
         print(f"| {pt['batch']} | {pt['context']} | {pt['dense']['decode_tokens_per_s']:.1f} | "
               f"{pt['self_span']['decode_tokens_per_s']:.1f} | {pt['speedup']:.2f}x | {pt['rho']:.3f} | "

@@ -22,7 +22,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -69,17 +68,6 @@ def torch_worker(args) -> None:
 # ---------------------------------------------------------------------------
 # our side
 # ---------------------------------------------------------------------------
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="1x256,8x256", help="comma-separated BxT")
@@ -178,7 +166,9 @@ def main() -> None:
         finally:
             worker.stdin.close()
             worker.wait()
-        load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        from selfspan_jax import reporting
+
+        load_avg = (reporting.load_average() or [None])[0]
 
     # One file, one entry per thread count: the shared 2-core CPU makes the
     # multi-threaded numbers depend on background load (see docs/notes/weights.md).
@@ -189,7 +179,8 @@ def main() -> None:
     result.update({
         "benchmark": "forward_cpu",
         "model": "SmolLM2-135M-Instruct (" + GGUF_NAME + ", dequantized to fp32)",
-        "device": f"{jax.devices()[0].device_kind} ({_cpu_name()}, {os.cpu_count()} logical cores)",
+        # reporting imports jax: only here, on the JAX side (the torch worker runs without the package)
+        "device": f"{jax.devices()[0].device_kind} ({reporting.cpu_name()}, {os.cpu_count()} logical cores)",
         "jax": jax.__version__, "torch": torch_info["torch"], "transformers": torch_info["transformers"],
         "dtype": "float32", "logits": "full [B, T, V] fp32 on both sides",
     })

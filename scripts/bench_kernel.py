@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import json
 import math
 import os
 import sys
@@ -51,6 +50,7 @@ sys.path.insert(0, ROOT)
 from pallas_kernels import block_sparse_decode  # noqa: E402
 from pallas_kernels.backend import on_gpu, resolve_backend  # noqa: E402
 from pallas_kernels.block_select import blocks_from_token_mask  # noqa: E402
+from selfspan_jax import reporting  # noqa: E402
 
 HEADS = {"mha": (32, 32, 128), "gqa": (32, 8, 128)}  # (N, K, H)
 
@@ -379,7 +379,7 @@ def main(argv=None) -> dict:
     result = dict(
         benchmark="block_sparse_decode", device=str(device), device_kind=device.device_kind, platform=device.platform,
         jax_version=jax.__version__, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        sweep=cfg, reps=reps, rotate_bytes=rotate_bytes, target_factor=0.8 if gpu else 0.5,
+        environment=reporting.environment(), sweep=cfg, reps=reps, rotate_bytes=rotate_bytes, target_factor=0.8 if gpu else 0.5,
         target_note="DESIGN.md §5: speedup >= 0.8/rho (GPU kernel) or >= 0.5/rho (CPU XLA path) at T >= 8k",
         copy_bandwidth_gbps=copy_bandwidth((1024 if gpu else 256) * 1024 * 1024, reps), groups=[], truncated=False,
     )
@@ -400,14 +400,13 @@ def main(argv=None) -> dict:
                     rng, heads, batch, seq_len, cfg, reps=reps, gpu=gpu, rotate_bytes=rotate_bytes,
                     unroll_min=8 if gpu else 1, log=lambda s: print(s, flush=True)))
                 # Written after every group so a run cut short keeps what it measured.
-                with open(out, "w") as f:
-                    json.dump(result, f, indent=1)
+                reporting.write_json(result, out)
     result["elapsed_s"] = time.perf_counter() - start
     min_context = 8192 if any(g["context"] >= 8192 for g in result["groups"]) else max((g["context"] for g in result["groups"]), default=0)
     result["summary_min_context"] = min_context
     result["summary"] = summarise(result, min_context)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
+    result["environment"]["load_average_at_end"] = reporting.load_average()
+    reporting.write_json(result, out)
     plot(result, png, min_context)
 
     print(f"\nGeo-mean speedup vs all blocks at T >= {min_context} (target {result['target_factor']}/rho):")

@@ -27,13 +27,16 @@ _EXPORTS = {
     "GenerateOutput": "generation",
 }
 
-__all__ = sorted(_EXPORTS) + ["spans", "data"]
+# submodules reachable as attributes (`selfspan_jax.runs.load_run(...)`)
+_SUBMODULES = ("spans", "data", "runs", "tasks", "policies")
+
+__all__ = sorted(_EXPORTS) + list(_SUBMODULES)
 
 
 def __getattr__(name: str):
     if name in _EXPORTS:
         module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
         return getattr(module, name)
-    if name in ("spans", "data"):
+    if name in _SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
