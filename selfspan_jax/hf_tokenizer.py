@@ -20,10 +20,7 @@ import json
 import os
 from typing import Any
 
-
-from selfspan_jax.spans import ANCHOR, REF_CLOSE, REF_OPEN
-
-SPAN_TOKEN_STRINGS = (ANCHOR, REF_OPEN, REF_CLOSE)
+from selfspan_jax.tokenizer import SPAN_TOKEN_STRINGS
 
 # llama.cpp special-id keys -> HF special-token attribute names
 _SPECIAL_IDS = {

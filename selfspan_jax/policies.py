@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from pallas_kernels.block_select import blocks_from_token_mask
 from selfspan_jax import spans as spans_lib
 
 
@@ -157,6 +158,17 @@ class DensePolicy(Policy):
         return dense_selection(lengths, cache_len, block_size)
 
 
+def active_blocks(state: spans_lib.SpanState, block_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(block_indices int32 [NB], block_count int32 [], token_mask bool [S]) for the newest query.
+
+    NB = max_len // block_size; max_len must be a multiple of block_size.
+    Entries past `block_count` are 0 (see pallas_kernels.block_select).
+    """
+    token_mask = spans_lib.visible_tokens(state)
+    indices, count = blocks_from_token_mask(token_mask, block_size)
+    return indices, count, token_mask
+
+
 @dataclasses.dataclass(frozen=True)
 class SelfSpanPolicy(Policy):
     """The spans the model writes itself (DESIGN.md §2), parsed token by token.
@@ -188,7 +200,7 @@ class SelfSpanPolicy(Policy):
         return jax.vmap(lambda s, t: spans_lib.update(s, t, self.span_tokens))(state, tokens)
 
     def select(self, state, lengths, *, block_size, cache_len, q=None, k=None, layer_idx=None):
-        indices, counts, token_mask = jax.vmap(lambda s: spans_lib.active_blocks(s, block_size))(state)
+        indices, counts, token_mask = jax.vmap(lambda s: active_blocks(s, block_size))(state)
         return Selection(indices.astype(jnp.int32), counts.astype(jnp.int32), token_mask)
 
     def fallback(self, state, batch):

@@ -65,11 +65,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from pallas_kernels.block_select import blocks_from_token_mask
+from selfspan_jax.tokenizer import ANCHOR, REF_CLOSE, REF_OPEN  # the strings live with the jax-free tokenizer
 
-ANCHOR = "<|anchor|>"
-REF_OPEN = "<|ref|>"
-REF_CLOSE = "<|/ref|>"
 
 # Header states of the current segment.
 HEADER_NONE, HEADER_OPEN, HEADER_CLOSED = 0, 1, 2
@@ -394,17 +391,6 @@ def visible_tokens(state: SpanState) -> jax.Array:
     row of exactly that query. All False when length == 0.
     """
     return _visible(state.length - 1, state.segment, state.refs, _query_dense(state), state.seg_ids)
-
-
-def active_blocks(state: SpanState, block_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(block_indices int32 [NB], block_count int32 [], token_mask bool [S]) for the newest query.
-
-    NB = max_len // block_size; max_len must be a multiple of block_size.
-    Entries past `block_count` are 0 (see pallas_kernels.block_select).
-    """
-    token_mask = visible_tokens(state)
-    indices, count = blocks_from_token_mask(token_mask, block_size)
-    return indices, count, token_mask
 
 
 def prefill_state(

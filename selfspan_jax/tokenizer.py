@@ -20,7 +20,10 @@ from typing import Iterable, Sequence
 
 # The span-token strings are owned by spans.py (docs/interfaces.md); repeated
 # here as literals so the tokenizer does not import jax.
+# The span language's three special tokens (DESIGN.md §2). Their one home:
+# jax-free, so data generation and tokenizers need no jax.
 ANCHOR, REF_OPEN, REF_CLOSE = "<|anchor|>", "<|ref|>", "<|/ref|>"
+SPAN_TOKEN_STRINGS = (ANCHOR, REF_OPEN, REF_CLOSE)
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 
 # PAD first so that zero-initialised buffers read as padding.

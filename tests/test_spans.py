@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from pallas_kernels.block_select import blocks_from_token_mask
 from selfspan_jax import spans
+from selfspan_jax.policies import active_blocks
 
 # A small vocabulary rich in span tokens. Ids 0..16 are in the tokenizer
 # (digit table of size 17); id 17 stands for a model-vocab padding id past
@@ -329,7 +330,7 @@ def test_update_on_full_state_is_a_noop_and_state_is_vmappable():
     step = jax.jit(jax.vmap(lambda s, x: spans.update(s, x, SPAN_TOKENS)))
     for t in range(tokens.shape[1]):
         batched = step(batched, tokens[:, t])
-    idx, count, token_mask = jax.jit(jax.vmap(lambda s: spans.active_blocks(s, 2)))(batched)
+    idx, count, token_mask = jax.jit(jax.vmap(lambda s: active_blocks(s, 2)))(batched)
     mask = np.asarray(spans.attention_mask(tokens, SPAN_TOKENS, 4))
     np.testing.assert_array_equal(np.asarray(token_mask)[:, :6], mask[:, -1])
     ref_idx, ref_count = blocks_from_token_mask(token_mask, 2)
@@ -381,7 +382,7 @@ def test_bad_inputs_raise_value_error():
     with pytest.raises(ValueError, match="one token"):
         spans.update(spans.init_state(8, 4), tokens[:, 0], SPAN_TOKENS)
     with pytest.raises(ValueError, match="multiple"):
-        spans.active_blocks(spans.init_state(10, 4), 4)
+        active_blocks(spans.init_state(10, 4), 4)
 
 
 def test_from_tokenizer_char_tokenizer():
