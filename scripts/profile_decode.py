@@ -58,7 +58,8 @@ def main(argv=None) -> int:
     from pallas_kernels import block_sparse_decode
     from selfspan_jax.benchmarks import random_model, trace_stream
     from selfspan_jax.cache import KVCache
-    from selfspan_jax.generation import _next_pow2, _round_up, generate
+    from selfspan_jax.decode_loop import shape_buckets
+    from selfspan_jax.generation import generate
     from selfspan_jax.policies import SelfSpanPolicy, dense_selection
     from selfspan_jax.spans import SpanTokens
     from selfspan_jax.tokenizer import CharTokenizer
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
     rows = [trace_stream(traces[i:] + traces[:i], tok, T + args.new_tokens) for i in range(B)]
     prompt = np.asarray([r[:T] for r in rows], np.int32)
     forced = np.asarray([r[T:T + args.new_tokens] for r in rows], np.int32)
-    S = _round_up(_next_pow2(T, 16) + _next_pow2(args.new_tokens), bs)
+    S = shape_buckets(T, args.new_tokens, bs)[2]
 
     # Recorded selections: the policy replayed over the forced tokens, as the loop does.
     pol = SelfSpanPolicy(SpanTokens.from_tokenizer(tok), args.max_segments)

@@ -21,9 +21,11 @@ from hypothesis import assume, given, settings
 
 from selfspan_jax.config import LlamaConfig
 from selfspan_jax.data.arithmetic import generate_examples
-from selfspan_jax.generation import _generate_jit, generate, sample_logits
+from selfspan_jax.decode_loop import run as decode_loop_run
+from selfspan_jax.generation import generate
 from selfspan_jax.model import Llama
 from selfspan_jax.policies import DensePolicy, Policy, Selection, SelfSpanPolicy
+from selfspan_jax.sampling import sample_logits
 from selfspan_jax.spans import ANCHOR, REF_CLOSE, REF_OPEN, SpanTokens, attention_mask
 from selfspan_jax.tokenizer import CharTokenizer
 
@@ -232,11 +234,60 @@ def test_stops_at_eos_per_sequence_and_at_budget(model, tok):
 def test_same_bucket_does_not_recompile(model, tok):
     kw = dict(policy="self_span", tokenizer=tok, backend="xla", **COMMON)
     generate(model, _live_prompts(seed=7), max_new_tokens=MAX_NEW, **kw)
-    before = _generate_jit._cache_size()
+    before = decode_loop_run._cache_size()
     # other prompt lengths, budget, sampling knobs and seed, same buckets
     out = generate(model, _live_prompts(seed=8), max_new_tokens=9, temperature=0.8, top_k=5, seed=5, **kw)
-    assert _generate_jit._cache_size() == before
+    assert decode_loop_run._cache_size() == before
     assert out.tokens.shape == (BATCH, 9)
+
+
+def test_logprobs_only_when_asked_and_same_tokens(model, tok):
+    """return_logprobs is a static flag: without it the state carries no log-probs (no log_softmax per
+    step) and the emitted tokens and statistics are those of the run that computed them."""
+    kw = dict(policy="self_span", tokenizer=tok, backend="xla", max_new_tokens=MAX_NEW, **COMMON)
+    prompts = _live_prompts(seed=11)
+    without = generate(model, prompts, **kw)
+    with_lp = generate(model, prompts, return_logprobs=True, **kw)
+    assert without.logprobs is None and with_lp.logprobs.shape == without.tokens.shape
+    np.testing.assert_array_equal(without.tokens, with_lp.tokens)
+    for key in without.stats:
+        np.testing.assert_array_equal(without.stats[key], with_lp.stats[key])
+
+
+def test_outputs_of_batches_concatenate_to_one_batch(model, tok):
+    prompts = _live_prompts(seed=12, n=6)
+    kw = dict(policy="self_span", tokenizer=tok, backend="xla", max_new_tokens=MAX_NEW, **COMMON)
+    whole = generate(model, prompts, **kw)
+    parts = [generate(model, prompts[i:i + 2], **kw) for i in range(0, 6, 2)]
+    merged = type(whole).concatenate(parts)
+    np.testing.assert_array_equal(merged.tokens, whole.tokens)
+    np.testing.assert_array_equal(merged.num_tokens, whole.num_tokens)
+    assert merged.texts == whole.texts and merged.logprobs is None
+    for key in whole.stats:
+        np.testing.assert_array_equal(merged.stats[key], whole.stats[key])
+    for key in whole.policy_report:
+        np.testing.assert_array_equal(merged.policy_report[key], whole.policy_report[key])
+    # rows of different cache lengths are padded with "not visible"
+    S = max(p.masks.shape[-1] for p in parts)
+    assert merged.masks.shape == (6, MAX_NEW, S)
+    s_m, s_w = merged.summary(), whole.summary()
+    for key in s_w:
+        assert s_m[key] == pytest.approx(s_w[key], rel=1e-12), key
+    assert type(whole).concatenate([whole]) is whole
+    with pytest.raises(ValueError, match="budgets"):
+        type(whole).concatenate([whole, generate(model, prompts[:2], **{**kw, "max_new_tokens": 3})])
+    with pytest.raises(ValueError, match="nothing"):
+        type(whole).concatenate([])
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(temperature=float("nan")), "temperature"), (dict(temperature=-1.0), "temperature"),
+    (dict(temperature=float("inf")), "temperature"), (dict(top_k=0), "top_k"), (dict(top_k=2.5), "top_k"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+])
+def test_bad_sampling_arguments_are_named(model, tok, bad, match):
+    with pytest.raises(ValueError, match=match):
+        generate(model, ["1+2"], tokenizer=tok, max_new_tokens=2, **bad)
 
 
 def test_sampling_reproducible_and_logprobs_still_exact(model, tok, span_tokens):

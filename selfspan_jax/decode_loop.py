@@ -1,0 +1,289 @@
+"""The jitted decode loop: prefill, then one token per step with the policy's attention.
+
+One compiled program per shape bucket does everything on device:
+
+1. `prefill`: a full forward over the right-padded prompts with the policy's
+   mask (the span mask of DESIGN.md §2 for `self_span`), writing the KV cache,
+   and the policy's initial state; the first token is sampled from the logits
+   at each prompt's last position;
+2. `decode_step`, the body of a `lax.while_loop`: the emitted token is
+   appended to the policy state, the policy turns that state into the
+   kernel's block list and token mask for this query (`attention_fn_for`), and
+   `model.decode_step` runs with `pallas_kernels.block_sparse_decode` as its
+   attention. Each sequence stops at EOS or its token budget; the loop ends
+   when all have stopped.
+
+Shape buckets (`shape_buckets`): the prompt length is padded to a power of two
+(>= 16), the token budget to a power of two, and the cache length to a
+multiple of the block size, so calls with other prompt lengths, budgets,
+temperatures or seeds in the same bucket reuse the compiled program.
+
+Shapes use the house letters: B batch, T prompt bucket, S cache length,
+M token-budget bucket, N query heads, K KV heads, H head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from pallas_kernels import block_sparse_decode
+from selfspan_jax.cache import KVCache
+from selfspan_jax.policies import Policy, Selection
+from selfspan_jax.sampling import chosen_logprob, sample_logits
+
+# Prompt buckets start here so that short prompts share one program.
+MIN_PROMPT_BUCKET = 16
+
+
+def next_pow2(n: int, minimum: int = 1) -> int:
+    n = max(int(n), minimum)
+    return 1 << (n - 1).bit_length()
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def shape_buckets(max_prompt_len: int, max_new_tokens: int, block_size: int) -> tuple[int, int, int]:
+    """(T prompt bucket, M budget bucket, S cache length) of a call."""
+    T = next_pow2(max_prompt_len, MIN_PROMPT_BUCKET)
+    M = next_pow2(max_new_tokens)
+    return T, M, round_up(T + M, block_size)
+
+
+@struct.dataclass
+class LoopState:
+    """Everything the while_loop carries.
+
+    step: int32 []: tokens emitted so far; the token at out[:, step-1] is the
+        one the next iteration feeds to the model.
+    out: int32 [B, M]: emitted tokens; `pad` after a sequence has stopped.
+    logprobs: f32 [B, M]: log p(out[b, m]) under the model's own distribution
+        (raw logits: no temperature, no top-k/top-p), 0 after a stop; None
+        unless asked for (no full-vocabulary log_softmax per step then).
+    done: bool [B]: the sequence emitted EOS or used its budget.
+    num_tokens: int32 [B]: tokens emitted per sequence (EOS included).
+    cache: the KV cache; cache.lengths[b] is the position of the next fed token.
+    policy_state: the policy's own pytree (span decode state for self_span).
+    visible: int32 [B, M]: keys the query that produced out[b, m] attended to
+        (from the token mask actually passed to the kernel; 0 for m = 0,
+        which comes from prefill).
+    causal: int32 [B, M]: keys causally available to that query (position + 1).
+    blocks: f32 [B, M]: KV blocks the kernel read for it (mean over KV heads
+        for per-head lists).
+    dense_blocks: int32 [B, M]: blocks a dense read would have touched.
+    fallback: bool [B, M]: the policy had switched that sequence to dense.
+    masks: bool [B, M, S] visibility rows (only with return_masks), else None.
+    """
+
+    step: jax.Array
+    out: jax.Array
+    logprobs: Any
+    done: jax.Array
+    num_tokens: jax.Array
+    cache: KVCache
+    policy_state: Any
+    visible: jax.Array
+    causal: jax.Array
+    blocks: jax.Array
+    dense_blocks: jax.Array
+    fallback: jax.Array
+    masks: Any
+
+
+def _chunked_prefill(model, prompt, mask, lengths, cache_len: int, chunk: int):
+    """Prefill `chunk` sequences at a time -> (cache, last-position logits [B, V]).
+
+    The full-sequence forward materialises [B, K, G, T, T] scores and
+    [B, T, V] logits; at LLaMA-7B shapes, batch 32 and 2k-token prompts that is
+    tens of GB. Sub-batches bound the transient memory to chunk / B of it
+    while writing into one cache.
+    """
+    B = prompt.shape[0]
+    cache = KVCache.init(model.config, B, cache_len)
+    last = jnp.zeros((B, model.config.vocab_size), jnp.float32)
+
+    def one(i, carry):
+        cache, last = carry
+        rows = lambda x: jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=0)  # noqa: E731
+        sub_len = rows(lengths)
+        logits, sub = model.prefill(rows(prompt), KVCache.init(model.config, chunk, cache_len),
+                                    attention_mask=rows(mask), lengths=sub_len)
+        k = jax.lax.dynamic_update_slice_in_dim(cache.k, sub.k, i * chunk, axis=1)
+        v = jax.lax.dynamic_update_slice_in_dim(cache.v, sub.v, i * chunk, axis=1)
+        sub_last = logits[jnp.arange(chunk), sub_len - 1]
+        return cache.replace(k=k, v=v), jax.lax.dynamic_update_slice_in_dim(last, sub_last, i * chunk, axis=0)
+
+    cache, last = jax.lax.fori_loop(0, B // chunk, one, (cache, last))
+    return cache.replace(lengths=lengths.astype(jnp.int32)), last
+
+
+def prefill(model, policy: Policy, prompt, lengths, *, cache_len: int, prefill_chunk: int):
+    """prompt int32 [B, T] right-padded, lengths int32 [B] ->
+    (cache, logits at each prompt's last position [B, V], initial policy state)."""
+    B = prompt.shape[0]
+    # [B, T, T]
+    mask = policy.prefill_mask(prompt, lengths)
+    if prefill_chunk >= B:
+        # logits [B, T, V]
+        logits, cache = model.prefill(prompt, KVCache.init(model.config, B, cache_len), attention_mask=mask,
+                                      lengths=lengths)
+        last = logits[jnp.arange(B), lengths - 1]
+    else:
+        cache, last = _chunked_prefill(model, prompt, mask, lengths, cache_len, prefill_chunk)
+    return cache, last, policy.init_state(prompt, lengths, cache_len)
+
+
+def attention_fn_for(policy: Policy, pstate, pos, *, block_size: int, cache_len: int, backend: str,
+                     precision) -> tuple[Callable, Callable[[], Selection]]:
+    """(attention_fn for `model.decode_step`, the step's selection once the layers have run).
+
+    The kernel always reads the stacked cache in place with `layer=`: a
+    `k_all[layer]` slice would be copied whole every step (docs/notes/
+    generation.md). A query-aware policy selects inside every layer from that
+    layer's q and keys; layers are traced in Python, so the per-layer
+    selections can be read back, and the last layer's stands for the step.
+    Other policies select once per step.
+    """
+    kw = dict(block_size=block_size, cache_len=cache_len)
+    seen: list[Selection] = [] if policy.query_aware else [policy.select(pstate, pos, **kw)]
+
+    def attention_fn(q, k_all, v_all, layer_idx):
+        if policy.query_aware:
+            seen.append(policy.select(pstate, pos, q=q, k=k_all[layer_idx], layer_idx=layer_idx, **kw))
+        sel = seen[-1]
+        return block_sparse_decode(q, k_all, v_all, sel.block_indices, sel.block_counts, sel.token_mask,
+                                   block_size=block_size, backend=backend, precision=precision, layer=layer_idx)
+
+    return attention_fn, lambda: seen[-1]
+
+
+def _selection_stats(sel: Selection, pos: jax.Array, block_size: int):
+    """Measured from the selection itself: (visible [B], blocks read f32 [B], dense blocks [B])."""
+    S = sel.token_mask.shape[-1]
+    causal = jnp.arange(S)[None, :] <= pos[:, None]
+    visible = jnp.sum(sel.token_mask & causal, axis=-1).astype(jnp.int32)
+    counts = sel.block_counts.astype(jnp.float32)
+    if counts.ndim == 2:  # per-KV-head lists [B, K]
+        counts = jnp.mean(counts, axis=-1)
+    return visible, counts, (pos // block_size + 1).astype(jnp.int32)
+
+
+def decode_step(model, policy: Policy, st: LoopState, choose: Callable, *, max_new, eos_id, pad_id,
+                block_size: int, backend: str, precision) -> LoopState:
+    """One loop iteration: feed the last emitted token, attend through the policy, emit the next."""
+    B, S = st.out.shape[0], st.cache.k.shape[3]
+    # [B] the token emitted last step; it sits at position pos[b]
+    fed = jax.lax.dynamic_index_in_dim(st.out, st.step - 1, axis=1, keepdims=False)
+    pos = st.cache.lengths
+    pstate = policy.update(st.policy_state, fed)
+    attention_fn, selection = attention_fn_for(policy, pstate, pos, block_size=block_size, cache_len=S,
+                                               backend=backend, precision=precision)
+    step_logits, cache = model.decode_step(fed, st.cache, attention_fn=attention_fn)
+    sel = selection()
+    tok = choose(step_logits, st.step)
+    active = ~st.done
+    visible, blocks, dense_blocks = _selection_stats(sel, pos, block_size)
+
+    def put(buf, value, empty):
+        col = jnp.where(active, value, empty).astype(buf.dtype)
+        return jax.lax.dynamic_update_index_in_dim(buf, col, st.step, axis=1)
+
+    masks = st.masks
+    if masks is not None:
+        row = jnp.where(active[:, None], sel.token_mask & (jnp.arange(S)[None, :] <= pos[:, None]), False)
+        masks = jax.lax.dynamic_update_index_in_dim(masks, row, st.step, axis=1)
+    logprobs = None if st.logprobs is None else put(st.logprobs, chosen_logprob(step_logits, tok), 0.0)
+    return LoopState(
+        step=st.step + 1,
+        out=put(st.out, tok, pad_id),
+        logprobs=logprobs,
+        done=st.done | (active & (tok == eos_id)) | (st.step + 1 >= max_new),
+        num_tokens=st.num_tokens + active.astype(jnp.int32),
+        cache=cache,
+        policy_state=pstate,
+        visible=put(st.visible, visible, 0),
+        causal=put(st.causal, pos + 1, 0),
+        blocks=put(st.blocks, blocks, 0.0),
+        dense_blocks=put(st.dense_blocks, dense_blocks, 0),
+        fallback=put(st.fallback, policy.fallback(pstate, B), False),
+        masks=masks,
+    )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "graphdef", "policy", "block_size", "cache_len", "budget", "backend", "precision", "return_masks",
+        "return_logprobs", "prefill_chunk",
+    ),
+)
+def run(
+    params,
+    prompt,
+    lengths,
+    max_new,
+    temperature,
+    top_k,
+    top_p,
+    rng,
+    eos_id,
+    pad_id,
+    forced,
+    use_forced,
+    *,
+    graphdef,
+    policy: Policy,
+    block_size: int,
+    cache_len: int,
+    budget: int,
+    backend: str,
+    precision,
+    return_masks: bool,
+    return_logprobs: bool,
+    prefill_chunk: int,
+):
+    """prompt int32 [B, T] right-padded, lengths int32 [B] -> (final `LoopState`, policy report).
+
+    Everything that changes per call is an array (budget, sampling knobs, seed,
+    EOS/pad ids), so such changes reuse the program. forced: int32 [B, M],
+    emitted instead of sampled tokens when the bool `use_forced` is set
+    (teacher forcing through the decode loop; tests and benchmarks replay
+    recorded traces); both are arrays so forcing compiles no second program.
+    """
+    model = nnx.merge(graphdef, params)
+    B = prompt.shape[0]
+    M, S = budget, cache_len
+    cache, last, policy_state = prefill(model, policy, prompt, lengths, cache_len=S, prefill_chunk=prefill_chunk)
+
+    def choose(step_logits, step):
+        drawn = sample_logits(step_logits, jax.random.fold_in(rng, step), temperature, top_k, top_p)
+        given = jax.lax.dynamic_index_in_dim(forced, step, axis=1, keepdims=False)
+        return jnp.where(use_forced, given, drawn)
+
+    tok0 = choose(last, 0)
+    zeros_i = jnp.zeros((B, M), jnp.int32)
+    state = LoopState(
+        step=jnp.int32(1),
+        out=jnp.full((B, M), pad_id, jnp.int32).at[:, 0].set(tok0),
+        logprobs=jnp.zeros((B, M), jnp.float32).at[:, 0].set(chosen_logprob(last, tok0)) if return_logprobs else None,
+        done=(tok0 == eos_id) | (max_new <= 1),
+        num_tokens=jnp.ones((B,), jnp.int32),
+        cache=cache,
+        policy_state=policy_state,
+        visible=zeros_i,
+        causal=zeros_i,
+        blocks=jnp.zeros((B, M), jnp.float32),
+        dense_blocks=zeros_i,
+        fallback=jnp.zeros((B, M), bool),
+        masks=jnp.zeros((B, M, S), bool) if return_masks else None,
+    )
+    body = functools.partial(decode_step, model, policy, choose=choose, max_new=max_new, eos_id=eos_id,
+                             pad_id=pad_id, block_size=block_size, backend=backend, precision=precision)
+    final = jax.lax.while_loop(lambda st: (st.step < M) & ~jnp.all(st.done), body, state)
+    return final, policy.report(final.policy_state)
