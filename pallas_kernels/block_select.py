@@ -65,17 +65,3 @@ def _blocks_from_token_mask(token_mask: jax.Array, *, block_size: int) -> tuple[
     # [B']
     counts = active.sum(axis=-1, dtype=jnp.int32)
     return indices.reshape(batch_shape + (num_blocks,)), counts.reshape(batch_shape)
-
-
-def density(block_counts: jax.Array, lengths: jax.Array, block_size: int) -> jax.Array:
-    """float32 [...]: rho = blocks read / blocks a dense query over `lengths` tokens reads.
-
-    The dense baseline reads ceil(lengths / block_size) blocks; a zero-length
-    row counts as one block so rho stays finite. This is the rho of the
-    DESIGN.md §5 targets (speedup >= 0.8 / rho).
-    """
-    block_size = _check_block_size(block_size)
-    block_counts = jnp.asarray(block_counts)
-    lengths = jnp.asarray(lengths)
-    dense_blocks = jnp.maximum((lengths + block_size - 1) // block_size, 1)
-    return block_counts.astype(jnp.float32) / dense_blocks.astype(jnp.float32)

@@ -1,6 +1,7 @@
-"""Hugging Face tokenizers for real checkpoints, built without torch.
+"""Hugging Face tokenizers from GGUF files, built without torch, and the span tokens.
 
-Two sources:
+(A checkpoint directory's tokenizer is `hf_interop.load_tokenizer`, i.e.
+`PreTrainedTokenizerFast.from_pretrained`.)
 
 - a GGUF file: llama.cpp stores the vocabulary, merges, special ids and chat
   template as `tokenizer.*` metadata. We read those with `gguf.GGUFReader`,
@@ -9,15 +10,12 @@ Two sources:
   result matches `AutoTokenizer.from_pretrained(..., gguf_file=...)` token for
   token. transformers' own entry point (`get_gguf_tokenizer`) goes through a
   reader that imports torch, which this package must not need.
-- a local checkpoint directory with `tokenizer.json` (+ `tokenizer_config.json`).
 
 `add_span_tokens` appends the three span special tokens of DESIGN.md section 2.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 from selfspan_jax.tokenizer import SPAN_TOKEN_STRINGS
@@ -101,36 +99,6 @@ def tokenizer_from_gguf(path_or_reader):
     return PreTrainedTokenizerFast(tokenizer_object=backend, **kwargs)
 
 
-def tokenizer_from_dir(path: str):
-    """A `PreTrainedTokenizerFast` from a checkpoint directory's `tokenizer.json`.
-
-    `tokenizer_config.json`, when present, supplies special tokens, flags and the
-    chat template (a separate `chat_template.jinja` overrides it, as in HF).
-    """
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer_file = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(tokenizer_file):
-        raise ValueError(f"no tokenizer.json in {path!r}")
-    kwargs: dict[str, Any] = {}
-    config_file = os.path.join(path, "tokenizer_config.json")
-    if os.path.isfile(config_file):
-        with open(config_file) as f:
-            config = json.load(f)
-        for key in ("bos_token", "eos_token", "unk_token", "pad_token", "chat_template",
-                    "add_bos_token", "add_eos_token", "model_max_length"):
-            value = config.get(key)
-            if isinstance(value, dict):  # serialized AddedToken
-                value = value.get("content")
-            if value is not None:
-                kwargs[key] = value
-    template_file = os.path.join(path, "chat_template.jinja")
-    if os.path.isfile(template_file):
-        with open(template_file) as f:
-            kwargs["chat_template"] = f.read()
-    return PreTrainedTokenizerFast(tokenizer_file=tokenizer_file, **kwargs)
-
-
 def add_span_tokens(tokenizer) -> tuple[int, int, int]:
     """Adds `<|anchor|>`, `<|ref|>`, `<|/ref|>` as special tokens; returns their ids.
 
@@ -152,14 +120,3 @@ def add_span_tokens(tokenizer) -> tuple[int, int, int]:
         if tokenizer.encode(f"x{s}1", add_special_tokens=False).count(i) != 1:
             raise ValueError(f"span token {s!r} (id {i}) is not encoded as a single token")
     return ids
-
-
-def splits_digits(tokenizer, text: str = "12345 67890 2024, 3.14159 x1000000 (7)") -> bool:
-    """True when every digit of `text` becomes a token of exactly that one digit.
-
-    Strict on purpose: a token like " 7" (space + digit) would not be a digit
-    token for the span parser, so a number written after a space would vanish.
-    """
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    pieces = [tokenizer.decode([i]) for i in ids]
-    return all(len(p) == 1 for p in pieces if any(c.isdigit() for c in p))

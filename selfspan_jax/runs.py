@@ -28,6 +28,7 @@ import yaml
 from flax import nnx
 
 from selfspan_jax import checkpoint as ck
+from selfspan_jax import hf_interop
 from selfspan_jax.models import build_model, trainable_filter
 from selfspan_jax.train_config import TrainConfig, config_differences
 
@@ -230,6 +231,6 @@ def warm_start_params(cfg: TrainConfig, trainable, shardings):
 def export(cfg: TrainConfig, model, tokenizer) -> None:
     """What a finished run leaves for other tools: LoRA adapters (PEFT layout), merged weights on request."""
     if cfg.lora_rank:
-        ck.save_lora_adapters(model, cfg.run_dir / ADAPTERS, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+        hf_interop.save_lora_adapters(model, cfg.run_dir / ADAPTERS, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
     if cfg.export_merged:
-        ck.export_merged_safetensors(model, cfg.run_dir / EXPORT, tokenizer=tokenizer)
+        hf_interop.export_merged_safetensors(model, cfg.run_dir / EXPORT, tokenizer=tokenizer)

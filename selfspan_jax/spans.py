@@ -51,6 +51,10 @@ Rule (positions are 0-based; t is the query, j the key):
 
 Shapes use the house letters: T query length, S key length (= max_len of a
 decode state), V vocab; M = max_segments, NB = S // block_size.
+
+Why one file of ~500 lines: one algorithm, the span rule, as a per-token state
+machine and the training mask built from that same step; splitting it would
+split the one rule that training and decoding must share.
 """
 
 from __future__ import annotations

@@ -18,6 +18,9 @@ Layout conversions (HF weights are [out, in]; nnx.Linear kernels are [in, out]):
   order. llama.cpp's convert_hf_to_gguf permutes the rows of q_proj and k_proj
   per head (HF's rotate-half RoPE pairs dims i and i+H/2, ggml's pairs 2i and
   2i+1); `unpermute_qk` undoes it.
+
+Why one file of ~480 lines: it is one job (file -> checked Llama) for two formats
+that share the checking (`build_model`, `LazyTensor`); HF names and config are `hf_interop`.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from selfspan_jax.config import _DTYPES, LlamaConfig, RopeScaling
+from selfspan_jax import hf_interop
+from selfspan_jax.config import _DTYPES, LlamaConfig
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # preset name -> (package that ships the file, file name). The package is only
@@ -348,96 +352,21 @@ def read_safetensors(path: str) -> dict[str, LazyTensor]:
     return out
 
 
-def _rope_scaling_from_hf(d: dict[str, Any]) -> tuple[float, RopeScaling | None]:
-    """(rope_theta, RopeScaling | None) from either config layout.
-
-    transformers >= 5 writes `rope_parameters` {rope_type, rope_theta, ...};
-    4.x wrote top-level `rope_theta` and `rope_scaling` {rope_type|type, ...}.
-    """
-    params = d.get("rope_parameters") or {}
-    scaling = d.get("rope_scaling") or params
-    theta = float(params.get("rope_theta", d.get("rope_theta", 10_000.0)))
-    kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
-    if kind == "default":
-        return theta, None
-    if kind != "llama3":
-        raise ValueError(f"config.json rope type {kind!r} is not supported (only default and 'llama3')")
-    return theta, RopeScaling(
-        factor=float(scaling["factor"]),
-        low_freq_factor=float(scaling["low_freq_factor"]),
-        high_freq_factor=float(scaling["high_freq_factor"]),
-        original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
-    )
-
-
-def config_from_hf(d: dict[str, Any]) -> LlamaConfig:
-    """LlamaConfig from an HF LlamaConfig dict (config.json)."""
-    if d.get("model_type", "llama") != "llama":
-        raise ValueError(f"config.json model_type {d.get('model_type')!r} is not supported (only 'llama')")
-    for flag in ("attention_bias", "mlp_bias"):
-        if d.get(flag):
-            raise ValueError(f"config.json sets {flag}=true; Llama has no biases")
-    if d.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"config.json hidden_act {d.get('hidden_act')!r} is not supported (only 'silu')")
-    theta, scaling = _rope_scaling_from_hf(d)
-    D, N = int(d["hidden_size"]), int(d["num_attention_heads"])
-    head_dim = d.get("head_dim")
-    return LlamaConfig(
-        vocab_size=int(d["vocab_size"]),
-        d_model=D,
-        n_layers=int(d["num_hidden_layers"]),
-        n_heads=N,
-        n_kv_heads=int(d.get("num_key_value_heads") or N),
-        mlp_dim=int(d["intermediate_size"]),
-        head_dim_override=None if head_dim is None or int(head_dim) * N == D else int(head_dim),
-        norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-        rope_theta=theta,
-        rope_scaling=scaling,
-        tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-        max_seq_len=int(d.get("max_position_embeddings", 2048)),
-    )
-
-
-_HF_LAYER = {
-    "input_layernorm.weight": ("attn_norm.scale", False),
-    "post_attention_layernorm.weight": ("mlp_norm.scale", False),
-    **{f"self_attn.{p}_proj.weight": (f"attn.{p}_proj.kernel", True) for p in "qkvo"},
-    **{f"mlp.{p}_proj.weight": (f"mlp.{p}_proj.kernel", True) for p in ("gate", "up", "down")},
-}
-
-
-def hf_name(ours: str) -> str:
-    """The HF checkpoint tensor name of one of our parameter paths (for error messages)."""
-    top = {"embed.embedding": "model.embed_tokens.weight", "final_norm.scale": "model.norm.weight",
-           "lm_head.kernel": "lm_head.weight"}
-    if ours in top:
-        return top[ours]
-    layer, rest = ours.split(".", 2)[1:]
-    return next(f"model.layers.{layer}.{h}" for h, (o, _) in _HF_LAYER.items() if o == rest)
-
-
 def hf_tensors(raw: dict[str, LazyTensor], config: LlamaConfig) -> dict[str, LazyTensor]:
-    """Our parameter path -> LazyTensor from HF LlamaForCausalLM names."""
+    """Our parameter path -> LazyTensor from HF LlamaForCausalLM names (`hf_interop`'s map)."""
     out: dict[str, LazyTensor] = {}
     unknown = []
     for name, t in raw.items():
-        if name == "model.embed_tokens.weight":
-            out["embed.embedding"] = t
-        elif name == "model.norm.weight":
-            out["final_norm.scale"] = t
-        elif name == "lm_head.weight":
-            if not config.tie_embeddings:  # tied checkpoints sometimes store a copy
-                out["lm_head.kernel"] = _transposed(t)
-        elif name.endswith("rotary_emb.inv_freq"):
+        if name.endswith("rotary_emb.inv_freq"):
             continue  # a buffer old transformers saved; recomputed from the config
-        elif m := re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name):
-            if m.group(2) not in _HF_LAYER:
-                unknown.append(name)
-                continue
-            ours, transpose = _HF_LAYER[m.group(2)]
-            out[f"layers.{int(m.group(1))}.{ours}"] = _transposed(t) if transpose else t
-        else:
+        mapped = hf_interop.our_name(name)
+        if mapped is None:
             unknown.append(name)
+            continue
+        ours, transposed = mapped
+        if ours == "lm_head.kernel" and config.tie_embeddings:
+            continue  # tied checkpoints sometimes store a copy
+        out[ours] = _transposed(t) if transposed else t
     if unknown:
         raise ValueError(f"checkpoint holds tensors a Llama does not have: {unknown[:8]}")
     return out
@@ -453,7 +382,7 @@ def read_hf_checkpoint(path: str) -> tuple[LlamaConfig, dict[str, LazyTensor]]:
     if not os.path.isfile(config_file):
         raise ValueError(f"checkpoint directory {path!r} has no config.json")
     with open(config_file) as f:
-        config = config_from_hf(json.load(f))
+        config = hf_interop.config_from_hf(json.load(f))
     index_file = os.path.join(path, "model.safetensors.index.json")
     raw: dict[str, LazyTensor] = {}
     if os.path.isfile(index_file):
@@ -486,11 +415,9 @@ def read_hf_checkpoint(path: str) -> tuple[LlamaConfig, dict[str, LazyTensor]]:
 
 def load_hf_checkpoint(path: str, dtype: str = "float32"):
     """(Llama, tokenizer or None) from an HF checkpoint directory."""
-    from selfspan_jax.hf_tokenizer import tokenizer_from_dir
-
     config, tensors = read_hf_checkpoint(path)
-    model = build_model(_with_dtype(config, dtype), tensors, hf_name)
-    tokenizer = tokenizer_from_dir(path) if os.path.isfile(os.path.join(path, "tokenizer.json")) else None
+    model = build_model(_with_dtype(config, dtype), tensors, hf_interop.hf_name)
+    tokenizer = hf_interop.load_tokenizer(path) if os.path.isfile(os.path.join(path, "tokenizer.json")) else None
     return model, tokenizer
 
 

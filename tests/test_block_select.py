@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels.block_select import blocks_from_token_mask, density
+from pallas_kernels.block_select import blocks_from_token_mask
 
 # (S, block_size) pairs: a few fixed shapes so the jit cache is reused.
 SHAPES = [(8, 1), (16, 4), (48, 16), (64, 8), (64, 64), (96, 32)]
@@ -68,24 +68,6 @@ def test_dense_and_empty_rows():
     assert np.asarray(indices).tolist() == [[0, 1, 2, 3], [0, 0, 0, 0], [3, 0, 0, 0]]
 
 
-def test_density():
-    counts = jnp.asarray([3, 1, 0, 2])
-    lengths = jnp.asarray([64, 65, 0, 17])
-    rho = np.asarray(density(counts, lengths, 16))
-    # dense reads ceil(L / 16) blocks (at least 1)
-    np.testing.assert_allclose(rho, [3 / 4, 1 / 5, 0.0, 2 / 2])
-
-
-@pytest.mark.parametrize(
-    "token_mask, block_size, match",
-    [
-        (np.zeros((2, 30), bool), 8, "multiple"),
-        (np.zeros((2, 32), np.int32), 8, "bool"),
-        (np.zeros((), bool), 1, "bool"),
-        (np.zeros((2, 32), bool), 0, "block_size"),
-        (np.zeros((2, 32), bool), 8.0, "block_size"),
-    ],
-)
 def test_bad_inputs_raise_value_error(token_mask, block_size, match):
     with pytest.raises(ValueError, match=match):
         blocks_from_token_mask(token_mask, block_size)

@@ -22,6 +22,7 @@ from safetensors.numpy import load_file
 
 from numpy_llama import llama_forward, params_from_hf, params_from_model
 from selfspan_jax import checkpoint as ck
+from selfspan_jax import hf_interop
 from selfspan_jax.config import LlamaConfig
 from selfspan_jax.lora import apply_lora
 from selfspan_jax.model import Llama
@@ -180,7 +181,7 @@ def _lora_model(seed: int, untied: bool):
 def test_merged_export_matches_numpy_reference(tmp_path, untied):
     seed = _seed()
     model = _lora_model(seed, untied)
-    out = ck.export_merged_safetensors(model, tmp_path / "export")
+    out = hf_interop.export_merged_safetensors(model, tmp_path / "export")
     sd = load_file(str(out / "model.safetensors"))
     hf_cfg = json.loads((out / "config.json").read_text())
     assert hf_cfg["vocab_size"] == CFG.vocab_size + 2 == sd["model.embed_tokens.weight"].shape[0]
@@ -208,7 +209,7 @@ def test_export_loads_back_through_weights(tmp_path):
 
     seed = _seed()
     model = _lora_model(seed, untied=True)
-    out = ck.export_merged_safetensors(model, tmp_path / "export")
+    out = hf_interop.export_merged_safetensors(model, tmp_path / "export")
     loaded, _ = load_model(str(out), add_span_tokens=False)
     tokens = jnp.asarray(np.random.default_rng(seed).integers(0, model.config.vocab_size, (2, 7)))
     np.testing.assert_allclose(np.asarray(loaded(tokens)), np.asarray(model(tokens)), atol=1e-4)
@@ -217,7 +218,7 @@ def test_export_loads_back_through_weights(tmp_path):
 def test_lora_adapters_roundtrip(tmp_path):
     seed = _seed()
     model = _lora_model(seed, untied=True)
-    out = ck.save_lora_adapters(model, tmp_path / "adapters", rank=4, alpha=8.0)
+    out = hf_interop.save_lora_adapters(model, tmp_path / "adapters", rank=4, alpha=8.0)
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8.0
     assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -240,7 +241,7 @@ def test_lora_adapters_roundtrip(tmp_path):
     for path, var in nnx.to_flat_state(nnx.state(fresh, base_only)):
         var[...] = base_vars[path][...]
     assert not np.allclose(np.asarray(fresh(jnp.zeros((1, 3), jnp.int32))), np.asarray(model(jnp.zeros((1, 3), jnp.int32))))
-    ck.load_lora_adapters(fresh, out)
+    hf_interop.load_lora_adapters(fresh, out)
     tokens = jnp.asarray(np.random.default_rng(seed + 1).integers(0, model.config.vocab_size, (2, 8)))
     np.testing.assert_allclose(np.asarray(fresh(tokens)), np.asarray(model(tokens)), atol=1e-5)
 
@@ -251,7 +252,7 @@ def test_lora_adapters_roundtrip(tmp_path):
 
     # The shape check comes before any copy, so an abstract model suffices.
     with pytest.raises(ValueError, match="shape"):
-        ck.load_lora_adapters(nnx.eval_shape(rank2), out)
+        hf_interop.load_lora_adapters(nnx.eval_shape(rank2), out)
     with pytest.raises(ValueError, match="no LoRA adapters"):
-        ck.save_lora_adapters(nnx.eval_shape(lambda: Llama(CFG, rngs=nnx.Rngs(0))), tmp_path / "none", rank=4,
+        hf_interop.save_lora_adapters(nnx.eval_shape(lambda: Llama(CFG, rngs=nnx.Rngs(0))), tmp_path / "none", rank=4,
                               alpha=8.0)

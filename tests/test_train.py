@@ -388,7 +388,7 @@ def test_summarization_task_from_local_file(tmp_path):
 def test_lora_trains_only_adapters_and_span_rows(tmp_path):
     """LoRA on a pretrained checkpoint: base weights stay bit-identical, the
     adapters and the span-token rows move, and the adapters are saved."""
-    from selfspan_jax import checkpoint as ck
+    from selfspan_jax import hf_interop
     from selfspan_jax.lora import apply_lora
     from selfspan_jax.weights import load_model
 
@@ -413,7 +413,7 @@ def test_lora_trains_only_adapters_and_span_rows(tmp_path):
     assert moved and all(moved)
     # The saved adapters reproduce the trained model on the original base.
     apply_lora(base, rank=4, alpha=8.0, rngs=nnx.Rngs(0))
-    ck.load_lora_adapters(base, tmp_path / "run" / "adapters")
+    hf_interop.load_lora_adapters(base, tmp_path / "run" / "adapters")
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, base.config.vocab_size, (2, 12)))
     np.testing.assert_allclose(np.asarray(base(tokens)), np.asarray(trained(tokens)), atol=1e-5)
     loaded = runs.load_run(tmp_path / "run").model  # base reloaded from cfg.model, adapters from the checkpoint

@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
 from selfspan_jax import KVCache
-from selfspan_jax.hf_tokenizer import SPAN_TOKEN_STRINGS, splits_digits
+from selfspan_jax.tokenizer import SPAN_TOKEN_STRINGS
 from selfspan_jax.spans import SpanTokens
 from selfspan_jax.weights import load_model, preset_path, unpermute_qk
 
@@ -46,6 +46,15 @@ TINY_ATOL = 5e-4
 # llama.cpp's permutation, copied from convert_hf_to_gguf.py (LlamaModel.permute)
 # so the GGUF written here is laid out exactly as a real converted file.
 # ---------------------------------------------------------------------------
+
+def splits_digits(tokenizer, text: str = "12345 67890 2024, 3.14159 x1000000 (7)") -> bool:
+    """True when every digit of `text` becomes a token of exactly that one digit (strict: a token
+    like " 7" would not be a digit token for the span parser)."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    pieces = [tokenizer.decode([i]) for i in ids]
+    return all(len(p) == 1 for p in pieces if any(c.isdigit() for c in p))
+
+
 def llama_cpp_permute(weights: np.ndarray, n_head: int, n_head_kv: int | None) -> np.ndarray:
     if n_head_kv is not None and n_head != n_head_kv:
         n_head = n_head_kv

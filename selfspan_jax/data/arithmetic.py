@@ -32,6 +32,9 @@ Held-out splits: an expression belongs to the held-out bucket iff a stable
 hash of its text is 0 mod 10. "train" only emits expressions outside the
 bucket, every other split only inside it, so held-out problems never occur in
 training data whatever the difficulty knobs.
+
+Why one file of ~490 lines: the generator, the step-by-step reducer and the
+checker share one expression grammar (parse / format / evaluate) and must agree.
 """
 
 from __future__ import annotations
