@@ -18,8 +18,6 @@ import re
 import string
 from typing import Iterable, Sequence
 
-# The span-token strings are owned by spans.py (docs/interfaces.md); repeated
-# here as literals so the tokenizer does not import jax.
 # The span language's three special tokens (DESIGN.md §2). Their one home:
 # jax-free, so data generation and tokenizers need no jax.
 ANCHOR, REF_OPEN, REF_CLOSE = "<|anchor|>", "<|ref|>", "<|/ref|>"
