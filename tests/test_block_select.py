@@ -68,6 +68,16 @@ def test_dense_and_empty_rows():
     assert np.asarray(indices).tolist() == [[0, 1, 2, 3], [0, 0, 0, 0], [3, 0, 0, 0]]
 
 
+@pytest.mark.parametrize(
+    "token_mask, block_size, match",
+    [
+        (np.zeros((2, 30), bool), 8, "multiple"),
+        (np.zeros((2, 32), np.int32), 8, "bool"),
+        (np.zeros((), bool), 1, "bool"),
+        (np.zeros((2, 32), bool), 0, "block_size"),
+        (np.zeros((2, 32), bool), 8.0, "block_size"),
+    ],
+)
 def test_bad_inputs_raise_value_error(token_mask, block_size, match):
     with pytest.raises(ValueError, match=match):
         blocks_from_token_mask(token_mask, block_size)
