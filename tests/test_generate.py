@@ -255,10 +255,11 @@ def test_logprobs_only_when_asked_and_same_tokens(model, tok):
 
 
 def test_outputs_of_batches_concatenate_to_one_batch(model, tok):
-    prompts = _live_prompts(seed=12, n=6)
+    # parts of BATCH rows reuse the program the other tests compiled; only the whole batch compiles
+    prompts = _live_prompts(seed=12, n=2 * BATCH)
     kw = dict(policy="self_span", tokenizer=tok, backend="xla", max_new_tokens=MAX_NEW, **COMMON)
     whole = generate(model, prompts, **kw)
-    parts = [generate(model, prompts[i:i + 2], **kw) for i in range(0, 6, 2)]
+    parts = [generate(model, prompts[i:i + BATCH], **kw) for i in (0, BATCH)]
     merged = type(whole).concatenate(parts)
     np.testing.assert_array_equal(merged.tokens, whole.tokens)
     np.testing.assert_array_equal(merged.num_tokens, whole.num_tokens)
@@ -268,14 +269,16 @@ def test_outputs_of_batches_concatenate_to_one_batch(model, tok):
     for key in whole.policy_report:
         np.testing.assert_array_equal(merged.policy_report[key], whole.policy_report[key])
     # rows of different cache lengths are padded with "not visible"
-    S = max(p.masks.shape[-1] for p in parts)
-    assert merged.masks.shape == (6, MAX_NEW, S)
+    short = dataclasses.replace(parts[1], masks=parts[1].masks[..., :-BLOCK])
+    padded = type(whole).concatenate([parts[0], short])
+    assert padded.masks.shape == (2 * BATCH, *parts[0].masks.shape[1:])
+    assert not padded.masks[BATCH:, :, -BLOCK:].any()
     s_m, s_w = merged.summary(), whole.summary()
     for key in s_w:
         assert s_m[key] == pytest.approx(s_w[key], rel=1e-12), key
     assert type(whole).concatenate([whole]) is whole
     with pytest.raises(ValueError, match="budgets"):
-        type(whole).concatenate([whole, generate(model, prompts[:2], **{**kw, "max_new_tokens": 3})])
+        type(whole).concatenate([whole, dataclasses.replace(parts[0], tokens=parts[0].tokens[:, :3])])
     with pytest.raises(ValueError, match="nothing"):
         type(whole).concatenate([])
 
