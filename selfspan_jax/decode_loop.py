@@ -70,9 +70,9 @@ class LoopState:
     num_tokens: int32 [B]: tokens emitted per sequence (EOS included).
     cache: the KV cache; cache.lengths[b] is the position of the next fed token.
     policy_state: the policy's own pytree (span decode state for self_span).
-    visible: int32 [B, M]: keys the query that produced out[b, m] attended to
-        (from the token mask actually passed to the kernel; 0 for m = 0,
-        which comes from prefill).
+    visible: f32 [B, M]: keys the query that produced out[b, m] attended to
+        (from the selection actually passed to the kernel, mean over KV heads
+        for per-head lists; 0 for m = 0, which comes from prefill).
     causal: int32 [B, M]: keys causally available to that query (position + 1).
     blocks: f32 [B, M]: KV blocks the kernel read for it (mean over KV heads
         for per-head lists).
@@ -123,9 +123,10 @@ def _chunked_prefill(model, prompt, mask, lengths, cache_len: int, chunk: int):
     return cache.replace(lengths=lengths.astype(jnp.int32)), last
 
 
-def prefill(model, policy: Policy, prompt, lengths, *, cache_len: int, prefill_chunk: int):
+def prefill(model, policy: Policy, prompt, lengths, *, cache_len: int, block_size: int, prefill_chunk: int):
     """prompt int32 [B, T] right-padded, lengths int32 [B] ->
-    (cache, logits at each prompt's last position [B, V], initial policy state)."""
+    (cache, logits at each prompt's last position [B, V], initial policy state, which has seen the
+    prompt's keys through `observe_prefill`)."""
     B = prompt.shape[0]
     # [B, T, T]
     mask = policy.prefill_mask(prompt, lengths)
@@ -136,7 +137,9 @@ def prefill(model, policy: Policy, prompt, lengths, *, cache_len: int, prefill_c
         last = logits[jnp.arange(B), lengths - 1]
     else:
         cache, last = _chunked_prefill(model, prompt, mask, lengths, cache_len, prefill_chunk)
-    return cache, last, policy.init_state(prompt, lengths, cache_len)
+    state = policy.observe_prefill(policy.init_state(prompt, lengths, cache_len), cache, lengths,
+                                   block_size=block_size)
+    return cache, last, state
 
 
 def attention_fn_for(policy: Policy, pstate, pos, *, block_size: int, cache_len: int, backend: str,
@@ -164,12 +167,28 @@ def attention_fn_for(policy: Policy, pstate, pos, *, block_size: int, cache_len:
 
 
 def _selection_stats(sel: Selection, pos: jax.Array, block_size: int):
-    """Measured from the selection itself: (visible [B], blocks read f32 [B], dense blocks [B])."""
+    """Measured from the selection itself: (keys attended f32 [B], blocks read f32 [B], dense blocks [B]).
+
+    Shared lists: the token mask lies inside the listed blocks, so the keys
+    attended are its causal entries. Per-KV-head lists [B, K, L]: the causal
+    token-mask entries inside each head's listed blocks, averaged over heads
+    (as are the blocks read).
+    """
     S = sel.token_mask.shape[-1]
-    causal = jnp.arange(S)[None, :] <= pos[:, None]
-    visible = jnp.sum(sel.token_mask & causal, axis=-1).astype(jnp.int32)
+    # [B, S]
+    row = sel.token_mask & (jnp.arange(S)[None, :] <= pos[:, None])
     counts = sel.block_counts.astype(jnp.float32)
-    if counts.ndim == 2:  # per-KV-head lists [B, K]
+    if counts.ndim == 1:
+        visible = jnp.sum(row, axis=-1).astype(jnp.float32)
+    else:
+        B, K, Lst = sel.block_indices.shape
+        # [B, K, NB]: which blocks each head reads (entries past the count are not read)
+        live = jnp.arange(Lst)[None, None, :] < sel.block_counts[..., None]
+        member = jnp.zeros((B, K, S // block_size), bool).at[
+            jnp.arange(B)[:, None, None], jnp.arange(K)[None, :, None], sel.block_indices].max(live)
+        # [B, NB] visible keys per block
+        per_block = row.reshape(B, S // block_size, block_size).sum(-1).astype(jnp.float32)
+        visible = jnp.mean(jnp.sum(member * per_block[:, None, :], axis=-1), axis=-1)
         counts = jnp.mean(counts, axis=-1)
     return visible, counts, (pos // block_size + 1).astype(jnp.int32)
 
@@ -186,6 +205,7 @@ def decode_step(model, policy: Policy, st: LoopState, choose: Callable, *, max_n
                                                backend=backend, precision=precision)
     step_logits, cache = model.decode_step(fed, st.cache, attention_fn=attention_fn)
     sel = selection()
+    pstate = policy.observe_step(pstate, cache, pos, block_size=block_size)
     tok = choose(step_logits, st.step)
     active = ~st.done
     visible, blocks, dense_blocks = _selection_stats(sel, pos, block_size)
@@ -207,7 +227,7 @@ def decode_step(model, policy: Policy, st: LoopState, choose: Callable, *, max_n
         num_tokens=st.num_tokens + active.astype(jnp.int32),
         cache=cache,
         policy_state=pstate,
-        visible=put(st.visible, visible, 0),
+        visible=put(st.visible, visible, 0.0),
         causal=put(st.causal, pos + 1, 0),
         blocks=put(st.blocks, blocks, 0.0),
         dense_blocks=put(st.dense_blocks, dense_blocks, 0),
@@ -259,7 +279,8 @@ def run(
     model = nnx.merge(graphdef, params)
     B = prompt.shape[0]
     M, S = budget, cache_len
-    cache, last, policy_state = prefill(model, policy, prompt, lengths, cache_len=S, prefill_chunk=prefill_chunk)
+    cache, last, policy_state = prefill(model, policy, prompt, lengths, cache_len=S, block_size=block_size,
+                                        prefill_chunk=prefill_chunk)
 
     def choose(step_logits, step):
         drawn = sample_logits(step_logits, jax.random.fold_in(rng, step), temperature, top_k, top_p)
@@ -276,7 +297,7 @@ def run(
         num_tokens=jnp.ones((B,), jnp.int32),
         cache=cache,
         policy_state=policy_state,
-        visible=zeros_i,
+        visible=jnp.zeros((B, M), jnp.float32),
         causal=zeros_i,
         blocks=jnp.zeros((B, M), jnp.float32),
         dense_blocks=zeros_i,

@@ -293,7 +293,7 @@ def _output(st, report, pol: Policy, lengths, max_new_tokens: int, eos: int, tok
     num = np.asarray(st.num_tokens)
     m = np.arange(n)
     step_valid = (m[None, :] >= 1) & (m[None, :] < num[:, None])
-    visible, causal = np.asarray(st.visible)[:, :n], np.asarray(st.causal)[:, :n]
+    visible, causal = np.asarray(st.visible, np.float64)[:, :n], np.asarray(st.causal)[:, :n]
     blocks, dense_blocks = np.asarray(st.blocks)[:, :n], np.asarray(st.dense_blocks)[:, :n]
     with np.errstate(invalid="ignore", divide="ignore"):
         stats = {

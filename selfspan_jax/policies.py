@@ -7,13 +7,19 @@ that into the kernel's inputs:
 
     prefill_mask(tokens [B,T], lengths [B])            -> bool [B,T,T]
     init_state(tokens [B,T], lengths [B], max_len)     -> policy state (pytree)
+    observe_prefill(state, cache, lengths, *, block_size) -> policy state   (default: unchanged)
     update(state, tokens [B])                          -> policy state
     select(state, lengths [B], *, block_size, q, k, layer_idx) -> Selection
+    observe_step(state, cache, positions [B], *, block_size) -> policy state (default: unchanged)
 
 `update` appends the token that is about to be fed to the model (it sits at
 position `lengths[b]` of the cache); `select` then describes the attention row
 of exactly that query. `lengths` is the cache length *before* the step, i.e.
-the position of the current query.
+the position of the current query. The two `observe_*` hooks let a policy keep
+metadata of the keys as they are written (Quest's per-block key bounds): once
+after prefill wrote the prompt's K/V, and after every decode step wrote the
+K/V of position `positions[b]` in every layer. Reading one key per layer per
+step is the point: a policy that rescanned the cache would read it all.
 
 Two kinds of policy fit the same loop and kernel:
 
@@ -130,6 +136,14 @@ class Policy(abc.ABC):
                layer_idx: int | None = None) -> Selection:
         ...
 
+    def observe_prefill(self, state: Any, cache, lengths: jax.Array, *, block_size: int) -> Any:
+        """State after prefill wrote the K/V of positions < lengths[b] (cache: `KVCache`)."""
+        return state
+
+    def observe_step(self, state: Any, cache, positions: jax.Array, *, block_size: int) -> Any:
+        """State after a decode step wrote the K/V of position positions[b] in every layer."""
+        return state
+
     def fallback(self, state: Any, batch: int) -> jax.Array:
         """bool [B]: sequences the policy has switched to dense for good."""
         return jnp.zeros((batch,), bool)
@@ -210,14 +224,104 @@ class SelfSpanPolicy(Policy):
         return spans_lib.span_stats(state)
 
 
+@struct.dataclass
+class QuestState:
+    """Per-block key bounds of every layer: elementwise min and max of the keys written so far.
+
+    kmin, kmax: f32 [L, B, K, NB, H]; a block with no key yet holds +inf / -inf.
+    """
+
+    kmin: jax.Array
+    kmax: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class QuestPolicy(Policy):
+    """Quest (Tang et al., ICML 2024): query-aware selection of KV pages by per-page key bounds.
+
+    Pages are the kernel's blocks (`generate`'s `block_size`). For every block
+    and KV head the elementwise min and max of its keys are kept as keys are
+    written (`observe_prefill`, `observe_step`: one key per layer per step is
+    read). For a query q the block's score is the upper bound
+    u = sum_i max(q_i * min_i, q_i * max_i) of q . k over its keys (for GQA
+    summed over the query heads of the KV head); the `page_budget` blocks of
+    highest u are read, the block holding the query always among them (it
+    counts against the budget), with exact attention over their visible
+    positions. Prefill is dense causal (Quest sparsifies decoding only).
+
+    Reads per step and KV head: min(page_budget, blocks so far) K/V blocks plus
+    the bounds of every block so far (2 H floats each, 2 / block_size of a
+    block's K/V bytes). State: `QuestState`.
+    """
+
+    page_budget: int = 8
+
+    name: ClassVar[str] = "quest"
+    query_aware: ClassVar[bool] = True
+
+    def __post_init__(self):
+        if isinstance(self.page_budget, bool) or not isinstance(self.page_budget, int) or self.page_budget < 1:
+            raise ValueError(f"page_budget must be a positive int, got {self.page_budget!r}")
+
+    def prefill_mask(self, tokens, lengths):
+        return causal_mask(tokens.shape[-1], lengths)
+
+    def init_state(self, tokens, lengths, max_len):
+        return ()  # the bounds need the keys: built by observe_prefill
+
+    def update(self, state, tokens):
+        return state
+
+    def observe_prefill(self, state, cache, lengths, *, block_size):
+        L, B, K, S, H = cache.k.shape
+        # [L, B, K, NB, bs, H]
+        k = cache.k.astype(jnp.float32).reshape(L, B, K, S // block_size, block_size, H)
+        # [B, NB, bs]: positions written by prefill
+        valid = (jnp.arange(S) < lengths[:, None]).reshape(B, S // block_size, block_size)
+        valid = valid[None, :, None, :, :, None]
+        return QuestState(jnp.min(jnp.where(valid, k, jnp.inf), axis=4),
+                          jnp.max(jnp.where(valid, k, -jnp.inf), axis=4))
+
+    def observe_step(self, state, cache, positions, *, block_size):
+        b = jnp.arange(positions.shape[0])
+        # [B, L, K, H] (numpy's rule for advanced indices split by a slice): the key each
+        # layer wrote at positions[b]; the bounds are indexed the same way
+        new = cache.k[:, b, :, positions, :].astype(jnp.float32)
+        blk = positions // block_size
+        return QuestState(state.kmin.at[:, b, :, blk, :].min(new), state.kmax.at[:, b, :, blk, :].max(new))
+
+    def select(self, state, lengths, *, block_size, cache_len, q=None, k=None, layer_idx=None):
+        B, N, H = q.shape
+        K = k.shape[1]
+        NB = cache_len // block_size
+        # [B, K, G, H]
+        qg = q.astype(jnp.float32).reshape(B, K, N // K, H)
+        kmin, kmax = state.kmin[layer_idx], state.kmax[layer_idx]
+        # [B, K, NB]: upper bound of q . k over each block, summed over the group
+        u = jnp.einsum("bkgh,bknh->bkn", jnp.maximum(qg, 0), kmax) + jnp.einsum(
+            "bkgh,bknh->bkn", jnp.minimum(qg, 0), kmin)
+        own = (lengths // block_size).astype(jnp.int32)
+        blocks = jnp.arange(NB)[None, None, :]
+        u = jnp.where(blocks < own[:, None, None], u, -jnp.inf)
+        u = jnp.where(blocks == own[:, None, None], jnp.inf, u)
+        budget = min(self.page_budget, NB)
+        # [B, K, budget]
+        _, indices = jax.lax.top_k(u, budget)
+        counts = jnp.broadcast_to(jnp.minimum(budget, own + 1)[:, None], (B, K)).astype(jnp.int32)
+        token_mask = jnp.arange(cache_len)[None, :] <= lengths[:, None]
+        return Selection(indices.astype(jnp.int32), counts, token_mask)
+
+
 def make_policy(policy: str | Policy, *, span_tokens=None, max_segments: int = 64) -> Policy:
-    """Resolve a policy name ("dense", "self_span") or pass a Policy through."""
+    """Resolve a policy name ("dense", "self_span", "quest" with its default budget) or pass a Policy through."""
     if isinstance(policy, Policy):
         return policy
     if policy == "dense":
         return DensePolicy()
+    if policy == "quest":
+        return QuestPolicy()
     if policy == "self_span":
         if span_tokens is None:
             raise ValueError("policy='self_span' needs span_tokens (or a tokenizer to derive them from)")
         return SelfSpanPolicy(span_tokens, max_segments)
-    raise ValueError(f"unknown policy {policy!r}; choose 'dense', 'self_span' or pass a Policy")
+    raise ValueError(f"unknown policy {policy!r}; choose 'dense', 'self_span', 'quest' or pass a Policy")
