@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from pallas_kernels import block_sparse_decode
+from pallas_kernels.token_sparse_decode import token_sparse_decode
 from selfspan_jax.cache import KVCache
 from selfspan_jax.policies import Policy, Selection
 from selfspan_jax.sampling import chosen_logprob, sample_logits
@@ -160,10 +161,32 @@ def attention_fn_for(policy: Policy, pstate, pos, *, block_size: int, cache_len:
         if policy.query_aware:
             seen.append(policy.select(pstate, pos, q=q, k=k_all[layer_idx], layer_idx=layer_idx, **kw))
         sel = seen[-1]
-        return block_sparse_decode(q, k_all, v_all, sel.block_indices, sel.block_counts, sel.token_mask,
-                                   block_size=block_size, backend=backend, precision=precision, layer=layer_idx)
+        if sel.token_indices is None:
+            out = block_sparse_decode(q, k_all, v_all, sel.block_indices, sel.block_counts, sel.token_mask,
+                                      block_size=block_size, backend=backend, precision=precision,
+                                      layer=layer_idx)
+        else:  # token lists: the gather path (no Pallas token-list kernel yet)
+            out = token_sparse_decode(q, k_all, v_all, sel.token_indices, sel.token_counts, layer=layer_idx,
+                                      backend="reference" if backend == "reference" else "xla")
+        if sel.mix_alpha is not None:
+            out = _mix_mean_v(out, sel, v_all, layer_idx, pos)
+        return out
 
     return attention_fn, lambda: seen[-1]
+
+
+def _mix_mean_v(y, sel: Selection, v_all, layer_idx, pos):
+    """alpha * y + (1 - alpha) * mean(V[0..t]) per query head; the query's own V row completes the
+    policy's running sum of the rows before it."""
+    B, N, H = y.shape
+    K = sel.mix_vsum.shape[1]
+    # [B, K, H]
+    own = v_all[layer_idx, jnp.arange(B), :, pos, :].astype(jnp.float32)
+    mean = (sel.mix_vsum + own) / (pos + 1).astype(jnp.float32)[:, None, None]
+    # [B, N, H]
+    mean = jnp.repeat(mean, N // K, axis=1)
+    alpha = sel.mix_alpha[..., None]
+    return (alpha * y.astype(jnp.float32) + (1.0 - alpha) * mean).astype(y.dtype)
 
 
 def _selection_stats(sel: Selection, pos: jax.Array, block_size: int):
@@ -178,7 +201,10 @@ def _selection_stats(sel: Selection, pos: jax.Array, block_size: int):
     # [B, S]
     row = sel.token_mask & (jnp.arange(S)[None, :] <= pos[:, None])
     counts = sel.block_counts.astype(jnp.float32)
-    if counts.ndim == 1:
+    if sel.token_indices is not None:  # token lists: listed rows per head; reads as the policy counts them
+        visible = jnp.mean(sel.token_counts.astype(jnp.float32), axis=-1)
+        counts = sel.rows_read / (2.0 * block_size)
+    elif counts.ndim == 1:
         visible = jnp.sum(row, axis=-1).astype(jnp.float32)
     else:
         B, K, Lst = sel.block_indices.shape

@@ -61,11 +61,26 @@ class Selection:
     token_mask: bool [B, S]; True = this cache position is visible. It is the
         exact row of the attention mask, so statistics computed from it are
         measurements of what the kernel attended to.
+
+    Token-granular policies (SparQ) set instead of reading blocks:
+    token_indices: int32 [B, K, T], token_counts int32 [B, K]: the rows each KV
+        head reads (`pallas_kernels.token_sparse_decode`); the block fields
+        then only describe the causal extent.
+    rows_read: f32 [B]: K+V rows read per KV head (row equivalents, mean over
+        heads), the policy's own count of its reads, for the statistics.
+    mix_alpha: f32 [B, N] and mix_vsum f32 [B, K, H]: output = alpha * y +
+        (1 - alpha) * mean(V[0..t]), where the loop completes the mean with the
+        query's own V row: mean = (mix_vsum + v[t]) / (t + 1).
     """
 
     block_indices: jax.Array
     block_counts: jax.Array
     token_mask: jax.Array
+    token_indices: Any = None
+    token_counts: Any = None
+    rows_read: Any = None
+    mix_alpha: Any = None
+    mix_vsum: Any = None
 
 
 def dense_selection(lengths: jax.Array, cache_len: int, block_size: int) -> Selection:
@@ -312,16 +327,134 @@ class QuestPolicy(Policy):
         return Selection(indices.astype(jnp.int32), counts, token_mask)
 
 
+@struct.dataclass
+class SparQState:
+    """vsum: f32 [L, B, K, H]: sum of the V rows written so far (the mean-V reallocation keeps it
+    incrementally instead of rereading the cache)."""
+
+    vsum: jax.Array
+
+
+def _positive_int(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SparQPolicy(Policy):
+    """SparQ Attention (Ribar et al., arXiv 2312.04985): training-free, query-aware, token-granular.
+
+    For the query at position t, per KV head: i_r = the r largest components
+    of |q| (summed over the head's query group); approximate scores
+    s_hat = softmax_j<=t(q[i_r] . K[j, i_r] / sqrt(H * sum|q[i_r]| / sum|q|));
+    k positions are read: the local window t-local_window+1..t and the top of
+    s_hat (summed over the group) for the rest, or all of 0..t when t+1 <= k;
+    y = exact softmax attention over them. With `reallocate_mean`, output =
+    alpha * y + (1 - alpha) * mean(V[0..t]), alpha = sum of s_hat over the
+    selected positions (per query head); the V sum is kept incrementally.
+
+    What it reads per KV head and step (the paper's count): r/H of the K rows
+    0..t (the r components) plus k rows of K and k of V (`rows_read`). This
+    implementation gathers the r components from the row-major cache; the
+    paper's second, component-major copy of K (which makes those reads
+    contiguous) is not built yet. Prefill is dense causal.
+    """
+
+    r: int
+    k: int
+    local_window: int = 0
+    reallocate_mean: bool = True
+
+    name: ClassVar[str] = "sparq"
+    query_aware: ClassVar[bool] = True
+
+    def __post_init__(self):
+        _positive_int("r", self.r)
+        _positive_int("k", self.k)
+        _positive_int("local_window", self.local_window, 0)
+        if self.local_window > self.k:
+            raise ValueError(f"local_window {self.local_window} exceeds k {self.k} (the window is part of the k)")
+        if not isinstance(self.reallocate_mean, bool):
+            raise ValueError(f"reallocate_mean must be a bool, got {self.reallocate_mean!r}")
+
+    def prefill_mask(self, tokens, lengths):
+        return causal_mask(tokens.shape[-1], lengths)
+
+    def init_state(self, tokens, lengths, max_len):
+        return ()
+
+    def update(self, state, tokens):
+        return state
+
+    def observe_prefill(self, state, cache, lengths, *, block_size):
+        S = cache.v.shape[3]
+        # [1, B, 1, S, 1]
+        valid = (jnp.arange(S)[None, :] < lengths[:, None])[None, :, None, :, None]
+        return SparQState(jnp.sum(jnp.where(valid, cache.v.astype(jnp.float32), 0.0), axis=3))
+
+    def observe_step(self, state, cache, positions, *, block_size):
+        b = jnp.arange(positions.shape[0])
+        # cache.v[:, b, :, positions[b], :] is [B, L, K, H]: advanced indices split by a slice go first
+        new = jnp.swapaxes(cache.v[:, b, :, positions, :].astype(jnp.float32), 0, 1)  # -> [L, B, K, H]
+        return SparQState(state.vsum + new)
+
+    def select(self, state, lengths, *, block_size, cache_len, q=None, k=None, layer_idx=None):
+        B, N, H = q.shape
+        K, S = k.shape[1], cache_len
+        G = N // K
+        if self.r > H:
+            raise ValueError(f"r={self.r} exceeds the head dim {H}")
+        pos = lengths.astype(jnp.int32)
+        # [B, K, G, H]
+        qg = q.astype(jnp.float32).reshape(B, K, G, H)
+        # [B, K, r]: the r largest components of |q|, shared by the group
+        _, i_r = jax.lax.top_k(jnp.sum(jnp.abs(qg), axis=2), self.r)
+        # [B, K, G, r], [B, K, S, r]
+        q_r = jnp.take_along_axis(qg, i_r[:, :, None, :], axis=-1)
+        k_r = jnp.take_along_axis(k.astype(jnp.float32), i_r[:, :, None, :], axis=-1)
+        # [B, K, G]: SparQ's scale replaces 1/sqrt(H)
+        scale = jnp.sqrt(H * jnp.sum(jnp.abs(q_r), -1) / jnp.maximum(jnp.sum(jnp.abs(qg), -1), 1e-30))
+        j = jnp.arange(S)
+        causal = (j[None, :] <= pos[:, None])[:, None, None, :]
+        logits = jnp.einsum("bkgr,bksr->bkgs", q_r, k_r) / jnp.maximum(scale, 1e-30)[..., None]
+        # [B, K, G, S]
+        s_hat = jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1)
+        # [B, K, S]: group ranking; the local window above every score, the query itself first
+        rank = jnp.sum(s_hat, axis=2)
+        window = (j[None, :] > pos[:, None] - self.local_window) & (j[None, :] <= pos[:, None])
+        rank = jnp.where(window[:, None, :], 2.0 * G + 1.0 + (j[None, :] - pos[:, None])[:, None, :] / S, rank)
+        rank = jnp.where(causal[:, :, 0], rank, -jnp.inf)
+        kk = min(self.k, S)
+        _, idx = jax.lax.top_k(rank, kk)
+        counts = jnp.broadcast_to(jnp.minimum(kk, pos + 1)[:, None], (B, K)).astype(jnp.int32)
+        live = jnp.arange(kk)[None, None, :] < counts[..., None]
+        rows_read = (self.r / H) * (pos + 1) + 2.0 * counts[:, 0]
+        dense = dense_selection(lengths, cache_len, block_size)
+        sel = Selection(dense.block_indices, dense.block_counts, dense.token_mask, token_indices=idx.astype(jnp.int32),
+                        token_counts=counts, rows_read=rows_read.astype(jnp.float32))
+        if not self.reallocate_mean:
+            return sel
+        # [B, K, G]: the approximate probability mass the selection covers
+        alpha = jnp.sum(jnp.where(live[:, :, None, :],
+                                  jnp.take_along_axis(s_hat, jnp.broadcast_to(idx[:, :, None, :], (B, K, G, kk)),
+                                                      axis=-1), 0.0), axis=-1)
+        return sel.replace(mix_alpha=alpha.reshape(B, N), mix_vsum=state.vsum[layer_idx])
+
+
 def make_policy(policy: str | Policy, *, span_tokens=None, max_segments: int = 64) -> Policy:
-    """Resolve a policy name ("dense", "self_span", "quest" with its default budget) or pass a Policy through."""
+    """Resolve a policy name or pass a Policy through. "quest" is `QuestPolicy()` (8 pages); "sparq" is
+    `SparQPolicy(r=16, k=64, local_window=16)`, the paper's 1/8 setting at head dim 128 (other head dims
+    and budgets: pass a `SparQPolicy`)."""
     if isinstance(policy, Policy):
         return policy
     if policy == "dense":
         return DensePolicy()
     if policy == "quest":
         return QuestPolicy()
+    if policy == "sparq":
+        return SparQPolicy(r=16, k=64, local_window=16)
     if policy == "self_span":
         if span_tokens is None:
             raise ValueError("policy='self_span' needs span_tokens (or a tokenizer to derive them from)")
         return SelfSpanPolicy(span_tokens, max_segments)
-    raise ValueError(f"unknown policy {policy!r}; choose 'dense', 'self_span', 'quest' or pass a Policy")
+    raise ValueError(f"unknown policy {policy!r}; choose 'dense', 'self_span', 'quest', 'sparq' or pass a Policy")

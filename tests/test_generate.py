@@ -372,7 +372,7 @@ def test_bad_arguments_raise(model, tok):
     with pytest.raises(ValueError, match="top_k"):
         generate(model, ["ab"], max_new_tokens=2, tokenizer=tok, top_k=0)
     with pytest.raises(ValueError, match="policy"):
-        generate(model, ["ab"], max_new_tokens=2, tokenizer=tok, policy="sparq")
+        generate(model, ["ab"], max_new_tokens=2, tokenizer=tok, policy="adore")
     with pytest.raises(ValueError, match="tokenizer"):
         generate(model, ["ab"], max_new_tokens=2, policy="dense")
     with pytest.raises(ValueError, match="prompt ids"):
