@@ -169,10 +169,9 @@ class Policy(abc.ABC):
 
 
 @dataclasses.dataclass(frozen=True)
-class DensePolicy(Policy):
-    """Every earlier token; the baseline that reads all blocks up to the query."""
-
-    name: ClassVar[str] = "dense"
+class DecodeOnlyPolicy(Policy):
+    """A policy that sparsifies decoding only: dense causal prefill, no state driven by the emitted
+    tokens (what it keeps comes through the `observe_*` hooks). Dense, Quest and SparQ are such."""
 
     def prefill_mask(self, tokens, lengths):
         return causal_mask(tokens.shape[-1], lengths)
@@ -182,6 +181,13 @@ class DensePolicy(Policy):
 
     def update(self, state, tokens):
         return state
+
+
+@dataclasses.dataclass(frozen=True)
+class DensePolicy(DecodeOnlyPolicy):
+    """Every earlier token; the baseline that reads all blocks up to the query."""
+
+    name: ClassVar[str] = "dense"
 
     def select(self, state, lengths, *, block_size, cache_len, q=None, k=None, layer_idx=None):
         return dense_selection(lengths, cache_len, block_size)
@@ -239,6 +245,11 @@ class SelfSpanPolicy(Policy):
         return spans_lib.span_stats(state)
 
 
+def _positive_int(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
 @struct.dataclass
 class QuestState:
     """Per-block key bounds of every layer: elementwise min and max of the keys written so far.
@@ -251,7 +262,7 @@ class QuestState:
 
 
 @dataclasses.dataclass(frozen=True)
-class QuestPolicy(Policy):
+class QuestPolicy(DecodeOnlyPolicy):
     """Quest (Tang et al., ICML 2024): query-aware selection of KV pages by per-page key bounds.
 
     Pages are the kernel's blocks (`generate`'s `block_size`). For every block
@@ -275,17 +286,7 @@ class QuestPolicy(Policy):
     query_aware: ClassVar[bool] = True
 
     def __post_init__(self):
-        if isinstance(self.page_budget, bool) or not isinstance(self.page_budget, int) or self.page_budget < 1:
-            raise ValueError(f"page_budget must be a positive int, got {self.page_budget!r}")
-
-    def prefill_mask(self, tokens, lengths):
-        return causal_mask(tokens.shape[-1], lengths)
-
-    def init_state(self, tokens, lengths, max_len):
-        return ()  # the bounds need the keys: built by observe_prefill
-
-    def update(self, state, tokens):
-        return state
+        _positive_int("page_budget", self.page_budget)
 
     def observe_prefill(self, state, cache, lengths, *, block_size):
         L, B, K, S, H = cache.k.shape
@@ -335,13 +336,8 @@ class SparQState:
     vsum: jax.Array
 
 
-def _positive_int(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
 @dataclasses.dataclass(frozen=True)
-class SparQPolicy(Policy):
+class SparQPolicy(DecodeOnlyPolicy):
     """SparQ Attention (Ribar et al., arXiv 2312.04985): training-free, query-aware, token-granular.
 
     For the query at position t, per KV head: i_r = the r largest components
@@ -376,15 +372,6 @@ class SparQPolicy(Policy):
             raise ValueError(f"local_window {self.local_window} exceeds k {self.k} (the window is part of the k)")
         if not isinstance(self.reallocate_mean, bool):
             raise ValueError(f"reallocate_mean must be a bool, got {self.reallocate_mean!r}")
-
-    def prefill_mask(self, tokens, lengths):
-        return causal_mask(tokens.shape[-1], lengths)
-
-    def init_state(self, tokens, lengths, max_len):
-        return ()
-
-    def update(self, state, tokens):
-        return state
 
     def observe_prefill(self, state, cache, lengths, *, block_size):
         S = cache.v.shape[3]

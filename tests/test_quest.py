@@ -9,16 +9,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from policy_cases import (
+    VOCAB,
+    assert_policy_equals_dense,
+    eager_decode,
+    eager_prefill,
+    random_prompts,
+    small_gqa_model,
+)
 from selfspan_jax.cache import KVCache
-from selfspan_jax.config import LlamaConfig
 from selfspan_jax.generation import generate
-from selfspan_jax.model import Llama
-from selfspan_jax.decode_loop import shape_buckets
-from selfspan_jax.policies import QuestPolicy, causal_mask, make_policy
+from selfspan_jax.policies import QuestPolicy, make_policy
 
 
 def _bounds64(k, upto, block_size):
@@ -83,31 +87,15 @@ def test_bounds_and_page_choice_match_float64(seed, block_size, group, budget, s
             assert set(chosen.tolist()) == want, (b, h)
 
 
-TOK_V = 40
-
-
 @pytest.fixture(scope="module")
 def model():
-    cfg = LlamaConfig(vocab_size=TOK_V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=64,
-                      max_seq_len=256)
-    return Llama(cfg, rngs=nnx.Rngs(7))
+    return small_gqa_model(7)
 
-
-def _prompts(seed, B=3):
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(40, 60, size=B)
-    return [rng.integers(1, TOK_V, size=n).tolist() for n in lengths]
 
 
 def test_full_budget_is_dense(model):
-    prompts = _prompts(secrets.randbelow(2**20))
-    kw = dict(max_new_tokens=12, block_size=8, backend="xla", return_logprobs=True, eos_id=-1, pad_id=0)
-    dense = generate(model, prompts, policy="dense", **kw)
-    quest = generate(model, prompts, policy=QuestPolicy(page_budget=64), **kw)
-    np.testing.assert_array_equal(quest.tokens, dense.tokens)
-    np.testing.assert_allclose(quest.logprobs, dense.logprobs, atol=1e-5)
+    quest = assert_policy_equals_dense(model, QuestPolicy(page_budget=64), secrets.randbelow(2**20), atol=1e-5)
     assert quest.summary()["kv_read_fraction"] == 1.0 and quest.summary()["mean_attended_fraction"] == 1.0
-
 
 def _masked_attention(q, k, v, allowed):
     """q [B, N, H], k/v [B, K, S, H], allowed bool [B, K, S] -> [B, N, H] (float32, softmax over allowed)."""
@@ -127,44 +115,28 @@ def test_loop_equals_eager_reference_with_bounds_from_scratch(model, budget):
     seed = secrets.randbelow(2**20)
     print(f"seed={seed}")
     bs, M = 8, 10
-    prompts = _prompts(seed)
+    prompts = random_prompts(seed)
     rng = np.random.default_rng(seed + 1)
-    forced = rng.integers(1, TOK_V, size=(len(prompts), M)).astype(np.int32)
+    forced = rng.integers(1, VOCAB, size=(len(prompts), M)).astype(np.int32)
     pol = QuestPolicy(page_budget=budget)
     out = generate(model, prompts, policy=pol, max_new_tokens=M, block_size=bs, backend="xla", eos_id=-1, pad_id=0,
                    forced_tokens=forced, return_logprobs=True)
     np.testing.assert_array_equal(out.tokens, forced)
 
+    cache, lengths, S, ref = eager_prefill(model, prompts, M, bs, forced)
     B = len(prompts)
-    lengths = np.array([len(p) for p in prompts], np.int32)
-    T, _, S = shape_buckets(lengths.max(), M, bs)  # the loop's cache length
-    prompt = np.zeros((B, T), np.int32)
-    for b, p in enumerate(prompts):
-        prompt[b, : len(p)] = p
-    logits, cache = model.prefill(jnp.asarray(prompt), KVCache.init(model.config, B, S),
-                                  attention_mask=causal_mask(T, jnp.asarray(lengths)), lengths=jnp.asarray(lengths))
-    last = np.asarray(logits)[np.arange(B), lengths - 1]
-    ref = np.zeros((B, M))
-    ref[:, 0] = jax.nn.log_softmax(last)[np.arange(B), forced[:, 0]]
-    for m in range(1, M):
-        pos = np.asarray(cache.lengths)
-        # bounds over every key written before this query, from scratch
-        state = pol.observe_prefill((), cache, jnp.asarray(pos), block_size=bs)
 
-        def attention_fn(q, k_all, v_all, layer, state=state, pos=pos):
-            sel = pol.select(state, jnp.asarray(pos), block_size=bs, cache_len=S, q=q, k=k_all[layer],
-                             layer_idx=layer)
-            idx, cnt = np.asarray(sel.block_indices), np.asarray(sel.block_counts)
-            allowed = np.zeros((B, k_all.shape[2], S), bool)
-            for b in range(B):
-                for h in range(k_all.shape[2]):
-                    for blk in idx[b, h, : cnt[b, h]]:
-                        allowed[b, h, blk * bs:(blk + 1) * bs] = True
-            allowed &= (np.arange(S) <= pos[:, None])[:, None, :]
-            return _masked_attention(q, k_all[layer], v_all[layer], jnp.asarray(allowed))
+    def attend(q, k, v, sel, pos):
+        idx, cnt = np.asarray(sel.block_indices), np.asarray(sel.block_counts)
+        allowed = np.zeros((B, k.shape[1], S), bool)
+        for b in range(B):
+            for h in range(k.shape[1]):
+                for blk in idx[b, h, : cnt[b, h]]:
+                    allowed[b, h, blk * bs:(blk + 1) * bs] = True
+        allowed &= (np.arange(S) <= pos[:, None])[:, None, :]
+        return _masked_attention(q, k, v, jnp.asarray(allowed))
 
-        step_logits, cache = model.decode_step(jnp.asarray(forced[:, m - 1]), cache, attention_fn=attention_fn)
-        ref[:, m] = jax.nn.log_softmax(step_logits)[np.arange(B), forced[:, m]]
+    ref = eager_decode(model, pol, cache, forced, ref, bs, S, attend)
     np.testing.assert_allclose(out.logprobs, ref, atol=2e-5)
     # what was read: min(budget, blocks so far) blocks per head, every step
     ok = out.stats["step_valid"]

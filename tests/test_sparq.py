@@ -5,21 +5,24 @@ from __future__ import annotations
 
 import secrets
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels.token_sparse_decode import token_sparse_decode
+from policy_cases import (
+    VOCAB,
+    assert_policy_equals_dense,
+    eager_decode,
+    eager_prefill,
+    random_prompts,
+    small_gqa_model,
+)
 from selfspan_jax.cache import KVCache
-from selfspan_jax.config import LlamaConfig
-from selfspan_jax.decode_loop import shape_buckets
 from selfspan_jax.generation import generate
-from selfspan_jax.model import Llama
-from selfspan_jax.policies import SparQPolicy, causal_mask
+from selfspan_jax.policies import SparQPolicy
 
 
 def _attention64(q, k, v, lists):
@@ -133,29 +136,15 @@ def test_selection_matches_the_papers_algorithm_in_float64(seed, r, kk, window, 
             np.testing.assert_allclose(alpha[b, h], want_alpha, atol=1e-5)
 
 
-TOK_V = 40
-
-
 @pytest.fixture(scope="module")
 def model():
-    cfg = LlamaConfig(vocab_size=TOK_V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=64,
-                      max_seq_len=256)
-    return Llama(cfg, rngs=nnx.Rngs(11))
+    return small_gqa_model(11)
 
-
-def _prompts(seed, B=3):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(1, TOK_V, size=n).tolist() for n in rng.integers(40, 60, size=B)]
 
 
 def test_k_covering_the_context_is_dense(model):
-    prompts = _prompts(secrets.randbelow(2**20))
-    kw = dict(max_new_tokens=10, block_size=8, backend="xla", return_logprobs=True, eos_id=-1, pad_id=0)
-    dense = generate(model, prompts, policy="dense", **kw)
-    sparq = generate(model, prompts, policy=SparQPolicy(r=4, k=256, local_window=4), **kw)
-    np.testing.assert_array_equal(sparq.tokens, dense.tokens)
-    np.testing.assert_allclose(sparq.logprobs, dense.logprobs, atol=2e-5)  # alpha = 1: no mean-V mixing
-
+    # alpha = 1 when everything is selected: no mean-V mixing
+    assert_policy_equals_dense(model, SparQPolicy(r=4, k=256, local_window=4), secrets.randbelow(2**20), atol=2e-5)
 
 @pytest.mark.parametrize("reallocate", [True, False])
 def test_loop_equals_eager_reference(model, reallocate):
@@ -164,41 +153,27 @@ def test_loop_equals_eager_reference(model, reallocate):
     seed = secrets.randbelow(2**20)
     print(f"seed={seed}")
     bs, M = 8, 8
-    prompts = _prompts(seed)
-    forced = np.random.default_rng(seed + 1).integers(1, TOK_V, size=(len(prompts), M)).astype(np.int32)
+    prompts = random_prompts(seed)
+    forced = np.random.default_rng(seed + 1).integers(1, VOCAB, size=(len(prompts), M)).astype(np.int32)
     pol = SparQPolicy(r=3, k=12, local_window=4, reallocate_mean=reallocate)
     out = generate(model, prompts, policy=pol, max_new_tokens=M, block_size=bs, backend="xla", eos_id=-1, pad_id=0,
                    forced_tokens=forced, return_logprobs=True)
+    cache, lengths, S, ref = eager_prefill(model, prompts, M, bs, forced)
     B = len(prompts)
-    lengths = np.array([len(p) for p in prompts], np.int32)
-    T, _, S = shape_buckets(lengths.max(), M, bs)
-    prompt = np.zeros((B, T), np.int32)
-    for b, p in enumerate(prompts):
-        prompt[b, : len(p)] = p
-    logits, cache = model.prefill(jnp.asarray(prompt), KVCache.init(model.config, B, S),
-                                  attention_mask=causal_mask(T, jnp.asarray(lengths)), lengths=jnp.asarray(lengths))
-    ref = np.zeros((B, M))
-    ref[:, 0] = jax.nn.log_softmax(np.asarray(logits)[np.arange(B), lengths - 1])[np.arange(B), forced[:, 0]]
-    for m in range(1, M):
-        pos = np.asarray(cache.lengths)
-        state = pol.observe_prefill((), cache, jnp.asarray(pos), block_size=bs)
 
-        def attention_fn(q, k_all, v_all, layer, state=state, pos=pos):
-            sel = pol.select(state, jnp.asarray(pos), block_size=bs, cache_len=S, q=q, k=k_all[layer],
-                             layer_idx=layer)
-            idx, cnt = np.asarray(sel.token_indices), np.asarray(sel.token_counts)
-            kk, vv, qq = (np.asarray(x) for x in (k_all[layer], v_all[layer], q))
-            lists = [[idx[b, h, : cnt[b, h]].tolist() for h in range(kk.shape[1])] for b in range(B)]
-            y = _attention64(qq, kk, vv, lists)
-            if reallocate:
-                alpha = np.asarray(sel.mix_alpha)[..., None]
-                G = qq.shape[1] // kk.shape[1]
-                mean = np.stack([vv[b, :, : pos[b] + 1].astype(np.float64).mean(1) for b in range(B)])
-                y = alpha * y + (1 - alpha) * np.repeat(mean, G, axis=1)
-            return jnp.asarray(y, jnp.float32)
+    def attend(q, k, v, sel, pos):
+        idx, cnt = np.asarray(sel.token_indices), np.asarray(sel.token_counts)
+        kk, vv, qq = (np.asarray(x) for x in (k, v, q))
+        lists = [[idx[b, h, : cnt[b, h]].tolist() for h in range(kk.shape[1])] for b in range(B)]
+        y = _attention64(qq, kk, vv, lists)
+        if reallocate:
+            alpha = np.asarray(sel.mix_alpha)[..., None]
+            G = qq.shape[1] // kk.shape[1]
+            mean = np.stack([vv[b, :, : pos[b] + 1].astype(np.float64).mean(1) for b in range(B)])
+            y = alpha * y + (1 - alpha) * np.repeat(mean, G, axis=1)
+        return jnp.asarray(y, jnp.float32)
 
-        step_logits, cache = model.decode_step(jnp.asarray(forced[:, m - 1]), cache, attention_fn=attention_fn)
-        ref[:, m] = jax.nn.log_softmax(step_logits)[np.arange(B), forced[:, m]]
+    ref = eager_decode(model, pol, cache, forced, ref, bs, S, attend)
     np.testing.assert_allclose(out.logprobs, ref, atol=3e-5)
     ok = out.stats["step_valid"]
     q_pos = lengths[:, None] + np.arange(M)[None, :] - 1
@@ -226,4 +201,4 @@ def test_by_name():
 
 def test_r_above_the_head_dim_is_refused(model):
     with pytest.raises(ValueError, match="r=99"):
-        generate(model, _prompts(0), policy=SparQPolicy(r=99, k=4), max_new_tokens=2, eos_id=-1, pad_id=0)
+        generate(model, random_prompts(0), policy=SparQPolicy(r=99, k=4), max_new_tokens=2, eos_id=-1, pad_id=0)
