@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data option (arithmetic Difficulty knob, or summarization source=PATH); default: the run's")
     p.add_argument("--num", type=int, default=256, help="held-out records")
     p.add_argument("--seed", type=int, default=12345, help="seed of the held-out sample")
-    p.add_argument("--policies", default="self_span,dense", help="comma-separated policies of the run")
+    p.add_argument("--policies", default="self_span,dense",
+                   help="comma-separated policies of the run: dense, self_span, quest, sparq, or with settings "
+                        "quest(page_budget=3), sparq(r=8,k=16,local_window=4)")
     p.add_argument("--baseline", default=None, metavar="RUN",
                    help="baseline run directory (same data, trained with --span-policy dense); ratios are "
                         "taken against it decoded with the first of --baseline-policies")
@@ -57,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _split_policies(text: str) -> list[str]:
-    policies = [p.strip() for p in text.split(",") if p.strip()]
+    from selfspan_jax.policies import split_policy_specs
+
+    policies = split_policy_specs(text)
     if not policies:
         raise ValueError(f"no policy in {text!r}")
     return policies

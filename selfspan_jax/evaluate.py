@@ -97,8 +97,10 @@ class Row:
 
 
 def ood_note(trained_with: str, policy: Any) -> str:
-    """The label of a row decoded with another attention than its model was trained under."""
-    if trained_with in ("self_span", "dense") and str(policy) != trained_with:
+    """The label of a row decoded with the other training-time attention than its model was trained
+    under (span-trained decoded dense, or the reverse). Training-free policies (Quest, SparQ) on a
+    model are the methods themselves, not ablations."""
+    if trained_with in ("self_span", "dense") and str(policy) in ("self_span", "dense") and str(policy) != trained_with:
         return "out-of-distribution ablation"
     return ""
 

@@ -41,10 +41,12 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import re
 from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import yaml
 from flax import struct
 
 from pallas_kernels.block_select import blocks_from_token_mask
@@ -428,12 +430,43 @@ class SparQPolicy(DecodeOnlyPolicy):
         return sel.replace(mix_alpha=alpha.reshape(B, N), mix_vsum=state.vsum[layer_idx])
 
 
+_SETTABLE = {"quest": lambda **kw: QuestPolicy(**kw), "sparq": lambda **kw: SparQPolicy(**kw)}
+
+
+def _from_spec(spec: str) -> Policy:
+    """"name(key=value, ...)" -> that policy with those settings (values are YAML scalars)."""
+    name, _, rest = spec.partition("(")
+    name = name.strip()
+    if name not in _SETTABLE or not rest.endswith(")"):
+        raise ValueError(f"policy spec {spec!r}: expected one of {sorted(_SETTABLE)} followed by (key=value, ...)")
+    kwargs = {}
+    for item in filter(None, (p.strip() for p in rest[:-1].split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"policy spec {spec!r}: {item!r} is not key=value")
+        kwargs[key.strip()] = yaml.safe_load(value)
+    try:
+        return _SETTABLE[name](**kwargs)
+    except TypeError as err:
+        raise ValueError(f"policy spec {spec!r}: {err}") from err
+
+
+def split_policy_specs(text: str) -> list[str]:
+    """"dense,quest(page_budget=2),sparq(r=8,k=16)" -> its specs (commas inside parentheses kept)."""
+    return [p.strip() for p in re.split(r",(?![^()]*\))", text) if p.strip()]
+
+
 def make_policy(policy: str | Policy, *, span_tokens=None, max_segments: int = 64) -> Policy:
-    """Resolve a policy name or pass a Policy through. "quest" is `QuestPolicy()` (8 pages); "sparq" is
-    `SparQPolicy(r=16, k=64, local_window=16)`, the paper's 1/8 setting at head dim 128 (other head dims
-    and budgets: pass a `SparQPolicy`)."""
+    """Resolve a policy name or spec, or pass a Policy through.
+
+    "quest" is `QuestPolicy()` (8 pages); "sparq" is `SparQPolicy(r=16, k=64, local_window=16)`, the
+    paper's 1/8 setting at head dim 128; "quest(page_budget=3)" and "sparq(r=8,k=16,local_window=4)" set
+    them (what `scripts/evaluate.py --policies` and the comparison script take).
+    """
     if isinstance(policy, Policy):
         return policy
+    if isinstance(policy, str) and "(" in policy:
+        return _from_spec(policy)
     if policy == "dense":
         return DensePolicy()
     if policy == "quest":

@@ -201,6 +201,31 @@ def test_baseline_rows_are_each_model_under_its_policy(trained_run, dense_run, t
     assert f"- dense-trained/dense: model `{dcfg.out} step 2` (trained with dense), decoded with dense" in md
 
 
+def test_compare_policies_script_table_settings_and_plot(trained_run, dense_run, tmp_path, capsys):
+    (cfg, _), (dcfg, _) = trained_run, dense_run
+    rc = _script("compare_policies").main(
+        ["--run", cfg.out, "--baseline", dcfg.out, "--policies", "quest(page_budget=1),sparq(r=2,k=4,local_window=1)",
+         "--num", "4", "--batch-size", "4", "--repeats", "1", "--out-dir", str(tmp_path), "--name", "pc"])
+    assert rc == 0
+    result = json.loads((tmp_path / "pc.json").read_text())
+    rows = result["rows"]
+    assert list(rows) == ["span-trained/self_span", "dense-trained/dense", "dense-trained/quest(page_budget=1)",
+                          "dense-trained/sparq(r=2,k=4,local_window=1)"]
+    assert rows["dense-trained/quest(page_budget=1)"]["settings"] == {"page_budget": 1}
+    assert rows["dense-trained/sparq(r=2,k=4,local_window=1)"]["settings"] == {
+        "r": 2, "k": 4, "local_window": 1, "reallocate_mean": True}
+    assert result["baseline"] == "dense-trained/dense" and rows["dense-trained/dense"]["tokens_per_s_vs_dense"] == 1.0
+    for m in rows.values():
+        assert {"exact_match", "mean_attended_fraction", "kv_read_fraction", "tokens_per_s"} <= set(m)
+        assert m["note"] == ""  # training-free policies on the dense-trained model are methods, not ablations
+    # one page per step (the query's own block) reads less than everything once the context spans blocks
+    assert rows["dense-trained/quest(page_budget=1)"]["kv_read_fraction"] < 1.0
+    assert (tmp_path / "pc.png").stat().st_size > 0
+    assert _script("compare_policies").main(["--run", cfg.out, "--baseline", dcfg.out, "--policies", "quest(2)",
+                                             "--out-dir", str(tmp_path)]) == 2
+    assert "key=value" in capsys.readouterr().err
+
+
 def test_comparison_rows_refuse_a_baseline_on_other_data():
     build_rows = ev.comparison_rows
     run_cfg = {"task": "arithmetic", "data": {"max_operand": 9}, "span_policy": "self_span", "steps": 10}
@@ -259,6 +284,8 @@ def test_evaluate_rows_rejects_bad_rows():
         ev.evaluate_rows([], recs, task="arithmetic")
     assert ev.ood_note("self_span", "dense") == "out-of-distribution ablation"
     assert ev.ood_note("dense", "dense") == ev.ood_note("pretrained", "dense") == ""
+    assert ev.ood_note("dense", "self_span") == "out-of-distribution ablation"
+    assert ev.ood_note("dense", "quest(page_budget=2)") == ev.ood_note("self_span", "sparq") == ""
 
 
 def test_format_table_and_errors():

@@ -193,10 +193,18 @@ def test_bad_arguments_are_named(kwargs, match):
         SparQPolicy(**kwargs)
 
 
-def test_by_name():
-    from selfspan_jax.policies import make_policy
+def test_by_name_and_spec():
+    from selfspan_jax.policies import QuestPolicy, make_policy, split_policy_specs
 
     assert make_policy("sparq") == SparQPolicy(r=16, k=64, local_window=16)
+    assert make_policy("sparq(r=8, k=16, local_window=4, reallocate_mean=false)") == SparQPolicy(8, 16, 4, False)
+    assert make_policy("quest(page_budget=3)") == QuestPolicy(3)
+    assert split_policy_specs("dense, quest(page_budget=2),sparq(r=8,k=16),self_span") == [
+        "dense", "quest(page_budget=2)", "sparq(r=8,k=16)", "self_span"]
+    for bad, match in (("sparq(r=8)", "'k'"), ("quest(budget=2)", "budget"), ("quest(2)", "key=value"),
+                       ("adore(budget=2)", "expected one of"), ("quest(page_budget=0)", "page_budget")):
+        with pytest.raises(ValueError, match=match):
+            make_policy(bad)
 
 
 def test_r_above_the_head_dim_is_refused(model):
