@@ -80,8 +80,10 @@ SMOLLM2_DEFAULT = ("quest(page_budget=2)", "quest(page_budget=4)", "quest(page_b
                    "sparq(r=16,k=16,local_window=4)", "sparq(r=16,k=32,local_window=4)", "sparq(r=8,k=32,local_window=4)")
 
 
-def smollm2_comparison(policies, *, continuation: int, block_size: int, repeats: int) -> dict:
-    """SmolLM2-135M-Instruct, training-free policies against dense on the news fixture's articles.
+def smollm2_comparison(policies, *, continuation: int, block_size: int, repeats: int,
+                       source: str = "smollm2-135m", max_article_tokens: int | None = None) -> dict:
+    """A pretrained model (default SmolLM2-135M-Instruct; any `load_model` source with a tokenizer),
+    training-free policies against dense on the news fixture's articles.
 
     Each article is cut into a prompt and its last `continuation` tokens.
     perplexity: of that real continuation, teacher-forced through the loop
@@ -96,10 +98,14 @@ def smollm2_comparison(policies, *, continuation: int, block_size: int, repeats:
     from selfspan_jax.generation import generate
     from selfspan_jax.weights import load_model
 
-    model, tok = load_model("smollm2-135m")
+    model, tok = load_model(source)
+    if tok is None:
+        raise ValueError(f"model source {source!r} carries no tokenizer")
     fixture = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "news_sample.jsonl"
     ids = [tok.encode(a["article"], add_special_tokens=False) for a in load_articles(str(fixture))]
-    ids = [x for x in ids if len(x) >= 2 * continuation]
+    # articles are cut to `max_article_tokens` and to the model's context (SmolLM2's 8k never cuts the fixture)
+    cut = min(model.config.max_seq_len, max_article_tokens or model.config.max_seq_len)
+    ids = [x[:cut] for x in ids if min(len(x), cut) >= 2 * continuation]
     prompts = [x[:-continuation] for x in ids]
     forced = np.array([x[-continuation:] for x in ids], np.int32)
     kw = dict(max_new_tokens=continuation, block_size=block_size, backend="xla", tokenizer=tok)
@@ -114,7 +120,7 @@ def smollm2_comparison(policies, *, continuation: int, block_size: int, repeats:
         same = greedy[n].tokens == ref
         prefix = np.where(same.all(1), continuation, np.argmin(same, axis=1))
         s = greedy[n].summary()
-        rows[f"smollm2-135m/{n}"] = {
+        rows[f"{Path(source).name}/{n}"] = {
             "policy": n, "settings": settings(n), "trained_with": "pretrained",
             "perplexity": float(np.exp(-teacher[n].logprobs.mean())),
             "greedy_match": float(same.mean()), "greedy_prefix": float(prefix.mean() / continuation),
@@ -123,7 +129,7 @@ def smollm2_comparison(policies, *, continuation: int, block_size: int, repeats:
             "tokens_per_s_vs_dense": timing[n]["tokens_per_s"] / timing["dense"]["tokens_per_s"],
             "timing": timing[n],
         }
-    return {"config": {"model": "smollm2-135m", "articles": len(ids), "source": str(fixture.name),
+    return {"config": {"model": source, "articles": len(ids), "source": str(fixture.name),
                        "mean_prompt_tokens": float(np.mean([len(p) for p in prompts])),
                        "continuation": continuation, "block_size": block_size, "backend": "xla",
                        "timing_repeats": repeats},
@@ -160,12 +166,15 @@ def main(argv=None) -> int:
                    help="instead: SmolLM2-135M-Instruct, training-free policies vs dense on the news fixture "
                         "(perplexity of the real continuation, greedy agreement with dense)")
     p.add_argument("--continuation", type=int, default=32, help="--smollm2: tokens scored / generated per article")
+    p.add_argument("--model", default="smollm2-135m", help="--smollm2: the pretrained model (a load_model source)")
+    p.add_argument("--max-article-tokens", type=int, default=None, help="--smollm2: cut articles to this many tokens")
     args = p.parse_args(argv)
     if args.smollm2:
         try:
             policies = split_policy_specs(args.policies) if args.policies else list(SMOLLM2_DEFAULT)
             result = smollm2_comparison(policies, continuation=args.continuation, block_size=args.block_size,
-                                        repeats=args.repeats)
+                                        repeats=args.repeats, source=args.model,
+                                        max_article_tokens=args.max_article_tokens)
         except ValueError as err:
             print(f"compare_policies.py: error: {err}", file=sys.stderr)
             return 2

@@ -226,6 +226,26 @@ def test_compare_policies_script_table_settings_and_plot(trained_run, dense_run,
     assert "key=value" in capsys.readouterr().err
 
 
+def test_compare_policies_on_a_pretrained_model(tmp_path, capsys):
+    """The --smollm2 path, on the tiny HF fixture (same code, seconds instead of minutes)."""
+    fixture = str(ROOT / "tests" / "fixtures" / "tiny_llama" / "mqa_untied_sharded")
+    rc = _script("compare_policies").main(
+        ["--smollm2", "--model", fixture, "--policies", "quest(page_budget=64),sparq(r=2,k=4,local_window=1)",
+         "--continuation", "4", "--max-article-tokens", "40", "--block-size", "8", "--repeats", "1",
+         "--out-dir", str(tmp_path), "--name", "pm"])
+    assert rc == 0
+    result = json.loads((tmp_path / "pm.json").read_text())
+    rows = result["rows"]
+    dense, quest, sparq = (rows[f"mqa_untied_sharded/{p}"] for p in
+                           ("dense", "quest(page_budget=64)", "sparq(r=2,k=4,local_window=1)"))
+    assert dense["greedy_match"] == dense["greedy_prefix"] == 1.0 and dense["kv_read_fraction"] == 1.0
+    # a budget covering every block is dense: same greedy tokens, same perplexity
+    assert quest["greedy_match"] == 1.0 and quest["perplexity"] == pytest.approx(dense["perplexity"], rel=1e-4)
+    assert sparq["kv_read_fraction"] < 1.0 and np.isfinite(sparq["perplexity"])
+    assert sparq["settings"] == {"r": 2, "k": 4, "local_window": 1, "reallocate_mean": True}
+    assert "| mqa_untied_sharded/dense |" in (tmp_path / "pm.md").read_text()
+
+
 def test_comparison_rows_refuse_a_baseline_on_other_data():
     build_rows = ev.comparison_rows
     run_cfg = {"task": "arithmetic", "data": {"max_operand": 9}, "span_policy": "self_span", "steps": 10}
