@@ -193,9 +193,9 @@ def main(argv=None) -> int:
         print(f"\nwrote {out / args.name}.json and .md")
         return 0
     try:
-        head_dim = ev.load_for_eval(args.baseline).model.config.head_dim
-        policies = split_policy_specs(args.policies) if args.policies else default_sweep(head_dim)
-        result = ev.compare(args.run, baseline=args.baseline, policies=["self_span"],
+        base = ev.load_for_eval(args.baseline)  # once: its head dim sets the default sweep
+        policies = split_policy_specs(args.policies) if args.policies else default_sweep(base.model.config.head_dim)
+        result = ev.compare(args.run, baseline=base, policies=["self_span"],
                             baseline_policies=["dense", *policies], split=args.split,
                             data=dict(parse_key_value(d) for d in args.data), num=args.num, seed=args.seed,
                             block_size=args.block_size, batch_size=args.batch_size, timing_repeats=args.repeats)

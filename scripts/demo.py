@@ -117,7 +117,8 @@ def _stage(args, stage_runs, data: dict, repeats: int, name: str, what_evaluated
     print(f"[demo] evaluating {what_evaluated}")
     t0 = time.perf_counter()
     try:
-        result = ev.compare(span_run, baseline=dense_run, data=data, num=args.num, seed=EVAL_SEED,
+        loaded = ev.load_for_eval(span_run)  # once: the comparison and the heat map share it
+        result = ev.compare(loaded, baseline=dense_run, data=data, num=args.num, seed=EVAL_SEED,
                             batch_size=64, block_size=16, timing_repeats=repeats)
     except ValueError as err:
         print(f"demo.py: error: {err}", file=sys.stderr)
@@ -127,7 +128,6 @@ def _stage(args, stage_runs, data: dict, repeats: int, name: str, what_evaluated
         print(f"note: {line}")
     wall["evaluate"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    loaded = ev.load_for_eval(span_run)
     _, _, _, records = ev.held_out_records(loaded, 1, seed=EVAL_SEED, task="arithmetic", data=data)
     path, out = ev.span_heatmap(loaded, records[0], Path(args.results) / f"{name}_spans.png")
     print(f"{out['title']}\nwrote {path}")

@@ -73,8 +73,9 @@ def main(argv=None) -> int:
     from selfspan_jax.train_config import parse_key_value
 
     try:
+        loaded = ev.load_for_eval(args.source, step=args.step)  # once: the table and the heat map share it
         result = ev.compare(
-            args.source, baseline=args.baseline, step=args.step, baseline_step=args.baseline_step, task=args.task,
+            loaded, baseline=args.baseline, baseline_step=args.baseline_step, task=args.task,
             split=args.split, data=dict(parse_key_value(item) for item in args.data), num=args.num, seed=args.seed,
             policies=_split_policies(args.policies), baseline_policies=_split_policies(args.baseline_policies),
             max_segments=args.max_segments, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
@@ -92,7 +93,6 @@ def main(argv=None) -> int:
         print(f"note: {line}")
     print(f"\nwrote {json_path} and {md_path}")
     if args.heatmap:
-        loaded = ev.load_for_eval(args.source, step=args.step)
         _, _, _, records = ev.held_out_records(loaded, 1, seed=args.seed, task=cfg["task"], split=cfg["split"],
                                                data=cfg["data"])
         path, _ = ev.span_heatmap(loaded, records[0], args.heatmap, block_size=args.block_size, backend=args.backend)

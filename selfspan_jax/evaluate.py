@@ -296,17 +296,20 @@ def comparison_rows(loaded: Loaded, base: Loaded | None, policies: Sequence[str]
     return rows + base_rows, base_rows[0].name, notes
 
 
-def compare(source: str, *, baseline: str | None = None, step: int | None = None, baseline_step: int | None = None,
+def compare(source: str | Loaded, *, baseline: str | Loaded | None = None, step: int | None = None,
+            baseline_step: int | None = None,
             task: str | None = None, split: str | None = None, data: dict | None = None, num: int = 256,
             seed: int = 12345, policies: Sequence[str] = ("self_span", "dense"),
             baseline_policies: Sequence[str] = ("dense",), max_segments: int | None = None,
             **evaluate_kwargs) -> dict[str, Any]:
     """Load a run (and its baseline), draw the held-out records and evaluate every row on them:
     `evaluate_rows`'s result with the sources, split, seed, data, notes and environment recorded.
-    `evaluate_kwargs` go to `evaluate_rows` (batch_size, block_size, backend, timing_repeats, ...)."""
-    loaded = load_for_eval(source, step=step)
+    `evaluate_kwargs` go to `evaluate_rows` (batch_size, block_size, backend, timing_repeats, ...).
+    A run or baseline already loaded (`Loaded`) is used as it is, not loaded again."""
+    loaded = source if isinstance(source, Loaded) else load_for_eval(source, step=step)
     task, split, options, records = held_out_records(loaded, num, seed=seed, task=task, split=split, data=data)
-    base = None if baseline is None else load_for_eval(baseline, step=baseline_step)
+    base = baseline if baseline is None or isinstance(baseline, Loaded) else load_for_eval(baseline,
+                                                                                            step=baseline_step)
     rows, baseline_row, notes = comparison_rows(loaded, base, policies, baseline_policies)
     result = evaluate_rows(rows, records, task=task, baseline=baseline_row,
                            max_segments=max_segments or loaded.max_segments, **evaluate_kwargs)

@@ -41,6 +41,7 @@ HF_LAYER = {
     **{f"mlp.{p}_proj.weight": (f"mlp.{p}_proj.kernel", True) for p in ("gate", "up", "down")},
 }
 _OURS_LAYER = {ours: (hf, t) for hf, (ours, t) in HF_LAYER.items()}
+_OURS_TOP = {hf: ours for ours, hf in HF_TOP.items()}
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
 # Our names for the rows `Llama.add_tokens` appended (the span tokens): PEFT
@@ -59,9 +60,8 @@ def hf_name(ours: str) -> str:
 
 def our_name(name: str) -> tuple[str, bool] | None:
     """(our parameter path, stored transposed) of an HF tensor name; None for a name a Llama does not have."""
-    top = {hf: ours for ours, hf in HF_TOP.items()}
-    if name in top:
-        return top[name], name == HF_TOP["lm_head.kernel"]
+    if name in _OURS_TOP:
+        return _OURS_TOP[name], name == HF_TOP["lm_head.kernel"]
     parts = name.split(".", 3)
     if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and parts[3] in HF_LAYER:
         ours, transposed = HF_LAYER[parts[3]]

@@ -400,7 +400,7 @@ class SparQPolicy(DecodeOnlyPolicy):
         _, i_r = jax.lax.top_k(jnp.sum(jnp.abs(qg), axis=2), self.r)
         # [B, K, G, r], [B, K, S, r]
         q_r = jnp.take_along_axis(qg, i_r[:, :, None, :], axis=-1)
-        k_r = jnp.take_along_axis(k.astype(jnp.float32), i_r[:, :, None, :], axis=-1)
+        k_r = jnp.take_along_axis(k, i_r[:, :, None, :], axis=-1).astype(jnp.float32)  # gather, then cast r columns
         # [B, K, G]: SparQ's scale replaces 1/sqrt(H)
         scale = jnp.sqrt(H * jnp.sum(jnp.abs(q_r), -1) / jnp.maximum(jnp.sum(jnp.abs(qg), -1), 1e-30))
         j = jnp.arange(S)

@@ -11,6 +11,7 @@ Jax-free: generating data does not import jax.
 
 from __future__ import annotations
 
+import abc
 import re
 from typing import Sequence
 
@@ -21,7 +22,7 @@ from selfspan_jax.tokenizer import ANCHOR, REF_CLOSE, REF_OPEN, encode_with_span
 TASKS = ("arithmetic", "summarization")
 
 
-class Task:
+class Task(abc.ABC):
     """One task. Subclasses set the class attributes and implement `records` and `score`."""
 
     name: str
@@ -32,10 +33,10 @@ class Task:
     # keys of `score`'s result, headline first
     accuracy_keys: tuple[str, ...]
 
+    @abc.abstractmethod
     def records(self, split: str, n: int, *, seed: int, data: dict | None = None, tokenizer=None,
                 seq_len: int | None = None) -> list[dict]:
         """`n` records of `split`; `data` holds the task's options (as in a run's config)."""
-        raise NotImplementedError
 
     def training_records(self, data: dict, *, num_train: int, num_eval: int, seed: int, tokenizer,
                          seq_len: int) -> tuple[list[dict], list[dict]]:
@@ -50,9 +51,9 @@ class Task:
         """Per-record verdict of a checker, for tasks that have one (else None)."""
         return None
 
+    @abc.abstractmethod
     def score(self, records: Sequence[dict], texts: Sequence[str]) -> dict[str, float]:
         """Accuracy metrics (percent) of generated completions against their records."""
-        raise NotImplementedError
 
     def _check_lengths(self, records, texts) -> None:
         if len(records) != len(texts):
