@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Which way of reading less KV cache: self-selected spans against training-free Quest and SparQ, one table.
+"""Which way of reading less KV cache: self-selected spans against Quest, SparQ and ADORE, one table.
 
     python scripts/compare_policies.py                       # the default demo pair (runs/default, runs/dense)
     python scripts/compare_policies.py --run runs/long --baseline runs/long_dense \\
@@ -7,8 +7,9 @@
 
 Rows, all on the same held-out problems, loop and kernels: the span-trained
 run decoded with its own spans (self_span), and the dense-trained baseline
-decoded dense, with Quest at several page budgets and with SparQ at several
-(r, k). Every row reports exact match, the attended fraction, the fraction of
+decoded dense, with Quest at several page budgets, with SparQ at several
+(r, k), and with ADORE at several budgets when the baseline has a distilled
+controller (`scripts/train_adore.py --run BASELINE`). Every row reports exact match, the attended fraction, the fraction of
 KV bytes read, tokens/s and its ratio to the dense baseline (timed in turns).
 Writes <out-dir>/<name>.{json,md} (rows keyed `<model>/<policy>`, each with
 its policy, settings and numbers) and <name>.png (accuracy against the
@@ -34,17 +35,25 @@ from selfspan_jax.policies import make_policy, split_policy_specs
 from selfspan_jax.train_config import parse_key_value
 
 
-def default_sweep(head_dim: int) -> list[str]:
-    """Quest at 2-4 pages; SparQ at r = H/4 with k = 8, 16, 32 and at r = H/8 with k = 16."""
-    quest = [f"quest(page_budget={p})" for p in (2, 3, 4)]
+def default_sweep(head_dim: int, budgets=(8, 16, 32), pages=(2, 3, 4), adore: bool = False) -> list[str]:
+    """Quest at `pages`; SparQ at r = H/4 with k in `budgets` and at r = H/8 with the middle k; ADORE
+    (when the baseline has a trained controller) at the same budgets, rebuilding up to 4 tokens a step."""
+    quest = [f"quest(page_budget={p})" for p in pages]
     r4, r8 = max(1, head_dim // 4), max(1, head_dim // 8)
-    sparq = [f"sparq(r={r4},k={k},local_window=4)" for k in (8, 16, 32)] + [f"sparq(r={r8},k=16,local_window=4)"]
-    return quest + sparq
+    sparq = [f"sparq(r={r4},k={k},local_window=4)" for k in budgets]
+    sparq.append(f"sparq(r={r8},k={budgets[len(budgets) // 2]},local_window=4)")
+    return quest + sparq + ([f"adore(budget={b},rebuild=4)" for b in budgets] if adore else [])
 
 
-def settings(spec: str) -> dict:
-    pol = make_policy(spec) if spec not in ("dense", "self_span") else None
-    return {} if pol is None else dataclasses.asdict(pol)
+def settings(spec: str, adore_controller=None) -> dict:
+    """The policy's settings as JSON (an ADORE controller as where it came from and its digest)."""
+    if spec in ("dense", "self_span"):
+        return {}
+    pol = make_policy(spec, adore_controller=adore_controller)
+    out = {f.name: getattr(pol, f.name) for f in dataclasses.fields(pol)}
+    if "controller" in out:
+        out["controller"] = {"source": out["controller"].source, "digest": out["controller"].digest}
+    return out
 
 
 def plot(result: dict, path: Path) -> Path:
@@ -149,10 +158,15 @@ def smollm2_table(result: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="compare_policies.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", default="runs/default", help="span-trained run (decoded with self_span)")
-    p.add_argument("--baseline", default="runs/dense", help="dense-trained run (dense, Quest, SparQ)")
+    p.add_argument("--baseline", default="runs/dense",
+                   help="dense-trained run (dense, Quest, SparQ; ADORE with its controller in BASELINE/adore, "
+                        "from scripts/train_adore.py)")
     p.add_argument("--policies", default=None,
                    help="baseline policies after dense, e.g. 'quest(page_budget=2),sparq(r=8,k=16)' "
                         "(default: Quest at 2-4 pages, SparQ at r=H/4 with k=8/16/32 and r=H/8 with k=16)")
+    p.add_argument("--budgets", type=int, nargs="+", default=[8, 16, 32],
+                   help="default sweep: SparQ's k and ADORE's budget (tokens read per step and KV head)")
+    p.add_argument("--pages", type=int, nargs="+", default=[2, 3, 4], help="default sweep: Quest's page budgets")
     p.add_argument("--data", action="append", default=[], metavar="KEY=VALUE", help="held-out data option")
     p.add_argument("--split", default=None)
     p.add_argument("--num", type=int, default=256)
@@ -194,7 +208,10 @@ def main(argv=None) -> int:
         return 0
     try:
         base = ev.load_for_eval(args.baseline)  # once: its head dim sets the default sweep
-        policies = split_policy_specs(args.policies) if args.policies else default_sweep(base.model.config.head_dim)
+        controller = ev.adore_controller_of(base)
+        policies = (split_policy_specs(args.policies) if args.policies else
+                    default_sweep(base.model.config.head_dim, budgets=tuple(args.budgets), pages=tuple(args.pages),
+                                  adore=controller is not None))
         result = ev.compare(args.run, baseline=base, policies=["self_span"],
                             baseline_policies=["dense", *policies], split=args.split,
                             data=dict(parse_key_value(d) for d in args.data), num=args.num, seed=args.seed,
@@ -203,7 +220,7 @@ def main(argv=None) -> int:
         print(f"compare_policies.py: error: {err}", file=sys.stderr)
         return 2
     for name, m in result["rows"].items():
-        m["settings"] = settings(m["policy"])
+        m["settings"] = settings(m["policy"], controller)
         m["tokens_per_s"] = m["timing"]["tokens_per_s"]
         m["tokens_per_s_vs_dense"] = result["vs_baseline"][name]["tokens_per_s"]
     result["command"] = "python scripts/compare_policies.py " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -79,6 +79,7 @@ class LoopState:
         for per-head lists).
     dense_blocks: int32 [B, M]: blocks a dense read would have touched.
     fallback: bool [B, M]: the policy had switched that sequence to dense.
+    rebuilt: f32 [B, M]: released tokens the policy re-admitted for that query (ADORE).
     masks: bool [B, M, S] visibility rows (only with return_masks), else None.
     """
 
@@ -94,6 +95,7 @@ class LoopState:
     blocks: jax.Array
     dense_blocks: jax.Array
     fallback: jax.Array
+    rebuilt: jax.Array
     masks: Any
 
 
@@ -144,8 +146,9 @@ def prefill(model, policy: Policy, prompt, lengths, *, cache_len: int, block_siz
 
 
 def attention_fn_for(policy: Policy, pstate, pos, *, block_size: int, cache_len: int, backend: str,
-                     precision) -> tuple[Callable, Callable[[], Selection]]:
-    """(attention_fn for `model.decode_step`, the step's selection once the layers have run).
+                     precision) -> tuple[Callable, Callable[[], list[Selection]]]:
+    """(attention_fn for `model.decode_step`, the step's selections once the layers have run: one per
+    layer for a query-aware policy, else the one shared selection).
 
     The kernel always reads the stacked cache in place with `layer=`: a
     `k_all[layer]` slice would be copied whole every step (docs/notes/
@@ -172,7 +175,7 @@ def attention_fn_for(policy: Policy, pstate, pos, *, block_size: int, cache_len:
             out = _mix_mean_v(out, sel, v_all, layer_idx, pos)
         return out
 
-    return attention_fn, lambda: seen[-1]
+    return attention_fn, lambda: list(seen)
 
 
 def _mix_mean_v(y, sel: Selection, v_all, layer_idx, pos):
@@ -230,8 +233,9 @@ def decode_step(model, policy: Policy, st: LoopState, choose: Callable, *, max_n
     attention_fn, selection = attention_fn_for(policy, pstate, pos, block_size=block_size, cache_len=S,
                                                backend=backend, precision=precision)
     step_logits, cache = model.decode_step(fed, st.cache, attention_fn=attention_fn)
-    sel = selection()
-    pstate = policy.observe_step(pstate, cache, pos, block_size=block_size)
+    selections = selection()
+    sel = selections[-1]  # the last layer's stands for the step in the statistics
+    pstate = policy.observe_step(pstate, cache, pos, block_size=block_size, selections=selections)
     tok = choose(step_logits, st.step)
     active = ~st.done
     visible, blocks, dense_blocks = _selection_stats(sel, pos, block_size)
@@ -258,6 +262,7 @@ def decode_step(model, policy: Policy, st: LoopState, choose: Callable, *, max_n
         blocks=put(st.blocks, blocks, 0.0),
         dense_blocks=put(st.dense_blocks, dense_blocks, 0),
         fallback=put(st.fallback, policy.fallback(pstate, B), False),
+        rebuilt=st.rebuilt if sel.rebuilt is None else put(st.rebuilt, sum(x.rebuilt for x in selections), 0.0),
         masks=masks,
     )
 
@@ -328,6 +333,7 @@ def run(
         blocks=jnp.zeros((B, M), jnp.float32),
         dense_blocks=zeros_i,
         fallback=jnp.zeros((B, M), bool),
+        rebuilt=jnp.zeros((B, M), jnp.float32),
         masks=jnp.zeros((B, M, S), bool) if return_masks else None,
     )
     body = functools.partial(decode_step, model, policy, choose=choose, max_new=max_new, eos_id=eos_id,

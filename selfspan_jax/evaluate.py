@@ -30,6 +30,7 @@ from pallas_kernels.backend import resolve_backend
 from selfspan_jax import reporting, runs, tasks
 from selfspan_jax.data.arithmetic import check_completion
 from selfspan_jax.generation import GenerateOutput, generate
+from selfspan_jax.policies import make_policy
 from selfspan_jax.spans import SpanTokens
 from selfspan_jax.tokenizer import encode_prompt
 from selfspan_jax.viz import plot_span_heatmap
@@ -94,6 +95,11 @@ class Row:
     trained_with: str = "?"
     source: str = ""
     note: str = ""
+    attention: Any = None  # the resolved `Policy` to decode with when `policy` is only its label
+
+    @property
+    def decode_policy(self):
+        return self.policy if self.attention is None else self.attention
 
 
 def ood_note(trained_with: str, policy: Any) -> str:
@@ -174,14 +180,14 @@ def evaluate_rows(
     timing_prompts = prompts[: timing_batch or batch_size]
     results: dict[str, Any] = {}
     for row in rows:
-        out = decode(row.model, row.tokenizer, prompts, policy=row.policy, batch_size=batch_size, **kw)
+        out = decode(row.model, row.tokenizer, prompts, policy=row.decode_policy, batch_size=batch_size, **kw)
         texts = out.texts
         metrics = task_.score(records, texts)
         metrics.update(out.summary(), span_report={k: int(v.sum()) for k, v in out.policy_report.items()})
         metrics.update(policy=str(row.policy), trained_with=row.trained_with, source=row.source, note=row.note,
                        examples=[{"prompt": r["prompt"], "generated": t} for r, t in zip(records[:3], texts[:3])])
         results[row.name] = metrics
-    calls = {row.name: functools.partial(generate, row.model, timing_prompts, policy=row.policy,
+    calls = {row.name: functools.partial(generate, row.model, timing_prompts, policy=row.decode_policy,
                                          tokenizer=row.tokenizer, **kw) for row in rows}
     for name, timing in time_interleaved(calls, repeats=timing_repeats).items():
         results[name]["timing"] = timing
@@ -250,6 +256,20 @@ _NOT_COMPARED = {"span_policy", "out", "progress", "tensorboard", "eval_batch_si
                  "keep_checkpoints", "eval_every", "eval_generate", "export_merged"}
 
 
+def adore_controller_of(loaded: Loaded) -> Path | None:
+    """Where `scripts/train_adore.py` puts a run's controller by default (`<run>/adore`), if it is there."""
+    path = Path(loaded.source) / "adore"
+    return path if (path / "controller.json").is_file() else None
+
+
+def resolve_policy(policy: Any, loaded: Loaded):
+    """The `Policy` to decode a row labelled `policy` with: ADORE specs get the model's own controller
+    (`adore_controller_of`); other labels are resolved by `generate` itself (None)."""
+    if isinstance(policy, str) and (policy == "adore" or policy.startswith("adore(")):
+        return make_policy(policy, adore_controller=adore_controller_of(loaded))
+    return None
+
+
 def comparison_rows(loaded: Loaded, base: Loaded | None, policies: Sequence[str],
                     baseline_policies: Sequence[str]) -> tuple[list[Row], str | None, list[str]]:
     """The rows of a run under `policies` (and of its baseline under `baseline_policies`), the row
@@ -268,7 +288,7 @@ def comparison_rows(loaded: Loaded, base: Loaded | None, policies: Sequence[str]
         tw = trained(lo)
         return Row(f"{prefix}{'span' if tw == 'self_span' else tw}-trained/{policy}", lo.model, lo.tokenizer,
                    policy, trained_with=tw, source=lo.source if lo.step is None else f"{lo.source} step {lo.step}",
-                   note=ood_note(tw, policy))
+                   note=ood_note(tw, policy), attention=resolve_policy(policy, lo))
 
     rows = [row(loaded, p) for p in policies]
     notes = []

@@ -43,7 +43,7 @@ class GenerateOutput:
         attended_fraction (visible keys / keys at or before the query),
         block_fraction (KV blocks read / blocks a dense read touches),
         visible, causal, blocks_read, dense_blocks, fallback (policy had
-        switched the sequence to dense), step_valid.
+        switched the sequence to dense), rebuilt (tokens re-admitted, ADORE), step_valid.
     masks: bool [B, M, S] visibility rows used for each decode step (only
         with return_masks).
     policy: the policy's name.
@@ -106,6 +106,8 @@ class GenerateOutput:
         kv_read_fraction: KV blocks read summed / dense blocks summed (the
             fraction of KV-cache bytes the kernel read);
         fallback_steps: steps taken in a dense fallback;
+        rebuilds_per_step: released tokens re-admitted per decode step (ADORE; summed over layers,
+            mean over KV heads; 0 for other policies);
         decode_steps, generated_tokens.
         """
         s, ok = self.stats, self.stats["step_valid"]
@@ -120,6 +122,7 @@ class GenerateOutput:
             "token_read_fraction": ratio(s["visible"], s["causal"]),
             "kv_read_fraction": ratio(s["blocks_read"], s["dense_blocks"]),
             "fallback_steps": int(s["fallback"][ok].sum()),
+            "rebuilds_per_step": float(s["rebuilt"][ok].mean()) if n else float("nan"),
             "decode_steps": n,
             "generated_tokens": int(self.num_tokens.sum()),
         }
@@ -188,6 +191,7 @@ def generate(
     forced_tokens: np.ndarray | None = None,
     precision: str | None = None,
     prefill_chunk: int | None = None,
+    adore_controller=None,
 ) -> GenerateOutput:
     """Generates up to `max_new_tokens` tokens per prompt with the given attention policy.
 
@@ -195,8 +199,9 @@ def generate(
         uses for a record's prompt), id lists of
         different lengths, or an int array [B, T] (with `prompt_lengths` when
         it is right-padded).
-    policy: "self_span" (spans the model writes, DESIGN.md §2), "dense", or a
-        `policies.Policy` instance (SparQ/ADORE-style policies plug in here).
+    policy: "self_span" (spans the model writes, DESIGN.md §2), "dense", "quest", "sparq",
+        "adore" (with `adore_controller`), a spec such as "sparq(r=8,k=16)" (`policies.make_policy`),
+        or a `policies.Policy` instance.
     temperature 0 is greedy; top_k / top_p filter the sampling distribution
         (`sampling.Sampling`).
     block_size: KV block size of the kernel; the cache length is rounded up
@@ -215,6 +220,8 @@ def generate(
         which is tf32 for float32 on a GPU; "highest" for exact fp32).
     prefill_chunk: prefill this many sequences at a time (must divide the
         batch); bounds prefill memory at large batch x prompt length.
+    adore_controller: the trained controller `policy="adore"` uses (`adore.TrainedController` or the
+        directory `scripts/train_adore.py` wrote).
     """
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -226,7 +233,7 @@ def generate(
         raise ValueError(f"prefill_chunk must be a positive int or None, got {prefill_chunk!r}")
     if span_tokens is None and tokenizer is not None and not isinstance(policy, Policy) and policy == "self_span":
         span_tokens = SpanTokens.from_tokenizer(tokenizer)
-    pol = make_policy(policy, span_tokens=span_tokens, max_segments=max_segments)
+    pol = make_policy(policy, span_tokens=span_tokens, max_segments=max_segments, adore_controller=adore_controller)
 
     ids = _prepare_prompts(prompts, tokenizer, prompt_lengths)
     B = len(ids)
@@ -304,6 +311,7 @@ def _output(st, report, pol: Policy, lengths, max_new_tokens: int, eos: int, tok
             "blocks_read": blocks,
             "dense_blocks": dense_blocks,
             "fallback": np.asarray(st.fallback)[:, :n],
+            "rebuilt": np.asarray(st.rebuilt)[:, :n],
             "step_valid": step_valid,
         }
     texts = None

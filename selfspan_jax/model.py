@@ -60,11 +60,12 @@ class Block(nnx.Module):
         self.mlp = MLP(config, rngs=rngs)
 
     def __call__(self, x, cos, sin, mask):
-        """x [B, T, D], cos/sin [B, T, H], mask bool [B, T, T] -> (x [B, T, D], k, v [B, K, T, H])."""
+        """x [B, T, D], cos/sin [B, T, H], mask bool [B, T, T] ->
+        (x [B, T, D], q [B, T, N, H], k, v [B, K, T, H])."""
         q, k, v = self.attn.qkv(self.attn_norm(x), cos, sin)
         x = x + self.attn.out(masked_attention(q, k, v, mask))
         x = x + self.mlp(self.mlp_norm(x))
-        return x, k, v
+        return x, q, k, v
 
 
 class Llama(nnx.Module):
@@ -173,7 +174,7 @@ class Llama(nnx.Module):
             raise ValueError(f"{what}: tokens must be an int array of rank {ndim}, got {tokens.dtype}{tokens.shape}")
 
     def _forward(self, tokens, attention_mask, positions):
-        """Shared trunk: -> (final hidden [B, T, D], per-layer k and v [B, K, T, H])."""
+        """Shared trunk: -> (final hidden [B, T, D], per-layer q [B, T, N, H], k and v [B, K, T, H])."""
         self._check_tokens(tokens, 2, "Llama")
         B, T = tokens.shape
         if attention_mask is None:
@@ -190,12 +191,13 @@ class Llama(nnx.Module):
             positions = jnp.broadcast_to(positions, (B, T))
         cos, sin = rope_cos_sin(positions, _inv_freq(self.config))  # [B, T, H]
         x = self.embed_tokens(tokens)
-        ks, vs = [], []
+        qs, ks, vs = [], [], []
         for layer in self.layers:
-            x, k, v = layer(x, cos, sin, mask)
+            x, q, k, v = layer(x, cos, sin, mask)
+            qs.append(q)
             ks.append(k)
             vs.append(v)
-        return self.final_norm(x), ks, vs
+        return self.final_norm(x), qs, ks, vs
 
     def __call__(self, tokens: jax.Array, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None) -> jax.Array:
@@ -207,8 +209,18 @@ class Llama(nnx.Module):
         positions: int [B, T] RoPE positions; default 0..T-1 (pass them when
         several sequences are packed into one row).
         """
-        h, _, _ = self._forward(tokens, attention_mask, positions)
+        h, _, _, _ = self._forward(tokens, attention_mask, positions)
         return self.project_vocab(h)
+
+    def attention_inputs(self, tokens: jax.Array, attention_mask: jax.Array | None = None
+                         ) -> tuple[jax.Array, jax.Array]:
+        """Every layer's RoPE'd queries and keys of a full forward: (q [L, B, T, N, H], k [L, B, K, T, H]).
+
+        What a distillation target needs (the dense model's own attention, `adore.teacher_top_k`)
+        without a second copy of the layer loop; under jit the logits head is never computed.
+        """
+        _, qs, ks, _ = self._forward(tokens, attention_mask, None)
+        return jnp.stack(qs), jnp.stack(ks)
 
     def prefill(self, tokens: jax.Array, cache: KVCache, attention_mask: jax.Array | None = None,
                 lengths: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
@@ -227,7 +239,7 @@ class Llama(nnx.Module):
             lengths = jnp.full((B,), T, jnp.int32)
         elif lengths.shape != (B,):
             raise ValueError(f"Llama.prefill: lengths shape {lengths.shape} must be (B,) = {(B,)}")
-        h, ks, vs = self._forward(tokens, attention_mask, None)
+        h, _, ks, vs = self._forward(tokens, attention_mask, None)
         # new: [L, B, K, T, H] written at cache positions 0..T-1
         zero = (0, 0, 0, 0, 0)
         k = jax.lax.dynamic_update_slice(cache.k, jnp.stack(ks).astype(cache.k.dtype), zero)

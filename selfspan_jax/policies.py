@@ -10,7 +10,7 @@ that into the kernel's inputs:
     observe_prefill(state, cache, lengths, *, block_size) -> policy state   (default: unchanged)
     update(state, tokens [B])                          -> policy state
     select(state, lengths [B], *, block_size, q, k, layer_idx) -> Selection
-    observe_step(state, cache, positions [B], *, block_size) -> policy state (default: unchanged)
+    observe_step(state, cache, positions [B], *, block_size, selections) -> policy state (default: unchanged)
 
 `update` appends the token that is about to be fed to the model (it sits at
 position `lengths[b]` of the cache); `select` then describes the attention row
@@ -20,6 +20,9 @@ metadata of the keys as they are written (Quest's per-block key bounds): once
 after prefill wrote the prompt's K/V, and after every decode step wrote the
 K/V of position `positions[b]` in every layer. Reading one key per layer per
 step is the point: a policy that rescanned the cache would read it all.
+`observe_step` also gets the step's selections, so that what a query-aware
+policy decided in `select` (ADORE's retained tokens, `Selection.policy_carry`)
+becomes its state.
 
 Two kinds of policy fit the same loop and kernel:
 
@@ -41,8 +44,9 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import os
 import re
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +77,11 @@ class Selection:
     mix_alpha: f32 [B, N] and mix_vsum f32 [B, K, H]: output = alpha * y +
         (1 - alpha) * mean(V[0..t]), where the loop completes the mean with the
         query's own V row: mean = (mix_vsum + v[t]) / (t + 1).
+    rebuilt: f32 [B]: released tokens re-admitted for this query in this
+        layer (ADORE's rebuilds, mean over KV heads; the loop sums the layers).
+    policy_carry: what a query-aware policy decided in `select` and keeps
+        (ADORE's retained tokens); the loop hands the step's selections back
+        to `observe_step`.
     """
 
     block_indices: jax.Array
@@ -83,6 +92,8 @@ class Selection:
     rows_read: Any = None
     mix_alpha: Any = None
     mix_vsum: Any = None
+    rebuilt: Any = None
+    policy_carry: Any = None
 
 
 def dense_selection(lengths: jax.Array, cache_len: int, block_size: int) -> Selection:
@@ -157,8 +168,10 @@ class Policy(abc.ABC):
         """State after prefill wrote the K/V of positions < lengths[b] (cache: `KVCache`)."""
         return state
 
-    def observe_step(self, state: Any, cache, positions: jax.Array, *, block_size: int) -> Any:
-        """State after a decode step wrote the K/V of position positions[b] in every layer."""
+    def observe_step(self, state: Any, cache, positions: jax.Array, *, block_size: int,
+                     selections: Sequence[Selection] = ()) -> Any:
+        """State after a decode step wrote the K/V of position positions[b] in every layer;
+        `selections` are the step's selections (one per layer for a query-aware policy)."""
         return state
 
     def fallback(self, state: Any, batch: int) -> jax.Array:
@@ -300,7 +313,7 @@ class QuestPolicy(DecodeOnlyPolicy):
         return QuestState(jnp.min(jnp.where(valid, k, jnp.inf), axis=4),
                           jnp.max(jnp.where(valid, k, -jnp.inf), axis=4))
 
-    def observe_step(self, state, cache, positions, *, block_size):
+    def observe_step(self, state, cache, positions, *, block_size, selections=()):
         b = jnp.arange(positions.shape[0])
         # [B, L, K, H] (numpy's rule for advanced indices split by a slice): the key each
         # layer wrote at positions[b]; the bounds are indexed the same way
@@ -381,7 +394,7 @@ class SparQPolicy(DecodeOnlyPolicy):
         valid = (jnp.arange(S)[None, :] < lengths[:, None])[None, :, None, :, None]
         return SparQState(jnp.sum(jnp.where(valid, cache.v.astype(jnp.float32), 0.0), axis=3))
 
-    def observe_step(self, state, cache, positions, *, block_size):
+    def observe_step(self, state, cache, positions, *, block_size, selections=()):
         b = jnp.arange(positions.shape[0])
         # cache.v[:, b, :, positions[b], :] is [B, L, K, H]: advanced indices split by a slice go first
         new = jnp.swapaxes(cache.v[:, b, :, positions, :].astype(jnp.float32), 0, 1)  # -> [L, B, K, H]
@@ -430,16 +443,184 @@ class SparQPolicy(DecodeOnlyPolicy):
         return sel.replace(mix_alpha=alpha.reshape(B, N), mix_vsum=state.vsum[layer_idx])
 
 
-_SETTABLE = {"quest": lambda **kw: QuestPolicy(**kw), "sparq": lambda **kw: SparQPolicy(**kw)}
+@struct.dataclass
+class AdoreState:
+    """What `AdorePolicy` keeps per layer and sequence.
+
+    feats: [L, B, K, S, C] the controller's feature of every written key (cache dtype);
+    carry: f32 [L, B, K, C] its GRU state after the keys written so far;
+    kept: int32 [L, B, K, m] the tokens in the cache, m = budget - rebuild - 1 (the first kept_count
+        are live);
+    kept_count: int32 [L, B, K].
+    """
+
+    feats: jax.Array
+    carry: jax.Array
+    kept: jax.Array
+    kept_count: jax.Array
 
 
-def _from_spec(spec: str) -> Policy:
-    """"name(key=value, ...)" -> that policy with those settings (values are YAML scalars)."""
+@dataclasses.dataclass(frozen=True)
+class AdorePolicy(DecodeOnlyPolicy):
+    """ADORE-style adaptive token release (Zhang et al., arXiv 2407.02328) with a trained controller.
+
+    Per layer and KV head the cache holds m = budget - rebuild - 1 tokens.
+    For the query at t the controller (`adore.Controller`: a GRU over the keys,
+    a feature per token, the query's projection, a distance bias) scores every
+    earlier token "for the current token"; the query reads the m cached
+    tokens, the `rebuild` released tokens of highest score (they are
+    "rebuilt"), and itself: at most `budget` rows. Then the cache keeps the m
+    highest-scoring of what was read and releases the rest. Prefill is dense
+    causal; the prompt's m tokens are then chosen by the controller's history
+    and recency alone (no query yet). Released tokens stay in this project's
+    cache (a rebuild re-reads them instead of recomputing their K/V): only
+    bandwidth is saved, not memory.
+
+    Reads per step and KV head (row equivalents of K+V, `rows_read`):
+    2 * min(budget, t + 1) plus the features of the t earlier tokens,
+    dim / head_dim of a K row each. `controller` is an `adore.TrainedController`
+    or the directory `scripts/train_adore.py` wrote. State: `AdoreState`.
+    """
+
+    budget: int
+    rebuild: int = 4
+    controller: Any = None
+
+    name: ClassVar[str] = "adore"
+    query_aware: ClassVar[bool] = True
+
+    def __post_init__(self):
+        from selfspan_jax import adore  # the policy table must not need flax's RNN modules to import
+
+        _positive_int("rebuild", self.rebuild, 0)
+        _positive_int("budget", self.budget, 2)
+        if self.budget < self.rebuild + 2:
+            raise ValueError(f"budget {self.budget} must be at least rebuild + 2 = {self.rebuild + 2}: the query, "
+                             f"the {self.rebuild} rebuilt tokens and at least one cached token")
+        if isinstance(self.controller, (str, os.PathLike)):
+            object.__setattr__(self, "controller", adore.load_controller(self.controller))
+        if not isinstance(self.controller, adore.TrainedController):
+            raise ValueError("controller must be an adore.TrainedController or the directory of one "
+                             f"(scripts/train_adore.py), got {self.controller!r}")
+
+    @property
+    def cached(self) -> int:
+        """m: tokens the cache holds besides the query and the rebuilt ones."""
+        return self.budget - self.rebuild - 1
+
+    def _check_cache(self, cache) -> None:
+        L, H = cache.k.shape[0], cache.k.shape[-1]
+        ctl = self.controller
+        if (L, H) != (ctl.n_layers, ctl.head_dim):
+            raise ValueError(f"the ADORE controller {ctl} was trained for {ctl.n_layers} layers of head dim "
+                             f"{ctl.head_dim}; this model has {L} layers of head dim {H}")
+
+    @staticmethod
+    def _mask(idx, count, S):
+        """[B, K, n] ids with the first count[b, k] live -> bool [B, K, S]."""
+        B, K, n = idx.shape
+        live = jnp.arange(n)[None, None, :] < count[..., None]
+        return jnp.zeros((B, K, S), bool).at[jnp.arange(B)[:, None, None], jnp.arange(K)[None, :, None],
+                                             idx].max(live)
+
+    @staticmethod
+    def _top(scores, allowed, n):
+        """The n highest `scores` where `allowed` ([B, K, S]): (ids [B, K, n], live count [B, K])."""
+        vals, idx = jax.lax.top_k(jnp.where(allowed, scores, -jnp.inf), n)
+        return idx.astype(jnp.int32), jnp.sum(jnp.isfinite(vals), -1).astype(jnp.int32)
+
+    def observe_prefill(self, state, cache, lengths, *, block_size):
+        self._check_cache(cache)
+        ctl = self.controller.module()
+        L, B, K, S, H = cache.k.shape
+        feats = jnp.stack([ctl.features(i, cache.k[i]) for i in range(L)]).astype(cache.k.dtype)
+
+        def read(t, carry):
+            valid = (t < lengths)[None, :, None, None]
+            new = jnp.stack([ctl.advance(i, carry[i], cache.k[i, :, :, t]) for i in range(L)])
+            return jnp.where(valid, new, carry)
+
+        carry = jax.lax.fori_loop(0, jnp.max(lengths), read, jnp.zeros((L, B, K, ctl.dim), jnp.float32))
+        j = jnp.arange(S)
+        # [B, 1, S]: the prompt, as seen from the first decode query at lengths[b]
+        prompt = (j[None, :] < lengths[:, None])[:, None, :]
+        distance = (lengths[:, None] - j[None, :])[:, None, :]
+        kept, counts = [], []
+        for i in range(L):
+            s = ctl.score(i, feats[i], carry[i], distance)  # history and recency only: no query yet
+            idx, count = self._top(s, prompt, min(self.cached, S))
+            kept.append(idx)
+            counts.append(count)
+        return AdoreState(feats, carry, jnp.stack(kept), jnp.stack(counts))
+
+    def select(self, state, lengths, *, block_size, cache_len, q=None, k=None, layer_idx=None):
+        ctl = self.controller.module()
+        B, N, H = q.shape
+        K, S = k.shape[1], cache_len
+        pos = lengths.astype(jnp.int32)
+        j = jnp.arange(S)
+        probe = ctl.probe(layer_idx, q.reshape(B, K, N // K, H), state.carry[layer_idx])
+        # [B, K, S]: importance of every cached token for this query
+        s = ctl.score(layer_idx, state.feats[layer_idx], probe, (pos[:, None] - j[None, :])[:, None, :])
+        # the query's own feature is written after the step: score it from its key, already in the cache
+        own_key = k[jnp.arange(B), :, pos, :]
+        own_score = ctl.score(layer_idx, ctl.features(layer_idx, own_key)[:, :, None, :], probe,
+                              jnp.zeros((B, K, 1), jnp.int32))
+        s = jnp.where((j[None, :] == pos[:, None])[:, None, :], own_score, s)
+        earlier = (j[None, :] < pos[:, None])[:, None, :]
+        in_cache = self._mask(state.kept[layer_idx], state.kept_count[layer_idx], S) & earlier
+        read = in_cache
+        if self.rebuild:
+            back, n_back = self._top(s, earlier & ~in_cache, min(self.rebuild, S))
+            rebuilt = self._mask(back, n_back, S)
+            read = read | rebuilt
+            n_rebuilt = jnp.mean(n_back.astype(jnp.float32), axis=-1)
+        else:
+            n_rebuilt = jnp.zeros((B,), jnp.float32)
+        n_read = min(self.budget - 1, S)
+        idx, count = self._top(s, read, n_read)
+        # entries past the count repeat the query's own position (never read: the count stops before them)
+        idx = jnp.where(jnp.arange(n_read)[None, None, :] < count[..., None], idx, pos[:, None, None])
+        indices = jnp.concatenate([idx, jnp.broadcast_to(pos[:, None, None], (B, K, 1))], axis=-1)
+        counts = count + 1
+        # what the cache keeps for the next query: the m best of what this one read, itself included
+        own = (j[None, :] == pos[:, None])[:, None, :]
+        kept = self._top(s, read | own, min(self.cached, S))
+        rows_read = 2.0 * jnp.mean(counts.astype(jnp.float32), axis=-1) + (ctl.dim / H) * pos
+        dense = dense_selection(lengths, cache_len, block_size)
+        return Selection(dense.block_indices, dense.block_counts, dense.token_mask, token_indices=indices,
+                         token_counts=counts, rows_read=rows_read.astype(jnp.float32), rebuilt=n_rebuilt,
+                         policy_carry=kept)
+
+    def observe_step(self, state, cache, positions, *, block_size, selections=()):
+        if len(selections) != state.kept.shape[0]:
+            raise ValueError(f"AdorePolicy.observe_step needs the step's {state.kept.shape[0]} per-layer selections")
+        ctl = self.controller.module()
+        B = positions.shape[0]
+        b = jnp.arange(B)
+        feats, carry = [], []
+        for i in range(state.kept.shape[0]):
+            # [B, K, H]: the key this step wrote in layer i
+            k_new = cache.k[i, b, :, positions, :]
+            feats.append(state.feats[i].at[b, :, positions, :].set(ctl.features(i, k_new).astype(state.feats.dtype)))
+            carry.append(ctl.advance(i, state.carry[i], k_new))
+        kept = jnp.stack([sel.policy_carry[0] for sel in selections])
+        counts = jnp.stack([sel.policy_carry[1] for sel in selections])
+        return AdoreState(jnp.stack(feats), jnp.stack(carry), kept, counts)
+
+
+_SETTABLE = {"quest": lambda **kw: QuestPolicy(**kw), "sparq": lambda **kw: SparQPolicy(**kw),
+             "adore": lambda **kw: AdorePolicy(**kw)}
+
+
+def _from_spec(spec: str, defaults: dict[str, dict[str, Any]]) -> Policy:
+    """"name(key=value, ...)" -> that policy with those settings (values are YAML scalars), on top of
+    `defaults[name]`."""
     name, _, rest = spec.partition("(")
     name = name.strip()
     if name not in _SETTABLE or not rest.endswith(")"):
         raise ValueError(f"policy spec {spec!r}: expected one of {sorted(_SETTABLE)} followed by (key=value, ...)")
-    kwargs = {}
+    kwargs = dict(defaults.get(name, {}))
     for item in filter(None, (p.strip() for p in rest[:-1].split(","))):
         key, eq, value = item.partition("=")
         if not eq:
@@ -456,17 +637,27 @@ def split_policy_specs(text: str) -> list[str]:
     return [p.strip() for p in re.split(r",(?![^()]*\))", text) if p.strip()]
 
 
-def make_policy(policy: str | Policy, *, span_tokens=None, max_segments: int = 64) -> Policy:
+def make_policy(policy: str | Policy, *, span_tokens=None, max_segments: int = 64,
+                adore_controller=None) -> Policy:
     """Resolve a policy name or spec, or pass a Policy through.
 
     "quest" is `QuestPolicy()` (8 pages); "sparq" is `SparQPolicy(r=16, k=64, local_window=16)`, the
-    paper's 1/8 setting at head dim 128; "quest(page_budget=3)" and "sparq(r=8,k=16,local_window=4)" set
+    paper's 1/8 setting at head dim 128; "adore" is `AdorePolicy(budget=64, rebuild=4)` with the
+    controller `adore_controller` (a `TrainedController` or its directory; a run's is `<run>/adore`).
+    "quest(page_budget=3)", "sparq(r=8,k=16,local_window=4)" and "adore(budget=32,rebuild=2)" set
     them (what `scripts/evaluate.py --policies` and the comparison script take).
     """
     if isinstance(policy, Policy):
         return policy
+    adore_defaults = {} if adore_controller is None else {"controller": adore_controller}
+    if policy == "adore" or (isinstance(policy, str) and policy.startswith("adore(")):
+        if adore_controller is None and "controller" not in policy:
+            raise ValueError(f"policy {policy!r} needs a trained controller: pass adore_controller= (the directory "
+                             "scripts/train_adore.py wrote, <run>/adore by default) or adore(controller=DIR, ...)")
+        if policy == "adore":
+            return AdorePolicy(budget=64, rebuild=4, controller=adore_controller)
     if isinstance(policy, str) and "(" in policy:
-        return _from_spec(policy)
+        return _from_spec(policy, {"adore": adore_defaults})
     if policy == "dense":
         return DensePolicy()
     if policy == "quest":
@@ -477,4 +668,5 @@ def make_policy(policy: str | Policy, *, span_tokens=None, max_segments: int = 6
         if span_tokens is None:
             raise ValueError("policy='self_span' needs span_tokens (or a tokenizer to derive them from)")
         return SelfSpanPolicy(span_tokens, max_segments)
-    raise ValueError(f"unknown policy {policy!r}; choose 'dense', 'self_span', 'quest', 'sparq' or pass a Policy")
+    raise ValueError(f"unknown policy {policy!r}; choose 'dense', 'self_span', 'quest', 'sparq', 'adore' or pass "
+                     "a Policy")
