@@ -6,9 +6,13 @@ the frozen model, summed over the query heads of each KV head, layer by layer
 (`teacher_top_k`). The query's own key is not a target: the policy always
 reads it. The controller's scores of the same keys for the same query
 (`adore.Controller.sequence_scores`, its GRU having read keys 0..t-1) are trained
-with a listwise loss, -mean over the positives of log softmax_j(score):
-what retention needs is the ranking, and a softmax over the keys is not
-swamped by the hundreds of negatives per row that a per-key BCE would see.
+with a listwise loss: the cross-entropy of softmax_j(score) against the
+teacher's attention over its top-k, renormalised. What retention needs is the
+ranking, and a softmax over the keys is not swamped by the hundreds of
+negatives per row that a per-key BCE would see; weighting by the teacher's
+mass ranks the few keys that carry most of the attention first (a uniform
+target over the top-k was tried first and kept 34% exact match where this
+keeps more, docs/design-notes.md).
 The reported `recall` is the share of the teacher's top-k that the
 controller's own top-`recall_at` contains (recall_at = the policy's
 budget - 1, the tokens it reads besides the query).
@@ -77,13 +81,14 @@ class DistillConfig:
         return Path(self.out) if self.out else Path(self.run) / "adore"
 
 
-def teacher_top_k(q: jax.Array, k: jax.Array, query_mask: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
+def teacher_top_k(q: jax.Array, k: jax.Array, query_mask: jax.Array, top_k: int):
     """One layer of a causal forward: q [B, T, N, H], k [B, K, T, H], query_mask bool [B, T] (the decode
-    queries) -> (positives bool [B, K, T, T], rows bool [B, T]).
+    queries) -> (positives bool [B, K, T, T], weights f32 [B, K, T, T], rows bool [B, T]).
 
     Row t holds the `top_k` keys j < t with the most attention of the query at t (summed over its
     group; every j < t when t <= top_k). The query's own key is left out: the policy always reads
-    it. rows[b, t] = query_mask[b, t] and t >= 1.
+    it. weights: the teacher's attention over the positives, renormalised to 1 per row. rows[b, t]
+    = query_mask[b, t] and t >= 1.
     """
     B, T, N, H = q.shape
     K = k.shape[1]
@@ -97,16 +102,19 @@ def teacher_top_k(q: jax.Array, k: jax.Array, query_mask: jax.Array, top_k: int)
     kth = jax.lax.top_k(masked, min(top_k, T))[0][..., -1:]
     positives = earlier & (masked >= kth)
     rows = query_mask & (jnp.arange(T) >= 1)[None, :]
-    return positives, rows
+    # the teacher's attention over its top-k, renormalised: the target distribution of the loss
+    mass = jnp.where(positives, p, 0.0)
+    weights = mass / jnp.maximum(jnp.sum(mass, -1, keepdims=True), 1e-30)
+    return positives, weights, rows
 
 
-def listwise_loss(scores, positives, rows):
-    """(sum over valid rows and KV heads of -mean over positives of log softmax over keys j < t, their number)."""
+def listwise_loss(scores, weights, rows):
+    """(sum over valid rows and KV heads of the cross-entropy of softmax over keys j < t of the scores
+    against the teacher's renormalised top-k attention `weights`, their number)."""
     T = scores.shape[-1]
     earlier = jnp.tril(jnp.ones((T, T), bool), -1)
     log_z = jax.nn.logsumexp(jnp.where(earlier, scores, -jnp.inf), axis=-1)
-    npos = jnp.maximum(jnp.sum(positives, -1), 1)
-    per_row = jnp.where(rows[:, None, :], log_z - jnp.sum(jnp.where(positives, scores, 0.0), -1) / npos, 0.0)
+    per_row = jnp.where(rows[:, None, :], log_z - jnp.sum(weights * jnp.where(earlier, scores, 0.0), -1), 0.0)
     w = jnp.broadcast_to(rows[:, None, :], per_row.shape).astype(jnp.float32)
     return jnp.sum(per_row), jnp.sum(w)
 
@@ -136,9 +144,9 @@ def make_steps(model_graphdef, ctl_graphdef, tx, top_k: int, recall_at: int):
     def loss_and_recall(params, qs, ks, per_layer, lengths):
         ctl = nnx.merge(ctl_graphdef, params)
         loss = n = hits = 0.0
-        for i, (positives, rows) in enumerate(per_layer):
+        for i, (positives, weights, rows) in enumerate(per_layer):
             scores = ctl.sequence_scores(i, qs[i], ks[i], lengths)
-            l_sum, l_n = listwise_loss(scores, positives, rows)
+            l_sum, l_n = listwise_loss(scores, weights, rows)
             r_sum, _ = recall(scores, positives, rows, recall_at)
             loss, n, hits = loss + l_sum, n + l_n, hits + r_sum
         n = jnp.maximum(n, 1.0)

@@ -202,7 +202,8 @@ def test_teacher_targets_loss_and_recall_match_float64():
     q = rng.normal(size=(B, T, N, H)).astype(np.float32)
     k = rng.normal(size=(B, K, T, H)).astype(np.float32)
     query_mask = rng.random((B, T)) < 0.7
-    positives, rows = adore_train.teacher_top_k(jnp.asarray(q), jnp.asarray(k), jnp.asarray(query_mask), top_k)
+    positives, weights, rows = adore_train.teacher_top_k(jnp.asarray(q), jnp.asarray(k), jnp.asarray(query_mask),
+                                                         top_k)
     scores = rng.normal(size=(B, K, T, T)).astype(np.float32)
     want_pos = np.zeros((B, K, T, T), bool)
     loss = n = hits = 0.0
@@ -215,17 +216,21 @@ def test_teacher_targets_loss_and_recall_match_float64():
                     s = k[b, h, : t + 1].astype(np.float64) @ q[b, t, h * G + g] / np.sqrt(H)
                     p = np.exp(s - s.max())
                     att += (p / p.sum())[:t]  # the query's own key is not a target
-                best = set(np.argsort(-att)[:top_k].tolist())
-                want_pos[b, h, t, sorted(best)] = True
+                best = sorted(np.argsort(-att)[:top_k].tolist())
+                want_pos[b, h, t, best] = True
+                w = att[best] / att[best].sum()
+                np.testing.assert_allclose(np.asarray(weights[b, h, t, best]), w, rtol=1e-5)
+                best = set(best)
                 if query_mask[b, t]:
                     sc = scores[b, h, t, :t].astype(np.float64)
                     logz = np.log(np.exp(sc - sc.max()).sum()) + sc.max()
-                    loss += logz - np.mean(sc[sorted(best)])
+                    loss += logz - w @ sc[sorted(best)]
                     hits += len(best & set(np.argsort(-sc)[:4].tolist())) / len(best)
                     n += 1
     np.testing.assert_array_equal(np.asarray(positives), want_pos)
     np.testing.assert_array_equal(np.asarray(rows), query_mask & (np.arange(T) >= 1))
-    l_sum, l_n = adore_train.listwise_loss(jnp.asarray(scores), positives, rows)
+    assert float(jnp.sum(jnp.where(positives, 0.0, weights))) == 0.0
+    l_sum, l_n = adore_train.listwise_loss(jnp.asarray(scores), weights, rows)
     r_sum, _ = adore_train.recall(jnp.asarray(scores), positives, rows, 4)
     assert float(l_n) == n  # one row per (sequence, KV head, decode query)
     np.testing.assert_allclose(float(l_sum), loss, rtol=1e-4)
