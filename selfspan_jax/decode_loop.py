@@ -168,9 +168,9 @@ def attention_fn_for(policy: Policy, pstate, pos, *, block_size: int, cache_len:
             out = block_sparse_decode(q, k_all, v_all, sel.block_indices, sel.block_counts, sel.token_mask,
                                       block_size=block_size, backend=backend, precision=precision,
                                       layer=layer_idx)
-        else:  # token lists: the gather path (no Pallas token-list kernel yet)
+        else:  # token lists (SparQ, ADORE): the row-gather kernel on the same backend
             out = token_sparse_decode(q, k_all, v_all, sel.token_indices, sel.token_counts, layer=layer_idx,
-                                      backend="reference" if backend == "reference" else "xla")
+                                      backend=backend, precision=precision)
         if sel.mix_alpha is not None:
             out = _mix_mean_v(out, sel, v_all, layer_idx, pos)
         return out

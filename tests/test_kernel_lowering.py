@@ -15,6 +15,7 @@ from jax import export
 from jax.experimental import pallas as pl
 
 from pallas_kernels import block_sparse_decode
+from pallas_kernels.token_sparse_decode import token_sparse_decode
 from pallas_kernels.backend import BlockSparseParams
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
@@ -118,3 +119,31 @@ def test_export_really_runs_triton_lowering():
 
     with pytest.raises(NotImplementedError, match="multiple indexers"):
         export_for_h100(fn, jax.ShapeDtypeStruct((2, 32, 16), jnp.float32))
+
+
+@pytest.mark.parametrize("dtype, num_heads, kv_heads, head_dim, list_len", [
+    (jnp.bfloat16, 32, 8, 128, 100),  # GQA G = 4, a list of 100 rows (7 tiles of 16, the last part padding)
+    (jnp.float32, 32, 32, 128, 64),  # MHA, exact fp32
+    (jnp.bfloat16, 9, 3, 64, 32),  # SmolLM2-135M heads, G = 3
+])
+def test_token_list_kernel_lowers_to_triton(dtype, num_heads, kv_heads, head_dim, list_len):
+    """The row-gather kernel (SparQ/ADORE token lists) on the stacked cache with a traced layer: the
+    gather lowers to a masked load of a pointer tensor (docs/design-notes.md)."""
+    layers, batch, seq_len = 4, 2, 2048
+    avals = [
+        jax.ShapeDtypeStruct((batch, num_heads, head_dim), dtype),
+        jax.ShapeDtypeStruct((layers, batch, kv_heads, seq_len, head_dim), dtype),
+        jax.ShapeDtypeStruct((layers, batch, kv_heads, seq_len, head_dim), dtype),
+        jax.ShapeDtypeStruct((batch, kv_heads, list_len), jnp.int32),
+        jax.ShapeDtypeStruct((batch, kv_heads), jnp.int32),
+        jax.ShapeDtypeStruct((), jnp.int32),
+    ]
+    precision = "highest" if dtype == jnp.float32 else None
+
+    def fn(q, k, v, idx, counts, layer):
+        return token_sparse_decode(q, k, v, idx, counts, layer=layer, backend="pallas", precision=precision)
+
+    exported = export_for_h100(fn, *avals)
+    assert exported.mlir_module().count(TRITON_CALL) == 1
+    out = exported.out_avals[0]
+    assert out.shape == (batch, num_heads, head_dim) and out.dtype == dtype
