@@ -346,9 +346,12 @@ class QuestPolicy(DecodeOnlyPolicy):
 @struct.dataclass
 class SparQState:
     """vsum: f32 [L, B, K, H]: sum of the V rows written so far (the mean-V reallocation keeps it
-    incrementally instead of rereading the cache)."""
+    incrementally instead of rereading the cache).
+    kt: [L, B, K, H, S] (cache dtype) with `component_major`: the second, component-major copy of K
+    whose r rows the approximate scores read contiguously; else None."""
 
     vsum: jax.Array
+    kt: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,16 +368,22 @@ class SparQPolicy(DecodeOnlyPolicy):
     selected positions (per query head); the V sum is kept incrementally.
 
     What it reads per KV head and step (the paper's count): r/H of the K rows
-    0..t (the r components) plus k rows of K and k of V (`rows_read`). This
-    implementation gathers the r components from the row-major cache; the
-    paper's second, component-major copy of K (which makes those reads
-    contiguous) is not built yet. Prefill is dense causal.
+    0..t (the r components) plus k rows of K and k of V (`rows_read`). With
+    `component_major`, the policy keeps the paper's second copy of K laid out
+    [H, S] per head (`SparQState.kt`, written through the observe hooks: the
+    prompt's keys once, then one key per layer per step), so the r components
+    are r contiguous rows instead of a strided gather from the row-major
+    cache; it costs a second K cache of memory, as in the paper. It lives in
+    the policy's state rather than in `KVCache` because only SparQ reads it
+    and the hooks already see every key as it is written. Prefill is dense
+    causal.
     """
 
     r: int
     k: int
     local_window: int = 0
     reallocate_mean: bool = True
+    component_major: bool = False
 
     name: ClassVar[str] = "sparq"
     query_aware: ClassVar[bool] = True
@@ -385,20 +394,25 @@ class SparQPolicy(DecodeOnlyPolicy):
         _positive_int("local_window", self.local_window, 0)
         if self.local_window > self.k:
             raise ValueError(f"local_window {self.local_window} exceeds k {self.k} (the window is part of the k)")
-        if not isinstance(self.reallocate_mean, bool):
-            raise ValueError(f"reallocate_mean must be a bool, got {self.reallocate_mean!r}")
+        for name in ("reallocate_mean", "component_major"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
     def observe_prefill(self, state, cache, lengths, *, block_size):
         S = cache.v.shape[3]
         # [1, B, 1, S, 1]
         valid = (jnp.arange(S)[None, :] < lengths[:, None])[None, :, None, :, None]
-        return SparQState(jnp.sum(jnp.where(valid, cache.v.astype(jnp.float32), 0.0), axis=3))
+        kt = jnp.swapaxes(cache.k, -1, -2) if self.component_major else None
+        return SparQState(jnp.sum(jnp.where(valid, cache.v.astype(jnp.float32), 0.0), axis=3), kt)
 
     def observe_step(self, state, cache, positions, *, block_size, selections=()):
         b = jnp.arange(positions.shape[0])
         # cache.v[:, b, :, positions[b], :] is [B, L, K, H]: advanced indices split by a slice go first
         new = jnp.swapaxes(cache.v[:, b, :, positions, :].astype(jnp.float32), 0, 1)  # -> [L, B, K, H]
-        return SparQState(state.vsum + new)
+        kt = state.kt
+        if kt is not None:  # kt[:, b, :, :, positions[b]] is [B, L, K, H] by the same rule
+            kt = kt.at[:, b, :, :, positions].set(cache.k[:, b, :, positions, :])
+        return SparQState(state.vsum + new, kt)
 
     def select(self, state, lengths, *, block_size, cache_len, q=None, k=None, layer_idx=None):
         B, N, H = q.shape
@@ -411,14 +425,20 @@ class SparQPolicy(DecodeOnlyPolicy):
         qg = q.astype(jnp.float32).reshape(B, K, G, H)
         # [B, K, r]: the r largest components of |q|, shared by the group
         _, i_r = jax.lax.top_k(jnp.sum(jnp.abs(qg), axis=2), self.r)
-        # [B, K, G, r], [B, K, S, r]
+        # [B, K, G, r]; k_r [B, K, S, r] from the row-major cache or [B, K, r, S] from the copy
         q_r = jnp.take_along_axis(qg, i_r[:, :, None, :], axis=-1)
-        k_r = jnp.take_along_axis(k, i_r[:, :, None, :], axis=-1).astype(jnp.float32)  # gather, then cast r columns
+        if state.kt is None:  # gather the r columns from the row-major cache, then cast only them
+            k_r = jnp.take_along_axis(k, i_r[:, :, None, :], axis=-1).astype(jnp.float32)
+        else:  # r contiguous rows of the component-major copy; the query's own key is not in it yet
+            rows = jnp.take_along_axis(state.kt[layer_idx], i_r[..., None], axis=2)  # [B, K, r, S]
+            own = jnp.take_along_axis(k[jnp.arange(B), :, pos, :], i_r, axis=-1)  # [B, K, r]
+            k_r = jnp.where((jnp.arange(S) == pos[:, None])[:, None, None, :], own[..., None], rows)
         # [B, K, G]: SparQ's scale replaces 1/sqrt(H)
         scale = jnp.sqrt(H * jnp.sum(jnp.abs(q_r), -1) / jnp.maximum(jnp.sum(jnp.abs(qg), -1), 1e-30))
         j = jnp.arange(S)
         causal = (j[None, :] <= pos[:, None])[:, None, None, :]
-        logits = jnp.einsum("bkgr,bksr->bkgs", q_r, k_r) / jnp.maximum(scale, 1e-30)[..., None]
+        spec = "bkgr,bksr->bkgs" if state.kt is None else "bkgr,bkrs->bkgs"
+        logits = jnp.einsum(spec, q_r, k_r.astype(jnp.float32)) / jnp.maximum(scale, 1e-30)[..., None]
         # [B, K, G, S]
         s_hat = jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1)
         # [B, K, S]: group ranking; the local window above every score, the query itself first

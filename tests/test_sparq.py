@@ -151,6 +151,19 @@ def test_k_covering_the_context_is_dense(model):
     # alpha = 1 when everything is selected: no mean-V mixing
     assert_policy_equals_dense(model, SparQPolicy(r=4, k=256, local_window=4), secrets.randbelow(2**20), atol=2e-5)
 
+def test_component_major_copy_decodes_as_the_row_major_gather(model):
+    """The second, component-major K copy (kept by the policy through the observe hooks) is a layout
+    change only: same tokens, log-probs within float32 noise, same reads counted."""
+    seed = secrets.randbelow(2**20)
+    prompts = random_prompts(seed)
+    kw = dict(max_new_tokens=12, block_size=8, backend="xla", return_logprobs=True, eos_id=-1, pad_id=0)
+    row = generate(model, prompts, policy=SparQPolicy(r=3, k=10, local_window=2), **kw)
+    col = generate(model, prompts, policy="sparq(r=3, k=10, local_window=2, component_major=true)", **kw)
+    np.testing.assert_array_equal(col.tokens, row.tokens)
+    np.testing.assert_allclose(col.logprobs, row.logprobs, atol=1e-5)
+    assert col.summary()["kv_read_fraction"] == row.summary()["kv_read_fraction"]
+
+
 @pytest.mark.parametrize("reallocate", [True, False])
 def test_loop_equals_eager_reference(model, reallocate):
     """Forced tokens through the loop under SparQ give the log-probs of an eager decode that keeps
