@@ -213,7 +213,7 @@ def test_compare_policies_script_table_settings_and_plot(trained_run, dense_run,
                           "dense-trained/sparq(r=2,k=4,local_window=1)"]
     assert rows["dense-trained/quest(page_budget=1)"]["settings"] == {"page_budget": 1}
     assert rows["dense-trained/sparq(r=2,k=4,local_window=1)"]["settings"] == {
-        "r": 2, "k": 4, "local_window": 1, "reallocate_mean": True}
+        "r": 2, "k": 4, "local_window": 1, "reallocate_mean": True, "component_major": False}
     assert result["baseline"] == "dense-trained/dense" and rows["dense-trained/dense"]["tokens_per_s_vs_dense"] == 1.0
     for m in rows.values():
         assert {"exact_match", "mean_attended_fraction", "kv_read_fraction", "tokens_per_s"} <= set(m)
@@ -242,7 +242,7 @@ def test_compare_policies_on_a_pretrained_model(tmp_path, capsys):
     # a budget covering every block is dense: same greedy tokens, same perplexity
     assert quest["greedy_match"] == 1.0 and quest["perplexity"] == pytest.approx(dense["perplexity"], rel=1e-4)
     assert sparq["kv_read_fraction"] < 1.0 and np.isfinite(sparq["perplexity"])
-    assert sparq["settings"] == {"r": 2, "k": 4, "local_window": 1, "reallocate_mean": True}
+    assert sparq["settings"] == {"r": 2, "k": 4, "local_window": 1, "reallocate_mean": True, "component_major": False}
     assert "| mqa_untied_sharded/dense |" in (tmp_path / "pm.md").read_text()
 
 
