@@ -427,8 +427,8 @@ class SparQPolicy(DecodeOnlyPolicy):
         _, i_r = jax.lax.top_k(jnp.sum(jnp.abs(qg), axis=2), self.r)
         # [B, K, G, r]; k_r [B, K, S, r] from the row-major cache or [B, K, r, S] from the copy
         q_r = jnp.take_along_axis(qg, i_r[:, :, None, :], axis=-1)
-        if state.kt is None:  # gather the r columns from the row-major cache, then cast only them
-            k_r = jnp.take_along_axis(k, i_r[:, :, None, :], axis=-1).astype(jnp.float32)
+        if state.kt is None:  # gather the r columns from the row-major cache (cast below: only them)
+            k_r = jnp.take_along_axis(k, i_r[:, :, None, :], axis=-1)
         else:  # r contiguous rows of the component-major copy; the query's own key is not in it yet
             rows = jnp.take_along_axis(state.kt[layer_idx], i_r[..., None], axis=2)  # [B, K, r, S]
             own = jnp.take_along_axis(k[jnp.arange(B), :, pos, :], i_r, axis=-1)  # [B, K, r]
