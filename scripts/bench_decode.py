@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""End-to-end decode throughput, dense vs self-selected spans, on recorded span traces.
+"""End-to-end decode throughput of decode policies against dense, on recorded span traces.
 
 A LLaMA-shaped model with random weights (speed does not depend on them)
 decodes through `selfspan_jax.generate` (defined in `selfspan_jax.generation`) -- the same jitted loop, policy and
@@ -23,12 +23,22 @@ dilute the ratio. Each repeat runs the four programs (two policies x two
 lengths) back to back, so both policies see the same load. The JSON
 also holds rho (KV blocks read / dense blocks), r (dense KV bytes / weight
 bytes per step) and the memory-bound ceiling (1 + r) / (1 + rho r) of
-DESIGN.md section 5.
+DESIGN.md section 5, per policy at its measured rho.
+
+`--policies` adds the training-free and learned baselines to the same turns
+(forced tokens make every policy decode the same trace; only self_span reads
+the headers). ADORE takes `--adore-controller DIR`, or a random controller of
+the model's shape: its reads and compute do not depend on its weights.
 
     # CPU (xla path), reduced shape -- what benchmarks/results/decode_cpu.json holds
     python scripts/bench_decode.py --shape cpu-reduced --batch 8 --context 2048 --new-tokens 64
     # GPU, LLaMA-7B shape, bf16 (scripts/gpu_bench_decode.sh runs this)
     python scripts/bench_decode.py --shape llama2-7b --dtype bfloat16 --batch 8,16,32 --context 2048
+    # the policies at the 1/8 setting, 2k tokens (benchmarks/results/decode_policies_cpu.json)
+    P='dense,self_span,quest(page_budget=4),sparq(r=16,k=128,local_window=16)'
+    P="$P,sparq(r=16,k=128,local_window=16,component_major=True),adore(budget=256,rebuild=4)"
+    python scripts/bench_decode.py --batch 8 --context 2048 --new-tokens 128 --repeats 3 --policies "$P" \\
+        --out benchmarks/results/decode_policies_cpu.json
 """
 
 from __future__ import annotations
@@ -47,9 +57,11 @@ from selfspan_jax.benchmarks import SHAPES, random_model, record_traces, referen
 
 
 def bench_point(model, tokenizer, stream_rows, *, batch, context, new_tokens, block_size, backend, max_segments,
-                repeats, prefill_chunk):
-    """Time both policies at one (batch, context); returns a dict for the JSON."""
+                repeats, prefill_chunk, policies=("dense", "self_span"), adore_controller=None):
+    """Time every policy at one (batch, context); returns a dict for the JSON (one entry per policy
+    label, each with its speedup over dense)."""
     from selfspan_jax.generation import generate
+    from selfspan_jax.policies import make_policy
 
     prompts = np.asarray([row[:context] for row in stream_rows[:batch]], np.int32)
     forced = np.asarray([row[context : context + new_tokens] for row in stream_rows[:batch]], np.int32)
@@ -65,16 +77,21 @@ def bench_point(model, tokenizer, stream_rows, *, batch, context, new_tokens, bl
     point["short_tokens"] = short
     outs = {}
 
-    def run(policy, n):
-        kw = dict(policy=policy, tokenizer=tokenizer, block_size=block_size, backend=backend,
+    def resolved(label):
+        if label in ("dense", "self_span"):
+            return label
+        return make_policy(label, adore_controller=adore_controller)
+
+    def run(label, n):
+        kw = dict(policy=resolved(label), tokenizer=tokenizer, block_size=block_size, backend=backend,
                   max_segments=max_segments, prefill_chunk=prefill_chunk, eos_id=-1)
 
         def go():
-            outs[(policy, n)] = generate(model, prompts, max_new_tokens=n, forced_tokens=forced[:, :n], **kw)
+            outs[(label, n)] = generate(model, prompts, max_new_tokens=n, forced_tokens=forced[:, :n], **kw)
         return go
 
-    policies = ("dense", "self_span")
-    times = reporting.interleaved_times({(pol, n): run(pol, n) for pol in policies for n in (new_tokens, short)}, repeats)
+    times = reporting.interleaved_times({(pol, n): run(pol, n) for pol in policies for n in (new_tokens, short)},
+                                        repeats)
     for policy in policies:
         out = outs[(policy, new_tokens)]
         if not np.array_equal(out.tokens, forced):
@@ -91,10 +108,15 @@ def bench_point(model, tokenizer, stream_rows, *, batch, context, new_tokens, bl
             "decode_tokens_per_s": batch * (new_tokens - short) / decode_s,
             "decode_ms_per_step": decode_s / (new_tokens - short) * 1e3,
             "decode_s_of_mins": float(full.min() - part.min()),
+            "decode_s_per_repeat": (full - part).tolist(),
             "all_total_s": full.tolist(), "all_short_s": part.tolist(),
             "mean_attended_fraction": s["mean_attended_fraction"], "kv_read_fraction": s["kv_read_fraction"],
+            "rebuilds_per_step": s.get("rebuilds_per_step"),
         }
-    point["speedup"] = point["self_span"]["decode_tokens_per_s"] / point["dense"]["decode_tokens_per_s"]
+    for policy in policies:
+        point[policy]["speedup"] = point[policy]["decode_tokens_per_s"] / point["dense"]["decode_tokens_per_s"]
+    if "self_span" in point:  # the top-level fields older readers of the JSON use
+        point["speedup"] = point["self_span"]["speedup"]
     return point
 
 
@@ -115,8 +137,19 @@ def main(argv=None) -> int:
     p.add_argument("--save-traces", default=None, help="write the recorded traces here")
     p.add_argument("--num-traces", type=int, default=64)
     p.add_argument("--split", default="harder", help="arithmetic split the traces come from")
+    p.add_argument("--policies", default="dense,self_span",
+                   help="policies timed against dense (comma-separated labels or specs, e.g. "
+                        "'dense,self_span,quest(page_budget=4),sparq(r=16,k=128,local_window=16)')")
+    p.add_argument("--adore-controller", default=None, metavar="DIR",
+                   help="ADORE controller (scripts/train_adore.py); default: a random one of the model's shape, "
+                        "which reads and computes exactly what a trained one does (speed only)")
     p.add_argument("--out", default="benchmarks/results/decode_cpu.json")
     args = p.parse_args(argv)
+    from selfspan_jax.policies import split_policy_specs
+
+    policies = split_policy_specs(args.policies)
+    if "dense" not in policies:
+        policies.insert(0, "dense")  # every speedup is over dense, timed in the same turns
     load_start = list(os.getloadavg())  # the 2-core CPU is shared: record the load the numbers ran under
 
     from selfspan_jax.tokenizer import CharTokenizer
@@ -138,6 +171,12 @@ def main(argv=None) -> int:
     contexts = [int(c) for c in args.context.split(",")]
     model = random_model(args.shape, args.dtype, max(contexts) + args.new_tokens + 64)
     config = model.config
+    controller = args.adore_controller
+    if controller is None and any(p.startswith("adore") for p in policies):
+        from selfspan_jax.adore import TrainedController, new_controller
+
+        controller = TrainedController(new_controller(config.n_layers, config.head_dim),
+                                       source="random, untrained (speed only)")
 
     need = max(contexts) + args.new_tokens
     # each row starts at a different problem so the batch is not one sequence repeated
@@ -149,22 +188,29 @@ def main(argv=None) -> int:
         for batch in batches:
             pt = bench_point(model, tokenizer, rows, batch=batch, context=context, new_tokens=args.new_tokens,
                              block_size=args.block_size, backend=args.backend, max_segments=args.max_segments,
-                             repeats=args.repeats, prefill_chunk=args.prefill_chunk)
+                             repeats=args.repeats, prefill_chunk=args.prefill_chunk, policies=policies,
+                             adore_controller=controller)
             mean_ctx = context + args.new_tokens / 2
             kv_bytes = batch * config.n_layers * 2 * config.n_kv_heads * mean_ctx * config.head_dim * itemsize
             r = kv_bytes / weight_bytes
-            rho = pt["self_span"]["kv_read_fraction"]
-            pt.update(r=r, rho=rho, ceiling=(1 + r) / (1 + rho * r))
-            pt["fraction_of_ceiling"] = pt["speedup"] / pt["ceiling"]
+            pt["r"] = r
+            for pol in policies:  # DESIGN.md section 5's memory-bound ceiling at the policy's measured rho
+                rho = pt[pol]["kv_read_fraction"]
+                pt[pol].update(rho=rho, ceiling=(1 + r) / (1 + rho * r))
+                pt[pol]["fraction_of_ceiling"] = pt[pol]["speedup"] / pt[pol]["ceiling"]
+            if "self_span" in pt:
+                pt.update({k: pt["self_span"][k] for k in ("rho", "ceiling", "fraction_of_ceiling")})
             points.append(pt)
-            print(f"B={batch:3d} T={context:5d}: dense {pt['dense']['decode_tokens_per_s']:9.1f} tok/s, "
-                  f"self_span {pt['self_span']['decode_tokens_per_s']:9.1f} tok/s, speedup {pt['speedup']:.2f}x "
-                  f"(rho {rho:.3f}, r {r:.2f}, ceiling {pt['ceiling']:.2f}x)", flush=True)
+            print(f"B={batch:3d} T={context:5d} (r {r:.2f}): " + ", ".join(
+                f"{pol} {pt[pol]['decode_tokens_per_s']:.1f} tok/s {pt[pol]['speedup']:.2f}x "
+                f"(rho {pt[pol]['rho']:.3f}, ceiling {pt[pol]['ceiling']:.2f}x)" for pol in policies), flush=True)
 
     label = ("REDUCED SHAPE on CPU (XLA gather path), not the LLaMA-7B target" if args.shape != "llama2-7b"
              else "LLaMA-7B shape")
     result = {
-        "benchmark": "end-to-end decode, dense vs self_span, forced recorded span traces",
+        "benchmark": f"end-to-end decode, {' vs '.join(policies)}, forced recorded span traces",
+        "policies": policies,
+        "adore_controller": None if controller is None else str(getattr(controller, "source", controller)),
         "label": label,
         "environment": reporting.environment(),
         "model": {"shape": args.shape, **config.to_dict(), "num_params": config.num_params(),
@@ -180,11 +226,13 @@ def main(argv=None) -> int:
         "command": "python scripts/bench_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     out = reporting.write_json(result, args.out)
-    print("| batch | context | dense tok/s | self_span tok/s | speedup | rho | ceiling |\n|---|---|---|---|---|---|---|")
+    print("| batch | context | policy | decode tok/s | speedup over dense | rho (KV read) | ceiling | of ceiling |\n"
+          "|---|---|---|---|---|---|---|---|")
     for pt in points:
-        print(f"| {pt['batch']} | {pt['context']} | {pt['dense']['decode_tokens_per_s']:.1f} | "
-              f"{pt['self_span']['decode_tokens_per_s']:.1f} | {pt['speedup']:.2f}x | {pt['rho']:.3f} | "
-              f"{pt['ceiling']:.2f}x |")
+        for pol in policies:
+            m = pt[pol]
+            print(f"| {pt['batch']} | {pt['context']} | {pol} | {m['decode_tokens_per_s']:.1f} | {m['speedup']:.2f}x | "
+                  f"{m['rho']:.3f} | {m['ceiling']:.2f}x | {m['fraction_of_ceiling']:.0%} |")
     print(f"wrote {out} ({label})")
     return 0
 

@@ -57,27 +57,34 @@ def settings(spec: str, adore_controller=None) -> dict:
 
 
 def plot(result: dict, path: Path) -> Path:
+    """Accuracy against the fraction of KV bytes read, one curve per method (dense and self_span as
+    points): one panel per accuracy metric of the task (arithmetic: exact match and step progress)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves: dict[str, list[tuple[float, float]]] = {}
-    for m in result["rows"].values():
-        method = m["policy"].split("(")[0] + (f" r={m['settings']['r']}" if "r" in m.get("settings", {}) else "")
-        curves.setdefault(method, []).append((m["kv_read_fraction"], m["exact_match"]))
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for method, pts in sorted(curves.items()):
-        pts.sort()
-        style = "o-" if len(pts) > 1 else {"dense": "s", "self_span": "*"}.get(method, "D")
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=method, markersize=8 if len(pts) == 1 else 5)
-    ax.set_xlabel("fraction of KV bytes read")
-    ax.set_ylabel("exact match (%)")
-    ax.set_xlim(0, 1.05)
-    ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    ax.set_title(f"{result['config']['num_records']} held-out {result['config']['task']} problems "
+    from selfspan_jax import tasks
+
+    metrics = tasks.get(result["config"]["task"]).accuracy_keys
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), dpi=120, squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        curves: dict[str, list[tuple[float, float]]] = {}
+        for m in result["rows"].values():
+            method = m["policy"].split("(")[0] + (f" r={m['settings']['r']}" if "r" in m.get("settings", {}) else "")
+            curves.setdefault(method, []).append((m["kv_read_fraction"], m[metric]))
+        for method, pts in sorted(curves.items()):
+            pts.sort()
+            style = "o-" if len(pts) > 1 else {"dense": "s", "self_span": "*"}.get(method, "D")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=method,
+                    markersize=8 if len(pts) == 1 else 5)
+        ax.set_xlabel("fraction of KV bytes read")
+        ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
+        ax.set_xlim(0, 1.05)
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"{result['config']['num_records']} held-out {result['config']['task']} problems "
                  f"({result['config']['split']})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)

@@ -69,7 +69,9 @@ class Arithmetic(Task):
     # ~10-minute CPU default (docs/notes/training.md has the tuning runs).
     data_defaults = {"max_operand": 9, "max_value": 20}
     held_out_split = "test"
-    accuracy_keys = ("exact_match",)
+    # step_progress: partial credit (data.arithmetic.step_progress), which still ranks decoders where
+    # long derivations take exact match to ~0 for everyone
+    accuracy_keys = ("exact_match", "step_progress")
 
     def records(self, split, n, *, seed, data=None, tokenizer=None, seq_len=None):
         """Splits: "train", and the held-out "test" (the training distribution, held out by problem
@@ -88,7 +90,11 @@ class Arithmetic(Task):
         return [bool(check_completion(r["prompt"], t)[0]) for r, t in zip(records, texts)]
 
     def score(self, records, texts):
-        return {"exact_match": 100.0 * float(np.mean(self.exact(records, texts)))}
+        from selfspan_jax.data.arithmetic import step_progress
+
+        return {"exact_match": 100.0 * float(np.mean(self.exact(records, texts))),
+                "step_progress": 100.0 * float(np.mean([step_progress(r["prompt"], t)
+                                                        for r, t in zip(records, texts)]))}
 
 
 class Summarization(Task):

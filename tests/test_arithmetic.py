@@ -240,3 +240,25 @@ def test_strict_order_only_accepts_the_canonical_reduction():
     ok, reason = A.check_completion(prompt, other, strict_order=True)
     assert not ok and reason.startswith("wrong step")
     assert A.check_completion(prompt, A.format_completion(A.derivation("2*3+4*5")), strict_order=True) == (True, "ok")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_step_progress_counts_correct_steps_before_the_first_error(data):
+    """A reference derivation broken at step e (wrong number, garbage, or cut off) is credited with
+    exactly e-1 of its n steps; the intact one with all n, and with extra lines after the answer still n."""
+    r = data.draw(st.sampled_from(_records_with_steps(2)))
+    lines, n = lines_of(r["completion"]), r["n_steps"]
+    assert n == len(lines)
+    assert A.step_progress(r["prompt"], r["completion"]) == 1.0
+    extra = r["completion"] + f"\n{ANCHOR}{REF_OPEN}{n + 1}{REF_CLOSE}{r['answer']}"
+    assert A.step_progress(r["prompt"], extra) == 1.0 and not A.check_completion(r["prompt"], extra)[0]
+    e = data.draw(st.integers(1, n))
+    how = data.draw(st.sampled_from(["bump", "garbage", "cut"]))
+    if how == "cut":
+        broken = "\n".join(lines[: e - 1])
+    else:
+        body = lines[e - 1].split(REF_CLOSE, 1)[1]
+        new = (re.sub(r"\d+", lambda m: str(int(m.group(0)) + 1), body, count=1) if how == "bump" else body + "+(")
+        broken = "\n".join([*lines[: e - 1], f"{ANCHOR}{REF_OPEN}{e}{REF_CLOSE}{new}", *lines[e:]])
+    assert A.step_progress(r["prompt"], broken) == pytest.approx((e - 1) / n)

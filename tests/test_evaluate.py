@@ -31,8 +31,11 @@ def test_exact_match_scores_the_checker_verdicts():
         recs[1]["answer"], str(int(recs[1]["answer"]) + 1))
     bad_ref = good[2].replace("<|ref|>1<|/ref|>", "<|ref|>0<|/ref|>", 1)
     texts = [good[0], bad_answer, bad_ref, good[3]]
-    assert tasks.get("arithmetic").score(recs, texts) == {"exact_match": 50.0}
-    assert tasks.get("arithmetic").score(recs, good) == {"exact_match": 100.0}
+    # partial credit: all but the last step of bad_answer, none of bad_ref (its step 1 is wrong)
+    progress = 100.0 * (2 + (recs[1]["n_steps"] - 1) / recs[1]["n_steps"]) / 4
+    assert tasks.get("arithmetic").score(recs, texts) == pytest.approx({"exact_match": 50.0,
+                                                                        "step_progress": progress})
+    assert tasks.get("arithmetic").score(recs, good) == {"exact_match": 100.0, "step_progress": 100.0}
     with pytest.raises(ValueError, match="generations"):
         tasks.get("arithmetic").score(recs, good[:2])
     assert tasks.get("arithmetic").exact(recs, texts) == [True, False, False, True]
@@ -309,17 +312,20 @@ def test_evaluate_rows_rejects_bad_rows():
 
 
 def test_format_table_and_errors():
-    stats = {name: {"exact_match": em, "mean_attended_fraction": f, "kv_read_fraction": f,
+    stats = {name: {"exact_match": em, "step_progress": em + 5, "mean_attended_fraction": f, "kv_read_fraction": f,
                     "timing": {"tokens_per_s": tps}, "fallback_steps": 0}
              for name, em, f, tps in (("dense", 90.0, 1.0, 100.0), ("self_span", 91.0, 0.4, 125.0))}
     rows = {"config": {"task": "arithmetic"}, "baseline": "d/dense",
             "rows": {n: {**stats[p], "trained_with": t, "policy": p, "note": note}
                      for n, t, p, note in (("s/self_span", "self_span", "self_span", ""), ("d/dense", "dense", "dense", ""))},
-            "vs_baseline": {"s/self_span": {"exact_match_delta": 1.0, "kv_read_fraction": 0.4, "tokens_per_s": 1.25},
-                            "d/dense": {"exact_match_delta": 0.0, "kv_read_fraction": 1.0, "tokens_per_s": 1.0}}}
+            "vs_baseline": {"s/self_span": {"exact_match_delta": 1.0, "step_progress_delta": 1.0,
+                                           "kv_read_fraction": 0.4, "tokens_per_s": 1.25},
+                            "d/dense": {"exact_match_delta": 0.0, "step_progress_delta": 0.0,
+                                        "kv_read_fraction": 1.0, "tokens_per_s": 1.0}}}
     table = ev.format_table(rows).splitlines()
-    assert table[0].startswith("| row | trained with | decoded with | exact_match |")
-    assert table[2] == "| s/self_span | self_span | self_span | 91.0 | 0.400 | 0.400 | 125.0 | +1.0 pt | 0.400x | 1.25x | 0 |"
+    assert table[0].startswith("| row | trained with | decoded with | exact_match | step_progress |")
+    assert table[2] == ("| s/self_span | self_span | self_span | 91.0 | 96.0 | 0.400 | 0.400 | 125.0 "
+                        "| +1.0 pt | +1.0 pt | 0.400x | 1.25x | 0 |")
     assert table[3].startswith("| d/dense (baseline) | dense | dense | 90.0 |")
     with pytest.raises(ValueError, match="no records"):
         ev.evaluate_rows([ev.Row("x", None, None, "dense")], [], task="arithmetic")

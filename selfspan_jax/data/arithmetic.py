@@ -434,7 +434,24 @@ def problem_of(prompt: str) -> str:
 
 
 def check_completion(prompt: str, completion: str, *, strict_order: bool = False) -> tuple[bool, str]:
-    """Is `completion` a valid derivation of the problem in `prompt`?
+    """Is `completion` a valid derivation of the problem in `prompt`? (ok, reason) of `check_steps`."""
+    ok, reason, _ = check_steps(prompt, completion, strict_order=strict_order)
+    return ok, reason
+
+
+def step_progress(prompt: str, completion: str) -> float:
+    """Partial credit: the fraction of the derivation's steps (one per operator of the problem) that
+    `completion` gets right before its first error (1.0 for a valid derivation; a valid one followed
+    by extra lines still scores 1.0, though exact match fails it). Long derivations fail exact match
+    on any one slip; this says how far a decode got."""
+    ok, _, valid = check_steps(prompt, completion)
+    needed = count_ops(parse(problem_of(prompt)))
+    return 1.0 if ok or needed == 0 else min(valid, needed) / needed
+
+
+def check_steps(prompt: str, completion: str, *, strict_order: bool = False) -> tuple[bool, str, int]:
+    """Is `completion` a valid derivation of the problem in `prompt`, and how many of its steps are
+    correct before the first error?
 
     Valid: every line is `<|anchor|><|ref|>k<|/ref|>EXPR`, step k references
     exactly segment k (the previous step), every EXPR is in canonical form
@@ -442,33 +459,34 @@ def check_completion(prompt: str, completion: str, *, strict_order: bool = False
     canonical leftmost one if `strict_order`), and the last line is the right
     number. Returns (ok, reason); reasons start with one of "malformed header",
     "wrong reference", "malformed step", "wrong step", "wrong answer",
-    "incomplete", "extra steps", "empty".
+    "incomplete", "extra steps", "empty". Returns (ok, reason, the number of
+    leading steps that are correct reductions).
     """
     problem = problem_of(prompt)
     expected = evaluate(problem)
     prev = parse(problem)
     text = completion.rstrip("\n")
     if not text.strip():
-        return False, "empty: no steps"
+        return False, "empty: no steps", 0
     lines = text.split("\n")
     for k, line in enumerate(lines, start=1):
         if isinstance(prev, Num):
-            return False, f"extra steps: step {k} follows the answer {format_expr(prev)}"
+            return False, f"extra steps: step {k} follows the answer {format_expr(prev)}", k - 1
         m = _STEP_RE.match(line)
         if not m:
-            return False, f"malformed header: step {k} {line!r} does not start with anchor, ref ... /ref"
+            return False, f"malformed header: step {k} {line!r} does not start with anchor, ref ... /ref", k - 1
         header, body = m.group(1), m.group(2)
         if not _REFS_RE.match(header):
-            return False, f"malformed header: step {k} header {header!r} is not a list of segment ids"
+            return False, f"malformed header: step {k} header {header!r} is not a list of segment ids", k - 1
         refs = [int(r) for r in re.findall(r"\d+", header)]
         if refs != [k]:
-            return False, f"wrong reference: step {k} references {refs}, expected [{k}]"
+            return False, f"wrong reference: step {k} references {refs}, expected [{k}]", k - 1
         try:
             cur = parse(body)
         except ValueError as e:
-            return False, f"malformed step: step {k} {body!r} does not parse ({e})"
+            return False, f"malformed step: step {k} {body!r} does not parse ({e})", k - 1
         if format_expr(cur) != body:
-            return False, f"malformed step: step {k} {body!r} is not canonical (expected {format_expr(cur)!r})"
+            return False, f"malformed step: step {k} {body!r} is not canonical (expected {format_expr(cur)!r})", k - 1
         paths = _reducible_paths(prev)
         if strict_order:
             paths = paths[:1]
@@ -480,15 +498,16 @@ def check_completion(prompt: str, completion: str, *, strict_order: bool = False
                 continue
         if cur not in candidates:
             if isinstance(cur, Num) and count_ops(prev) == 1:
-                return False, f"wrong answer: step {k} gives {body}, expected {format_expr(candidates[0]) if candidates else '?'}"
+                want = format_expr(candidates[0]) if candidates else "?"
+                return False, f"wrong answer: step {k} gives {body}, expected {want}", k - 1
             return False, (
                 f"wrong step: step {k} {body!r} is not one {'canonical ' if strict_order else ''}"
                 f"reduction of {format_expr(prev)!r}"
-            )
+            ), k - 1
         prev = cur
     if not isinstance(prev, Num):
-        return False, f"incomplete: derivation stops at {format_expr(prev)!r}"
+        return False, f"incomplete: derivation stops at {format_expr(prev)!r}", len(lines)
     if Fraction(prev.value) != expected:
         # unreachable when every step is a correct reduction; kept as a guard
-        return False, f"wrong answer: {prev.value}, expected {expected}"
-    return True, "ok"
+        return False, f"wrong answer: {prev.value}, expected {expected}", len(lines)
+    return True, "ok", len(lines)
