@@ -219,6 +219,8 @@ def _selection_stats(sel: Selection, pos: jax.Array, block_size: int):
         per_block = row.reshape(B, S // block_size, block_size).sum(-1).astype(jnp.float32)
         visible = jnp.mean(jnp.sum(member * per_block[:, None, :], axis=-1), axis=-1)
         counts = jnp.mean(counts, axis=-1)
+    if sel.rows_read is not None and sel.token_indices is None:  # blocks plus the policy's other reads
+        counts = sel.rows_read / (2.0 * block_size)
     return visible, counts, (pos // block_size + 1).astype(jnp.int32)
 
 

@@ -73,7 +73,9 @@ class Selection:
         head reads (`pallas_kernels.token_sparse_decode`); the block fields
         then only describe the causal extent.
     rows_read: f32 [B]: K+V rows read per KV head (row equivalents, mean over
-        heads), the policy's own count of its reads, for the statistics.
+        heads), the policy's own count of its reads, for the statistics; a
+        block-list policy sets it when it reads more than its blocks (Quest's
+        per-block key bounds).
     mix_alpha: f32 [B, N] and mix_vsum f32 [B, K, H]: output = alpha * y +
         (1 - alpha) * mean(V[0..t]), where the loop completes the mean with the
         query's own V row: mean = (mix_vsum + v[t]) / (t + 1).
@@ -340,7 +342,10 @@ class QuestPolicy(DecodeOnlyPolicy):
         _, indices = jax.lax.top_k(u, budget)
         counts = jnp.broadcast_to(jnp.minimum(budget, own + 1)[:, None], (B, K)).astype(jnp.int32)
         token_mask = jnp.arange(cache_len)[None, :] <= lengths[:, None]
-        return Selection(indices.astype(jnp.int32), counts, token_mask)
+        # what Quest reads: the chosen blocks' K and V rows, and the bounds (a min and a max K row) of
+        # every earlier block it ranked -- 1/block_size of the KV bytes on top, as in the paper's count
+        rows_read = 2.0 * block_size * counts[:, 0] + 2.0 * own
+        return Selection(indices.astype(jnp.int32), counts, token_mask, rows_read=rows_read.astype(jnp.float32))
 
 
 @struct.dataclass
