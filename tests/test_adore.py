@@ -171,6 +171,13 @@ def test_loop_matches_an_eager_float64_reference():
     np.testing.assert_allclose(out.logprobs, ref, atol=1e-4)
     s = out.summary()
     assert s["kv_read_fraction"] < 1.0 and np.isfinite(s["rebuilds_per_step"])
+    # the analytic count of its reads: every prompt is longer than the budget, so each step reads
+    # `budget` K and V rows, plus dim/H of a K row per earlier token for the controller's features
+    ok = out.stats["step_valid"]
+    q_pos = lengths[:, None] + np.arange(M)[None, :] - 1
+    ctl = pol.controller.module()
+    want = (2 * pol.budget + ctl.dim / ctl.head_dim * q_pos) / (2 * bs)
+    np.testing.assert_allclose(out.stats["blocks_read"][ok], want[ok], rtol=1e-6)
 
 
 def test_bad_arguments_name_the_argument(tmp_path):
