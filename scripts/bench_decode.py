@@ -37,7 +37,7 @@ the model's shape: its reads and compute do not depend on its weights.
     # the policies at the 1/8 setting, 2k tokens (benchmarks/results/decode_policies_cpu.json)
     P='dense,self_span,quest(page_budget=4),sparq(r=16,k=128,local_window=16)'
     P="$P,sparq(r=16,k=128,local_window=16,component_major=True),adore(budget=256,rebuild=4)"
-    python scripts/bench_decode.py --batch 8 --context 2048 --new-tokens 128 --repeats 3 --policies "$P" \\
+    python scripts/bench_decode.py --batch 8 --context 2048 --new-tokens 512 --repeats 5 --policies "$P" \\
         --out benchmarks/results/decode_policies_cpu.json
 """
 
