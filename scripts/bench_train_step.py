@@ -7,9 +7,11 @@ batch or length) is built as `scripts/train.py` would build it, its jitted
 step compiled, and then timed in turns (one step of each variant per turn, so
 all see the same load). Reported per variant: compile seconds, seconds per
 step (min / median / max over turns), tokens/s (real tokens, and tokens with
-padding), the step's matmul FLOPs and the GFLOP/s achieved; and the
-prediction = FLOPs / the machine's measured fp32 matmul rate (a [B*T, D] x
-[D, F] product timed in the same process), written before the steps run.
+padding), the step's matmul FLOPs (`step_flops`) next to XLA's own count of
+the compiled step and its bytes accessed; and two predictions printed before
+the steps run: FLOPs / the machine's measured fp32 matmul rate (a [B*T, D] x
+[D, F] product timed in the same process), and that plus XLA's bytes accessed
+at the measured streaming bandwidth (no overlap assumed).
 
     python scripts/bench_train_step.py --config configs/smollm2_lora_arithmetic.yaml \\
         --set batch_size=8 --set seq_len=128 \\
@@ -28,51 +30,6 @@ import time
 import numpy as np
 
 
-def step_flops(model_config, batch: int, seq: int, *, lora_rank: int, lora_mlp: bool, full: bool) -> dict:
-    """Matmul FLOPs of one training step (forward + backward) on [batch, seq] tokens.
-
-    Forward: 2 * (weights used per token) per token, plus attention's two
-    [T, T] products. Backward: the gradient with respect to activations costs
-    the forward again (every frozen weight still passes it back); weight
-    gradients cost another forward's worth for what trains (all of it for full
-    fine-tuning, only the adapters for LoRA). Elementwise work is left out.
-    """
-    c = model_config
-    D, F, V, H, L = c.d_model, c.mlp_dim, c.vocab_size, c.head_dim, c.n_layers
-    attn_w = D * H * (2 * c.n_heads + 2 * c.n_kv_heads)
-    mlp_w = 3 * D * F
-    tokens = batch * seq
-    fwd_weights = 2 * tokens * (L * (attn_w + mlp_w) + V * D)  # the LM head is a [D, V] matmul
-    fwd_attn = 2 * 2 * batch * seq * seq * c.n_heads * H * L  # QK^T and PV, causal not exploited
-    lora = 0
-    if lora_rank:
-        per_layer = sum(i + o for i, o in [(D, c.n_heads * H), (D, c.n_kv_heads * H), (D, c.n_kv_heads * H),
-                                           (c.n_heads * H, D)])
-        if lora_mlp:
-            per_layer += (D + F) * 2 + (F + D)
-        lora = 2 * tokens * L * lora_rank * per_layer
-    forward = fwd_weights + fwd_attn + lora
-    weight_grads = (fwd_weights + lora) if full else lora
-    return {"forward": forward, "backward": forward + weight_grads, "total": 2 * forward + weight_grads}
-
-
-def matmul_rate(m: int, k: int, n: int, repeats: int = 5) -> float:
-    """Measured fp32 GFLOP/s of a jitted [m, k] x [k, n] product on this machine (median of repeats)."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jnp.ones((m, k), jnp.float32)
-    b = jnp.ones((k, n), jnp.float32)
-    f = jax.jit(lambda x, y: x @ y)
-    f(a, b).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a, b).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 2 * m * k * n / float(np.median(times)) / 1e9
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="bench_train_step.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=None, help="TrainConfig file (YAML/JSON) the variants start from")
@@ -89,6 +46,7 @@ def main(argv=None) -> int:
 
     from selfspan_jax import reporting
     from selfspan_jax import sharding as shd
+    from selfspan_jax.benchmarks import matmul_rate, step_flops, stream_bandwidth
     from selfspan_jax.data.batches import DataPosition, next_indices
     from selfspan_jax.train import _mask_fn, build, make_train_step
     from selfspan_jax.train_config import load_config_file, parse_key_value, resolve_config
@@ -119,22 +77,34 @@ def main(argv=None) -> int:
         host = b.train_set.rows(idx)
         batch = shd.put_batch(host, b.mesh)
         t = time.perf_counter()
+        step = step.lower(b.trainable, b.frozen, opt_state, batch).compile()
+        compile_s[name] = time.perf_counter() - t
+        cost = step.cost_analysis()
+        cost = (cost[0] if isinstance(cost, list) else cost) or {}
         trainable, opt_state, m = step(b.trainable, b.frozen, opt_state, batch)
         jax.block_until_ready(m)
-        compile_s[name] = time.perf_counter() - t
         built[name], steps[name], batches[name] = b, step, batch
         states[name] = (trainable, opt_state)
         flops[name] = step_flops(b.model.config, cfg.batch_size, cfg.seq_len, lora_rank=cfg.lora_rank,
                                  lora_mlp=cfg.lora_mlp, full=not cfg.lora_rank)
         flops[name]["real_tokens"] = int(host["lengths"].sum())
+        # XLA's own count of the compiled step: an independent check of the formula, and the bytes
+        flops[name]["xla_flops"] = float(cost.get("flops", float("nan")))
+        flops[name]["xla_bytes"] = float(cost.get("bytes accessed", float("nan")))
         print(f"{name}: built and compiled in {compile_s[name]:.1f} s", flush=True)
 
     first = built[next(iter(built))]
     c = first.model.config
     rate = matmul_rate(first.cfg.batch_size * first.cfg.seq_len, c.d_model, c.mlp_dim)
+    bandwidth = stream_bandwidth()
+    # two predictions: matmul FLOPs at the matmul rate, and (no overlap) XLA's FLOPs at that rate
+    # plus XLA's bytes accessed at the streaming bandwidth
     prediction = {n: flops[n]["total"] / (rate * 1e9) for n in variants}
-    print(f"measured fp32 matmul rate {rate:.1f} GFLOP/s; predicted s/step: "
-          + ", ".join(f"{n} {s:.2f}" for n, s in prediction.items()), flush=True)
+    prediction_bytes = {n: flops[n]["xla_flops"] / (rate * 1e9) + flops[n]["xla_bytes"] / (bandwidth * 1e9)
+                        for n in variants}
+    print(f"measured fp32 matmul rate {rate:.1f} GFLOP/s, streaming {bandwidth:.1f} GB/s; predicted s/step "
+          "(FLOPs only | FLOPs + bytes): "
+          + ", ".join(f"{n} {prediction[n]:.2f} | {prediction_bytes[n]:.2f}" for n in variants), flush=True)
 
     def run(name):
         def go():
@@ -158,23 +128,29 @@ def main(argv=None) -> int:
             "padding_fraction": 1 - flops[n]["real_tokens"] / (b.cfg.batch_size * b.cfg.seq_len),
             "gflop_per_step": flops[n]["total"] / 1e9, "achieved_gflop_s": flops[n]["total"] / med / 1e9,
             "predicted_step_s": prediction[n], "measured_over_predicted": med / prediction[n],
+            "xla_gflop_per_step": flops[n]["xla_flops"] / 1e9, "xla_gb_accessed_per_step": flops[n]["xla_bytes"] / 1e9,
+            "predicted_step_s_flops_and_bytes": prediction_bytes[n],
+            "measured_over_predicted_flops_and_bytes": med / prediction_bytes[n],
         }
     result = {
         "benchmark": "training step time, variants in turns",
         "model": first.cfg.model, "config_file": args.config, "common_overrides": common,
-        "matmul_gflop_s": rate, "rows": rows, "turns": args.turns,
+        "matmul_gflop_s": rate, "stream_gb_s": bandwidth, "rows": rows, "turns": args.turns,
         "load_average_1_5_15_at_start": load_start, "load_average_1_5_15_at_end": list(os.getloadavg()),
         "environment": reporting.environment(),
         "command": "python scripts/bench_train_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     path = reporting.write_json(result, os.path.join(args.out_dir, f"{args.name}.json"))
-    head = ["variant", "batch x seq", "padding", "s/step (min / med / max)", "real tok/s", "GFLOP/step",
-            "GFLOP/s", "predicted s/step", "measured / predicted"]
+    head = ["variant", "batch x seq", "padding", "s/step (min / med / max)", "real tok/s", "GFLOP/step (XLA)",
+            "GB accessed (XLA)", "predicted s/step: FLOPs; +bytes", "measured / predicted: FLOPs; +bytes"]
     print(reporting.markdown_table(head, [
         [n, f"{r['batch_size']} x {r['seq_len']}", f"{r['padding_fraction']:.0%}",
          f"{r['step_s']['min']:.2f} / {r['step_s']['median']:.2f} / {r['step_s']['max']:.2f}",
-         f"{r['tokens_per_s_real']:.0f}", f"{r['gflop_per_step']:.1f}", f"{r['achieved_gflop_s']:.1f}",
-         f"{r['predicted_step_s']:.2f}", f"{r['measured_over_predicted']:.2f}"] for n, r in rows.items()]))
+         f"{r['tokens_per_s_real']:.0f}", f"{r['gflop_per_step']:.0f} ({r['xla_gflop_per_step']:.0f})",
+         f"{r['xla_gb_accessed_per_step']:.1f}",
+         f"{r['predicted_step_s']:.2f}; {r['predicted_step_s_flops_and_bytes']:.2f}",
+         f"{r['measured_over_predicted']:.2f}; {r['measured_over_predicted_flops_and_bytes']:.2f}"]
+        for n, r in rows.items()]))
     print(f"wrote {path}")
     return 0
 

@@ -1,5 +1,7 @@
-"""Shared pieces of the decode benchmarks (`scripts/bench_decode.py`, `scripts/profile_decode.py`):
-the model shapes, a random-weight model of a shape, and the recorded span traces they replay.
+"""Shared pieces of the benchmarks: for decode (`scripts/bench_decode.py`, `scripts/profile_decode.py`)
+the model shapes, a random-weight model of a shape, and the recorded span traces they replay; for
+training (`scripts/bench_train_step.py`) a step's FLOP count and the machine's measured matmul rate
+and streaming bandwidth.
 
 Decode speed does not depend on the weights, so the benchmarks use random
 ones; what they need from a trained model is only its span structure, which
@@ -11,8 +13,11 @@ to end into long token streams (`trace_stream`).
 from __future__ import annotations
 
 import re
+import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from selfspan_jax import evaluate as ev
@@ -93,3 +98,54 @@ def record_traces(run: str, n: int, split: str, seed: int) -> list[tuple[str, st
 def reference_traces(n: int, split: str, seed: int) -> list[tuple[str, str]]:
     """(prompt, reference completion) of `n` generated arithmetic problems."""
     return [(r["prompt"], r["completion"]) for r in generate_examples(n, seed=seed, split=split)]
+
+
+def step_flops(model_config, batch: int, seq: int, *, lora_rank: int, lora_mlp: bool, full: bool) -> dict:
+    """Matmul FLOPs of one training step (forward + backward) on [batch, seq] tokens.
+
+    Forward: 2 * (weights used per token) per token, plus attention's two
+    [T, T] products. Backward: the gradient with respect to activations costs
+    the forward again (every frozen weight still passes it back); weight
+    gradients cost another forward's worth for what trains (all of it for full
+    fine-tuning, only the adapters for LoRA). Elementwise work is left out.
+    """
+    c = model_config
+    D, F, V, H, L = c.d_model, c.mlp_dim, c.vocab_size, c.head_dim, c.n_layers
+    attn_w = D * H * (2 * c.n_heads + 2 * c.n_kv_heads)
+    mlp_w = 3 * D * F
+    tokens = batch * seq
+    fwd_weights = 2 * tokens * (L * (attn_w + mlp_w) + V * D)  # the LM head is a [D, V] matmul
+    fwd_attn = 2 * 2 * batch * seq * seq * c.n_heads * H * L  # QK^T and PV, causal not exploited
+    lora = 0
+    if lora_rank:
+        per_layer = sum(i + o for i, o in [(D, c.n_heads * H), (D, c.n_kv_heads * H), (D, c.n_kv_heads * H),
+                                           (c.n_heads * H, D)])
+        if lora_mlp:
+            per_layer += (D + F) * 2 + (F + D)
+        lora = 2 * tokens * L * lora_rank * per_layer
+    forward = fwd_weights + fwd_attn + lora
+    weight_grads = (fwd_weights + lora) if full else lora
+    return {"forward": forward, "backward": forward + weight_grads, "total": 2 * forward + weight_grads}
+
+
+def _median_seconds(fn, *args, repeats: int) -> float:
+    """Median wall seconds of a jitted call (after one warm-up call that compiles it)."""
+    fn(*args).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn(*args).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def matmul_rate(m: int, k: int, n: int, repeats: int = 5) -> float:
+    """Measured fp32 GFLOP/s of a jitted [m, k] x [k, n] product on this machine (median of repeats)."""
+    a, b = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
+    return 2 * m * k * n / _median_seconds(jax.jit(lambda x, y: x @ y), a, b, repeats=repeats) / 1e9
+
+
+def stream_bandwidth(n: int = 1 << 26, repeats: int = 5) -> float:
+    """Measured GB/s of a jitted elementwise add of two n-float arrays (3 arrays of traffic)."""
+    a, b = jnp.ones((n,), jnp.float32), jnp.ones((n,), jnp.float32)
+    return 3 * a.nbytes / _median_seconds(jax.jit(lambda x, y: x + y), a, b, repeats=repeats) / 1e9
