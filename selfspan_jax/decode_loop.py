@@ -204,9 +204,8 @@ def _selection_stats(sel: Selection, pos: jax.Array, block_size: int):
     # [B, S]
     row = sel.token_mask & (jnp.arange(S)[None, :] <= pos[:, None])
     counts = sel.block_counts.astype(jnp.float32)
-    if sel.token_indices is not None:  # token lists: listed rows per head; reads as the policy counts them
+    if sel.token_indices is not None:  # token lists: listed rows per head
         visible = jnp.mean(sel.token_counts.astype(jnp.float32), axis=-1)
-        counts = sel.rows_read / (2.0 * block_size)
     elif counts.ndim == 1:
         visible = jnp.sum(row, axis=-1).astype(jnp.float32)
     else:
@@ -219,7 +218,7 @@ def _selection_stats(sel: Selection, pos: jax.Array, block_size: int):
         per_block = row.reshape(B, S // block_size, block_size).sum(-1).astype(jnp.float32)
         visible = jnp.mean(jnp.sum(member * per_block[:, None, :], axis=-1), axis=-1)
         counts = jnp.mean(counts, axis=-1)
-    if sel.rows_read is not None and sel.token_indices is None:  # blocks plus the policy's other reads
+    if sel.rows_read is not None:  # the policy counts its own reads (token lists; blocks plus key bounds)
         counts = sel.rows_read / (2.0 * block_size)
     return visible, counts, (pos // block_size + 1).astype(jnp.int32)
 

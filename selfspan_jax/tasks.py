@@ -90,11 +90,13 @@ class Arithmetic(Task):
         return [bool(check_completion(r["prompt"], t)[0]) for r, t in zip(records, texts)]
 
     def score(self, records, texts):
-        from selfspan_jax.data.arithmetic import step_progress
+        from selfspan_jax.data.arithmetic import score_derivation
 
-        return {"exact_match": 100.0 * float(np.mean(self.exact(records, texts))),
-                "step_progress": 100.0 * float(np.mean([step_progress(r["prompt"], t)
-                                                        for r, t in zip(records, texts)]))}
+        self._check_lengths(records, texts)
+        # one check per record gives both metrics
+        checks = [score_derivation(r["prompt"], t) for r, t in zip(records, texts)]
+        return {"exact_match": 100.0 * float(np.mean([ok for ok, _ in checks])),
+                "step_progress": 100.0 * float(np.mean([p for _, p in checks]))}
 
 
 class Summarization(Task):

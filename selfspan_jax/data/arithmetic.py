@@ -444,9 +444,14 @@ def step_progress(prompt: str, completion: str) -> float:
     `completion` gets right before its first error (1.0 for a valid derivation; a valid one followed
     by extra lines still scores 1.0, though exact match fails it). Long derivations fail exact match
     on any one slip; this says how far a decode got."""
+    return score_derivation(prompt, completion)[1]
+
+
+def score_derivation(prompt: str, completion: str) -> tuple[bool, float]:
+    """(valid, step_progress) of `completion` from one `check_steps` pass."""
     ok, _, valid = check_steps(prompt, completion)
     needed = count_ops(parse(problem_of(prompt)))
-    return 1.0 if ok or needed == 0 else min(valid, needed) / needed
+    return ok, 1.0 if ok or needed == 0 else min(valid, needed) / needed
 
 
 def check_steps(prompt: str, completion: str, *, strict_order: bool = False) -> tuple[bool, str, int]:
