@@ -96,10 +96,29 @@ class Row:
     source: str = ""
     note: str = ""
     attention: Any = None  # the resolved `Policy` to decode with when `policy` is only its label
+    # a pretrained model that never saw the task's format: asked `Task.zero_shot_question` (through the
+    # tokenizer's chat template when it has one) and scored by `Task.score_zero_shot`
+    zero_shot: bool = False
 
     @property
     def decode_policy(self):
         return self.policy if self.attention is None else self.attention
+
+    def prompts(self, task: tasks.Task, records: Sequence[dict]) -> list:
+        """What this row's model is given for `records`: the records' own prompts, or zero-shot ids."""
+        if not self.zero_shot:
+            return [r["prompt"] for r in records]
+        return [zero_shot_prompt(self.tokenizer, task.zero_shot_question(r)) for r in records]
+
+
+def zero_shot_prompt(tokenizer, question: str) -> list[int]:
+    """Ids of one user turn asking `question`, ready for the answer: the tokenizer's chat template
+    when it has one (an instruct model's own format), else BOS + the question and a newline."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                             tokenize=False)
+        return encode_prompt(tokenizer, text)
+    return encode_prompt(tokenizer, question + "\n")
 
 
 def ood_note(trained_with: str, policy: Any) -> str:
@@ -176,25 +195,28 @@ def evaluate_rows(
         max_new_tokens = tasks.generation_budget(records, rows[0].tokenizer, rows[0].model.config.max_seq_len)
     backend = resolve_backend(backend)
     kw = dict(max_new_tokens=max_new_tokens, block_size=block_size, backend=backend, max_segments=max_segments)
-    prompts = [r["prompt"] for r in records]
-    timing_prompts = prompts[: timing_batch or batch_size]
+    n_timed = min(timing_batch or batch_size, len(records))
     results: dict[str, Any] = {}
+    calls = {}
     for row in rows:
+        prompts = row.prompts(task_, records)
         out = decode(row.model, row.tokenizer, prompts, policy=row.decode_policy, batch_size=batch_size, **kw)
         texts = out.texts
-        metrics = task_.score(records, texts)
+        metrics = (task_.score_zero_shot if row.zero_shot else task_.score)(records, texts)
         metrics.update(out.summary(), span_report={k: int(v.sum()) for k, v in out.policy_report.items()})
+        shown = [row.tokenizer.decode(p) if row.zero_shot else p for p in prompts[:3]]
         metrics.update(policy=str(row.policy), trained_with=row.trained_with, source=row.source, note=row.note,
-                       examples=[{"prompt": r["prompt"], "generated": t} for r, t in zip(records[:3], texts[:3])])
+                       prompting="zero-shot" if row.zero_shot else "task",
+                       examples=[{"prompt": p, "generated": t} for p, t in zip(shown, texts[:3])])
         results[row.name] = metrics
-    calls = {row.name: functools.partial(generate, row.model, timing_prompts, policy=row.decode_policy,
-                                         tokenizer=row.tokenizer, **kw) for row in rows}
+        calls[row.name] = functools.partial(generate, row.model, prompts[:n_timed], policy=row.decode_policy,
+                                            tokenizer=row.tokenizer, **kw)
     for name, timing in time_interleaved(calls, repeats=timing_repeats).items():
         results[name]["timing"] = timing
     vs_baseline = {name: _ratios(task_, m, results[baseline]) for name, m in results.items()} if baseline else {}
     return {
         "config": {
-            "task": task, "num_records": len(records), "batch_size": batch_size, "timing_batch": len(timing_prompts),
+            "task": task, "num_records": len(records), "batch_size": batch_size, "timing_batch": n_timed,
             "max_new_tokens": max_new_tokens, "block_size": block_size, "max_segments": max_segments,
             "backend": backend, "timing_repeats": timing_repeats, "timing": "interleaved",
         },
@@ -210,8 +232,9 @@ def _ratios(task: tasks.Task, m: dict[str, Any], base: dict[str, Any]) -> dict[s
         "kv_read_fraction": m["kv_read_fraction"] / base["kv_read_fraction"] if base["kv_read_fraction"] else None,
     }
     for k in task.accuracy_keys:
-        out[f"{k}_delta"] = m[k] - base[k]
-        out[k] = m[k] / base[k] if base[k] else None  # a ratio over 0% accuracy means nothing
+        known = m[k] is not None and base[k] is not None  # None: a metric a zero-shot reply cannot have
+        out[f"{k}_delta"] = m[k] - base[k] if known else None
+        out[k] = m[k] / base[k] if known and base[k] else None  # a ratio over 0% accuracy means nothing
     return out
 
 
@@ -321,16 +344,24 @@ def compare(source: str | Loaded, *, baseline: str | Loaded | None = None, step:
             task: str | None = None, split: str | None = None, data: dict | None = None, num: int = 256,
             seed: int = 12345, policies: Sequence[str] = ("self_span", "dense"),
             baseline_policies: Sequence[str] = ("dense",), max_segments: int | None = None,
-            **evaluate_kwargs) -> dict[str, Any]:
+            zero_shot: str | Loaded | None = None, **evaluate_kwargs) -> dict[str, Any]:
     """Load a run (and its baseline), draw the held-out records and evaluate every row on them:
     `evaluate_rows`'s result with the sources, split, seed, data, notes and environment recorded.
     `evaluate_kwargs` go to `evaluate_rows` (batch_size, block_size, backend, timing_repeats, ...).
-    A run or baseline already loaded (`Loaded`) is used as it is, not loaded again."""
+    A run or baseline already loaded (`Loaded`) is used as it is, not loaded again.
+    `zero_shot` (a model source, e.g. the pretrained model the runs fine-tuned) adds the row
+    "base/dense": that model asked `Task.zero_shot_question` and decoded dense, for scale."""
     loaded = source if isinstance(source, Loaded) else load_for_eval(source, step=step)
     task, split, options, records = held_out_records(loaded, num, seed=seed, task=task, split=split, data=data)
     base = baseline if baseline is None or isinstance(baseline, Loaded) else load_for_eval(baseline,
                                                                                             step=baseline_step)
     rows, baseline_row, notes = comparison_rows(loaded, base, policies, baseline_policies)
+    if zero_shot is not None:
+        pre = zero_shot if isinstance(zero_shot, Loaded) else load_for_eval(zero_shot)
+        # last: the generation budget is taken from the first row's tokenizer, which knows the span tokens
+        rows.append(Row("base/dense", pre.model, pre.tokenizer, "dense", trained_with="pretrained",
+                        source=pre.source, note="zero-shot: asked in words, scored by its final answer",
+                        zero_shot=True))
     result = evaluate_rows(rows, records, task=task, baseline=baseline_row,
                            max_segments=max_segments or loaded.max_segments, **evaluate_kwargs)
     result["config"].update(source=loaded.source, step=loaded.step, split=split, seed=seed, data=options,
@@ -365,10 +396,10 @@ def format_table(result: dict[str, Any]) -> str:
         if r is None:
             vs = ["-"] * (len(acc) + 2)
         else:
-            vs = [f"{r[f'{k}_delta']:+.1f} pt" for k in acc]
+            vs = ["-" if r[f"{k}_delta"] is None else f"{r[f'{k}_delta']:+.1f} pt" for k in acc]
             vs += ["-" if r["kv_read_fraction"] is None else f"{r['kv_read_fraction']:.3f}x",
                    f"{r['tokens_per_s']:.2f}x"]
-        lines.append([label, m["trained_with"], m["policy"], *(f"{m[k]:.1f}" for k in acc),
+        lines.append([label, m["trained_with"], m["policy"], *("-" if m[k] is None else f"{m[k]:.1f}" for k in acc),
                       f"{m['mean_attended_fraction']:.3f}", f"{m['kv_read_fraction']:.3f}",
                       f"{m['timing']['tokens_per_s']:.1f}", *vs, str(m["fallback_steps"])])
     return reporting.markdown_table(head, lines)
@@ -393,6 +424,7 @@ def write_results(result: dict[str, Any], out_dir: str | Path, name: str) -> tup
           f"Ran on {env.get('device', '?')}, jax {env.get('jax_version', '?')}, {env.get('date', '?')}."]
     md += ["", "Rows:"]
     md += [f"- {n}: model `{m['source'] or '?'}` (trained with {m['trained_with']}), decoded with {m['policy']}"
+           + (f"; {m['note']}" if m.get("prompting") == "zero-shot" else "")
            for n, m in result["rows"].items()]
     if result.get("notes"):
         md += ["", *(f"- {line}" for line in result["notes"])]

