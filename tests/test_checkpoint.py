@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 from numpy_llama import llama_forward, params_from_hf, params_from_model
 from selfspan_jax import checkpoint as ck
@@ -240,10 +240,23 @@ def test_lora_adapters_roundtrip(tmp_path):
     base_vars = dict(nnx.to_flat_state(nnx.state(model, base_only)))
     for path, var in nnx.to_flat_state(nnx.state(fresh, base_only)):
         var[...] = base_vars[path][...]
-    assert not np.allclose(np.asarray(fresh(jnp.zeros((1, 3), jnp.int32))), np.asarray(model(jnp.zeros((1, 3), jnp.int32))))
+    zeros = jnp.zeros((1, 3), jnp.int32)
+    assert not np.allclose(np.asarray(fresh(zeros)), np.asarray(model(zeros)))
     hf_interop.load_lora_adapters(fresh, out)
     tokens = jnp.asarray(np.random.default_rng(seed + 1).integers(0, model.config.vocab_size, (2, 8)))
     np.testing.assert_allclose(np.asarray(fresh(tokens)), np.asarray(model(tokens)), atol=1e-5)
+
+    # adapters written before the span rows took PEFT's trainable-token format still load
+    legacy = {k: v for k, v in tensors.items() if "token_adapter" not in k}
+    legacy["selfspan.new_token_embed"] = tensors[hf_interop.NEW_EMBED_KEY]
+    legacy["selfspan.new_token_head"] = np.ascontiguousarray(tensors[hf_interop.NEW_HEAD_KEY].T)  # [D, n] then
+    (tmp_path / "legacy").mkdir()
+    save_file(legacy, str(tmp_path / "legacy" / "adapter_model.safetensors"))
+    older = _lora_template(untied=True)
+    for path, var in nnx.to_flat_state(nnx.state(older, base_only)):
+        var[...] = base_vars[path][...]
+    hf_interop.load_lora_adapters(older, tmp_path / "legacy")
+    np.testing.assert_allclose(np.asarray(older(tokens)), np.asarray(model(tokens)), atol=1e-5)
 
     def rank2():
         m = Llama(CFG.replace(tie_embeddings=False), rngs=nnx.Rngs(0))
