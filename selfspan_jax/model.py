@@ -68,6 +68,12 @@ class Block(nnx.Module):
         return x, q, k, v
 
 
+# Rematerialisation of each decoder layer in training (`Llama.remat`): "layer" keeps only the
+# layer inputs and recomputes the rest in the backward pass, "dots" keeps the matmul outputs
+# (jax.checkpoint_policies names).
+REMAT_POLICIES = {"none": None, "layer": "nothing_saveable", "dots": "dots_with_no_batch_dims_saveable"}
+
+
 class Llama(nnx.Module):
     """LLaMA-family decoder (GQA, RoPE, RMSNorm, SwiGLU), tied or untied head.
 
@@ -91,6 +97,7 @@ class Llama(nnx.Module):
         # Filled by add_tokens; declared as data so a Param can replace the None.
         self.new_token_embed = nnx.data(None)
         self.new_token_head = nnx.data(None)
+        self.remat = "none"  # a REMAT_POLICIES key; static (part of the graph definition)
 
     # ---- vocabulary -------------------------------------------------------
     @property
@@ -192,8 +199,13 @@ class Llama(nnx.Module):
         cos, sin = rope_cos_sin(positions, _inv_freq(self.config))  # [B, T, H]
         x = self.embed_tokens(tokens)
         qs, ks, vs = [], [], []
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
+        run_layer = lambda layer, *args: layer(*args)  # noqa: E731
+        if self.remat != "none":
+            run_layer = nnx.remat(run_layer, policy=getattr(jax.checkpoint_policies, REMAT_POLICIES[self.remat]))
         for layer in self.layers:
-            x, q, k, v = layer(x, cos, sin, mask)
+            x, q, k, v = run_layer(layer, x, cos, sin, mask)
             qs.append(q)
             ks.append(k)
             vs.append(v)

@@ -54,6 +54,7 @@ def build_model(cfg: TrainConfig):
     if cfg.lora_rank:
         apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, include_mlp=cfg.lora_mlp,
                    rngs=nnx.Rngs(cfg.seed + 1))
+    model.remat = cfg.remat
     return model, tokenizer
 
 

@@ -30,6 +30,7 @@ from selfspan_jax import tasks
 SPAN_POLICIES = ("self_span", "dense")
 BUILTIN_MODELS = ("tiny", "smollm2-135m")
 SCHEDULES = ("cosine", "linear", "constant")
+REMAT = ("none", "layer", "dots")  # model.REMAT_POLICIES
 OVERLONG = ("error", "truncate", "drop")  # data.batches.tokenize_set's modes
 DTYPES = ("auto", "float32", "bfloat16")
 
@@ -88,6 +89,8 @@ class TrainConfig:
     grad_clip: float = _field(1.0, "clip gradients to this global norm (0 = off)")
     b1: float = _field(0.9, "Adam beta1")
     b2: float = _field(0.95, "Adam beta2")
+    remat: str = _field("none", "rematerialise each decoder layer in the backward pass: none | layer (keep "
+                        "only its input) | dots (keep its matmul outputs)")
     dtype: str = _field("auto", "compute dtype: auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16; "
                                 "master weights and adapters stay float32")
     overlong: str = _field("error", "examples longer than --seq-len: error (refuse, say how many) | truncate "
@@ -117,6 +120,7 @@ class TrainConfig:
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("overlong", self.overlong, OVERLONG)
         _choice("dtype", self.dtype, DTYPES)
+        _choice("remat", self.remat, REMAT)
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"model must be a non-empty string, got {self.model!r}")
         if self.model not in BUILTIN_MODELS and not Path(self.model).exists():
