@@ -155,7 +155,7 @@ def _real(args) -> int:
     return _stage(args, stage, {}, 3, args.name or "demo_real",
                   "the SmolLM2 LoRA pair and the base model zero-shot on held-out problems of their distribution",
                   num=args.num or REAL_NUM, zero_shot=model, timing_batch=REAL_TIMING_BATCH,
-                  extra=lambda: {"train_step": _train_step_vs_peft(span_out)})
+                  more_results=lambda: {"train_step": _train_step_vs_peft(span_out)})
 
 
 # PyTorch + PEFT on the same step shape ([8, 256], rank 16, attention-only adapters), measured by
@@ -183,7 +183,7 @@ def _train_step_vs_peft(run: str) -> dict:
 
 def _stage(args, stage_runs, data: dict, repeats: int, name: str, what_evaluated: str, *,
            num: int | None = None, zero_shot: str | None = None, timing_batch: int | None = None,
-           extra=None) -> int:
+           more_results=None) -> int:
     """Train (or reuse) the span run and its dense baseline, evaluate the pair
     on held-out data (with a zero-shot row of the model source `zero_shot`),
     draw the heat map, and record the wall time of each phase in `<name>.json`."""
@@ -218,7 +218,8 @@ def _stage(args, stage_runs, data: dict, repeats: int, name: str, what_evaluated
     wall["heat map"] = time.perf_counter() - t0
     load["end"] = os.getloadavg()
     recorded = {out: runs.recorded_train_seconds(out) for out, _, _ in stage_runs}
-    result.update(wall_s=wall, recorded_train_s=recorded, load_average=load, **(extra() if extra else {}))
+    result.update(wall_s=wall, recorded_train_s=recorded, load_average=load,
+                  **(more_results() if more_results else {}))
     result["notes"].append(
         "training wall time as recorded in each run's metrics.jsonl: "
         + ", ".join(f"{k} {'?' if v is None else f'{v:.0f} s'}" for k, v in recorded.items())
