@@ -203,7 +203,13 @@ class Llama(nnx.Module):
             raise ValueError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
         run_layer = lambda layer, *args: layer(*args)  # noqa: E731
         if self.remat != "none":
-            run_layer = nnx.remat(run_layer, policy=getattr(jax.checkpoint_policies, REMAT_POLICIES[self.remat]))
+            policy = getattr(jax.checkpoint_policies, REMAT_POLICIES[self.remat])
+
+            def run_layer(layer, *args):
+                # plain jax.checkpoint over the layer's state: the training step merges the model
+                # inside jax.grad, where nnx.remat would try to write the Params back across traces
+                graphdef, state = nnx.split(layer)
+                return jax.checkpoint(lambda st, *a: nnx.merge(graphdef, st)(*a), policy=policy)(state, *args)
         for layer in self.layers:
             x, q, k, v = run_layer(layer, x, cos, sin, mask)
             qs.append(q)

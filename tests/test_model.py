@@ -370,10 +370,14 @@ def test_remat_recomputes_layers_without_changing_gradients(remat):
     plain = nnx.grad(loss)(model)
     model.remat = remat
     again = nnx.grad(loss)(model)
+    # as the training step does it: the model merged from its state inside a plain jax.grad
+    graphdef, state = nnx.split(model)
+    functional = jax.jit(jax.grad(lambda s: loss(nnx.merge(graphdef, s))))(state)
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(functional)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5 * float(jnp.abs(a).max()))
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(again)):
         # fp32: the recomputed forward rounds differently; compare at the gradient's own scale
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5 * float(jnp.abs(a).max()))
-    graphdef, state = nnx.split(model)
     jaxpr = str(jax.make_jaxpr(lambda s: loss(nnx.merge(graphdef, s)))(state))
     assert jaxpr.count("checkpoint[") + jaxpr.count("remat") >= config.n_layers
     model.remat = "everything"
