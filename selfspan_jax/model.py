@@ -201,8 +201,10 @@ class Llama(nnx.Module):
         qs, ks, vs = [], [], []
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
-        run_layer = lambda layer, *args: layer(*args)  # noqa: E731
-        if self.remat != "none":
+        if self.remat == "none":
+            def run_layer(layer, *args):
+                return layer(*args)
+        else:
             policy = getattr(jax.checkpoint_policies, REMAT_POLICIES[self.remat])
 
             def run_layer(layer, *args):

@@ -74,7 +74,12 @@ def segment_image(tokens: Sequence[int], prompt_length: int, *, span_tokens,
     exactly: the pairs it counts are that image's non-future cells.
     """
     img = span_image(tokens, prompt_length, span_tokens=span_tokens, max_segments=max_segments)
-    seg = segment_bounds(tokens, span_tokens)
+    return _segment_fractions(img, segment_bounds(tokens, span_tokens), prompt_length)
+
+
+def _segment_fractions(img: np.ndarray, seg: list[tuple[int, int]],
+                       prompt_length: int) -> tuple[np.ndarray, list[int]]:
+    """`segment_image` of an already drawn `span_image`."""
     # generated token i sits at position prompt_length + i; group rows by the segment holding it
     rows = [k for k, (lo, hi) in enumerate(seg) if hi > prompt_length and hi > lo]
     out = np.full((len(rows), len(seg)), np.nan)
@@ -87,6 +92,22 @@ def segment_image(tokens: Sequence[int], prompt_length: int, *, span_tokens,
             if pairs:
                 out[r, j] = (cells >= _VISIBLE).sum() / pairs
     return out, rows
+
+
+def _visible_share(img: np.ndarray) -> float:
+    """Visible (query, earlier key) pairs over all of them, in a `span_image`."""
+    return float((img >= _VISIBLE).sum() / (img != _FUTURE).sum())
+
+
+def _save(fig, path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def _header_positions(tokens: np.ndarray, span_tokens) -> np.ndarray:
@@ -160,19 +181,12 @@ def plot_span_heatmap(
     ax.tick_params(length=0)
     ax.set_xlabel("key position (what is read); red line: end of the prompt; grey lines: anchors")
     ax.set_ylabel("generated token (query)")
-    frac = (img == _VISIBLE).sum() + (img == _VISIBLE_SPAN).sum()
-    causal = (img != _FUTURE).sum()
     ax.set_title((title + "\n" if title else "")
-                 + f"self-selected spans: {frac / causal:.0%} of (query, earlier key) pairs visible", fontsize=10)
+                 + f"self-selected spans: {_visible_share(img):.0%} of (query, earlier key) pairs visible", fontsize=10)
     ax.legend(handles=[Patch(facecolor=c, edgecolor="#a0aec0", label=lab) for c, lab in zip(_COLOURS, _LABELS)],
               loc="upper center", bbox_to_anchor=(0.5, -0.12 - 6.0 / max(n_rows, 1) * 0.0), ncol=4, fontsize=7,
               frameon=False)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _plot_segment_heatmap(tokens, prompt_length, path, *, span_tokens, max_segments, tokenizer, title) -> Path:
@@ -183,8 +197,9 @@ def _plot_segment_heatmap(tokens, prompt_length, path, *, span_tokens, max_segme
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    frac, rows = segment_image(tokens, prompt_length, span_tokens=span_tokens, max_segments=max_segments)
+    img = span_image(tokens, prompt_length, span_tokens=span_tokens, max_segments=max_segments)
     seg = segment_bounds(tokens, span_tokens)
+    frac, rows = _segment_fractions(img, seg, prompt_length)
 
     in_header = _header_positions(np.asarray(tokens), span_tokens)
 
@@ -218,13 +233,6 @@ def _plot_segment_heatmap(tokens, prompt_length, path, *, span_tokens, max_segme
     ax.set_xlabel("segment read; red line: first generated segment", fontsize=8)
     ax.set_ylabel("generated segment", fontsize=8)
     fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02).set_label("share of earlier keys visible", fontsize=7)
-    img = span_image(tokens, prompt_length, span_tokens=span_tokens, max_segments=max_segments)
-    visible = (img >= _VISIBLE).sum() / (img != _FUTURE).sum()
-    ax.set_title((title + "\n" if title else "") + f"self-selected spans: {visible:.0%} of (query, earlier key) "
-                 f"pairs visible; {len(tokens)} tokens", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    ax.set_title((title + "\n" if title else "") + f"self-selected spans: {_visible_share(img):.0%} of "
+                 f"(query, earlier key) pairs visible; {len(tokens)} tokens", fontsize=9)
+    return _save(fig, path)
