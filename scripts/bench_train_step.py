@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import time
 
@@ -91,6 +92,9 @@ def main(argv=None) -> int:
         # XLA's own count of the compiled step: an independent check of the formula, and the bytes
         flops[name]["xla_flops"] = float(cost.get("flops", float("nan")))
         flops[name]["xla_bytes"] = float(cost.get("bytes accessed", float("nan")))
+        # the step's scratch (activations kept for the backward, temporaries): what remat trades
+        memory = step.memory_analysis()
+        flops[name]["xla_temp_bytes"] = float(getattr(memory, "temp_size_in_bytes", float("nan")))
         print(f"{name}: built and compiled in {compile_s[name]:.1f} s", flush=True)
 
     first = built[next(iter(built))]
@@ -106,12 +110,17 @@ def main(argv=None) -> int:
           "(FLOPs only | FLOPs + bytes): "
           + ", ".join(f"{n} {prediction[n]:.2f} | {prediction_bytes[n]:.2f}" for n in variants), flush=True)
 
+    faults = {n: [] for n in variants}
+
     def run(name):
         def go():
+            before = resource.getrusage(resource.RUSAGE_SELF)
             trainable, opt_state = states[name]
             trainable, opt_state, m = steps[name](trainable, built[name].frozen, opt_state, batches[name])
             jax.block_until_ready(m)
             states[name] = (trainable, opt_state)
+            # minor page faults: fresh pages the allocator hands the step (first touch zeroes them)
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before.ru_minflt)
         return go
 
     times = reporting.interleaved_times({n: run(n) for n in variants}, args.turns)
@@ -131,6 +140,8 @@ def main(argv=None) -> int:
             "xla_gflop_per_step": flops[n]["xla_flops"] / 1e9, "xla_gb_accessed_per_step": flops[n]["xla_bytes"] / 1e9,
             "predicted_step_s_flops_and_bytes": prediction_bytes[n],
             "measured_over_predicted_flops_and_bytes": med / prediction_bytes[n],
+            "xla_temp_gb": flops[n]["xla_temp_bytes"] / 1e9,
+            "minor_page_faults_per_step": reporting.spread(faults[n][-len(ts):]),
         }
     result = {
         "benchmark": "training step time, variants in turns",
@@ -142,12 +153,13 @@ def main(argv=None) -> int:
     }
     path = reporting.write_json(result, os.path.join(args.out_dir, f"{args.name}.json"))
     head = ["variant", "batch x seq", "padding", "s/step (min / med / max)", "real tok/s", "GFLOP/step (XLA)",
-            "GB accessed (XLA)", "predicted s/step: FLOPs; +bytes", "measured / predicted: FLOPs; +bytes"]
+            "GB accessed (XLA)", "scratch GB (XLA)", "page faults/step (median)", "predicted s/step: FLOPs; +bytes", "measured / predicted: FLOPs; +bytes"]
     print(reporting.markdown_table(head, [
         [n, f"{r['batch_size']} x {r['seq_len']}", f"{r['padding_fraction']:.0%}",
          f"{r['step_s']['min']:.2f} / {r['step_s']['median']:.2f} / {r['step_s']['max']:.2f}",
          f"{r['tokens_per_s_real']:.0f}", f"{r['gflop_per_step']:.0f} ({r['xla_gflop_per_step']:.0f})",
-         f"{r['xla_gb_accessed_per_step']:.1f}",
+         f"{r['xla_gb_accessed_per_step']:.1f}", f"{r['xla_temp_gb']:.2f}",
+         f"{r['minor_page_faults_per_step']['median']:.0f}",
          f"{r['predicted_step_s']:.2f}; {r['predicted_step_s_flops_and_bytes']:.2f}",
          f"{r['measured_over_predicted']:.2f}; {r['measured_over_predicted_flops_and_bytes']:.2f}"]
         for n, r in rows.items()]))
