@@ -2,8 +2,8 @@
 
 jax.export lowers for CUDA against an abstract H100 (DESIGN.md §4): this runs
 the whole Pallas -> Triton lowering and serialises the Triton module into the
-`__gpu$xla.gpu.triton` custom call. It proves lowering, not PTX compilation;
-the GPU visit (scripts/gpu_session.sh) covers the rest.
+`__gpu$xla.gpu.triton` custom call. It proves lowering; tests/test_kernel_sm90.py
+compiles the captured modules on to PTX and machine code for sm_90.
 """
 
 from __future__ import annotations
@@ -11,28 +11,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import pytest
-from jax import export
 from jax.experimental import pallas as pl
 
 from pallas_kernels import block_sparse_decode
 from pallas_kernels.token_sparse_decode import token_sparse_decode
 from pallas_kernels.backend import BlockSparseParams
-
-TRITON_CALL = "__gpu$xla.gpu.triton"
-
-
-def _h100_mesh():
-    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
-    return jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
-
-
-def export_for_h100(fn, *avals):
-    with jax.sharding.use_abstract_mesh(_h100_mesh()):
-        return export.export(
-            jax.jit(fn),
-            platforms=["cuda"],
-            disabled_checks=[export.DisabledSafetyCheck.custom_call(TRITON_CALL)],
-        )(*avals)
+from pallas_kernels.triton_capture import TRITON_CALL, export_for_h100
 
 
 def _avals(batch, num_heads, kv_heads, seq_len, head_dim, block_size, dtype, per_head, with_mask):
