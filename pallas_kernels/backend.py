@@ -21,6 +21,11 @@ DEFAULT_GPU_CORES = 132
 _SMEM_BUDGET_BYTES = 160 * 1024
 
 
+def next_power_of_two(n: int) -> int:
+    """The smallest power of two >= n (Triton tile sizes)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def on_gpu() -> bool:
     """True when the default JAX backend is a CUDA/ROCm GPU."""
     return jax.default_backend() in ("gpu", "cuda", "rocm")
@@ -56,7 +61,7 @@ class BlockSparseParams:
     be a static argument of a jitted function.
 
     block_h:    query rows per program: the G = N/K heads of one KV head, padded
-                up to a multiple of 16 because Triton's mma needs every dot
+                up to a power of two >= 16 because Triton's mma needs every dot
                 dimension >= 16.
     block_k:    tokens per inner-loop step; a cache block larger than this is
                 walked in block_size // block_k sub-tiles (bounds the K/V tile
@@ -65,7 +70,8 @@ class BlockSparseParams:
                 (flash-decoding): at batch 1 the B*K programs alone leave most
                 of the 132 SMs idle.
     num_warps:  Triton warps per program.
-    num_stages: Triton software-pipeline depth of the inner loop.
+    num_stages: Triton software-pipeline depth of the inner loop; the kernel's
+                K/V stream gets num_stages - 1 shared-memory buffers.
     """
 
     block_h: int | None = None
@@ -79,8 +85,10 @@ class BlockSparseParams:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"BlockSparseParams.{name} must be a positive int or None, got {value!r}")
-        if self.block_h is not None and self.block_h % 16:
-            raise ValueError(f"BlockSparseParams.block_h must be a multiple of 16, got {self.block_h}")
+        for name in ("block_h", "block_k"):
+            value = getattr(self, name)
+            if value is not None and (value < 16 or value & (value - 1)):
+                raise ValueError(f"BlockSparseParams.{name} must be a power of two >= 16 (Triton tile), got {value}")
 
     def resolve(
         self,
@@ -95,13 +103,21 @@ class BlockSparseParams:
         num_cores: int,
     ) -> "BlockSparseParams":
         """Fills every None field for one call's static shapes."""
-        block_h = self.block_h if self.block_h is not None else 16 * -(-group_size // 16)
+        # Triton tensors have power-of-two dims, and its mma wants >= 16 rows.
+        block_h = self.block_h if self.block_h is not None else max(16, next_power_of_two(group_size))
         if block_h < group_size:
             raise ValueError(f"block_h={block_h} is smaller than the query group G={group_size}")
 
-        block_k = self.block_k if self.block_k is not None else min(block_size, 128)
-        if block_size % block_k or block_k < 16:
-            raise ValueError(f"block_k={block_k} must be >= 16 and divide block_size={block_size}")
+        if self.block_k is not None:
+            block_k = self.block_k
+        else:
+            # The largest power of two <= 128 that divides the block (a block of 48 or 192 is
+            # walked in tiles of 16 or 64), halved while two K+V stages would not fit the budget.
+            block_k = 128
+            while block_k > 16 and (block_size % block_k or 4 * block_k * head_dim * itemsize > _SMEM_BUDGET_BYTES):
+                block_k //= 2
+        if block_size % block_k or block_k < 16 or block_k & (block_k - 1):
+            raise ValueError(f"block_k={block_k} must be a power of two >= 16 that divides block_size={block_size}")
 
         if self.k_splits is not None:
             k_splits = self.k_splits
@@ -115,6 +131,11 @@ class BlockSparseParams:
         if self.num_stages is not None:
             num_stages = self.num_stages
         else:
+            # The K/V address comes from a block id read one iteration earlier (through the loop
+            # carry), which costs the pipeliner one stage: it keeps num_stages - 1 K+V buffers
+            # (sm_90 compile, docs/notes/kernel.md). Aim for as many buffers as fit the budget,
+            # at most three; block_k above is chosen so that two fit.
             stage_bytes = 2 * block_k * head_dim * itemsize  # one K tile + one V tile
-            num_stages = max(1, min(3, _SMEM_BUDGET_BYTES // stage_bytes))
+            buffers = max(1, min(3, _SMEM_BUDGET_BYTES // stage_bytes))
+            num_stages = buffers + 1
         return BlockSparseParams(block_h, block_k, k_splits, num_warps, num_stages)

@@ -87,17 +87,29 @@ def block_sparse_decode_kernel(
     # [block_h, H]; stays in registers for the whole loop.
     q = q_ref[b, h, :, :]
 
-    def body(t, carry):
-        o_prev, m_prev, l_prev = carry  # [block_h, H], [block_h], [block_h] (f32)
+    def tile_start(t):
+        """Cache offset of this split's tile t. Past the split's last tile (the read ahead of the
+        last iteration, or an empty split) the entry is clamped to a live one, so the list's
+        padding is never read; that value is never used."""
+        sub = jnp.int32(tiles_per_block)
+        # lax.div/rem, not // and %: t >= 0, and jnp's floor-mod sign fix-up
+        # does not lower on Triton.
+        entry = jnp.minimum(first + lax.div(t, sub), jnp.maximum(last - 1, 0))
+        blk = idx_ref[b, h, entry]
         if tiles_per_block == 1:
-            blk = idx_ref[b, h, first + t]
-            start = pl.multiple_of(blk * block_size, block_size)
-        else:
-            # lax.div/rem, not // and %: t >= 0, and jnp's floor-mod sign fix-up
-            # does not lower on Triton.
-            sub = jnp.int32(tiles_per_block)
-            blk = idx_ref[b, h, first + lax.div(t, sub)]
-            start = pl.multiple_of(blk * block_size + lax.rem(t, sub) * block_k, block_k)
+            return pl.multiple_of(blk * block_size, block_size)
+        return pl.multiple_of(blk * block_size + lax.rem(t, sub) * block_k, block_k)
+
+    def tile_keep(start):
+        # int8 mask row of the tile, read as a plain load (too narrow for an async copy)
+        return mask_ref[b, pl.ds(start, block_k)] if has_mask else None
+
+    def body(t, carry):
+        # The block id (and mask row) of tile t were read in iteration t - 1: an address that
+        # depends on a load in the same iteration leaves Triton's pipeliner one K/V buffer
+        # and a wait for every copy (docs/notes/kernel.md, "sm_90 compile").
+        o_prev, m_prev, l_prev, start, *keep = carry  # keep: [] or [the int8 mask row of tile t]
+        start_next = tile_start(t + 1)
         # One indexer on the whole-array ref: Triton lowering rejects chained
         # `.at[...][...]` indexers (DESIGN.md §4).
         k = k_ref[layer, b, h, pl.ds(start, block_k), :]  # [block_k, H]
@@ -107,25 +119,28 @@ def block_sparse_decode_kernel(
         )
         s = s * sm_scale
         if has_mask:
-            keep = (mask_ref[b, pl.ds(start, block_k)] != 0)[None, :]  # [1, block_k]
-            s = jnp.where(keep, s, _NEG)
+            visible = (keep[0] != 0)[None, :]  # [1, block_k]
+            s = jnp.where(visible, s, _NEG)
         m_next = jnp.maximum(m_prev, s.max(axis=-1))
         correction = jnp.exp(m_prev - m_next)  # [block_h]
         p = jnp.exp(s - m_next[:, None])  # [block_h, block_k]
         if has_mask:
-            p = jnp.where(keep, p, 0.0)
+            p = jnp.where(visible, p, 0.0)
         l_next = correction * l_prev + p.sum(axis=-1)
         v = v_ref[layer, b, h, pl.ds(start, block_k), :]  # [block_k, H]
         # [block_h, H]; p goes to the cache dtype so bf16 caches use the bf16 mma.
         pv = lax.dot_general(
             p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
         )
-        return correction[:, None] * o_prev + pv, m_next, l_next
+        ahead = (tile_keep(start_next),) if has_mask else ()
+        return (correction[:, None] * o_prev + pv, m_next, l_next, start_next, *ahead)
 
     o = jnp.zeros((block_h, head_dim), jnp.float32)
     m = jnp.full((block_h,), _NEG, jnp.float32)
     l = jnp.zeros((block_h,), jnp.float32)
-    o, m, l = lax.fori_loop(0, num_tiles, body, (o, m, l))
+    start0 = tile_start(jnp.int32(0))
+    ahead = (tile_keep(start0),) if has_mask else ()
+    o, m, l, *_ = lax.fori_loop(0, num_tiles, body, (o, m, l, start0, *ahead))
 
     # Unnormalised partials; the split combine happens outside in plain jnp.
     o_ref[split, b, h, :, :] = o
@@ -274,8 +289,9 @@ def _validate(q, k, v, block_indices, block_counts, token_mask, block_size, back
         # Triton's mma needs every dot dimension >= 16.
         if block_size < 16:
             raise ValueError(f"block_size={block_size} < 16 is not supported by the Pallas kernel")
-        if head_dim < 16:
-            raise ValueError(f"head dim H={head_dim} < 16 is not supported by the Pallas kernel")
+        if head_dim < 16 or head_dim & (head_dim - 1):
+            raise ValueError(f"head dim H={head_dim} is not supported by the Pallas kernel: Triton tiles need a "
+                             "power of two >= 16 (use backend='xla' for this shape)")
 
     if block_indices.ndim == 2:
         expected = (batch,)

@@ -48,6 +48,7 @@ class KernelConfig:
     head_dim: int
     block_size: int = 64
     dtype: str = "bf16"
+    precision: str | None = None  # None: the backend default (tf32 dots for fp32); "highest": IEEE fp32
     mask: bool = False
     layers: int = 1  # > 1: the generation loop's stacked cache with a traced layer index
     kernel: str = "block"  # "block" (block lists) or "token" (row lists: SparQ/ADORE)
@@ -58,6 +59,8 @@ class KernelConfig:
     @property
     def id(self) -> str:
         parts = [self.kernel, self.name, f"H{self.head_dim}", f"bs{self.block_size}", self.dtype]
+        if self.precision:
+            parts.append(self.precision)
         if self.mask:
             parts.append("mask")
         if self.layers > 1:
@@ -111,7 +114,7 @@ class KernelConfig:
         return [q, kv, kv, *lists, *extra, *layer]
 
     def fn(self):
-        precision = "highest" if self.dtype == "fp32" else None
+        precision = self.precision
         has_layer, mask = self.layers > 1, self.mask
         if self.kernel == "token":
             def call(q, k, v, idx, cnt, *rest):
@@ -146,7 +149,8 @@ def _matrix() -> list[KernelConfig]:
         n, k, h = SHAPES[name]
         configs += [KernelConfig(name, n, k, h, dtype="fp16", mask=True),
                     KernelConfig(name, n, k, h, dtype="fp32"),
-                    KernelConfig(name, n, k, h, dtype="fp32", mask=True, block_size=16),
+                    KernelConfig(name, n, k, h, dtype="fp32", precision="highest"),
+                    KernelConfig(name, n, k, h, dtype="fp32", precision="highest", mask=True, block_size=16),
                     KernelConfig(name, n, k, h, mask=True, layers=32, batch=8, seq_len=4096)]
     for name in ("llama7b_mha", "gqa4", "smollm2_g3"):
         n, k, h = SHAPES[name]

@@ -77,23 +77,54 @@ def shared_buffers(ttgir: str) -> list[dict]:
     return out
 
 
+# Ops that only move a value on to the next iteration: a load whose results reach nothing else
+# was issued for a later iteration, and its latency hides behind this one's work.
+_FORWARDING_OPS = ("ttg.convert_layout", "scf.yield")
+
+
+def _used_in_iteration(body: str, value: str) -> bool:
+    """Whether an SSA value defined in a loop body feeds this iteration's work (its forward
+    slice in the body reaches an op other than layout conversions and the yield)."""
+    live, used = {value}, False
+    for line in body.splitlines():
+        rhs = line.split("=", 1)[-1] if re.match(r"\s*%", line) else line
+        uses = {u.split("#")[0] for u in re.findall(r"%[\w#]+", rhs)}
+        if not uses & live:
+            continue
+        op = re.match(r"\s*([a-z_]+\.[a-z_.]+)\b", rhs)
+        if op is None or op.group(1) not in _FORWARDING_OPS:
+            used = True
+        defined = re.match(r"\s*(%[\w#]+)", line)
+        if defined:
+            live.add(defined.group(1).split("#")[0])
+    return used
+
+
 def loop_report(ttgir: str) -> dict:
     """What the software pipeliner made of the kernel's inner loop(s)."""
     bodies = loop_bodies(ttgir)
-    waits, plain_tensor_loads, plain_scalar_loads, async_copies = [], [], [], 0
+    waits, blocking, ahead, plain_scalar_loads, async_copies = [], [], [], 0, 0
     for body in bodies:
         waits += [int(n) for n in re.findall(r"ttg\.async_wait[^\n]*\{num = (\d+) : i32\}", body)]
         async_copies += len(re.findall(r"ttg\.async_copy_global_to_local", body))
         for line in body.splitlines():
-            if re.search(r"\btt\.load\b", line):
-                result_type = re.sub(r"\s*loc\(.*\)\s*$", "", line).rsplit(" : ", 1)[-1].strip()
-                (plain_tensor_loads if "tensor<" in result_type else plain_scalar_loads).append(result_type)
+            if not re.search(r"\btt\.load\b", line):
+                continue
+            result_type = re.sub(r"\s*loc\(.*\)\s*$", "", line).rsplit(" : ", 1)[-1].strip()
+            if "tensor<" not in result_type:
+                plain_scalar_loads += 1
+                continue
+            value = re.match(r"\s*(%[\w#]+)", line).group(1)
+            (blocking if _used_in_iteration(body, value) else ahead).append(result_type)
     return {
         "loops": len(bodies),
         "async_copies_in_loop": async_copies,
         "async_wait_num_in_loop": waits,
-        "plain_tensor_loads_in_loop": plain_tensor_loads,
-        "plain_scalar_loads_in_loop": len(plain_scalar_loads),
+        # plain (not async-copied) tensor loads in the loop whose value this iteration waits for
+        "plain_tensor_loads_in_loop": blocking,
+        # plain tensor loads issued one iteration ahead (carried to the next iteration)
+        "plain_tensor_loads_ahead": ahead,
+        "plain_scalar_loads_in_loop": plain_scalar_loads,
     }
 
 

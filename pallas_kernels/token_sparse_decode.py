@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.backend import gpu_core_count, on_gpu
+from pallas_kernels.backend import gpu_core_count, next_power_of_two, on_gpu
 from pallas_kernels.block_sparse_decode import _NEG, _combine_splits, _compiler_params, _normalise_precision, plgpu
 
 TOKEN_BACKENDS = ("auto", "pallas", "interpret", "xla", "reference")
@@ -75,11 +75,22 @@ def token_sparse_decode_kernel(
     num_tiles = jnp.maximum(jnp.minimum(tiles, first + per_split) - first, 0)
     q = q_ref[b, h, :, :]
 
+    last_tile = idx_ref.shape[-1] // block_t - 1
+
+    def tile_rows(t):
+        """[block_t, 1] row ids of this split's tile t; past the array's last tile (the read
+        ahead of the last iteration) the tile index is clamped, and those ids are never used."""
+        start = pl.multiple_of(jnp.minimum(first + t, last_tile) * block_t, block_t)
+        return idx_ref[b, h, pl.ds(start, block_t)][:, None]
+
     def body(t, carry):
-        o_prev, m_prev, l_prev = carry
-        start = pl.multiple_of((first + t) * block_t, block_t)
+        # The row ids of tile t were read in iteration t - 1, so the gather's addresses do not wait
+        # on a load of the same iteration and Triton's pipeliner can double-buffer K and V
+        # (docs/notes/kernel.md, "sm_90 compile").
+        o_prev, m_prev, l_prev, rows = carry
+        rows_next = tile_rows(t + 1)
+        start = (first + t) * block_t
         live = start + lax.broadcasted_iota(jnp.int32, (block_t,), 0) < count  # [block_t]
-        rows = idx_ref[b, h, pl.ds(start, block_t)][:, None]  # [block_t, 1]
         # A masked gather: padding entries are never loaded (their rows come back 0). Every index is an
         # array (rows x columns), the form both the Triton lowering and interpret mode take.
         cols = lax.broadcasted_iota(jnp.int32, (1, head_dim), 1)
@@ -95,12 +106,12 @@ def token_sparse_decode_kernel(
         v = plgpu.load(v_ref.at[layer, b, h, rows, cols], mask=load_mask, other=0.0)
         pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
                              preferred_element_type=jnp.float32)
-        return correction[:, None] * o_prev + pv, m_next, l_next
+        return correction[:, None] * o_prev + pv, m_next, l_next, rows_next
 
     o = jnp.zeros((block_h, head_dim), jnp.float32)
     m = jnp.full((block_h,), _NEG, jnp.float32)
     l = jnp.zeros((block_h,), jnp.float32)
-    o, m, l = lax.fori_loop(0, num_tiles, body, (o, m, l))
+    o, m, l, _ = lax.fori_loop(0, num_tiles, body, (o, m, l, tile_rows(jnp.int32(0))))
     o_ref[split, b, h, :, :] = o
     m_ref[split, b, h, :] = m
     l_ref[split, b, h, :] = l
@@ -110,10 +121,10 @@ def token_sparse_decode_kernel(
 # 2. pallas_call wrapper
 # --------------------------------------------------------------------------
 def _pallas_token_sparse(q, k, v, layer, token_indices, token_counts, *, sm_scale: float, precision,
-                         interpret: bool, k_splits: int | None = None, num_warps: int = 4, num_stages: int = 2):
+                         interpret: bool, k_splits: int | None = None, num_warps: int = 4, num_stages: int = 3):
     """q [B, K, G, H]; k, v [NL, B, K, S, H] -> f32 [B, K, G, H] over a (B, K, k_splits) grid."""
     batch, kv_heads, group, head_dim = q.shape
-    block_h = 16 * -(-group // 16)
+    block_h = max(16, next_power_of_two(group))  # Triton tiles: a power of two >= 16
     T = token_indices.shape[-1]
     T_pad = -(-T // BLOCK_T) * BLOCK_T
     # the list padded to whole tiles with row 0; the counts keep the padding from being loaded
@@ -158,8 +169,9 @@ def _check(q, k, v, token_indices, token_counts, layer, backend) -> str:
     if token_indices.ndim != 3 or token_indices.shape[:2] != (B, K) or token_counts.shape != (B, K):
         raise ValueError(f"token_indices must be [B={B}, K={K}, T] and token_counts [B, K]; got "
                          f"{token_indices.shape} and {token_counts.shape}")
-    if backend in ("pallas", "interpret") and H < 16:
-        raise ValueError(f"head dim H={H} < 16 is not supported by the Pallas kernel (Triton's mma)")
+    if backend in ("pallas", "interpret") and (H < 16 or H & (H - 1)):
+        raise ValueError(f"head dim H={H} is not supported by the Pallas kernel: Triton tiles need a power of "
+                         "two >= 16 (use backend='xla' for this shape)")
     if backend == "auto":
         return "pallas" if on_gpu() else "xla"
     return backend

@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.experimental import pallas as pl
 
 from pallas_kernels import block_sparse_decode
@@ -42,6 +44,10 @@ def _avals(batch, num_heads, kv_heads, seq_len, head_dim, block_size, dtype, per
         (jnp.float32, True, False, 16, 32, 4, 64),  # G = 8, smallest block
         (jnp.bfloat16, True, False, 256, 16, 2, 64),  # 256-token blocks as 2 sub-tiles of 128
         (jnp.float32, False, True, 32, 40, 2, 128),  # G = 20: block_h padded to 32
+        (jnp.bfloat16, True, True, 48, 32, 8, 128),  # a 48-token block: 3 sub-tiles of 16
+        (jnp.bfloat16, True, False, 192, 32, 8, 128),  # 192: 3 sub-tiles of 64
+        (jnp.float16, True, True, 64, 40, 1, 128),  # G = 40: block_h 64 (a power of two, not 48)
+        (jnp.bfloat16, True, True, 16, 9, 3, 64),  # SmolLM2-135M, G = 3
     ],
 )
 def test_lowers_to_triton(dtype, per_head, with_mask, block_size, num_heads, kv_heads, head_dim):
@@ -131,3 +137,29 @@ def test_token_list_kernel_lowers_to_triton(dtype, num_heads, kv_heads, head_dim
     assert exported.mlir_module().count(TRITON_CALL) == 1
     out = exported.out_avals[0]
     assert out.shape == (batch, num_heads, head_dim) and out.dtype == dtype
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    group=st.integers(1, 40),
+    kv_heads=st.sampled_from([1, 2, 8]),
+    head_dim=st.sampled_from([16, 24, 64, 80, 96, 128, 256]),
+    block_size=st.sampled_from([16, 32, 48, 64, 80, 128, 192, 256]),
+    dtype=st.sampled_from([jnp.bfloat16, jnp.float16, jnp.float32]),
+    with_mask=st.booleans(),
+)
+def test_every_shape_the_validator_accepts_lowers(group, kv_heads, head_dim, block_size, dtype, with_mask):
+    """Either the call is refused with a ValueError naming the shape, or it lowers to Triton."""
+    num_heads = group * kv_heads
+    avals = _avals(1, num_heads, kv_heads, 4 * block_size, head_dim, block_size, dtype, True, with_mask)
+
+    def fn(*args):
+        return block_sparse_decode(*args, block_size=block_size, backend="pallas")
+
+    try:
+        exported = export_for_h100(fn, *avals)
+    except ValueError as err:
+        # only the documented refusals: a head dim that is no Triton tile
+        assert head_dim & (head_dim - 1) and f"H={head_dim}" in str(err), str(err)
+        return
+    assert exported.mlir_module().count(TRITON_CALL) == 1

@@ -25,8 +25,11 @@ _TTGIR = """
       %125 = ttg.async_wait %arg14, %arg16 {num = 2 : i32} loc(#loc61)
       %133 = tt.load %132 : !tt.ptr<i32> loc(#loc80)
       %134 = tt.load %133 : tensor<64x!tt.ptr<i8>, #ttg.slice<{dim = 0, parent = #mma}>> loc(#loc83)
+      %135 = arith.cmpi ne, %134, %cst : tensor<64xi8, #ttg.slice<{dim = 0, parent = #mma}>>
+      %136 = tt.load %131 : tensor<16x!tt.ptr<i32>, #blocked1> loc(#loc84)
+      %137 = ttg.convert_layout %136 : tensor<16xi32, #blocked1> -> tensor<16xi32, #blocked2>
       %172 = ttg.async_copy_global_to_local %170, %74 mask %171 : tensor<64x128x!tt.ptr<bf16>, #blocked> -> <64x128xbf16>
-      scf.yield %159, %140 : tensor<16xf32>, i32 loc(#loc9)
+      scf.yield %159, %137 : tensor<16xf32>, tensor<16xi32, #ttg.slice<{dim = 1, parent = #mma}>> loc(#loc9)
     } loc(#loc10)
     %90 = ttg.async_wait {num = 0 : i32} loc(#loc63)
 """
@@ -39,7 +42,9 @@ def test_ttgir_parser_reads_the_pipelined_loop():
     assert report["async_wait_num_in_loop"] == [2]  # the wait after the loop is not in it
     assert report["async_copies_in_loop"] == 1
     assert report["plain_scalar_loads_in_loop"] == 1
+    # the mask row feeds this iteration's compare: blocking; the row ids only reach the yield
     assert report["plain_tensor_loads_in_loop"] == ["tensor<64x!tt.ptr<i8>, #ttg.slice<{dim = 0, parent = #mma}>>"]
+    assert report["plain_tensor_loads_ahead"] == ["tensor<16x!tt.ptr<i32>, #blocked1>"]
     assert [b["buffers"] for b in shared_buffers(_TTGIR)] == [2, 1, 1]
 
 
@@ -57,7 +62,7 @@ def test_ptxas_report_parses_verbose_output():
 CI_CONFIGS = [
     sm90.KernelConfig("gqa4", 32, 8, 128, block_size=64, mask=True),
     sm90.KernelConfig("smollm2_g3", 9, 3, 64, block_size=16),
-    sm90.KernelConfig("llama7b_mha", 32, 32, 128, block_size=64, dtype="fp32"),
+    sm90.KernelConfig("llama7b_mha", 32, 32, 128, block_size=64, dtype="fp32", precision="highest"),
     sm90.KernelConfig("gqa4", 32, 8, 128, block_size=64, mask=True, layers=32, batch=8, seq_len=4096),
     sm90.KernelConfig("smollm2_g3", 9, 3, 64, kernel="token", block_size=16, layers=4, seq_len=4096),
 ]
