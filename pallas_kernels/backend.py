@@ -20,6 +20,11 @@ DEFAULT_GPU_CORES = 132
 # per SM; leave room for q, the score tile and Triton's own scratch.
 _SMEM_BUDGET_BYTES = 160 * 1024
 
+# A split of a block list reads at least this many entries (blocks; tiles of rows in the token
+# kernel): below it, a split's fixed cost (its partials, written by the kernel and read by the
+# combine) outweighs what it reads. block_sparse_decode.split_range applies it.
+MIN_ENTRIES_PER_SPLIT = 4
+
 
 def next_power_of_two(n: int) -> int:
     """The smallest power of two >= n (Triton tile sizes)."""
@@ -122,9 +127,11 @@ class BlockSparseParams:
         if self.k_splits is not None:
             k_splits = self.k_splits
         else:
-            # Aim for ~2 waves of programs; never more splits than list entries
-            # (an extra split would only ever be empty).
-            k_splits = max(1, min(-(-2 * num_cores // (batch * kv_heads)), list_len))
+            # About one wave of programs; never more splits than a full list can fill with
+            # MIN_ENTRIES_PER_SPLIT entries each (an extra split would only ever be empty). Every
+            # split costs the combine a read of its partials, written or not.
+            fillable = -(-list_len // MIN_ENTRIES_PER_SPLIT)
+            k_splits = max(1, min(-(-num_cores // (batch * kv_heads)), fillable))
 
         num_warps = self.num_warps if self.num_warps is not None else (8 if block_k * head_dim >= 128 * 128 else 4)
 

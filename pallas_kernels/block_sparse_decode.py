@@ -32,7 +32,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.backend import BlockSparseParams, gpu_core_count, resolve_backend
+from pallas_kernels.backend import MIN_ENTRIES_PER_SPLIT, BlockSparseParams, gpu_core_count, resolve_backend
 
 try:  # the Triton backend of Pallas; absent from some CPU-only jaxlib builds
     from jax.experimental.pallas import triton as plgpu
@@ -62,6 +62,7 @@ def block_sparse_decode_kernel(
     sm_scale: float,
     block_size: int,
     block_k: int,
+    group: int,
     has_mask: bool,
     precision,
 ):
@@ -75,12 +76,9 @@ def block_sparse_decode_kernel(
     layer = layer_ref[0]
     block_h, head_dim = q_ref.shape[-2], q_ref.shape[-1]
 
-    # This split's contiguous share of the live entries. Dividing the live
-    # count (not the padded list length) keeps splits balanced at any density.
+    # This split's contiguous share of the live entries (split_range).
     count = cnt_ref[b, h]
-    per_split = (count + k_splits - 1) // k_splits
-    first = split * per_split
-    last = jnp.minimum(count, first + per_split)
+    first, last = split_range(count, split, k_splits)
     tiles_per_block = block_size // block_k
     num_tiles = jnp.maximum(last - first, 0) * tiles_per_block
 
@@ -142,10 +140,42 @@ def block_sparse_decode_kernel(
     ahead = (tile_keep(start0),) if has_mask else ()
     o, m, l, *_ = lax.fori_loop(0, num_tiles, body, (o, m, l, start0, *ahead))
 
-    # Unnormalised partials; the split combine happens outside in plain jnp.
-    o_ref[split, b, h, :, :] = o
-    m_ref[split, b, h, :] = m
-    l_ref[split, b, h, :] = l
+    store_partials(o_ref, m_ref, l_ref, (split, b, h), o, m, l, group=group, live=last > first)
+
+
+def split_range(count, split, k_splits):
+    """[first, last) of the live entries that split `split` of `k_splits` reads.
+
+    Contiguous shares of the live count (not of the padded list), so splits stay
+    balanced at any density, and at least MIN_ENTRIES_PER_SPLIT each, so a short
+    list leaves the later splits empty: they read nothing and write nothing
+    (`live_splits` tells the combine). Works on scalars in the kernel and on
+    arrays outside it.
+    """
+    per_split = jnp.maximum((count + k_splits - 1) // k_splits, MIN_ENTRIES_PER_SPLIT)
+    first = split * per_split
+    return first, jnp.minimum(count, first + per_split)
+
+
+def live_splits(counts, k_splits: int):
+    """bool [k_splits, *counts.shape]: which splits hold entries (and so wrote partials)."""
+    split = jnp.arange(k_splits).reshape((k_splits,) + (1,) * counts.ndim)
+    first, last = split_range(counts[None], split, k_splits)
+    return last > first
+
+
+def store_partials(o_ref, m_ref, l_ref, at, o, m, l, *, group: int, live):
+    """Writes a split's unnormalised partials, only the `group` real query rows, and only when
+    the split read something: padded rows and empty splits cost no bytes (the combine masks
+    them with `live_splits` and reads rows :group)."""
+    block_h = o.shape[0]
+    real = lax.broadcasted_iota(jnp.int32, (block_h,), 0) < group
+
+    @pl.when(live)
+    def _():
+        plgpu.store(o_ref.at[(*at, slice(None), slice(None))], o, mask=jnp.broadcast_to(real[:, None], o.shape))
+        plgpu.store(m_ref.at[(*at, slice(None))], m, mask=real)
+        plgpu.store(l_ref.at[(*at, slice(None))], l, mask=real)
 
 
 # --------------------------------------------------------------------------
@@ -157,12 +187,18 @@ def _compiler_params(num_warps: int, num_stages: int):
     return cls(num_warps=num_warps, num_stages=num_stages)
 
 
-def _combine_splits(o, m, l):
+def _combine_splits(o, m, l, live):
     """Flash-decoding combine of per-split partials.
 
-    o f32 [k_splits, ..., H], m, l f32 [k_splits, ...] -> f32 [..., H]; rows
-    whose total weight is 0 (nothing visible) come out exactly 0.
+    o f32 [k_splits, ..., H], m, l f32 [k_splits, ...], live bool [k_splits, ...]
+    (a prefix of m's dims: the splits that wrote; the others hold whatever the
+    buffer held) -> f32 [..., H]; rows whose total weight is 0 (nothing
+    visible) come out exactly 0.
     """
+    live = live.reshape(live.shape + (1,) * (m.ndim - live.ndim))
+    m = jnp.where(live, m, _NEG)
+    l = jnp.where(live, l, 0.0)
+    o = jnp.where(live[..., None], o, 0.0)
     m_max = m.max(axis=0)
     # jax's own Pallas decode_attention needs this barrier to keep XLA:GPU from
     # fusing the max into the exp below and producing NaNs (b/389925439).
@@ -217,6 +253,7 @@ def _pallas_block_sparse(
         sm_scale=sm_scale,
         block_size=block_size,
         block_k=p.block_k,
+        group=group,
         has_mask=token_mask is not None,
         precision=precision,
     )
@@ -235,7 +272,9 @@ def _pallas_block_sparse(
         interpret=interpret,
         name=f"block_sparse_decode_bs{block_size}_bk{p.block_k}_bh{p.block_h}",
     )(*inputs)
-    return _combine_splits(o, m, l)[:, :, :group, :]
+    # Only the G real rows of the splits that read something were written; read only those rows.
+    live = live_splits(block_counts, p.k_splits)
+    return _combine_splits(o[..., :group, :], m[..., :group], l[..., :group], live)
 
 
 # --------------------------------------------------------------------------

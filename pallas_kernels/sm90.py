@@ -25,7 +25,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.backend import BlockSparseParams
+from pallas_kernels.backend import MIN_ENTRIES_PER_SPLIT, BlockSparseParams
 from pallas_kernels.block_sparse_decode import block_sparse_decode
 from pallas_kernels.token_sparse_decode import token_sparse_decode
 from pallas_kernels.triton_capture import H100_CORES, capture_triton_kernels
@@ -77,16 +77,20 @@ class KernelConfig:
             itemsize=jnp.dtype(_DTYPES[self.dtype]).itemsize, num_cores=H100_CORES)
 
     def traffic(self, density: float = 1 / 8) -> dict:
-        """Bytes one call moves at a density (fraction of blocks listed): the K/V tiles read,
-        and the split-K partials (o, m, l in fp32 for every padded query row of every split)
-        written by the kernel and read back by the combine."""
+        """Bytes one call moves when a fraction `density` of the blocks is listed: the K/V tiles
+        read, and the split-K partials (o, m, l in fp32 for the G real query rows), written by
+        the splits that hold entries and read back by the combine for every split."""
         p = self.resolved_params()
         itemsize = jnp.dtype(_DTYPES[self.dtype]).itemsize
-        kv = 2 * density * self.seq_len * self.batch * self.kv_heads * self.head_dim * itemsize
-        partials = 2 * p.k_splits * self.batch * self.kv_heads * p.block_h * (self.head_dim + 2) * 4
-        return {"density": density, "kv_bytes": kv, "split_partial_bytes": partials,
-                "partials_over_kv": partials / kv, "k_splits": p.k_splits, "block_h": p.block_h,
-                "block_k": p.block_k}
+        count = max(1, round(density * self.seq_len / self.block_size))
+        per_split = max(-(-count // p.k_splits), MIN_ENTRIES_PER_SPLIT)
+        live = -(-count // per_split)
+        kv = 2 * count * self.block_size * self.batch * self.kv_heads * self.head_dim * itemsize
+        row_bytes = self.batch * self.kv_heads * self.group * (self.head_dim + 2) * 4
+        partials = (live + p.k_splits) * row_bytes
+        return {"density": density, "listed_blocks": count, "kv_bytes": kv, "split_partial_bytes": partials,
+                "partials_over_kv": partials / kv, "k_splits": p.k_splits, "live_splits": live,
+                "block_h": p.block_h, "block_k": p.block_k}
 
     @property
     def group(self) -> int:

@@ -36,8 +36,17 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.backend import gpu_core_count, next_power_of_two, on_gpu
-from pallas_kernels.block_sparse_decode import _NEG, _combine_splits, _compiler_params, _normalise_precision, plgpu
+from pallas_kernels.backend import MIN_ENTRIES_PER_SPLIT, gpu_core_count, next_power_of_two, on_gpu
+from pallas_kernels.block_sparse_decode import (
+    _NEG,
+    _combine_splits,
+    _compiler_params,
+    _normalise_precision,
+    live_splits,
+    plgpu,
+    split_range,
+    store_partials,
+)
 
 TOKEN_BACKENDS = ("auto", "pallas", "interpret", "xla", "reference")
 
@@ -61,6 +70,7 @@ def token_sparse_decode_kernel(
     *,
     sm_scale: float,
     block_t: int,
+    group: int,
     precision,
 ):
     b, h, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -69,10 +79,8 @@ def token_sparse_decode_kernel(
     block_h, head_dim = q_ref.shape[-2], q_ref.shape[-1]
     count = cnt_ref[b, h]
     # This split's share of the live entries, in whole tiles of block_t rows.
-    tiles = (count + block_t - 1) // block_t
-    per_split = (tiles + k_splits - 1) // k_splits
-    first = split * per_split
-    num_tiles = jnp.maximum(jnp.minimum(tiles, first + per_split) - first, 0)
+    first, last = split_range((count + block_t - 1) // block_t, split, k_splits)
+    num_tiles = jnp.maximum(last - first, 0)
     q = q_ref[b, h, :, :]
 
     last_tile = idx_ref.shape[-1] // block_t - 1
@@ -112,9 +120,7 @@ def token_sparse_decode_kernel(
     m = jnp.full((block_h,), _NEG, jnp.float32)
     l = jnp.zeros((block_h,), jnp.float32)
     o, m, l, _ = lax.fori_loop(0, num_tiles, body, (o, m, l, tile_rows(jnp.int32(0))))
-    o_ref[split, b, h, :, :] = o
-    m_ref[split, b, h, :] = m
-    l_ref[split, b, h, :] = l
+    store_partials(o_ref, m_ref, l_ref, (split, b, h), o, m, l, group=group, live=last > first)
 
 
 # --------------------------------------------------------------------------
@@ -131,11 +137,13 @@ def _pallas_token_sparse(q, k, v, layer, token_indices, token_counts, *, sm_scal
     idx = jnp.pad(token_indices.astype(jnp.int32), ((0, 0), (0, 0), (0, T_pad - T)))
     counts = jnp.clip(token_counts.astype(jnp.int32), 0, T)
     if k_splits is None:
-        # ~2 waves of programs on the GPU, never more splits than tiles
+        # about one wave of programs on the GPU, never more splits than the list can fill
         cores = 1 if interpret else gpu_core_count()
-        k_splits = int(max(1, min(T_pad // BLOCK_T, -(-2 * cores // (batch * kv_heads)))))
+        fillable = -(-(T_pad // BLOCK_T) // MIN_ENTRIES_PER_SPLIT)
+        k_splits = int(max(1, min(fillable, -(-cores // (batch * kv_heads)))))
     q_pad = jnp.pad(q, ((0, 0), (0, 0), (0, block_h - group), (0, 0)))
-    kernel = functools.partial(token_sparse_decode_kernel, sm_scale=sm_scale, block_t=BLOCK_T, precision=precision)
+    kernel = functools.partial(token_sparse_decode_kernel, sm_scale=sm_scale, block_t=BLOCK_T, group=group,
+                               precision=precision)
     split_shape = (k_splits, batch, kv_heads, block_h)
     o, m, l = pl.pallas_call(
         kernel,
@@ -149,7 +157,8 @@ def _pallas_token_sparse(q, k, v, layer, token_indices, token_counts, *, sm_scal
         interpret=interpret,
         name=f"token_sparse_decode_bt{BLOCK_T}_bh{block_h}",
     )(jnp.reshape(layer, (1,)).astype(jnp.int32), idx, counts, q_pad, k, v)
-    return _combine_splits(o, m, l)[:, :, :group, :]
+    live = live_splits((counts + BLOCK_T - 1) // BLOCK_T, k_splits)
+    return _combine_splits(o[..., :group, :], m[..., :group], l[..., :group], live)
 
 
 # --------------------------------------------------------------------------
