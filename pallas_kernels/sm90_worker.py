@@ -129,8 +129,18 @@ def loop_report(ttgir: str) -> dict:
 
 
 # --------------------------------------------------------------------------
-# ptxas
+# PTX and ptxas
 # --------------------------------------------------------------------------
+def ptx_report(ptx: str) -> dict:
+    """The pipeline as PTX states it (comparable with the PTX XLA dumps on a GPU): the
+    `cp.async.wait_group N` values (N > 0: copies stay in flight across a wait) and the
+    number of async copy instructions."""
+    return {
+        "ptx_wait_groups": [int(n) for n in re.findall(r"cp\.async\.wait_group\s+(\d+)", ptx)],
+        "ptx_async_copies": len(re.findall(r"\bcp\.async\.c[ag]\.shared\.global", ptx)),
+    }
+
+
 def ptxas_report(text: str) -> dict:
     """Registers, spill bytes, shared memory and stack from `ptxas -v` output."""
 
@@ -156,16 +166,29 @@ def _ptxas_binaries() -> list[str]:
     return [os.path.join(bin_dir, n) for n in names if os.path.exists(os.path.join(bin_dir, n))]
 
 
-def run_ptxas(ptx_path: str) -> tuple[str, dict]:
-    """ptxas -v for sm_90a; tries the wheel's ptxas builds in turn (one may not know the PTX version)."""
+def ptxas_verbose(ptx_path: str) -> tuple[str, str]:
+    """(binary, output) of `ptxas -v` for sm_90a; tries the wheel's ptxas builds in turn (the
+    plain one may not know the PTX version Triton emits)."""
     errors = []
     for binary in _ptxas_binaries():
         cmd = [binary, "-v", f"--gpu-name=sm_{SM}a", ptx_path, "-o", os.devnull]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode == 0:
-            return os.path.basename(binary), ptxas_report(proc.stdout + proc.stderr)
+            return os.path.basename(binary), proc.stdout + proc.stderr
         errors.append(f"{os.path.basename(binary)}: {proc.stderr.strip()[:500]}")
     raise RuntimeError("no ptxas accepted the PTX: " + " | ".join(errors))
+
+
+def ptxas_entry(text: str, name: str) -> str:
+    """The part of `ptxas -v` output about one entry function (a module may hold several)."""
+    parts = re.split(r"(?=ptxas info\s*: Compiling entry function )", text)
+    mine = [part for part in parts if f"'{name}'" in part.split("\n", 1)[0]]
+    return mine[0] if mine else ""
+
+
+def run_ptxas(ptx_path: str) -> tuple[str, dict]:
+    binary, text = ptxas_verbose(ptx_path)
+    return binary, ptxas_report(text)
 
 
 # --------------------------------------------------------------------------
@@ -192,6 +215,7 @@ def compile_one(directory: str, entry: dict) -> dict:
         "ptxas": ptxas_used,
         "shared_bytes": int(getattr(kernel.metadata, "shared", 0)),
         **regs,
+        **ptx_report(ptx),
         "shared_buffers": shared_buffers(ttgir),
         **loop_report(ttgir),
     }

@@ -48,7 +48,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from pallas_kernels import block_sparse_decode  # noqa: E402
-from pallas_kernels.backend import on_gpu, resolve_backend  # noqa: E402
+from pallas_kernels.backend import BlockSparseParams, on_gpu, resolve_backend  # noqa: E402
 from pallas_kernels.block_select import blocks_from_token_mask  # noqa: E402
 from selfspan_jax import reporting  # noqa: E402
 
@@ -245,6 +245,13 @@ def bench_group(rng, heads, batch, seq_len, cfg, *, reps, gpu, rotate_bytes, unr
             read = bytes_read(batch, kv_heads, head_dim, live * block_size, num_heads, itemsize)
             point = dict(block_size=block_size, density=live / num_blocks, live_blocks=live, median_s=med, min_s=mn,
                          bytes=read, gbps=read / med / 1e9)
+            for stages in cfg.get("num_stages") or ():
+                # the same op with the software pipeline depth forced (default: backend.py's choice)
+                op_s = functools.partial(block_sparse_decode, block_size=block_size, backend=backend,
+                                         params=BlockSparseParams(num_stages=stages))
+                smed, _ = time_executable(unrolled(op_s, unroll), (q, caches, (idx, cnt)), reps)
+                point.setdefault("by_num_stages", {})[str(stages)] = dict(median_s=smed / unroll,
+                                                                         gbps=read / (smed / unroll) / 1e9)
             if live == num_blocks:
                 all_time = med
                 out = np.asarray(jnp.asarray(op(q, *caches[0], idx, cnt), jnp.float32))
@@ -359,11 +366,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-tokens", type=int, default=None, help="skip groups with batch * context above this")
     parser.add_argument("--reps", type=int, default=None, help="timed executions per point (median reported)")
     parser.add_argument("--max-seconds", type=float, default=None, help="stop starting new groups after this long")
+    parser.add_argument("--num-stages", nargs="+", type=int, default=None,
+                        help="also time the kernel at each of these Triton pipeline depths (GPU tuning)")
     args = parser.parse_args(argv)
 
     gpu = on_gpu()
     cfg = default_sweep(gpu, args.quick)
-    for key in ("heads", "batches", "contexts", "block_sizes", "densities", "dtype", "max_tokens"):
+    for key in ("heads", "batches", "contexts", "block_sizes", "densities", "dtype", "max_tokens", "num_stages"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     if 1.0 not in cfg["densities"]:

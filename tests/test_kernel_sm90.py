@@ -111,3 +111,17 @@ def test_split_partials_are_a_small_share_of_the_kv_read():
     for config in (sm90.KernelConfig("llama7b_mha", 32, 32, 128), sm90.KernelConfig("gqa4", 32, 8, 128)):
         traffic = config.traffic(1 / 8)
         assert traffic["partials_over_kv"] < 0.10, (config.id, traffic)
+
+
+def test_ptxas_entry_picks_one_kernel_of_a_module():
+    from pallas_kernels.sm90_worker import ptxas_entry
+
+    text = ("ptxas info    : Compiling entry function 'fusion_1' for 'sm_90a'\n"
+            "ptxas info    : Used 32 registers\n"
+            "ptxas info    : Compiling entry function 'block_sparse_decode_bs64_bk64_bh16' for 'sm_90a'\n"
+            "ptxas info    : Function properties for block_sparse_decode_bs64_bk64_bh16\n"
+            "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+            "ptxas info    : Used 96 registers\n")
+    assert ptxas_report(ptxas_entry(text, "block_sparse_decode_bs64_bk64_bh16"))["registers"] == 96
+    assert ptxas_report(ptxas_entry(text, "fusion_1"))["registers"] == 32
+    assert ptxas_entry(text, "missing") == ""
