@@ -14,7 +14,12 @@ Semantics (DESIGN.md §3): the query of (b, n) sees token s iff the block
 s // block_size is among the first block_counts[b(, k)] entries of
 block_indices[b(, k)], and token_mask[b, s] when a mask is given. The result is
 softmax attention over exactly those tokens; a row that sees nothing is zero.
-Listed blocks must be distinct (a repeated block is counted twice).
+Listed blocks must be distinct: eager calls raise ValueError for a repeat; under
+jit a repeated block counts once per listing in every backend (the reference
+weights it so). Nothing after block_counts[b(, k)] is read, nor any block that is
+not listed, so NaN or inf there never reaches the output; with a token_mask,
+masked positions inside listed blocks are zeroed before p @ V, so they cannot
+either.
 
 Why one file of ~510 lines: jax's Pallas ops keep one op in one file, in four
 layers (kernel body, pallas_call wrapper, validated public function, plain-jnp
@@ -126,6 +131,10 @@ def block_sparse_decode_kernel(
             p = jnp.where(visible, p, 0.0)
         l_next = correction * l_prev + p.sum(axis=-1)
         v = v_ref[layer, b, h, pl.ds(start, block_k), :]  # [block_k, H]
+        if has_mask:
+            # p is 0 at masked tokens, but 0 * NaN is NaN: zero their V too (the contract: a
+            # masked position never reaches the output; cost in docs/notes/kernel.md)
+            v = jnp.where((keep[0] != 0)[:, None], v, jnp.zeros_like(v))
         # [block_h, H]; p goes to the cache dtype so bf16 caches use the bf16 mma.
         pv = lax.dot_general(
             p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
@@ -372,6 +381,12 @@ def _validate(q, k, v, block_indices, block_counts, token_mask, block_size, back
             bad = live & ((idx < 0) | (idx >= num_blocks))
             if bad.any():
                 raise ValueError(f"block_indices has live entries outside [0, NB={num_blocks}): {idx[bad][:5].tolist()}")
+            for pos in np.ndindex(*counts.shape):
+                entries = idx[pos][: counts[pos]]
+                if len(np.unique(entries)) < len(entries):
+                    values, times = np.unique(entries, return_counts=True)
+                    raise ValueError(f"block_indices{list(pos)} lists block(s) {values[times > 1][:5].tolist()} more than "
+                                     "once among its live entries; each block may be listed once")
     return batch, num_heads, kv_heads, seq_len, head_dim, list_len
 
 
@@ -519,19 +534,24 @@ def _block_sparse_decode_jit(q, k, v, layer, block_indices, block_counts, token_
 # --------------------------------------------------------------------------
 # 4. Reference
 # --------------------------------------------------------------------------
-def masked_attention(q, k, v, visible, *, sm_scale, precision):
+def masked_attention(q, k, v, visible, *, sm_scale, precision, weight=None):
     """Softmax attention of grouped queries over keys with a visibility mask.
 
     q [B, K, G, H]; k, v [B, K, S, H]; visible bool [B, K, S] -> f32 [B, K, G, H].
     Rows with nothing visible are 0 (unlike jax.nn.dot_product_attention,
-    which returns the mean of v for them).
+    which returns the mean of v for them). Values at invisible positions never
+    reach the output, NaN included. weight: optional [B, K, S] multiplicity of
+    each position (a block listed twice counts twice, as the kernels do).
     """
     # [B, K, G, S]
     s = jnp.einsum("bkgh,bksh->bkgs", q, k, precision=precision, preferred_element_type=jnp.float32) * sm_scale
     vis = visible[:, :, None, :]
     s = jnp.where(vis, s, _NEG)
+    v = jnp.where(visible[..., None], v, 0)
     m = s.max(axis=-1, keepdims=True)
     p = jnp.where(vis, jnp.exp(s - m), 0.0)
+    if weight is not None:
+        p = p * weight[:, :, None, :]
     l = p.sum(axis=-1)  # [B, K, G]
     # [B, K, G, H]
     o = jnp.einsum("bkgs,bksh->bkgh", p.astype(v.dtype), v, precision=precision, preferred_element_type=jnp.float32)
@@ -539,23 +559,32 @@ def masked_attention(q, k, v, visible, *, sm_scale, precision):
     return jnp.where((l > 0)[..., None], o / safe[..., None], 0.0)
 
 
-def visible_tokens(block_indices, block_counts, token_mask, *, block_size, seq_len):
-    """Token visibility of a block list: int [B, K, L], [B, K] (, bool [B, S]) -> bool [B, K, S]."""
+def listed_times(block_indices, block_counts, *, block_size, seq_len):
+    """How many live entries list each token's block: int [B, K, L], [B, K] -> int32 [B, K, S]."""
     num_blocks = seq_len // block_size
     live = jnp.arange(block_indices.shape[-1]) < block_counts[..., None]  # [B, K, L]
-    # [B, K, NB]: scatter-OR of the live ids (O(L), no [L, NB] one-hot).
-    scatter = lambda ids, on: jnp.zeros((num_blocks,), jnp.bool_).at[ids].max(on, mode="drop")
-    block_on = jax.vmap(jax.vmap(scatter))(block_indices, live)
-    vis = jnp.repeat(block_on, block_size, axis=-1)  # [B, K, S]
+    # [B, K, NB]: scatter-add of the live ids (O(L), no [L, NB] one-hot).
+    scatter = lambda ids, on: jnp.zeros((num_blocks,), jnp.int32).at[ids].add(on.astype(jnp.int32), mode="drop")
+    return jnp.repeat(jax.vmap(jax.vmap(scatter))(block_indices, live), block_size, axis=-1)
+
+
+def visible_tokens(block_indices, block_counts, token_mask, *, block_size, seq_len):
+    """Token visibility of a block list: int [B, K, L], [B, K] (, bool [B, S]) -> bool [B, K, S]."""
+    vis = listed_times(block_indices, block_counts, block_size=block_size, seq_len=seq_len) > 0
     if token_mask is not None:
         vis = vis & token_mask[:, None, :]
     return vis
 
 
 def _reference_grouped(q, k, v, idx, cnt, token_mask, *, block_size, sm_scale, precision):
-    vis = visible_tokens(idx, cnt, token_mask, block_size=block_size, seq_len=k.shape[2])
-    # The oracle always runs its dots at full float32 precision.
-    return masked_attention(q, k, v, vis, sm_scale=sm_scale, precision=precision or lax.Precision.HIGHEST)
+    times = listed_times(idx, cnt, block_size=block_size, seq_len=k.shape[2])
+    vis = times > 0
+    if token_mask is not None:
+        vis = vis & token_mask[:, None, :]
+    # The oracle always runs its dots at full float32 precision. A block listed twice counts
+    # twice, as in the kernels (eager calls refuse repeats; under jit they are not checked).
+    return masked_attention(q, k, v, vis, sm_scale=sm_scale, precision=precision or lax.Precision.HIGHEST,
+                            weight=times.astype(jnp.float32))
 
 
 def block_sparse_decode_reference(

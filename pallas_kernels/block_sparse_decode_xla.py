@@ -137,6 +137,11 @@ def block_sparse_decode_xla(
     valid = slot < total  # [slots]; padding slots sit at the end, owned by the last pair
     within = jnp.clip(slot - starts[owner], 0, list_rows - 1)
     slot_rows = row_ids.reshape(-1)[owner * list_rows + within]  # [slots] row within its (b, k)
+    # Padding slots re-read slot 0's row (the first live row: a step runs only when total > 0)
+    # and are masked out: the list's padding, and blocks nobody listed, are never read, so a
+    # NaN there cannot reach the output (the kernel contract, DESIGN.md §3).
+    owner = jnp.where(valid, owner, owner[0])
+    slot_rows = jnp.where(valid, slot_rows, slot_rows[0])
 
     # Row views: one row = `tile` contiguous tokens, so each gathered row is a
     # memcpy-sized slice. [NL*B*K*rows, tile*H] (a bitcast of the stacked
@@ -160,6 +165,9 @@ def block_sparse_decode_xla(
         vis = jnp.broadcast_to(ok[:, None], (per_step, tile))  # [P, tile]
         if token_mask is not None:
             vis = vis & mask_rows.at[(own // kv_heads) * num_rows + rid].get(mode="promise_in_bounds")
+        if token_mask is not None:
+            # masked tokens inside a listed block: zero their V so 0 * (NaN or inf) cannot reach p @ v
+            vb = jnp.where(vis[..., None], vb, 0)
         vis = vis[:, None, :]  # [P, 1, tile]
         # [P, G, tile]
         s = jnp.einsum("pgh,psh->pgs", q_pairs[own], kb, precision=precision,

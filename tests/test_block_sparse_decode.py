@@ -54,8 +54,9 @@ def visible_np(block_indices, block_counts, token_mask, kv_heads, seq_len, block
     return vis
 
 
-def attention_np(q, k, v, vis, sm_scale=None):
-    """float64 masked attention: q [B,N,H], k/v [B,K,S,H], vis [B,K,S] -> [B,N,H]; empty rows 0."""
+def attention_np(q, k, v, vis, sm_scale=None, weight=None):
+    """float64 masked attention: q [B,N,H], k/v [B,K,S,H], vis [B,K,S] -> [B,N,H]; empty rows 0.
+    weight: optional [B,K,S] multiplicity of each token (a block listed twice)."""
     q, k, v = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, k, v))
     batch, num_heads, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -66,6 +67,8 @@ def attention_np(q, k, v, vis, sm_scale=None):
     m = s.max(-1, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)
     p = np.exp(s - m)
+    if weight is not None:
+        p = p * np.asarray(weight)[:, :, None, :]
     l = p.sum(-1, keepdims=True)
     out = np.einsum("bkgs,bksh->bkgh", p / np.where(l > 0, l, 1.0), v)
     return out.reshape(batch, num_heads, head_dim)
@@ -228,6 +231,45 @@ class _BackendTests:
         fn = jax.jit(lambda *a: self.call(*a, block_size=16, sm_scale=0.3))
         out = fn(q, k, v, idx, cnt, mask)
         assert_close(out, attention_np(q, k, v, visible_np(idx, cnt, mask, 1, 128, 16), 0.3), jnp.bfloat16)
+
+    def test_nothing_unselected_reaches_the_output(self):
+        """The contract (issue 14): NaN and inf in V and K of blocks that are not listed, in the
+        list's padding entries' blocks, and at masked tokens inside listed blocks never reach
+        the output, in any backend; the listed, visible tokens give the float64 answer."""
+
+        @settings(max_examples=5, deadline=None)
+        @given(st.integers(0, 2**31 - 1), st.booleans(), st.booleans())
+        def run(seed, per_head, with_mask):
+            rng = np.random.default_rng(seed)
+            case = dict(batch=2, num_heads=4, kv_heads=2, seq_len=8 * 16, head_dim=16, block_size=16,
+                        dtype=jnp.float32, per_head=per_head, with_mask=with_mask)
+            q, k, v, idx, cnt, mask = random_case(rng, **case)
+            vis = visible_np(idx, cnt, mask, 2, 128, 16)  # [B, K, S]
+            want = attention_np(q, k, v, vis)
+            poison = rng.choice([np.nan, np.inf, -np.inf], size=k.shape)
+            k_bad = np.where(vis[..., None], np.asarray(k), poison).astype(np.float32)
+            v_bad = np.where(vis[..., None], np.asarray(v), poison).astype(np.float32)
+            out = np.asarray(self.call(q, jnp.asarray(k_bad), jnp.asarray(v_bad), idx, cnt, mask, block_size=16))
+            assert np.isfinite(out).all(), f"non-finite output from poisoned invisible positions ({self.backend})"
+            assert_close(out, want, jnp.float32)
+
+        run()
+
+    def test_repeated_blocks(self):
+        # Eager calls refuse a block listed twice among the live entries (padding may repeat)...
+        rng = np.random.default_rng(12)
+        case = dict(batch=1, num_heads=2, kv_heads=1, seq_len=64, head_dim=16, block_size=16, dtype=jnp.float32)
+        q, k, v, _, _, _ = random_case(rng, **case)
+        idx = np.array([[2, 0, 2, 1]], np.int32)
+        with pytest.raises(ValueError, match=r"block\(s\) \[2\] more than once"):
+            self.call(q, k, v, idx, np.array([3], np.int32), block_size=16)
+        self.call(q, k, v, idx, np.array([2], np.int32), block_size=16)  # the repeat is padding: fine
+        # ...and under jit every backend counts it once per listing: block 2 weighs twice.
+        out = jax.jit(lambda i, c: self.call(q, k, v, i, c, block_size=16))(idx, np.array([3], np.int32))
+        weight = np.zeros((1, 1, 64))
+        weight[..., 0:16] = 1
+        weight[..., 32:48] = 2
+        assert_close(out, attention_np(q, k, v, weight > 0, weight=weight), jnp.float32)
 
     def test_traced_bad_counts_are_clamped(self):
         # Under jit no value check can run: a count past the list must not read
