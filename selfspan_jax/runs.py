@@ -8,6 +8,7 @@
     RUN/adapters/             LoRA runs: the adapters in PEFT's layout
     RUN/export/               with --export-merged: merged weights, HF layout
     RUN/tb/                   TensorBoard events, when a writer is installed
+    RUN/.lock                 held (flock) by the one process training the run
 
 Training prepares it and writes to it; evaluation, the demo and benchmarks
 read runs through `load_run` / `restore_params`, which restore only the
@@ -17,8 +18,11 @@ away).
 
 from __future__ import annotations
 
+import datetime
+import fcntl
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -38,6 +42,49 @@ CHECKPOINTS = "checkpoints"
 ADAPTERS = "adapters"
 EXPORT = "export"
 TENSORBOARD = "tb"
+LOCK = ".lock"
+
+
+class RunDirLocked(RuntimeError):
+    """Another process is training into the same run directory."""
+
+
+class RunLock:
+    """One writer per run directory: an exclusive flock on RUN/.lock, which records who holds it.
+
+    The kernel drops a flock when its process dies, SIGKILL included, so a lock
+    left by a crashed run is never stale: the next start takes it. A second
+    writer is refused with the holder's pid, host and start time. (flock is
+    per host on most network file systems: two hosts sharing an NFS run
+    directory are not protected.)
+    """
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / LOCK
+        self._fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "an unknown process"
+            os.close(fd)
+            raise RunDirLocked(
+                f"run directory {str(self.path.parent)!r} is in use: {holder} is training into it. "
+                "Wait for it to finish, or use another --out."
+            ) from None
+        os.ftruncate(fd, 0)
+        started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()} (since {started})\n".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the flock; the file stays, unlocked
+            self._fd = None
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:
@@ -91,8 +138,19 @@ def latest_step(run_dir: str | os.PathLike) -> int | None:
 
 
 def is_finished(cfg: TrainConfig) -> bool:
-    """The run holds the checkpoint of its last step."""
-    return (cfg.run_dir / CHECKPOINTS / str(cfg.steps)).is_dir()
+    """The run holds the checkpoint of its last step and that step's evaluation."""
+    return (cfg.run_dir / CHECKPOINTS / str(cfg.steps)).is_dir() and cfg.steps in evaluated_steps(cfg.run_dir)
+
+
+def evaluated_steps(run_dir: str | os.PathLike) -> set[int]:
+    """Steps whose held-out evaluation is in metrics.jsonl."""
+    return {m["step"] for m in read_metrics(run_dir) if "eval_loss" in m and "step" in m}
+
+
+def evaluation_owed(cfg: TrainConfig, step: int) -> bool:
+    """A run restored at `step` owes that step's evaluation when the step is an evaluation step
+    and metrics.jsonl lacks it: the process died after the checkpoint, before the evaluation."""
+    return step > 0 and (step % cfg.eval_every == 0 or step == cfg.steps) and step not in evaluated_steps(cfg.run_dir)
 
 
 # ---------------------------------------------------------------------------
@@ -151,8 +209,17 @@ def _tensorboard_writer(path: Path):
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """metrics.jsonl's records ([] before the first); a line torn by a kill is skipped."""
     path = Path(run_dir) / METRICS
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def recorded_train_seconds(run_dir: str | os.PathLike) -> float | None:

@@ -21,6 +21,7 @@ A gradient-accumulation micro-batches.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import time
@@ -242,8 +243,14 @@ def train(cfg: TrainConfig, *, mesh=None) -> TrainResult:
     loss turns NaN/inf; checkpoints are only written after the losses up to
     them were seen finite, so the last one on disk is good.
     """
-    t_start, cpu_start = time.time(), time.process_time()
     shd.maybe_initialize_distributed()
+    # One writer per run directory (process 0 of a multi-process job writes for all).
+    with runs.RunLock(cfg.run_dir) if jax.process_index() == 0 else contextlib.nullcontext():
+        return _train(cfg, mesh)
+
+
+def _train(cfg: TrainConfig, mesh) -> TrainResult:
+    t_start, cpu_start = time.time(), time.process_time()
     runs.prepare(cfg)
     b = build(cfg, mesh)
     mesh = b.mesh
@@ -319,6 +326,11 @@ def train(cfg: TrainConfig, *, mesh=None) -> TrainResult:
     t_last, tokens_since = time.time(), 0
     final_eval: dict[str, float] = {}
     try:
+        if runs.evaluation_owed(cfg, step):
+            # the last run was killed between this step's checkpoint and its evaluation
+            final_eval = evaluate(b, trainable, eval_step, generate=cfg.eval_generate)
+            log.write({"step": step, **final_eval})
+            t_last = time.time()
         while step < cfg.steps:
             idx, pos = next_indices(len(b.train_set), cfg.batch_size, pos)
             host = b.train_set.rows(idx[rows])

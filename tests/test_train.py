@@ -314,6 +314,51 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     assert [m["loss"] for m in run_m] == [m["loss"] for m in ref_m]
 
 
+def test_second_writer_is_refused_and_a_dead_holder_is_not(tmp_path, capsys):
+    """Issue 14: two trainers on one run directory. The second is refused with a message naming the
+    holder; a holder killed with SIGKILL leaves no stale lock (the kernel drops its flock)."""
+    run = tmp_path / "run"
+    cfg = _small(run, steps=2)
+    with runs.RunLock(run):
+        with pytest.raises(runs.RunDirLocked, match=f"pid {os.getpid()} on host"):
+            T.train(cfg)
+        spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
+        script = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(script)
+        assert script.main(["--out", str(run), "--steps", "2"]) == 1
+        assert "is in use" in capsys.readouterr().err
+    assert not (run / "checkpoints").exists()  # the refused start wrote nothing
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from selfspan_jax import runs; "
+                               "runs.RunLock(sys.argv[1]).__enter__(); print('held', flush=True); time.sleep(120)",
+                               str(run)], stdout=subprocess.PIPE, text=True, env=_env(tmp_path / "cache"))
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(runs.RunDirLocked, match=f"pid {holder.pid} "):
+        T.train(cfg)
+    holder.kill()
+    holder.wait()
+    assert T.train(cfg).step == 2  # the dead holder's lock file is no obstacle
+
+
+def test_evaluation_owed_by_a_killed_run_is_made_on_resume(tmp_path):
+    """Issue 14: a run killed after its final checkpoint and before its final evaluation must
+    produce that evaluation when restarted (and is not 'finished' until it has)."""
+    run = tmp_path / "run"
+    cfg = _small(run, steps=4, eval_every=2)
+    T.train(cfg)
+    full = runs.read_metrics(run)
+    assert sorted(runs.evaluated_steps(run)) == [2, 4] and runs.is_finished(cfg)
+    # what the killed run leaves: everything but the last evaluation line
+    last_eval = max(i for i, m in enumerate(full) if "eval_loss" in m)
+    (run / runs.METRICS).write_text("".join(json.dumps(m) + "\n" for i, m in enumerate(full) if i != last_eval))
+    assert runs.evaluation_owed(cfg, 4) and not runs.is_finished(cfg)
+    result = T.train(cfg)
+    assert result.step == 4 and runs.is_finished(cfg)
+    again = runs.read_metrics(run)
+    assert [m for m in again if "eval_loss" in m] == [m for m in full if "eval_loss" in m]  # same numbers
+    assert [m["step"] for m in again if "loss" in m] == [1, 2, 3, 4]  # no training step redone
+
+
 _MULTI = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
