@@ -138,6 +138,8 @@ def _prepare_prompts(prompts, tokenizer, prompt_lengths) -> tuple[list[list[int]
             arr = arr[None]
         if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
             raise ValueError(f"token-array prompts must be integer [B, T], got dtype {arr.dtype} shape {arr.shape}")
+        if arr.size == 0:
+            raise ValueError(f"token-array prompts are empty (shape {arr.shape}); each prompt needs >= 1 token")
         if prompt_lengths is None:
             lens = [arr.shape[1]] * arr.shape[0]
         else:
@@ -249,6 +251,9 @@ def generate(
         )
     eos, pad_id = _special_ids(tokenizer, eos_id, pad_id)
     vocab = model.config.vocab_size
+    for name, value in (("eos_id", eos), ("pad_id", pad_id)):
+        if not 0 <= value < vocab and not (name == "eos_id" and value == -1):
+            raise ValueError(f"{name}={value} is outside the model's vocabulary [0, {vocab})")
     prompt = np.full((B, T), pad_id, np.int32)
     for b, p in enumerate(ids):
         prompt[b, : len(p)] = p
@@ -270,6 +275,9 @@ def generate(
 
 def _special_ids(tokenizer, eos_id, pad_id) -> tuple[int, int]:
     """(EOS id or -1 for none, pad id): given, else the tokenizer's, else pad = EOS or 0."""
+    for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+            raise ValueError(f"{name} must be an int token id or None, got {value!r}")
     if eos_id is None:
         eos_id = getattr(tokenizer, "eos_token_id", None)
     if pad_id is None:
@@ -283,7 +291,10 @@ def _forced(forced_tokens, B: int, M: int, max_new_tokens: int, vocab: int, pad_
     """The teacher-forced tokens as int32 [B, M] (pad where none are given)."""
     forced = np.full((B, M), pad_id, np.int32)
     if forced_tokens is not None:
-        f = np.asarray(forced_tokens, np.int32)
+        f = np.asarray(forced_tokens)
+        if f.size and not np.issubdtype(f.dtype, np.integer):
+            raise ValueError(f"forced_tokens must be integer token ids, got dtype {f.dtype}")
+        f = f.astype(np.int32)
         if f.ndim != 2 or f.shape[0] != B or f.shape[1] < max_new_tokens:
             raise ValueError(f"forced_tokens must be [B={B}, >= {max_new_tokens}], got shape {f.shape}")
         if f.min() < 0 or f.max() >= vocab:

@@ -293,6 +293,22 @@ def test_bad_sampling_arguments_are_named(model, tok, bad, match):
         generate(model, ["1+2"], tokenizer=tok, max_new_tokens=2, **bad)
 
 
+@pytest.mark.parametrize("bad, match", [
+    (dict(eos_id=10**6), "eos_id=1000000 is outside the model's vocabulary"),
+    (dict(pad_id=-5), "pad_id=-5 is outside"),
+    (dict(eos_id=2.5), "eos_id must be an int"),
+    (dict(forced_tokens=np.full((1, 8), 3.7)), "forced_tokens must be integer"),
+    (dict(prompts=np.zeros((1, 0), np.int32)), "token-array prompts are empty"),
+    (dict(prompts=np.zeros((0,), np.int32)), "token-array prompts are empty"),
+])
+def test_bad_special_ids_forced_tokens_and_empty_arrays_are_named(model, tok, bad, match):
+    # issue 14, item 5: each was accepted (generation never stopping, or truncated ids) or failed inside numpy
+    kw = dict(prompts=["1+2"], tokenizer=tok, max_new_tokens=8)
+    kw.update(bad)
+    with pytest.raises(ValueError, match=match):
+        generate(model, kw.pop("prompts"), **kw)
+
+
 def test_sampling_reproducible_and_logprobs_still_exact(model, tok, span_tokens):
     prompts = _live_prompts(seed=5)
     prompt_ids = [tok.encode(p) for p in prompts]
