@@ -64,8 +64,12 @@ class RunLock:
         self._fd: int | None = None
 
     def __enter__(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except (FileExistsError, NotADirectoryError, PermissionError) as err:
+            raise ValueError(f"cannot use {str(self.path.parent)!r} as a run directory (--out): "
+                             f"{err.strerror}: {err.filename!r}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -100,9 +104,9 @@ def load_config(run_dir: str | os.PathLike) -> TrainConfig:
     return TrainConfig.from_dict({**saved, "out": str(run_dir)})
 
 
-def prepare(cfg: TrainConfig) -> None:
-    """Create the run dir and write config.yaml, or check that an existing
-    run dir was made by the same config (it is then resumed)."""
+def check_resumable(cfg: TrainConfig) -> bool:
+    """Whether the run dir already holds this config's run (it is then resumed); raises ValueError
+    when it holds another config's, or checkpoints without a config."""
     run_dir = cfg.run_dir
     saved_path = run_dir / CONFIG
     if saved_path.exists():
@@ -114,11 +118,21 @@ def prepare(cfg: TrainConfig) -> None:
                 f"run directory {str(run_dir)!r} holds a run with a different config ({lines}); "
                 "use another --out, or repeat the original settings to resume it"
             )
-        return
+        return True
     if (run_dir / CHECKPOINTS).exists():
         raise ValueError(f"run directory {str(run_dir)!r} has checkpoints but no {CONFIG}; refusing to guess")
+    return False
+
+
+def prepare(cfg: TrainConfig) -> None:
+    """Write config.yaml for a new run, or check that an existing run dir was made by the same
+    config. Training calls it once the model and data are built, so a start that fails on bad
+    input leaves no config behind to block the corrected command."""
+    if check_resumable(cfg):
+        return
+    saved_path = cfg.run_dir / CONFIG
     if jax.process_index() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
         tmp = saved_path.with_suffix(".yaml.tmp")
         tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         os.replace(tmp, saved_path)  # atomic: a killed start never leaves half a config

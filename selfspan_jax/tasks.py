@@ -12,6 +12,7 @@ Jax-free: generating data does not import jax.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import re
 from typing import Sequence
 
@@ -20,6 +21,10 @@ import numpy as np
 from selfspan_jax.tokenizer import ANCHOR, REF_CLOSE, REF_OPEN, encode_with_spans
 
 TASKS = ("arithmetic", "summarization")
+
+
+def data_fields(instance) -> dict:
+    return {f.name: getattr(instance, f.name) for f in dataclasses.fields(instance)}
 
 
 class Task(abc.ABC):
@@ -51,6 +56,10 @@ class Task(abc.ABC):
         """Per-record verdict of a checker, for tasks that have one (else None)."""
         return None
 
+    def check_data(self, data: dict) -> None:
+        """Raises ValueError naming a data option this task does not know or a value of the wrong
+        type, when a config is made (so `--print-config` and a training start agree)."""
+
     @abc.abstractmethod
     def score(self, records: Sequence[dict], texts: Sequence[str]) -> dict[str, float]:
         """Accuracy metrics (percent) of generated completions against their records."""
@@ -77,6 +86,19 @@ class Arithmetic(Task):
     # arithmetic facts are learnable by the from-scratch tiny model within the
     # ~10-minute CPU default (docs/notes/training.md has the tuning runs).
     data_defaults = {"max_operand": 9, "max_value": 20}
+
+    def check_data(self, data):
+        from selfspan_jax.data import arithmetic
+
+        fields = {f.name: f for f in dataclasses.fields(arithmetic.Difficulty)}
+        for key, value in data.items():
+            if key not in fields:
+                raise ValueError(f"unknown arithmetic data option {key!r} (in --data {key}={value!r}); "
+                                 f"known: {sorted(fields)}")
+            want = bool if isinstance(fields[key].default, bool) else int
+            if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+                raise ValueError(f"arithmetic data option {key} must be {want.__name__}, got {value!r}")
+        arithmetic.Difficulty(**{**data_fields(arithmetic.SPLITS["train"]), **data})  # its range checks
     held_out_split = "test"
     # step_progress: partial credit (data.arithmetic.step_progress), which still ranks decoders where
     # long derivations take exact match to ~0 for everyone

@@ -251,8 +251,9 @@ def train(cfg: TrainConfig, *, mesh=None) -> TrainResult:
 
 def _train(cfg: TrainConfig, mesh) -> TrainResult:
     t_start, cpu_start = time.time(), time.process_time()
-    runs.prepare(cfg)
+    runs.check_resumable(cfg)
     b = build(cfg, mesh)
+    runs.prepare(cfg)
     mesh = b.mesh
     mask_fn = _mask_fn(cfg, b.span_tokens)
     # Moments shard like their parameters (same shapes, same rule). Placing

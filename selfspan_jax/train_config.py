@@ -161,6 +161,9 @@ class TrainConfig:
                 f"model_overrides {self.model_overrides} only apply to the from-scratch 'tiny' model, "
                 f"not {self.model!r} (its shape comes from its checkpoint)"
             )
+        if self.model_overrides:
+            _check_model_overrides(self.model_overrides)
+        tasks.get(self.task).check_data(self.data)
         if self.init_from is not None and not (isinstance(self.init_from, str) and self.init_from):
             raise ValueError(f"init_from must be a run directory path or None, got {self.init_from!r}")
         for name in ("dp", "fsdp"):
@@ -192,6 +195,28 @@ class TrainConfig:
 
 
 FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def _check_model_overrides(overrides: dict) -> None:
+    """Each --model-override names a LlamaConfig field with a value of its type, and together they
+    make a valid config (checked when the config is made, not when the model is built)."""
+    from selfspan_jax.config import LlamaConfig
+
+    fields = {f.name: f for f in dataclasses.fields(LlamaConfig)}
+    for key, value in overrides.items():
+        if key not in fields or key == "vocab_size":
+            raise ValueError(f"--model-override {key}={value!r}: not a LlamaConfig field that can be overridden; "
+                             f"known: {sorted(set(fields) - {'vocab_size'})}")
+        default = fields[key].default
+        types = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(type(default))
+        if default is None and key == "head_dim_override":
+            types = (int,)
+        if types and (not isinstance(value, types) or (bool not in types and isinstance(value, bool))):
+            raise ValueError(f"--model-override {key}={value!r}: expected {' or '.join(t.__name__ for t in types)}")
+    try:
+        LlamaConfig.preset("tiny", **overrides)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"--model-override {overrides}: {err}") from None
 
 
 def _choice(name: str, value, options) -> None:

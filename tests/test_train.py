@@ -314,6 +314,44 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     assert [m["loss"] for m in run_m] == [m["loss"] for m in ref_m]
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--model-override", "foo=3"], "not a LlamaConfig field"),
+    (["--print-config", "--model-override", "foo=3"], "not a LlamaConfig field"),
+    (["--model-override", "d_model=abc"], "d_model must be a positive int"),
+    (["--print-config", "--model-override", "n_heads=4.5"], "n_heads must be a positive int, got 4.5"),
+    (["--model-override", "norm_eps=tiny"], "norm_eps='tiny': expected int or float"),
+    (["--data", "bogus=1"], "unknown arithmetic data option 'bogus'"),
+    (["--print-config", "--data", "max_operands=many"], "max_operands must be int"),
+    (["--data", "min_operands=5", "--data", "max_operands=3"], "min_operands <= max_operands"),
+])
+def test_bad_overrides_are_named_before_anything_runs(tmp_path, capsys, args, message):
+    # issue 14, item 6: these were raw TypeErrors at build time, or accepted by --print-config
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--out", str(tmp_path / "run"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("make_out", [lambda d: d / "afile", lambda d: d / "afile" / "sub"])
+def test_out_that_is_a_file_is_named(tmp_path, capsys, make_out):
+    (tmp_path / "afile").write_text("not a directory")
+    with pytest.raises(ValueError, match="cannot use .* as a run directory"):
+        T.train(_small(make_out(tmp_path)))
+
+
+def test_a_failed_start_leaves_no_config_behind(tmp_path):
+    # issue 14, item 6: a start that failed on its data wrote config.yaml, and the corrected command
+    # was then refused as "a different config"
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match="needs --data source"):
+        T.train(_small(run, task="summarization", data={}))
+    assert not (run / runs.CONFIG).exists()
+    assert T.train(_small(run, steps=2)).step == 2
+
+
 def test_second_writer_is_refused_and_a_dead_holder_is_not(tmp_path, capsys):
     """Issue 14: two trainers on one run directory. The second is refused with a message naming the
     holder; a holder killed with SIGKILL leaves no stale lock (the kernel drops its flock)."""
