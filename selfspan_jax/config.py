@@ -15,6 +15,20 @@ import jax.numpy as jnp
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def dtype_name(dtype, what: str = "dtype") -> str:
+    """The name ("float32", "bfloat16", "float16") of a dtype given as that name, a jnp/np scalar
+    type (jnp.bfloat16) or a dtype object; ValueError naming `what` for anything else."""
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return dtype
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in _DTYPES:
+        raise ValueError(f"{what} must be one of {sorted(_DTYPES)} (or the jnp/np dtype), got {dtype!r}")
+    return name
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """LLaMA-3.1-style frequency-dependent RoPE scaling (HF `rope_type="llama3"`)."""
@@ -82,8 +96,8 @@ class LlamaConfig:
             which = "head_dim_override" if self.head_dim_override else "d_model / n_heads"
             raise ValueError(f"LlamaConfig head dim ({which}) must be even for RoPE, got {self.head_dim}")
         for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in _DTYPES:
-                raise ValueError(f"LlamaConfig.{name} must be one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
+            # a name keeps the config hashable and JSON-serialisable; jnp.bfloat16 is accepted too
+            object.__setattr__(self, name, dtype_name(getattr(self, name), f"LlamaConfig.{name}"))
         if self.norm_eps <= 0 or self.rope_theta <= 0:
             raise ValueError("LlamaConfig.norm_eps and rope_theta must be > 0")
         if isinstance(self.rope_scaling, dict):  # allow plain dicts from JSON/YAML

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from selfspan_jax.config import _DTYPES, LlamaConfig
+from selfspan_jax.config import _DTYPES, LlamaConfig, dtype_name
 from selfspan_jax.lora import apply_lora, lora_trainable_filter
 from selfspan_jax.model import Llama
 from selfspan_jax.tokenizer import CharTokenizer
@@ -65,8 +65,7 @@ def set_compute_dtype(model, dtype: str) -> None:
     nnx.Embed, RMSNorm) and the model reads `config.dtype`; both are static
     graph data, so this changes the traced program, not the weights.
     """
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown compute dtype {dtype!r}; choose from {sorted(_DTYPES)}")
+    dtype = dtype_name(dtype, "compute dtype")
     jdtype = _DTYPES[dtype]
     for _, module in nnx.iter_graph(model):
         if isinstance(module, nnx.Module) and hasattr(module, "dtype"):

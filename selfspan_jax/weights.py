@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 from selfspan_jax import hf_interop
-from selfspan_jax.config import _DTYPES, LlamaConfig
+from selfspan_jax.config import LlamaConfig, dtype_name
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # preset name -> (package that ships the file, file name). The package is only
@@ -424,9 +424,8 @@ def load_hf_checkpoint(path: str, dtype: str = "float32"):
 # ---------------------------------------------------------------------------
 # entry point
 # ---------------------------------------------------------------------------
-def _with_dtype(config: LlamaConfig, dtype: str) -> LlamaConfig:
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+def _with_dtype(config: LlamaConfig, dtype) -> LlamaConfig:
+    dtype = dtype_name(dtype)
     return config.replace(dtype=dtype, param_dtype=dtype)
 
 

@@ -133,6 +133,23 @@ def test_hf_checkpoint_bfloat16_weights_stay_exact():
                                   np.asarray(m32.layers[1].attn.k_proj.kernel[...]))
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, np.dtype("float32"), jnp.dtype("bfloat16"), "float16", np.float16])
+def test_dtypes_are_taken_as_jax_users_write_them(dtype):
+    # issue 14, item 7: load_model(..., dtype=jnp.float32) was refused; only the names were accepted
+    from selfspan_jax.config import LlamaConfig
+    from selfspan_jax.models import set_compute_dtype
+
+    name = jnp.dtype(dtype).name
+    model, _ = load_model(os.path.join(TINY, "llama3_rope_bf16"), dtype=dtype, add_span_tokens=False)
+    assert model.config.dtype == model.config.param_dtype == name
+    assert model.embed.embedding[...].dtype == jnp.dtype(name)
+    assert LlamaConfig.preset("tiny", dtype=dtype).dtype == name
+    set_compute_dtype(model, dtype)
+    assert model.config.dtype == name
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        load_model(os.path.join(TINY, "llama3_rope_bf16"), dtype=jnp.int32)
+
+
 def test_hf_tokenizer_json_and_span_tokens_without_growth():
     path = os.path.join(TINY, "mqa_untied_sharded")
     ref = _tiny_reference("mqa_untied_sharded")
