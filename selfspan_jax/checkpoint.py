@@ -130,9 +130,11 @@ class Checkpointer:
             )
             state, data = restored["state"], restored["data"]
         except Exception as err:  # orbax raises a zoo of types (ValueError, KeyError, tensorstore errors)
+            # The first line says what failed; tensorstore appends a long JSON spec dump after it.
+            first = (str(err).strip().splitlines() or [""])[0][:300]
             raise CheckpointError(
                 f"checkpoint {path} is corrupt or does not match this run "
-                f"({type(err).__name__}: {str(err)[:500]}); delete that directory to fall back "
+                f"({type(err).__name__}: {first}); delete that directory to fall back "
                 "to the previous checkpoint"
             ) from err
         if not isinstance(data, dict):

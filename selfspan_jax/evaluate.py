@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -61,6 +62,11 @@ def load_for_eval(source: str, *, step: int | None = None) -> Loaded:
         run = runs.load_run(source, step)
         return Loaded(run.model, run.tokenizer, run.config.task, run.config.max_segments, str(source), run.step,
                       run.config.to_dict())
+    looks_like_run = os.path.isdir(source) and any(
+        os.path.exists(os.path.join(source, name)) for name in (runs.CHECKPOINTS, runs.METRICS))
+    if looks_like_run and not os.path.isfile(os.path.join(source, "config.json")):
+        raise ValueError(f"{source!r} looks like a training run directory but has no {runs.CONFIG}; "
+                         "it cannot be rebuilt without it")
     if step is not None:
         raise ValueError(f"step={step} only applies to a training run directory; {source!r} is not one")
     model, tokenizer = load_model(source)

@@ -230,14 +230,43 @@ def _choice(name: str, value, options) -> None:
 DEFAULT = TrainConfig()
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping naming one key twice (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _no_duplicate_keys(path):
+    def hook(pairs):
+        keys = [k for k, _ in pairs]
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            raise ValueError(f"config file {str(path)!r} names {dup} more than once")
+        return dict(pairs)
+    return hook
+
+
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """YAML or JSON file of TrainConfig overrides -> dict (unknown keys raise)."""
     path = Path(path)
+    if path.is_dir():
+        hint = " (a run directory: its config is RUN/config.yaml)" if (path / "config.yaml").is_file() else ""
+        raise ValueError(f"config file {str(path)!r} is a directory, not a YAML/JSON file{hint}")
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
     text = path.read_text()
     try:
-        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        if path.suffix == ".json":
+            values = json.loads(text, object_pairs_hook=_no_duplicate_keys(path))
+        else:
+            values = yaml.load(text, Loader=_UniqueKeyLoader)
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         raise ValueError(f"config file {str(path)!r} does not parse: {err}") from err
     if values is None:

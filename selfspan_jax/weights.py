@@ -372,6 +372,18 @@ def hf_tensors(raw: dict[str, LazyTensor], config: LlamaConfig) -> dict[str, Laz
     return out
 
 
+def _json_object(path: str) -> dict:
+    """A JSON file that must hold an object; ValueError naming the file (and the position) otherwise."""
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path!r} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path!r} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
 def read_hf_checkpoint(path: str) -> tuple[LlamaConfig, dict[str, LazyTensor]]:
     """(config, tensors by our paths) from a directory with config.json and safetensors.
 
@@ -381,13 +393,14 @@ def read_hf_checkpoint(path: str) -> tuple[LlamaConfig, dict[str, LazyTensor]]:
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         raise ValueError(f"checkpoint directory {path!r} has no config.json")
-    with open(config_file) as f:
-        config = hf_interop.config_from_hf(json.load(f))
+    config = hf_interop.config_from_hf(_json_object(config_file))
     index_file = os.path.join(path, "model.safetensors.index.json")
     raw: dict[str, LazyTensor] = {}
     if os.path.isfile(index_file):
-        with open(index_file) as f:
-            weight_map: dict[str, str] = json.load(f)["weight_map"]
+        weight_map = _json_object(index_file).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index_file!r}: 'weight_map' must map tensor names to shard file names, "
+                             f"got {type(weight_map).__name__}")
         for shard in sorted(set(weight_map.values())):
             shard_path = os.path.join(path, shard)
             if not os.path.isfile(shard_path):

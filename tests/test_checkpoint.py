@@ -135,8 +135,11 @@ def test_corrupt_checkpoint_raises_clear_error(tmp_path, damage):
     else:
         (step_dir / "data" / "metadata").write_text("[1, 2")
     with ck.Checkpointer(tmp_path / "ckpt") as mgr:
-        with pytest.raises(ck.CheckpointError, match=r"ckpt/7.*(corrupt|does not match)"):
+        with pytest.raises(ck.CheckpointError, match=r"ckpt/7.*(corrupt|does not match)") as info:
             mgr.restore(ck.abstract_tree(state))
+    # one readable line: the path and what failed, not tensorstore's JSON spec dump (issue 14, item 8)
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 700, message
 
 
 def test_shape_mismatch_raises(tmp_path):

@@ -116,6 +116,28 @@ def test_config_file_errors(tmp_path):
         C.config_from_args(["--config", str(bad)])
     with pytest.raises(ValueError, match="does not exist"):
         C.config_from_args(["--config", str(tmp_path / "missing.yaml")])
+    # issue 14, item 8: duplicate keys took the last value silently; a directory "did not exist"
+    bad.write_text("steps: 3\nlr: 0.1\nsteps: 5\n")
+    with pytest.raises(ValueError, match="duplicate key 'steps'"):
+        C.config_from_args(["--config", str(bad)])
+    (tmp_path / "dup.json").write_text('{"steps": 3, "steps": 5}')
+    with pytest.raises(ValueError, match=r"names \['steps'\] more than once"):
+        C.config_from_args(["--config", str(tmp_path / "dup.json")])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("steps: 3\n")
+    with pytest.raises(ValueError, match="is a directory.*a run directory: its config is RUN/config.yaml"):
+        C.config_from_args(["--config", str(run)])
+
+
+def test_evaluating_a_run_directory_without_its_config_is_named(tmp_path):
+    from selfspan_jax import evaluate as ev
+
+    run = tmp_path / "run"
+    T.train(_small(run, steps=2))
+    (run / runs.CONFIG).unlink()
+    with pytest.raises(ValueError, match="looks like a training run directory but has no config.yaml"):
+        ev.load_for_eval(str(run))
 
 
 def test_script_reports_errors_cleanly(capsys):

@@ -150,6 +150,21 @@ def test_dtypes_are_taken_as_jax_users_write_them(dtype):
         load_model(os.path.join(TINY, "llama3_rope_bf16"), dtype=jnp.int32)
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: (p / "config.json").write_text("{not json"), r"config.json' is not valid JSON: .* line 1, column 2"),
+    (lambda p: (p / "config.json").write_text("[1, 2]"), r"config.json' must hold a JSON object, got list"),
+    (lambda p: (p / "model.safetensors.index.json").write_text("[]"), r"index.json' must hold a JSON object"),
+    (lambda p: (p / "model.safetensors.index.json").write_text('{"weight_map": [1]}'), r"'weight_map' must map"),
+])
+def test_malformed_hf_json_is_named(tmp_path, damage, message):
+    # issue 14, item 8: a bare JSONDecodeError without the file name, or a TypeError
+    path = tmp_path / "ckpt"
+    shutil.copytree(os.path.join(TINY, "llama3_rope_bf16"), path)
+    damage(path)
+    with pytest.raises(ValueError, match=message):
+        load_model(str(path), add_span_tokens=False)
+
+
 def test_hf_tokenizer_json_and_span_tokens_without_growth():
     path = os.path.join(TINY, "mqa_untied_sharded")
     ref = _tiny_reference("mqa_untied_sharded")
