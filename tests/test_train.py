@@ -278,11 +278,11 @@ def _env(cache: Path, devices: int = 1) -> dict:
     return env
 
 
-def _train_cmd(out: Path, seed: int, steps: int) -> list[str]:
+def _train_cmd(out: Path, seed: int, steps: int, eval_every: int = 1000) -> list[str]:
     return [sys.executable, str(ROOT / "scripts" / "train.py"), "--out", str(out), "--seed", str(seed),
             "--steps", str(steps), "--save-every", "2", "--keep-checkpoints", "2", "--log-every", "1",
             "--num-train", "40", "--num-eval", "8", "--batch-size", "8", "--seq-len", "64", "--lr", "3e-3",
-            "--warmup-steps", "2", "--eval-every", "1000", "--no-eval-generate", "--no-progress",
+            "--warmup-steps", "2", "--eval-every", str(eval_every), "--no-eval-generate", "--no-progress",
             "--no-tensorboard", "--span-policy", "dense",
             *[a for k, v in SMALL_MODEL.items() for a in ("--model-override", f"{k}={v}")],
             *[a for k, v in SMALL_DATA.items() for a in ("--data", f"{k}={v}")]]
@@ -417,6 +417,55 @@ def test_evaluation_owed_by_a_killed_run_is_made_on_resume(tmp_path):
     again = runs.read_metrics(run)
     assert [m for m in again if "eval_loss" in m] == [m for m in full if "eval_loss" in m]  # same numbers
     assert [m["step"] for m in again if "loss" in m] == [1, 2, 3, 4]  # no training step redone
+
+
+def test_sigkill_at_random_moments_then_resume_matches_uninterrupted_run(tmp_path):
+    """Fault injection (issue 14): SIGKILL at random moments of a run that checkpoints every 2 steps
+    and evaluates every 4 (so a kill can land inside an async save, between a save and its
+    evaluation, or mid-step), up to three times, resuming after each. The final parameters and
+    optimizer state equal an uninterrupted run's, metrics.jsonl has every step's train line once
+    with the same loss, and every evaluation the uninterrupted run made, with the same numbers."""
+    seed, steps = _seed(), 16
+    rng = np.random.default_rng(seed)
+    cache = tmp_path / "jax_cache"
+    ref = subprocess.run(_train_cmd(tmp_path / "ref", seed, steps, eval_every=4), env=_env(cache),
+                         capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    ref_lines = [m["elapsed_s"] for m in runs.read_metrics(tmp_path / "ref") if "elapsed_s" in m]
+    span = ref_lines[-1] - ref_lines[0]  # wall time from the first train line to the end
+    run = tmp_path / "run"
+    kills = 0
+    for attempt in range(4):
+        start_at = runs.latest_step(run) or 0
+        proc = subprocess.Popen(_train_cmd(run, seed, steps, eval_every=4), env=_env(cache),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if attempt < 3:
+            # once this start is stepping (a train line past its checkpoint), kill at a random moment
+            # of the rest of the run: mid-step, inside an async save, or between a save and its eval
+            while proc.poll() is None and not any(m.get("step", 0) > start_at and "loss" in m
+                                                  for m in runs.read_metrics(run)):
+                time.sleep(0.005)
+            time.sleep(float(rng.uniform(0, span)))
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                kills += 1
+                print(f"killed at checkpoint {runs.latest_step(run)}, "
+                      f"evaluated {sorted(runs.evaluated_steps(run))}")
+                continue
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+        break
+    print(f"{kills} kills")
+    (s_ref, d_ref), (s_run, d_run) = _final_state(tmp_path / "ref", steps), _final_state(run, steps)
+    assert d_ref == d_run
+    for x, y in zip(jax.tree.leaves(s_ref), jax.tree.leaves(s_run), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    ref_m, run_m = runs.read_metrics(tmp_path / "ref"), runs.read_metrics(run)
+    train = lambda ms: [(m["step"], m["loss"]) for m in ms if "loss" in m]  # noqa: E731
+    evals = lambda ms: {m["step"]: (m["eval_loss"], m["eval_token_acc"]) for m in ms if "eval_loss" in m}  # noqa: E731
+    assert train(run_m) == train(ref_m) and [s for s, _ in train(run_m)] == list(range(1, steps + 1))
+    assert evals(run_m) == evals(ref_m) and sorted(evals(run_m)) == [4, 8, 12, 16]
+    assert len([m for m in run_m if "eval_loss" in m]) == 4  # no evaluation written twice
 
 
 _MULTI = textwrap.dedent("""
