@@ -1,0 +1,135 @@
+"""docs/notes/bad_input.md, kept true: every row's call raises ValueError with the documented text.
+
+The table is parsed from the file; each row id maps to one case below. A row
+without a case, or a case without a row, fails, so the documentation and the
+behaviour cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pallas_kernels import BlockSparseParams, block_sparse_decode
+from selfspan_jax import runs
+from selfspan_jax.config import LlamaConfig
+from selfspan_jax.generation import generate
+from selfspan_jax.model import Llama
+from selfspan_jax.tokenizer import CharTokenizer
+from selfspan_jax.train_config import config_from_args, load_config_file
+from selfspan_jax.weights import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLE = ROOT / "docs" / "notes" / "bad_input.md"
+HF_TINY = ROOT / "tests" / "fixtures" / "tiny_llama" / "llama3_rope_bf16"
+
+
+def _rows() -> dict[str, str]:
+    rows = {}
+    for line in TABLE.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0] not in ("id", "---"):
+            rows[cells[0]] = re.fullmatch(r"`(.*)`", cells[2]).group(1)
+    return rows
+
+
+_TOK = CharTokenizer()
+
+
+def _model():
+    cfg = LlamaConfig(vocab_size=len(_TOK), d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, mlp_dim=64,
+                      max_seq_len=64)
+    return Llama(cfg, rngs=nnx.Rngs(0))
+
+
+def _kernel(idx, cnt, head_dim=16, backend="xla"):
+    q = np.zeros((1, 2, head_dim), np.float32)
+    k = np.zeros((1, 1, 64, head_dim), np.float32)
+    return block_sparse_decode(q, k, k, np.asarray(idx, np.int32), np.asarray(cnt, np.int32), block_size=16,
+                               backend=backend)
+
+
+def _hf_copy(tmp: Path, damage) -> str:
+    path = tmp / "ckpt"
+    shutil.copytree(HF_TINY, path)
+    damage(path)
+    return str(path)
+
+
+def _train_args(tmp: Path, *extra) -> None:
+    cfg, _ = config_from_args(["--out", str(tmp / "run"), *extra])
+    from selfspan_jax import train as T
+
+    T.train(cfg)
+
+
+def _second_writer(tmp: Path) -> None:
+    with runs.RunLock(tmp / "run"):
+        _train_args(tmp, "--steps", "1")
+
+
+def _eval_without_config(tmp: Path) -> None:
+    from selfspan_jax import evaluate as ev
+
+    run = tmp / "run"
+    (run / runs.CHECKPOINTS).mkdir(parents=True)
+    ev.load_for_eval(str(run))
+
+
+def _dup_config(tmp: Path) -> None:
+    (tmp / "c.yaml").write_text("steps: 3\nsteps: 4\n")
+    load_config_file(tmp / "c.yaml")
+
+
+def _out_is_file(tmp: Path) -> None:
+    (tmp / "afile").write_text("x")
+    cfg, _ = config_from_args(["--out", str(tmp / "afile")])
+    with runs.RunLock(cfg.run_dir):
+        pass
+
+
+CASES = {
+    "kernel-repeat": lambda tmp: _kernel([[2, 0, 2, 1]], [3]),
+    "kernel-count": lambda tmp: _kernel([[0, 1, 2, 3]], [9]),
+    "kernel-head-dim": lambda tmp: _kernel([[0]], [1], head_dim=80, backend="pallas"),
+    "kernel-params": lambda tmp: BlockSparseParams(block_h=48),
+    "generate-eos": lambda tmp: generate(_model(), ["1+2"], tokenizer=_TOK, max_new_tokens=4, eos_id=10**6),
+    "generate-pad": lambda tmp: generate(_model(), ["1+2"], tokenizer=_TOK, max_new_tokens=4, pad_id=-5),
+    "generate-forced": lambda tmp: generate(_model(), ["1+2"], tokenizer=_TOK, max_new_tokens=4,
+                                            forced_tokens=np.full((1, 8), 3.7)),
+    "generate-empty": lambda tmp: generate(_model(), np.zeros((1, 0), np.int32), tokenizer=_TOK, max_new_tokens=4),
+    "generate-temperature": lambda tmp: generate(_model(), ["1+2"], tokenizer=_TOK, max_new_tokens=4,
+                                                 temperature=float("nan")),
+    "generate-too-long": lambda tmp: generate(_model(), ["1+2" * 20], tokenizer=_TOK, max_new_tokens=16),
+    "config-override-key": lambda tmp: config_from_args(["--model-override", "foo=3"]),
+    "config-override-type": lambda tmp: config_from_args(["--model-override", "d_model=abc"]),
+    "config-data-key": lambda tmp: config_from_args(["--data", "bogus=1"]),
+    "config-file-duplicate": _dup_config,
+    "config-file-dir": lambda tmp: load_config_file(tmp),
+    "out-is-file": _out_is_file,
+    "run-in-use": _second_writer,
+    "hf-config-json": lambda tmp: load_model(_hf_copy(tmp, lambda p: (p / "config.json").write_text("{x")),
+                                             add_span_tokens=False),
+    "hf-index-list": lambda tmp: load_model(
+        _hf_copy(tmp, lambda p: (p / "model.safetensors.index.json").write_text("[]")), add_span_tokens=False),
+    "dtype": lambda tmp: load_model(str(HF_TINY), dtype=jnp.int32, add_span_tokens=False),
+    "eval-run-no-config": _eval_without_config,
+}
+
+
+def test_every_row_has_a_case_and_every_case_a_row():
+    assert set(_rows()) == set(CASES)
+
+
+@pytest.mark.parametrize("row_id", sorted(CASES))
+def test_the_documented_error(row_id, tmp_path):
+    message = _rows()[row_id]
+    with pytest.raises((ValueError, runs.RunDirLocked)) as info:
+        CASES[row_id](tmp_path)
+    assert message in str(info.value), f"{row_id}: {info.value}"
