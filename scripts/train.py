@@ -8,7 +8,6 @@ Running the same command again resumes the run in --out from its latest checkpoi
 import json
 import sys
 
-from selfspan_jax import runs
 from selfspan_jax import train as train_lib
 from selfspan_jax.train_config import config_from_args
 
@@ -24,7 +23,7 @@ def main(argv=None) -> int:
         return 0
     try:
         result = train_lib.train(cfg)
-    except (ValueError, train_lib.TrainingDiverged, runs.RunDirLocked) as err:
+    except (ValueError, train_lib.TrainingDiverged) as err:  # runs.RunDirLocked is a ValueError
         print(f"train.py: error: {err}", file=sys.stderr)
         return 1
     print(json.dumps({"run_dir": str(result.run_dir), "step": result.step, "wall_s": round(result.wall_s, 1),

@@ -45,8 +45,9 @@ TENSORBOARD = "tb"
 LOCK = ".lock"
 
 
-class RunDirLocked(RuntimeError):
-    """Another process is training into the same run directory."""
+class RunDirLocked(ValueError):
+    """Another process is training into the same run directory (a ValueError: the --out given
+    names a directory in use, and every command line reports ValueErrors by name)."""
 
 
 class RunLock:
