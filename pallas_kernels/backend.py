@@ -31,6 +31,20 @@ def next_power_of_two(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def query_rows(group_size: int) -> int:
+    """Query rows per program for a group of G query heads: Triton tiles are powers of two, and its
+    mma wants >= 16 rows."""
+    return max(16, next_power_of_two(group_size))
+
+
+def default_k_splits(*, batch: int, kv_heads: int, entries: int, num_cores: int) -> int:
+    """About one wave of programs; never more splits than a full list of `entries` can fill with
+    MIN_ENTRIES_PER_SPLIT each (an extra split would only ever be empty). Every split costs the
+    combine a read of its partials, written or not."""
+    fillable = -(-entries // MIN_ENTRIES_PER_SPLIT)
+    return max(1, min(-(-num_cores // (batch * kv_heads)), fillable))
+
+
 def on_gpu() -> bool:
     """True when the default JAX backend is a CUDA/ROCm GPU."""
     return jax.default_backend() in ("gpu", "cuda", "rocm")
@@ -108,8 +122,7 @@ class BlockSparseParams:
         num_cores: int,
     ) -> "BlockSparseParams":
         """Fills every None field for one call's static shapes."""
-        # Triton tensors have power-of-two dims, and its mma wants >= 16 rows.
-        block_h = self.block_h if self.block_h is not None else max(16, next_power_of_two(group_size))
+        block_h = self.block_h if self.block_h is not None else query_rows(group_size)
         if block_h < group_size:
             raise ValueError(f"block_h={block_h} is smaller than the query group G={group_size}")
 
@@ -124,14 +137,8 @@ class BlockSparseParams:
         if block_size % block_k or block_k < 16 or block_k & (block_k - 1):
             raise ValueError(f"block_k={block_k} must be a power of two >= 16 that divides block_size={block_size}")
 
-        if self.k_splits is not None:
-            k_splits = self.k_splits
-        else:
-            # About one wave of programs; never more splits than a full list can fill with
-            # MIN_ENTRIES_PER_SPLIT entries each (an extra split would only ever be empty). Every
-            # split costs the combine a read of its partials, written or not.
-            fillable = -(-list_len // MIN_ENTRIES_PER_SPLIT)
-            k_splits = max(1, min(-(-num_cores // (batch * kv_heads)), fillable))
+        k_splits = self.k_splits if self.k_splits is not None else default_k_splits(
+            batch=batch, kv_heads=kv_heads, entries=list_len, num_cores=num_cores)
 
         num_warps = self.num_warps if self.num_warps is not None else (8 if block_k * head_dim >= 128 * 128 else 4)
 

@@ -105,7 +105,7 @@ def block_sparse_decode_kernel(
 
     def tile_keep(start):
         # int8 mask row of the tile, read as a plain load (too narrow for an async copy)
-        return mask_ref[b, pl.ds(start, block_k)] if has_mask else None
+        return mask_ref[b, pl.ds(start, block_k)]
 
     def body(t, carry):
         # The block id (and mask row) of tile t were read in iteration t - 1: an address that
@@ -122,19 +122,19 @@ def block_sparse_decode_kernel(
         )
         s = s * sm_scale
         if has_mask:
-            visible = (keep[0] != 0)[None, :]  # [1, block_k]
-            s = jnp.where(visible, s, _NEG)
+            visible = keep[0] != 0  # [block_k]
+            s = jnp.where(visible[None, :], s, _NEG)
         m_next = jnp.maximum(m_prev, s.max(axis=-1))
         correction = jnp.exp(m_prev - m_next)  # [block_h]
         p = jnp.exp(s - m_next[:, None])  # [block_h, block_k]
         if has_mask:
-            p = jnp.where(visible, p, 0.0)
+            p = jnp.where(visible[None, :], p, 0.0)
         l_next = correction * l_prev + p.sum(axis=-1)
         v = v_ref[layer, b, h, pl.ds(start, block_k), :]  # [block_k, H]
         if has_mask:
             # p is 0 at masked tokens, but 0 * NaN is NaN: zero their V too (the contract: a
             # masked position never reaches the output; cost in docs/notes/kernel.md)
-            v = jnp.where((keep[0] != 0)[:, None], v, jnp.zeros_like(v))
+            v = jnp.where(visible[:, None], v, jnp.zeros_like(v))
         # [block_h, H]; p goes to the cache dtype so bf16 caches use the bf16 mma.
         pv = lax.dot_general(
             p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
@@ -382,11 +382,11 @@ def _validate(q, k, v, block_indices, block_counts, token_mask, block_size, back
             if bad.any():
                 raise ValueError(f"block_indices has live entries outside [0, NB={num_blocks}): {idx[bad][:5].tolist()}")
             for pos in np.ndindex(*counts.shape):
-                entries = idx[pos][: counts[pos]]
-                if len(np.unique(entries)) < len(entries):
-                    values, times = np.unique(entries, return_counts=True)
-                    raise ValueError(f"block_indices{list(pos)} lists block(s) {values[times > 1][:5].tolist()} more than "
-                                     "once among its live entries; each block may be listed once")
+                values, times = np.unique(idx[pos][: counts[pos]], return_counts=True)
+                if (times > 1).any():
+                    repeated = values[times > 1][:5].tolist()
+                    raise ValueError(f"block_indices{list(pos)} lists block(s) {repeated} more than once among its "
+                                     "live entries; each block may be listed once")
     return batch, num_heads, kv_heads, seq_len, head_dim, list_len
 
 
@@ -566,14 +566,6 @@ def listed_times(block_indices, block_counts, *, block_size, seq_len):
     # [B, K, NB]: scatter-add of the live ids (O(L), no [L, NB] one-hot).
     scatter = lambda ids, on: jnp.zeros((num_blocks,), jnp.int32).at[ids].add(on.astype(jnp.int32), mode="drop")
     return jnp.repeat(jax.vmap(jax.vmap(scatter))(block_indices, live), block_size, axis=-1)
-
-
-def visible_tokens(block_indices, block_counts, token_mask, *, block_size, seq_len):
-    """Token visibility of a block list: int [B, K, L], [B, K] (, bool [B, S]) -> bool [B, K, S]."""
-    vis = listed_times(block_indices, block_counts, block_size=block_size, seq_len=seq_len) > 0
-    if token_mask is not None:
-        vis = vis & token_mask[:, None, :]
-    return vis
 
 
 def _reference_grouped(q, k, v, idx, cnt, token_mask, *, block_size, sm_scale, precision):

@@ -165,7 +165,6 @@ def block_sparse_decode_xla(
         vis = jnp.broadcast_to(ok[:, None], (per_step, tile))  # [P, tile]
         if token_mask is not None:
             vis = vis & mask_rows.at[(own // kv_heads) * num_rows + rid].get(mode="promise_in_bounds")
-        if token_mask is not None:
             # masked tokens inside a listed block: zero their V so 0 * (NaN or inf) cannot reach p @ v
             vb = jnp.where(vis[..., None], vb, 0)
         vis = vis[:, None, :]  # [P, 1, tile]

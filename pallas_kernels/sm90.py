@@ -25,8 +25,8 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.backend import MIN_ENTRIES_PER_SPLIT, BlockSparseParams
-from pallas_kernels.block_sparse_decode import block_sparse_decode
+from pallas_kernels.backend import BlockSparseParams
+from pallas_kernels.block_sparse_decode import block_sparse_decode, live_splits
 from pallas_kernels.token_sparse_decode import token_sparse_decode
 from pallas_kernels.triton_capture import H100_CORES, capture_triton_kernels
 
@@ -83,8 +83,7 @@ class KernelConfig:
         p = self.resolved_params()
         itemsize = jnp.dtype(_DTYPES[self.dtype]).itemsize
         count = max(1, round(density * self.seq_len / self.block_size))
-        per_split = max(-(-count // p.k_splits), MIN_ENTRIES_PER_SPLIT)
-        live = -(-count // per_split)
+        live = int(live_splits(jnp.asarray([count]), p.k_splits).sum())
         kv = 2 * count * self.block_size * self.batch * self.kv_heads * self.head_dim * itemsize
         row_bytes = self.batch * self.kv_heads * self.group * (self.head_dim + 2) * 4
         partials = (live + p.k_splits) * row_bytes
@@ -190,22 +189,17 @@ def ensure_venv(venv: str = DEFAULT_VENV, *, quiet: bool = True) -> str:
     return python
 
 
-def capture(configs, directory: str) -> list[dict]:
-    """Writes each config's Triton module(s) to directory and the worker's kernels.json; returns the entries."""
-    entries = []
-    for config in configs:
-        kernels = capture_triton_kernels(config.fn(), *config.avals())
-        if len(kernels) != 1:
-            raise RuntimeError(f"{config.id}: expected one Triton kernel, the export has {len(kernels)}")
-        kernel = kernels[0]
-        ttir = f"{config.id}.ttir"
-        with open(os.path.join(directory, ttir), "w") as f:
-            f.write(kernel.ttir)
-        entries.append({"id": config.id, "ttir": ttir, "num_warps": kernel.num_warps,
-                        "num_stages": kernel.num_stages, "grid": list(kernel.grid), "kernel_name": kernel.name})
-    with open(os.path.join(directory, "kernels.json"), "w") as f:
-        json.dump(entries, f, indent=1)
-    return entries
+def capture(config: KernelConfig, directory: str) -> dict:
+    """Writes the config's Triton module to directory; returns its kernels.json entry."""
+    kernels = capture_triton_kernels(config.fn(), *config.avals())
+    if len(kernels) != 1:
+        raise RuntimeError(f"{config.id}: expected one Triton kernel, the export has {len(kernels)}")
+    kernel = kernels[0]
+    ttir = f"{config.id}.ttir"
+    with open(os.path.join(directory, ttir), "w") as f:
+        f.write(kernel.ttir)
+    return {"id": config.id, "ttir": ttir, "num_warps": kernel.num_warps, "num_stages": kernel.num_stages,
+            "grid": list(kernel.grid), "kernel_name": kernel.name}
 
 
 def compile_configs(configs, *, venv: str = DEFAULT_VENV, keep: str | None = None) -> dict:
@@ -223,7 +217,7 @@ def compile_configs(configs, *, venv: str = DEFAULT_VENV, keep: str | None = Non
         captured, failed = [], []
         for config in configs:
             try:
-                captured += capture([config], directory)
+                captured.append(capture(config, directory))
             except Exception as err:  # a shape that does not lower is a finding, not a crash
                 failed.append({"id": config.id, "ok": False, "stage": "lowering",
                                "error": f"{type(err).__name__}: {err}"[:2000]})

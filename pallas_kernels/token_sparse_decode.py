@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.backend import MIN_ENTRIES_PER_SPLIT, gpu_core_count, next_power_of_two, on_gpu
+from pallas_kernels.backend import default_k_splits, gpu_core_count, on_gpu, query_rows
 from pallas_kernels.block_sparse_decode import (
     _NEG,
     _combine_splits,
@@ -130,17 +130,15 @@ def _pallas_token_sparse(q, k, v, layer, token_indices, token_counts, *, sm_scal
                          interpret: bool, k_splits: int | None = None, num_warps: int = 4, num_stages: int = 3):
     """q [B, K, G, H]; k, v [NL, B, K, S, H] -> f32 [B, K, G, H] over a (B, K, k_splits) grid."""
     batch, kv_heads, group, head_dim = q.shape
-    block_h = max(16, next_power_of_two(group))  # Triton tiles: a power of two >= 16
+    block_h = query_rows(group)
     T = token_indices.shape[-1]
     T_pad = -(-T // BLOCK_T) * BLOCK_T
     # the list padded to whole tiles with row 0; the counts keep the padding from being loaded
     idx = jnp.pad(token_indices.astype(jnp.int32), ((0, 0), (0, 0), (0, T_pad - T)))
     counts = jnp.clip(token_counts.astype(jnp.int32), 0, T)
     if k_splits is None:
-        # about one wave of programs on the GPU, never more splits than the list can fill
-        cores = 1 if interpret else gpu_core_count()
-        fillable = -(-(T_pad // BLOCK_T) // MIN_ENTRIES_PER_SPLIT)
-        k_splits = int(max(1, min(fillable, -(-cores // (batch * kv_heads)))))
+        k_splits = default_k_splits(batch=batch, kv_heads=kv_heads, entries=T_pad // BLOCK_T,
+                                    num_cores=1 if interpret else gpu_core_count())
     q_pad = jnp.pad(q, ((0, 0), (0, 0), (0, block_h - group), (0, 0)))
     kernel = functools.partial(token_sparse_decode_kernel, sm_scale=sm_scale, block_t=BLOCK_T, group=group,
                                precision=precision)

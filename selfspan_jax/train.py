@@ -326,12 +326,19 @@ def _train(cfg: TrainConfig, mesh) -> TrainResult:
         bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.task}", dynamic_ncols=True, file=sys.stderr)
     t_last, tokens_since = time.time(), 0
     final_eval: dict[str, float] = {}
+    def evaluate_and_log() -> dict[str, float]:
+        nonlocal t_last
+        metrics = evaluate(b, trainable, eval_step, generate=cfg.eval_generate)
+        log.write({"step": step, **metrics})
+        if bar is not None:
+            bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        t_last = time.time()  # evaluation time is not training throughput
+        return metrics
+
     try:
         if runs.evaluation_owed(cfg, step):
             # the last run was killed between this step's checkpoint and its evaluation
-            final_eval = evaluate(b, trainable, eval_step, generate=cfg.eval_generate)
-            log.write({"step": step, **final_eval})
-            t_last = time.time()
+            final_eval = evaluate_and_log()
         while step < cfg.steps:
             idx, pos = next_indices(len(b.train_set), cfg.batch_size, pos)
             host = b.train_set.rows(idx[rows])
@@ -348,11 +355,7 @@ def _train(cfg: TrainConfig, mesh) -> TrainResult:
             if step % cfg.save_every == 0 or at_end:
                 save(step)
             if step % cfg.eval_every == 0 or at_end:
-                final_eval = evaluate(b, trainable, eval_step, generate=cfg.eval_generate)
-                log.write({"step": step, **final_eval})
-                if bar is not None:
-                    bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in final_eval.items()))
-                t_last = time.time()  # evaluation time is not training throughput
+                final_eval = evaluate_and_log()
         flush(time.time())
     finally:
         if bar is not None:
