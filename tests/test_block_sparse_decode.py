@@ -415,7 +415,7 @@ class TestInterpret(_BackendTests):
         self.check(case, seed=8)
 
 
-@pytest.mark.skipif(not on_gpu(), reason="the Triton backend needs a GPU; CI proves lowering in test_kernel_lowering.py")
+@pytest.mark.skipif(not on_gpu(), reason="the Triton backend needs a GPU; CI proves lowering and the sm_90 compile (test_kernel_lowering.py, test_kernel_sm90.py)")
 class TestPallas(TestInterpret):
     backend = "pallas"
     hypothesis_examples = 40
