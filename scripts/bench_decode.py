@@ -52,72 +52,12 @@ from pathlib import Path
 import numpy as np
 
 from selfspan_jax import reporting
-from selfspan_jax.benchmarks import SHAPES, random_model, record_traces, reference_traces, trace_stream
+from selfspan_jax.benchmarks import SHAPES, decode_point, random_model, record_traces, reference_traces, trace_stream
 
 
 
-def bench_point(model, tokenizer, stream_rows, *, batch, context, new_tokens, block_size, backend, max_segments,
-                repeats, prefill_chunk, policies=("dense", "self_span"), adore_controller=None):
-    """Time every policy at one (batch, context); returns a dict for the JSON (one entry per policy
-    label, each with its speedup over dense)."""
-    from selfspan_jax.generation import generate
-    from selfspan_jax.policies import make_policy
-
-    prompts = np.asarray([row[:context] for row in stream_rows[:batch]], np.int32)
-    forced = np.asarray([row[context : context + new_tokens] for row in stream_rows[:batch]], np.int32)
-    point = {"batch": batch, "context": context, "new_tokens": new_tokens}
-    # Both timed runs of a policy share one compiled program (same budget
-    # bucket, same cache length) and the same prefill; their difference is
-    # pure decode.
-    bucket = 1 << (new_tokens - 1).bit_length()
-    short = bucket // 2 + 1
-    if new_tokens - short < 8:
-        raise ValueError(f"new_tokens={new_tokens} leaves {new_tokens - short} steps between the two runs of bucket "
-                         f"{bucket}; use a value near a power of two (e.g. 64, 128)")
-    point["short_tokens"] = short
-    outs = {}
-
-    def resolved(label):
-        if label in ("dense", "self_span"):
-            return label
-        return make_policy(label, adore_controller=adore_controller)
-
-    def run(label, n):
-        kw = dict(policy=resolved(label), tokenizer=tokenizer, block_size=block_size, backend=backend,
-                  max_segments=max_segments, prefill_chunk=prefill_chunk, eos_id=-1)
-
-        def go():
-            outs[(label, n)] = generate(model, prompts, max_new_tokens=n, forced_tokens=forced[:, :n], **kw)
-        return go
-
-    times = reporting.interleaved_times({(pol, n): run(pol, n) for pol in policies for n in (new_tokens, short)},
-                                        repeats)
-    for policy in policies:
-        out = outs[(policy, new_tokens)]
-        if not np.array_equal(out.tokens, forced):
-            raise AssertionError("forced decode did not emit the trace")
-        s = out.summary()
-        full, part = np.array(times[(policy, new_tokens)]), np.array(times[(policy, short)])
-        # median of the per-repeat differences: both runs of a repeat ran back to back
-        decode_s = float(np.median(full - part))
-        if decode_s <= 0:
-            raise RuntimeError(f"{policy}: {new_tokens} tokens were not slower than {short} (median difference "
-                               f"{decode_s:.3f} s); the machine is too noisy, raise --repeats")
-        point[policy] = {
-            "total_s": float(np.median(full)), "short_s": float(np.median(part)), "decode_s": decode_s,
-            "decode_tokens_per_s": batch * (new_tokens - short) / decode_s,
-            "decode_ms_per_step": decode_s / (new_tokens - short) * 1e3,
-            "decode_s_of_mins": float(full.min() - part.min()),
-            "decode_s_per_repeat": (full - part).tolist(),
-            "all_total_s": full.tolist(), "all_short_s": part.tolist(),
-            "mean_attended_fraction": s["mean_attended_fraction"], "kv_read_fraction": s["kv_read_fraction"],
-            "rebuilds_per_step": s.get("rebuilds_per_step"),
-        }
-    for policy in policies:
-        point[policy]["speedup"] = point[policy]["decode_tokens_per_s"] / point["dense"]["decode_tokens_per_s"]
-    if "self_span" in point:  # the top-level fields older readers of the JSON use
-        point["speedup"] = point["self_span"]["speedup"]
-    return point
+def _spread_text(sp) -> str:
+    return f"{sp['median']:.2f}x [{sp['min']:.2f}-{sp['max']:.2f}]"
 
 
 def main(argv=None) -> int:
@@ -144,8 +84,9 @@ def main(argv=None) -> int:
                    help="ADORE controller (scripts/train_adore.py); default: a random one of the model's shape, "
                         "which reads and computes exactly what a trained one does (speed only)")
     p.add_argument("--out", default="benchmarks/results/decode_cpu.json")
+    p.add_argument("--plot", default=None, help="PNG of measured/ceiling against batch size, one line per context")
     args = p.parse_args(argv)
-    from selfspan_jax.policies import split_policy_specs
+    from selfspan_jax.policies import make_policy, split_policy_specs
 
     policies = split_policy_specs(args.policies)
     if "dense" not in policies:
@@ -178,6 +119,9 @@ def main(argv=None) -> int:
         controller = TrainedController(new_controller(config.n_layers, config.head_dim),
                                        source="random, untrained (speed only)")
 
+    def resolved(label):
+        return label if label in ("dense", "self_span") else make_policy(label, adore_controller=controller)
+
     need = max(contexts) + args.new_tokens
     # each row starts at a different problem so the batch is not one sequence repeated
     rows = [trace_stream(traces[i:] + traces[:i], tokenizer, need) for i in range(max(batches))]
@@ -186,10 +130,10 @@ def main(argv=None) -> int:
     points = []
     for context in contexts:
         for batch in batches:
-            pt = bench_point(model, tokenizer, rows, batch=batch, context=context, new_tokens=args.new_tokens,
-                             block_size=args.block_size, backend=args.backend, max_segments=args.max_segments,
-                             repeats=args.repeats, prefill_chunk=args.prefill_chunk, policies=policies,
-                             adore_controller=controller)
+            pt = decode_point(model, rows, batch=batch, context=context, new_tokens=args.new_tokens,
+                              policies={label: resolved(label) for label in policies}, repeats=args.repeats,
+                              tokenizer=tokenizer, block_size=args.block_size, backend=args.backend,
+                              max_segments=args.max_segments, prefill_chunk=args.prefill_chunk)
             mean_ctx = context + args.new_tokens / 2
             kv_bytes = batch * config.n_layers * 2 * config.n_kv_heads * mean_ctx * config.head_dim * itemsize
             r = kv_bytes / weight_bytes
@@ -198,11 +142,13 @@ def main(argv=None) -> int:
                 rho = pt[pol]["kv_read_fraction"]
                 pt[pol].update(rho=rho, ceiling=(1 + r) / (1 + rho * r))
                 pt[pol]["fraction_of_ceiling"] = pt[pol]["speedup"] / pt[pol]["ceiling"]
+                pt[pol]["fraction_of_ceiling_spread"] = {k: v / pt[pol]["ceiling"]
+                                                         for k, v in pt[pol]["speedup_spread"].items()}
             if "self_span" in pt:
                 pt.update({k: pt["self_span"][k] for k in ("rho", "ceiling", "fraction_of_ceiling")})
             points.append(pt)
-            print(f"B={batch:3d} T={context:5d} (r {r:.2f}): " + ", ".join(
-                f"{pol} {pt[pol]['decode_tokens_per_s']:.1f} tok/s {pt[pol]['speedup']:.2f}x "
+            print(f"B={batch:3d} T={context:5d} (r {r:.2f}, load {pt['load_average_before'][0]:.2f}): " + ", ".join(
+                f"{pol} {pt[pol]['decode_tokens_per_s']:.1f} tok/s {_spread_text(pt[pol]['speedup_spread'])} "
                 f"(rho {pt[pol]['rho']:.3f}, ceiling {pt[pol]['ceiling']:.2f}x)" for pol in policies), flush=True)
 
     label = ("REDUCED SHAPE on CPU (XLA gather path), not the LLaMA-7B target" if args.shape != "llama2-7b"
@@ -218,23 +164,57 @@ def main(argv=None) -> int:
         "traces": {"origin": origin, "split": args.split, "count": len(traces)},
         "settings": {"block_size": args.block_size, "backend": args.backend, "repeats": args.repeats,
                      "new_tokens": args.new_tokens, "max_segments": args.max_segments,
-                     "prefill_chunk": args.prefill_chunk, "timing": "after a warm-up, repeats interleave the four "
-                     "programs; decode = median over repeats of run(new_tokens) - run(short_tokens), same program "
-                     "and prefill", "load_average_1_5_15_at_start": load_start,
+                     "prefill_chunk": args.prefill_chunk, "timing": "after a warm-up, repeats interleave the "
+                     "programs (statistics off, return_stats=False); decode per repeat = run(new_tokens) - "
+                     "run(short_tokens), same program and prefill; speedup = median over repeats of the paired "
+                     "ratio dense / policy, with min and max; rho from one more run with statistics",
+                     "load_average_1_5_15_at_start": load_start,
                      "load_average_1_5_15_at_end": list(os.getloadavg())},
         "points": points,
         "command": "python scripts/bench_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     out = reporting.write_json(result, args.out)
-    print("| batch | context | policy | decode tok/s | speedup over dense | rho (KV read) | ceiling | of ceiling |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print("| batch | context | policy | decode tok/s | speedup over dense, median [min-max] of paired repeats | "
+          "rho (KV read) | ceiling | of ceiling |\n|---|---|---|---|---|---|---|---|")
     for pt in points:
         for pol in policies:
             m = pt[pol]
-            print(f"| {pt['batch']} | {pt['context']} | {pol} | {m['decode_tokens_per_s']:.1f} | {m['speedup']:.2f}x | "
-                  f"{m['rho']:.3f} | {m['ceiling']:.2f}x | {m['fraction_of_ceiling']:.0%} |")
+            print(f"| {pt['batch']} | {pt['context']} | {pol} | {m['decode_tokens_per_s']:.1f} | "
+                  f"{_spread_text(m['speedup_spread'])} | {m['rho']:.3f} | {m['ceiling']:.2f}x | "
+                  f"{m['fraction_of_ceiling']:.0%} |")
+    if args.plot:
+        _plot_fraction_of_ceiling(points, [p for p in policies if p != "dense"], args.plot)
+        print(f"wrote {args.plot}")
     print(f"wrote {out} ({label})")
     return 0
+
+
+def _plot_fraction_of_ceiling(points, policies, path) -> None:
+    """measured speedup / ceiling against batch size, one line per (policy, context), min-max as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for pol in policies:
+        for context in sorted({pt["context"] for pt in points}):
+            pts = sorted((pt for pt in points if pt["context"] == context), key=lambda pt: pt["batch"])
+            xs = [pt["batch"] for pt in pts]
+            sp = [pt[pol]["fraction_of_ceiling_spread"] for pt in pts]
+            med = np.array([s["median"] for s in sp])
+            err = np.array([[m - s["min"] for m, s in zip(med, sp)], [s["max"] - m for m, s in zip(med, sp)]])
+            ax.errorbar(xs, med, yerr=err, marker="o", capsize=3, label=f"{pol}, {context} tokens")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.axhline(0.85, color="gray", lw=0.8, ls="--", label="target 85%")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("speedup over dense / ceiling (1+r)/(1+rho r)")
+    ax.set_title("End-to-end decode against the memory-bound ceiling (CPU, reduced shape)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

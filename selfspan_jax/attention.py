@@ -56,6 +56,73 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
     return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(B, T, N, H).astype(q.dtype)
 
 
+# fp32 scores of one (query chunk, key chunk) block in `blocked_attention`: small enough to
+# stay in cache with its probabilities, large enough that a block's fixed cost is amortised.
+PREFILL_BLOCK_BYTES = 16 * 1024 * 1024
+_NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def prefill_chunk(batch: int, heads: int, length: int, block_bytes: int | None = None) -> int:
+    """Query/key chunk C of `blocked_attention`: the largest power of two whose [B, N, C, C] fp32
+    scores fit `block_bytes` (default PREFILL_BLOCK_BYTES), at least 16, at most the prompt
+    rounded up to a power of two."""
+    block_bytes = PREFILL_BLOCK_BYTES if block_bytes is None else block_bytes
+    chunk = 16
+    while chunk < length and batch * heads * (2 * chunk) ** 2 * 4 <= block_bytes:
+        chunk *= 2
+    return chunk
+
+
+def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask, chunk: int) -> jax.Array:
+    """`masked_attention` without the [B, T, S] mask or the [B, N, T, S] scores (prefill, S = T).
+
+    q [B, T, N, H]; k, v [B, K, T, H]; mask: a `prefill_mask` object whose
+    `block(q_start, k_start, C, C)` gives bool [B, C, C]. Queries go `chunk` at
+    a time (`lax.map`); each reads the key chunks at or before its own
+    (`fori_loop`, so causally invisible chunks cost nothing) with an fp32
+    online softmax. Same contract as `masked_attention`: a row with nothing
+    visible returns zeros. Peak transient memory is one [B, N, C, C] block.
+    """
+    B, T, N, H = q.shape
+    K = k.shape[1]
+    if N % K:
+        raise ValueError(f"query heads N={N} must be a multiple of KV heads K={K}")
+    G = N // K
+    pad = -T % chunk
+    num_chunks = (T + pad) // chunk
+    # [nc, B, C, K, G, H] and [nc, B, K, C, H]: chunk-major so a loop step indexes the leading axis
+    qc = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, num_chunks, chunk, K, G, H)
+    qc = jnp.moveaxis(qc, 1, 0)
+    kc = jnp.moveaxis(jnp.pad(k, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(B, K, num_chunks, chunk, H), 2, 0)
+    vc = jnp.moveaxis(jnp.pad(v, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(B, K, num_chunks, chunk, H), 2, 0)
+    scale = 1.0 / math.sqrt(H)
+
+    def query_chunk(c):
+        qb = qc[c]
+
+        def key_chunk(j, carry):
+            o, m, den = carry  # [B, K, G, C, H], [B, K, G, C], [B, K, G, C]
+            vis = mask.block(c * chunk, j * chunk, chunk, chunk)[:, None, None]  # [B, 1, 1, C, C]
+            s = jnp.einsum("bckgh,bksh->bkgcs", qb, kc[j], preferred_element_type=jnp.float32) * scale
+            s = jnp.where(vis, s, _NEG)
+            m_next = jnp.maximum(m, s.max(axis=-1))
+            corr = jnp.exp(m - m_next)
+            p = jnp.where(vis, jnp.exp(s - m_next[..., None]), 0.0)
+            pv = jnp.einsum("bkgcs,bksh->bkgch", p.astype(vc.dtype), vc[j], preferred_element_type=jnp.float32)
+            return corr[..., None] * o + pv, m_next, corr * den + p.sum(axis=-1)
+
+        lead = (B, K, G, chunk)
+        init = (jnp.zeros(lead + (H,), jnp.float32), jnp.full(lead, _NEG, jnp.float32), jnp.zeros(lead, jnp.float32))
+        o, _, den = jax.lax.fori_loop(0, c + 1, key_chunk, init)
+        o = jnp.where((den > 0)[..., None], o / jnp.where(den > 0, den, 1.0)[..., None], 0.0)
+        # [B, C, N, H]
+        return jnp.transpose(o, (0, 3, 1, 2, 4)).reshape(B, chunk, N, H).astype(q.dtype)
+
+    # [nc, B, C, N, H] -> [B, T, N, H]
+    out = jax.lax.map(query_chunk, jnp.arange(num_chunks, dtype=jnp.int32))
+    return jnp.moveaxis(out, 0, 1).reshape(B, num_chunks * chunk, N, H)[:, :T]
+
+
 def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
     """One query per sequence: q [B, N, H]; k, v [B, K, S, H]; visible bool [B, S] -> [B, N, H]."""
     return masked_attention(q[:, None], k, v, visible[:, None, :])[:, 0]

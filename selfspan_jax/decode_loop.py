@@ -71,6 +71,8 @@ class LoopState:
     num_tokens: int32 [B]: tokens emitted per sequence (EOS included).
     cache: the KV cache; cache.lengths[b] is the position of the next fed token.
     policy_state: the policy's own pytree (span decode state for self_span).
+    visible .. rebuilt: the per-step statistics, each None unless asked for
+        (`return_stats`, a static flag: without it the loop computes none).
     visible: f32 [B, M]: keys the query that produced out[b, m] attended to
         (from the selection actually passed to the kernel, mean over KV heads
         for per-head lists; 0 for m = 0, which comes from prefill).
@@ -99,13 +101,18 @@ class LoopState:
     masks: Any
 
 
+def _prefill_rows(model, prompt, mask, lengths, cache):
+    """One prefill through the factored mask -> (cache, logits at each prompt's last position [B, V])."""
+    last, cache = model.prefill(prompt, cache, attention_mask=mask, lengths=lengths, logits_at=lengths - 1)
+    return cache, last
+
+
 def _chunked_prefill(model, prompt, mask, lengths, cache_len: int, chunk: int):
     """Prefill `chunk` sequences at a time -> (cache, last-position logits [B, V]).
 
-    The full-sequence forward materialises [B, K, G, T, T] scores and
-    [B, T, V] logits; at LLaMA-7B shapes, batch 32 and 2k-token prompts that is
-    tens of GB. Sub-batches bound the transient memory to chunk / B of it
-    while writing into one cache.
+    Within a sequence prefill is already blocked (no [T, T] mask or scores);
+    sub-batches further bound the per-token activations (MLP, q/k/v of every
+    layer) to chunk / B of the batch's while writing into one cache.
     """
     B = prompt.shape[0]
     cache = KVCache.init(model.config, B, cache_len)
@@ -114,12 +121,10 @@ def _chunked_prefill(model, prompt, mask, lengths, cache_len: int, chunk: int):
     def one(i, carry):
         cache, last = carry
         rows = lambda x: jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=0)  # noqa: E731
-        sub_len = rows(lengths)
-        logits, sub = model.prefill(rows(prompt), KVCache.init(model.config, chunk, cache_len),
-                                    attention_mask=rows(mask), lengths=sub_len)
+        sub, sub_last = _prefill_rows(model, rows(prompt), jax.tree.map(rows, mask), rows(lengths),
+                                      KVCache.init(model.config, chunk, cache_len))
         k = jax.lax.dynamic_update_slice_in_dim(cache.k, sub.k, i * chunk, axis=1)
         v = jax.lax.dynamic_update_slice_in_dim(cache.v, sub.v, i * chunk, axis=1)
-        sub_last = logits[jnp.arange(chunk), sub_len - 1]
         return cache.replace(k=k, v=v), jax.lax.dynamic_update_slice_in_dim(last, sub_last, i * chunk, axis=0)
 
     cache, last = jax.lax.fori_loop(0, B // chunk, one, (cache, last))
@@ -129,15 +134,16 @@ def _chunked_prefill(model, prompt, mask, lengths, cache_len: int, chunk: int):
 def prefill(model, policy: Policy, prompt, lengths, *, cache_len: int, block_size: int, prefill_chunk: int):
     """prompt int32 [B, T] right-padded, lengths int32 [B] ->
     (cache, logits at each prompt's last position [B, V], initial policy state, which has seen the
-    prompt's keys through `observe_prefill`)."""
+    prompt's keys through `observe_prefill`).
+
+    The policy's mask stays factored (`Policy.prefill_rows`) and attention runs
+    block by block (`attention.blocked_attention`): no [B, T, T] mask, no
+    [B, N, T, T] scores, no [B, T, V] logits (docs/notes/generation.md,
+    "Prefill at long prompts")."""
     B = prompt.shape[0]
-    # [B, T, T]
-    mask = policy.prefill_mask(prompt, lengths)
+    mask = policy.prefill_rows(prompt, lengths)
     if prefill_chunk >= B:
-        # logits [B, T, V]
-        logits, cache = model.prefill(prompt, KVCache.init(model.config, B, cache_len), attention_mask=mask,
-                                      lengths=lengths)
-        last = logits[jnp.arange(B), lengths - 1]
+        cache, last = _prefill_rows(model, prompt, mask, lengths, KVCache.init(model.config, B, cache_len))
     else:
         cache, last = _chunked_prefill(model, prompt, mask, lengths, cache_len, prefill_chunk)
     state = policy.observe_prefill(policy.init_state(prompt, lengths, cache_len), cache, lengths,
@@ -239,18 +245,29 @@ def decode_step(model, policy: Policy, st: LoopState, choose: Callable, *, max_n
     pstate = policy.observe_step(pstate, cache, pos, block_size=block_size, selections=selections)
     tok = choose(step_logits, st.step)
     active = ~st.done
-    visible, blocks, dense_blocks = _selection_stats(sel, pos, block_size)
 
     def put(buf, value, empty):
         col = jnp.where(active, value, empty).astype(buf.dtype)
         return jax.lax.dynamic_update_index_in_dim(buf, col, st.step, axis=1)
+
+    stats = {}
+    if st.visible is not None:
+        visible, blocks, dense_blocks = _selection_stats(sel, pos, block_size)
+        stats = dict(
+            visible=put(st.visible, visible, 0.0),
+            causal=put(st.causal, pos + 1, 0),
+            blocks=put(st.blocks, blocks, 0.0),
+            dense_blocks=put(st.dense_blocks, dense_blocks, 0),
+            fallback=put(st.fallback, policy.fallback(pstate, B), False),
+            rebuilt=st.rebuilt if sel.rebuilt is None else put(st.rebuilt, sum(x.rebuilt for x in selections), 0.0),
+        )
 
     masks = st.masks
     if masks is not None:
         row = jnp.where(active[:, None], sel.token_mask & (jnp.arange(S)[None, :] <= pos[:, None]), False)
         masks = jax.lax.dynamic_update_index_in_dim(masks, row, st.step, axis=1)
     logprobs = None if st.logprobs is None else put(st.logprobs, chosen_logprob(step_logits, tok), 0.0)
-    return LoopState(
+    return st.replace(
         step=st.step + 1,
         out=put(st.out, tok, pad_id),
         logprobs=logprobs,
@@ -258,13 +275,32 @@ def decode_step(model, policy: Policy, st: LoopState, choose: Callable, *, max_n
         num_tokens=st.num_tokens + active.astype(jnp.int32),
         cache=cache,
         policy_state=pstate,
-        visible=put(st.visible, visible, 0.0),
-        causal=put(st.causal, pos + 1, 0),
-        blocks=put(st.blocks, blocks, 0.0),
-        dense_blocks=put(st.dense_blocks, dense_blocks, 0),
-        fallback=put(st.fallback, policy.fallback(pstate, B), False),
-        rebuilt=st.rebuilt if sel.rebuilt is None else put(st.rebuilt, sum(x.rebuilt for x in selections), 0.0),
         masks=masks,
+        **stats,
+    )
+
+
+def initial_state(cache: KVCache, policy_state, tok0, logprob0, *, budget: int, max_new, eos_id, pad_id,
+                  return_masks: bool, return_stats: bool) -> LoopState:
+    """The loop's state after prefill emitted tok0 [B] (logprob0 [B] or None: no log-probs asked)."""
+    B, M, S = tok0.shape[0], budget, cache.max_len
+    zeros_i = jnp.zeros((B, M), jnp.int32)
+    stat = lambda x: x if return_stats else None  # noqa: E731
+    return LoopState(
+        step=jnp.int32(1),
+        out=jnp.full((B, M), pad_id, jnp.int32).at[:, 0].set(tok0),
+        logprobs=None if logprob0 is None else jnp.zeros((B, M), jnp.float32).at[:, 0].set(logprob0),
+        done=(tok0 == eos_id) | (max_new <= 1),
+        num_tokens=jnp.ones((B,), jnp.int32),
+        cache=cache,
+        policy_state=policy_state,
+        visible=stat(jnp.zeros((B, M), jnp.float32)),
+        causal=stat(zeros_i),
+        blocks=stat(jnp.zeros((B, M), jnp.float32)),
+        dense_blocks=stat(zeros_i),
+        fallback=stat(jnp.zeros((B, M), bool)),
+        rebuilt=stat(jnp.zeros((B, M), jnp.float32)),
+        masks=jnp.zeros((B, M, S), bool) if return_masks else None,
     )
 
 
@@ -272,7 +308,7 @@ def decode_step(model, policy: Policy, st: LoopState, choose: Callable, *, max_n
     jax.jit,
     static_argnames=(
         "graphdef", "policy", "block_size", "cache_len", "budget", "backend", "precision", "return_masks",
-        "return_logprobs", "prefill_chunk",
+        "return_logprobs", "return_stats", "prefill_chunk",
     ),
 )
 def run(
@@ -298,6 +334,7 @@ def run(
     precision,
     return_masks: bool,
     return_logprobs: bool,
+    return_stats: bool,
     prefill_chunk: int,
 ):
     """prompt int32 [B, T] right-padded, lengths int32 [B] -> (final `LoopState`, policy report).
@@ -320,23 +357,9 @@ def run(
         return jnp.where(use_forced, given, drawn)
 
     tok0 = choose(last, 0)
-    zeros_i = jnp.zeros((B, M), jnp.int32)
-    state = LoopState(
-        step=jnp.int32(1),
-        out=jnp.full((B, M), pad_id, jnp.int32).at[:, 0].set(tok0),
-        logprobs=jnp.zeros((B, M), jnp.float32).at[:, 0].set(chosen_logprob(last, tok0)) if return_logprobs else None,
-        done=(tok0 == eos_id) | (max_new <= 1),
-        num_tokens=jnp.ones((B,), jnp.int32),
-        cache=cache,
-        policy_state=policy_state,
-        visible=jnp.zeros((B, M), jnp.float32),
-        causal=zeros_i,
-        blocks=jnp.zeros((B, M), jnp.float32),
-        dense_blocks=zeros_i,
-        fallback=jnp.zeros((B, M), bool),
-        rebuilt=jnp.zeros((B, M), jnp.float32),
-        masks=jnp.zeros((B, M, S), bool) if return_masks else None,
-    )
+    state = initial_state(cache, policy_state, tok0, chosen_logprob(last, tok0) if return_logprobs else None,
+                          budget=M, max_new=max_new, eos_id=eos_id, pad_id=pad_id, return_masks=return_masks,
+                          return_stats=return_stats)
     body = functools.partial(decode_step, model, policy, choose=choose, max_new=max_new, eos_id=eos_id,
                              pad_id=pad_id, block_size=block_size, backend=backend, precision=precision)
     final = jax.lax.while_loop(lambda st: (st.step < M) & ~jnp.all(st.done), body, state)

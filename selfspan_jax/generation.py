@@ -37,9 +37,10 @@ class GenerateOutput:
         given, else None.
     logprobs: f32 [B, M] log-probability of each generated token under the
         model (raw logits) when return_logprobs, else None.
-    stats: per-step measurements, [B, M] each, indexed like `tokens`; entry m
-        describes the decode step that produced tokens[:, m] (m >= 1; m = 0
-        comes from prefill and is not a decode step, see `step_valid`):
+    stats: per-step measurements (only `step_valid` with return_stats=False),
+        [B, M] each, indexed like `tokens`; entry m describes the decode step
+        that produced tokens[:, m] (m >= 1; m = 0 comes from prefill and is
+        not a decode step, see `step_valid`):
         attended_fraction (visible keys / keys at or before the query),
         block_fraction (KV blocks read / blocks a dense read touches),
         visible, causal, blocks_read, dense_blocks, fallback (policy had
@@ -110,6 +111,8 @@ class GenerateOutput:
             mean over KV heads; 0 for other policies);
         decode_steps, generated_tokens.
         """
+        if "visible" not in self.stats:
+            raise ValueError("this output has no statistics to summarise: it was generated with return_stats=False")
         s, ok = self.stats, self.stats["step_valid"]
         n = int(ok.sum())
 
@@ -187,6 +190,7 @@ def generate(
     span_tokens=None,
     return_logprobs: bool = False,
     return_masks: bool = False,
+    return_stats: bool = True,
     prompt_lengths: Sequence[int] | np.ndarray | None = None,
     eos_id: int | None = None,
     pad_id: int | None = None,
@@ -213,6 +217,8 @@ def generate(
     span_tokens: `spans.SpanTokens`; derived from `tokenizer` when omitted.
     return_logprobs: also return the log-probability of every generated token
         (a static flag: without it the loop computes no log_softmax).
+    return_stats: record the per-step statistics (`GenerateOutput.stats`; a static
+        flag: without it the loop computes none and `stats` holds only `step_valid`).
     eos_id / pad_id: default to the tokenizer's; without either, generation
         only stops at the budget.
     forced_tokens: int [B, >= max_new_tokens]: emit these instead of sampling
@@ -267,7 +273,7 @@ def generate(
         jax.random.key(seed), jnp.int32(eos), jnp.int32(pad_id), jnp.asarray(forced),
         jnp.bool_(forced_tokens is not None),
         graphdef=graphdef, policy=pol, block_size=int(block_size), cache_len=S, budget=M, backend=backend,
-        precision=precision, return_masks=return_masks, return_logprobs=return_logprobs,
+        precision=precision, return_masks=return_masks, return_logprobs=return_logprobs, return_stats=return_stats,
         prefill_chunk=B if prefill_chunk is None else int(prefill_chunk),
     )
     return _output(st, report, pol, lengths, max_new_tokens, eos, tokenizer)
@@ -311,20 +317,9 @@ def _output(st, report, pol: Policy, lengths, max_new_tokens: int, eos: int, tok
     num = np.asarray(st.num_tokens)
     m = np.arange(n)
     step_valid = (m[None, :] >= 1) & (m[None, :] < num[:, None])
-    visible, causal = np.asarray(st.visible, np.float64)[:, :n], np.asarray(st.causal)[:, :n]
-    blocks, dense_blocks = np.asarray(st.blocks)[:, :n], np.asarray(st.dense_blocks)[:, :n]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        stats = {
-            "attended_fraction": np.where(step_valid, visible / np.maximum(causal, 1), np.nan),
-            "block_fraction": np.where(step_valid, blocks / np.maximum(dense_blocks, 1), np.nan),
-            "visible": visible,
-            "causal": causal,
-            "blocks_read": blocks,
-            "dense_blocks": dense_blocks,
-            "fallback": np.asarray(st.fallback)[:, :n],
-            "rebuilt": np.asarray(st.rebuilt)[:, :n],
-            "step_valid": step_valid,
-        }
+    stats = {"step_valid": step_valid}
+    if st.visible is not None:
+        stats.update(_step_stats(st, n, step_valid))
     texts = None
     if tokenizer is not None:
         texts = [tokenizer.decode([int(t) for t in out[b, : num[b]] if t != eos], skip_special_tokens=False)
@@ -340,3 +335,20 @@ def _output(st, report, pol: Policy, lengths, max_new_tokens: int, eos: int, tok
         policy=pol.name,
         policy_report={k: np.asarray(v) for k, v in report.items()},
     )
+
+
+def _step_stats(st, n: int, step_valid) -> dict[str, np.ndarray]:
+    """The loop's per-step statistics as numpy [B, n] (see `GenerateOutput.stats`)."""
+    visible, causal = np.asarray(st.visible, np.float64)[:, :n], np.asarray(st.causal)[:, :n]
+    blocks, dense_blocks = np.asarray(st.blocks)[:, :n], np.asarray(st.dense_blocks)[:, :n]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {
+            "attended_fraction": np.where(step_valid, visible / np.maximum(causal, 1), np.nan),
+            "block_fraction": np.where(step_valid, blocks / np.maximum(dense_blocks, 1), np.nan),
+            "visible": visible,
+            "causal": causal,
+            "blocks_read": blocks,
+            "dense_blocks": dense_blocks,
+            "fallback": np.asarray(st.fallback)[:, :n],
+            "rebuilt": np.asarray(st.rebuilt)[:, :n],
+        }

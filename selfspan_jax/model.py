@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from selfspan_jax.attention import Attention, decode_attention, masked_attention
+from selfspan_jax.attention import Attention, blocked_attention, decode_attention, masked_attention, prefill_chunk
 from selfspan_jax.cache import KVCache
 from selfspan_jax.config import LlamaConfig
 from selfspan_jax.layers import MLP, RMSNorm, rope_cos_sin, rope_inv_freq
@@ -59,11 +59,15 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config.d_model, **norm)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask, chunk: int | None = None):
         """x [B, T, D], cos/sin [B, T, H], mask bool [B, T, T] ->
-        (x [B, T, D], q [B, T, N, H], k, v [B, K, T, H])."""
+        (x [B, T, D], q [B, T, N, H], k, v [B, K, T, H]).
+
+        With `chunk`, mask is a `prefill_mask` object and attention runs block by block
+        (`blocked_attention`: no [B, T, T] mask, no [B, N, T, T] scores)."""
         q, k, v = self.attn.qkv(self.attn_norm(x), cos, sin)
-        x = x + self.attn.out(masked_attention(q, k, v, mask))
+        o = masked_attention(q, k, v, mask) if chunk is None else blocked_attention(q, k, v, mask, chunk)
+        x = x + self.attn.out(o)
         x = x + self.mlp(self.mlp_norm(x))
         return x, q, k, v
 
@@ -181,10 +185,19 @@ class Llama(nnx.Module):
             raise ValueError(f"{what}: tokens must be an int array of rank {ndim}, got {tokens.dtype}{tokens.shape}")
 
     def _forward(self, tokens, attention_mask, positions):
-        """Shared trunk: -> (final hidden [B, T, D], per-layer q [B, T, N, H], k and v [B, K, T, H])."""
+        """Shared trunk: -> (final hidden [B, T, D], per-layer q [B, T, N, H], k and v [B, K, T, H]).
+
+        attention_mask: None (causal), bool [B, T, T] or [T, T], or a factored
+        `prefill_mask` object (attention then runs block by block)."""
         self._check_tokens(tokens, 2, "Llama")
         B, T = tokens.shape
-        if attention_mask is None:
+        chunk = None
+        if hasattr(attention_mask, "block"):
+            if tuple(attention_mask.shape) != (B, T, T):
+                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must be [B, T, T] = {(B, T, T)}")
+            mask = attention_mask
+            chunk = prefill_chunk(B, self.config.n_heads, T)
+        elif attention_mask is None:
             mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
         else:
             if attention_mask.shape not in ((B, T, T), (T, T)):
@@ -203,7 +216,7 @@ class Llama(nnx.Module):
             raise ValueError(f"remat {self.remat!r} is not one of {sorted(REMAT_POLICIES)}")
         if self.remat == "none":
             def run_layer(layer, *args):
-                return layer(*args)
+                return layer(*args, chunk=chunk)
         else:
             policy = getattr(jax.checkpoint_policies, REMAT_POLICIES[self.remat])
 
@@ -211,7 +224,8 @@ class Llama(nnx.Module):
                 # plain jax.checkpoint over the layer's state: the training step merges the model
                 # inside jax.grad, where nnx.remat would try to write the Params back across traces
                 graphdef, state = nnx.split(layer)
-                return jax.checkpoint(lambda st, *a: nnx.merge(graphdef, st)(*a), policy=policy)(state, *args)
+                return jax.checkpoint(lambda st, *a: nnx.merge(graphdef, st)(*a, chunk=chunk),
+                                      policy=policy)(state, *args)
         for layer in self.layers:
             x, q, k, v = run_layer(layer, x, cos, sin, mask)
             qs.append(q)
@@ -242,11 +256,16 @@ class Llama(nnx.Module):
         _, qs, ks, _ = self._forward(tokens, attention_mask, None)
         return jnp.stack(qs), jnp.stack(ks)
 
-    def prefill(self, tokens: jax.Array, cache: KVCache, attention_mask: jax.Array | None = None,
-                lengths: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+    def prefill(self, tokens: jax.Array, cache: KVCache, attention_mask=None,
+                lengths: jax.Array | None = None, logits_at: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
         """Full forward over tokens [B, T] that also writes positions 0..T-1 into the cache.
 
         Returns (fp32 logits [B, T, V], cache with lengths = `lengths` (default T)).
+        attention_mask: as in `__call__`, or a factored `prefill_mask` object, which
+        prefills block by block without ever holding a [B, T, T] mask or scores.
+        logits_at: int [B] positions; then only the logits there are computed, [B, V]
+        (a prompt's last position is all decoding needs: [B, T, V] is 256 MB at T = 16k
+        and a 4k vocabulary).
         Prompts are right-padded: K/V written at positions >= lengths[b] are
         garbage that decode_step overwrites before any query can see them.
         """
@@ -265,6 +284,8 @@ class Llama(nnx.Module):
         k = jax.lax.dynamic_update_slice(cache.k, jnp.stack(ks).astype(cache.k.dtype), zero)
         v = jax.lax.dynamic_update_slice(cache.v, jnp.stack(vs).astype(cache.v.dtype), zero)
         cache = cache.replace(k=k, v=v, lengths=lengths.astype(jnp.int32))
+        if logits_at is not None:
+            h = h[jnp.arange(B), logits_at]
         return self.project_vocab(h), cache
 
     # ---- one-token decode path ---------------------------------------------

@@ -5,7 +5,8 @@ block-sparse kernel. The loop owns the KV cache and the sampled tokens; the
 policy owns whatever it needs to decide what the next query may see, and turns
 that into the kernel's inputs:
 
-    prefill_mask(tokens [B,T], lengths [B])            -> bool [B,T,T]
+    prefill_rows(tokens [B,T], lengths [B])            -> factored mask (`prefill_mask` module)
+    prefill_mask(tokens [B,T], lengths [B])            -> bool [B,T,T]  (define one of the two)
     init_state(tokens [B,T], lengths [B], max_len)     -> policy state (pytree)
     observe_prefill(state, cache, lengths, *, block_size) -> policy state   (default: unchanged)
     update(state, tokens [B])                          -> policy state
@@ -55,6 +56,7 @@ from flax import struct
 
 from pallas_kernels.block_select import blocks_from_token_mask
 from selfspan_jax import spans as spans_lib
+from selfspan_jax.prefill_mask import ArrayPrefillMask, causal_prefill_mask, span_prefill_mask
 
 
 @struct.dataclass
@@ -114,31 +116,9 @@ def dense_selection(lengths: jax.Array, cache_len: int, block_size: int) -> Sele
     return Selection(indices, counts, token_mask)
 
 
-def _padded_rows_see_themselves(mask: jax.Array, lengths: jax.Array) -> jax.Array:
-    """Give each padding row its own diagonal entry.
-
-    Padding positions are written into the KV cache by prefill and sit inside
-    later active blocks until decode overwrites them. A row with nothing
-    visible can produce NaN activations, and a masked NaN value still poisons
-    `p @ v` (0 * NaN = NaN); letting a padding row see itself keeps its K/V
-    finite. Real rows are untouched.
-    """
-    T = mask.shape[-1]
-    # [T]
-    pos = jnp.arange(T)
-    # [B, T, T]
-    pad_diag = (pos[None, :, None] >= lengths[:, None, None]) & (pos[:, None] == pos[None, :])[None]
-    return mask | pad_diag
-
-
 def causal_mask(T: int, lengths: jax.Array) -> jax.Array:
-    """bool [B, T, T]: causal over the first `lengths[b]` tokens, padding isolated."""
-    pos = jnp.arange(T)
-    # [B, T]
-    valid = pos[None, :] < lengths[:, None]
-    # [B, T, T]
-    mask = (pos[:, None] >= pos[None, :])[None] & valid[:, :, None] & valid[:, None, :]
-    return _padded_rows_see_themselves(mask, lengths)
+    """bool [B, T, T]: causal over the first `lengths[b]` tokens, padding rows see only themselves."""
+    return causal_prefill_mask(T, lengths).full()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,9 +128,19 @@ class Policy(abc.ABC):
     name: ClassVar[str] = "policy"
     query_aware: ClassVar[bool] = False
 
-    @abc.abstractmethod
+    def prefill_rows(self, tokens: jax.Array, lengths: jax.Array):
+        """The prompt's attention mask in factored form (`prefill_mask.SpanPrefillMask` or
+        `ArrayPrefillMask`): prefill expands it one block at a time, never [B, T, T] at once.
+        Default: the rows of `prefill_mask`, for plug-in policies that define only that."""
+        if type(self).prefill_mask is Policy.prefill_mask:
+            raise NotImplementedError(f"{type(self).__name__} must define prefill_rows or prefill_mask")
+        return ArrayPrefillMask(self.prefill_mask(tokens, lengths))
+
     def prefill_mask(self, tokens: jax.Array, lengths: jax.Array) -> jax.Array:
-        ...
+        """bool [B, T, T], the whole prompt mask (default: `prefill_rows` expanded)."""
+        if type(self).prefill_rows is Policy.prefill_rows:
+            raise NotImplementedError(f"{type(self).__name__} must define prefill_rows or prefill_mask")
+        return self.prefill_rows(tokens, lengths).full()
 
     @abc.abstractmethod
     def init_state(self, tokens: jax.Array, lengths: jax.Array, max_len: int) -> Any:
@@ -190,8 +180,8 @@ class DecodeOnlyPolicy(Policy):
     """A policy that sparsifies decoding only: dense causal prefill, no state driven by the emitted
     tokens (what it keeps comes through the `observe_*` hooks). Dense, Quest and SparQ are such."""
 
-    def prefill_mask(self, tokens, lengths):
-        return causal_mask(tokens.shape[-1], lengths)
+    def prefill_rows(self, tokens, lengths):
+        return causal_prefill_mask(tokens.shape[-1], lengths)
 
     def init_state(self, tokens, lengths, max_len):
         return ()
@@ -239,9 +229,8 @@ class SelfSpanPolicy(Policy):
         if isinstance(self.max_segments, bool) or not isinstance(self.max_segments, int) or self.max_segments < 1:
             raise ValueError(f"max_segments must be a positive int, got {self.max_segments!r}")
 
-    def prefill_mask(self, tokens, lengths):
-        mask = spans_lib.attention_mask(tokens, self.span_tokens, self.max_segments, lengths=lengths)
-        return _padded_rows_see_themselves(mask, lengths)
+    def prefill_rows(self, tokens, lengths):
+        return span_prefill_mask(tokens, lengths, self.span_tokens, self.max_segments)
 
     def init_state(self, tokens, lengths, max_len):
         return jax.vmap(

@@ -79,17 +79,20 @@ def sample_logits(
     largest (top_k <= 0: no limit), then to the smallest set of those whose
     renormalised probability reaches `top_p` (top_p >= 1: no limit), and a
     token is drawn from what remains. Ties at a cut-off are kept. All three
-    knobs are arrays (traced), so changing them does not recompile; the sort
-    behind the limits runs only when one is in use (`lax.cond`).
+    knobs are arrays (traced), so changing them does not recompile; the
+    random draw runs only when sampling and the sort behind the limits only
+    when one is in use (`lax.cond`: a greedy step pays for an argmax alone,
+    not for [B, V] Gumbel noise).
     """
     logits = logits.astype(jnp.float32)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    sampling = temperature > 0
-    scaled = logits / jnp.where(sampling, temperature, 1.0)
-    limited = sampling & ((top_k > 0) | (top_p < 1.0))
-    scaled = jax.lax.cond(limited, _filter_top_k_top_p, lambda x, *_: x, scaled, top_k, top_p)
-    drawn = jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
-    return jnp.where(sampling, drawn, greedy)
+
+    def draw(logits):
+        scaled = logits / temperature
+        limited = (top_k > 0) | (top_p < 1.0)
+        scaled = jax.lax.cond(limited, _filter_top_k_top_p, lambda x, *_: x, scaled, top_k, top_p)
+        return jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, draw, lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), logits)
 
 
 def chosen_logprob(logits: jax.Array, tokens: jax.Array) -> jax.Array:

@@ -358,18 +358,22 @@ def _query_dense(state: SpanState) -> jax.Array:
 
 
 def _visible(
-    q_pos: jax.Array, q_segment: jax.Array, q_refs: jax.Array, q_dense: jax.Array, key_seg: jax.Array
+    q_pos: jax.Array, q_segment: jax.Array, q_refs: jax.Array, q_dense: jax.Array, key_seg: jax.Array,
+    key_pos: jax.Array | None = None,
 ) -> jax.Array:
     """The visibility rule for queries (any leading shape [...]) against keys [S].
 
     q_pos, q_segment, q_dense: [...]; q_refs: bool [..., M]; key_seg: int32 [S]
-    (seg of each key position). Returns bool [..., S]. Used with scalar
-    queries by the decode path and with [T] queries by `attention_mask`.
+    (seg of each key position); key_pos: int32 [S], the keys' positions
+    (default 0..S-1; a block of keys further on passes its own). Returns bool
+    [..., S]. Used with scalar queries by the decode path, with [T] queries by
+    `attention_mask` and with one [C] x [C] block at a time by
+    `prefill_mask.SpanPrefillMask`.
     """
-    num_keys = key_seg.shape[-1]
     max_segments = q_refs.shape[-1]
-    # [S]
-    key_pos = jnp.arange(num_keys, dtype=jnp.int32)
+    if key_pos is None:
+        # [S]
+        key_pos = jnp.arange(key_seg.shape[-1], dtype=jnp.int32)
     # [..., S]
     ref_hit = jnp.take(q_refs, jnp.clip(key_seg, 0, max_segments - 1), axis=-1) & (key_seg < max_segments)
     sparse = (key_seg == 0) | (key_seg == q_segment[..., None]) | ref_hit
@@ -414,6 +418,18 @@ def prefill_state(
         raise ValueError(f"prompt length T={tokens.shape[0]} exceeds max_len={max_len}")
     state, _ = _scan(tokens, length, span_tokens, max_len, max_segments)
     return state
+
+
+def query_fields(tokens: jax.Array, length: jax.Array, span_tokens: SpanTokens, max_segments: int):
+    """The factored mask of one sequence: what `_visible` needs of every query and key.
+
+    tokens int [T], length int [] -> (q_segment int32 [T], q_refs bool [T, M], q_dense bool [T],
+    key_seg int32 [T]): mask[t, j] = _visible(t, q_segment[t], q_refs[t], q_dense[t], key_seg)[j]
+    for t, j < length. [T, T] is never built; `attention_mask` expands all rows at once,
+    the chunked prefill one block at a time.
+    """
+    final, (q_segment, q_refs, q_dense) = _scan(tokens, length, span_tokens, tokens.shape[0], max_segments)
+    return q_segment, q_refs, q_dense, final.seg_ids
 
 
 def _scan(tokens: jax.Array, length: jax.Array, span_tokens: SpanTokens, max_len: int, max_segments: int):
@@ -472,10 +488,10 @@ def _attention_mask(tokens, lengths, *, span_tokens: SpanTokens, max_segments: i
     flat_lengths = lengths.reshape(-1).astype(jnp.int32)
 
     def one(seq, length):
-        final, (q_segment, q_refs, q_dense) = _scan(seq, length, span_tokens, seq_len, max_segments)
+        q_segment, q_refs, q_dense, key_seg = query_fields(seq, length, span_tokens, max_segments)
         positions = jnp.arange(seq_len, dtype=jnp.int32)
         # [T, T]
-        mask = _visible(positions, q_segment, q_refs, q_dense, final.seg_ids)
+        mask = _visible(positions, q_segment, q_refs, q_dense, key_seg)
         # [T]
         valid = positions < length
         if use_pad:

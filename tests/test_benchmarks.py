@@ -39,3 +39,28 @@ def test_step_flops_match_xla_cost_analysis(lora_rank, lora_mlp):
     ours = step_flops(config, batch, seq, lora_rank=lora_rank, lora_mlp=lora_mlp, full=not lora_rank)["total"]
     xla = _xla_step_flops(model, flt, batch, seq)
     assert 0.85 * xla <= ours <= 1.03 * xla, (ours, xla, ours / xla)
+
+
+def test_decode_point_pairs_repeats_and_reads_the_trace():
+    """The decode benchmark's timing routine on a tiny model: forced along a real span trace, dense's
+    paired ratio with itself is exactly 1 in every repeat, the spread is ordered, and the KV read
+    fractions are measured from the selections (self_span reads less than dense)."""
+    from selfspan_jax.benchmarks import decode_point, reference_traces, trace_stream
+    from selfspan_jax.tokenizer import CharTokenizer
+
+    tok = CharTokenizer()
+    config = LlamaConfig.preset("tiny", vocab_size=tok.vocab_size, max_seq_len=512)
+    model = Llama(config, rngs=nnx.Rngs(0))
+    traces = reference_traces(8, "harder", seed=1)
+    rows = [trace_stream(traces[i:] + traces[:i], tok, 300) for i in range(2)]
+    pt = decode_point(model, rows, batch=2, context=256, new_tokens=28, policies={"dense": "dense",
+                      "self_span": "self_span"}, repeats=2, tokenizer=tok, block_size=16, backend="xla",
+                      max_segments=64)
+    assert pt["short_tokens"] == 17
+    assert pt["dense"]["speedup_per_repeat"] == [1.0, 1.0] and pt["dense"]["kv_read_fraction"] == 1.0
+    sp = pt["self_span"]["speedup_spread"]
+    assert sp["min"] <= sp["median"] <= sp["max"] and pt["self_span"]["speedup"] == sp["median"]
+    assert 0 < pt["self_span"]["kv_read_fraction"] < 1
+    with pytest.raises(ValueError, match="dense"):
+        decode_point(model, rows, batch=2, context=256, new_tokens=28, policies={"self_span": "self_span"},
+                     repeats=1, tokenizer=tok)

@@ -427,6 +427,24 @@ def test_token_array_prompts_equal_list_prompts(model, tok):
     assert a.texts is None and a.logprobs is None
 
 
+def test_statistics_off_changes_nothing_else(model, tok):
+    """return_stats=False: same tokens and log-probs, sampled and greedy; only step_valid is kept,
+    and summary() says why it cannot summarise."""
+    ids = [tok.encode(p) for p in _live_prompts(seed=11)]
+    for temperature in (0.0, 0.8):
+        kw = dict(max_new_tokens=MAX_NEW, tokenizer=tok, block_size=BLOCK, backend="xla", return_logprobs=True,
+                  temperature=temperature, seed=3)
+        on = generate(model, ids, **kw)
+        off = generate(model, ids, return_stats=False, **kw)
+        np.testing.assert_array_equal(off.tokens, on.tokens)
+        np.testing.assert_array_equal(off.logprobs, on.logprobs)
+        assert set(off.stats) == {"step_valid"}
+        np.testing.assert_array_equal(off.stats["step_valid"], on.stats["step_valid"])
+        assert on.summary()["decode_steps"] > 0
+        with pytest.raises(ValueError, match="return_stats=False"):
+            off.summary()
+
+
 # ---------------------------------------------------------------------------
 # sampler against a float64 NumPy reference
 # ---------------------------------------------------------------------------

@@ -1,0 +1,218 @@
+#!/usr/bin/env python
+"""What the decode loop's own work costs per step, measured inside the loop, at batch 1/8/64 and
+short/long contexts.
+
+The body of `generate`'s while loop (`decode_loop.decode_step`) runs in a
+jitted `fori_loop` of `--steps` steps from a state whose cache holds `context`
+tokens (random K/V: speed does not depend on them) and whose policy state has
+parsed a recorded span trace, the tokens forced along that trace as
+`bench_decode.py` does. Variants differ in one thing each, so a difference of
+their per-step times is the cost of that thing in situ (fusion and scheduling
+included, which a component timed alone would not show):
+
+- `dense` / `self_span`: the lean loop (no statistics, no log-probs);
+- `+stats`: the per-step statistics (`return_stats`);
+- `+logprobs`: the full-vocabulary log_softmax of the chosen token (`return_logprobs`);
+- `dense greedy` / `dense sampled`: the token chosen by `sample_logits` (argmax, or
+  temperature 0.8 with a Gumbel draw) instead of forced;
+- `span_track`: self_span's state update with dense reads and the causal mask
+  (what the span parser alone costs);
+- `span_dense_reads`: self_span's update and visibility row, every causal block
+  read (the "dense path" that keeps self_span's results: what building and
+  using the block list saves or costs is `self_span` minus this).
+
+Repeats take turns (every variant once per round); reported per variant:
+median (min, max) ms per step, and the JSON keeps every repeat.
+
+    python scripts/profile_loop.py --batch 1,8,64 --context 100,2048 --out benchmarks/results/decode_loop_cost_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def build_variants(span_tokens, max_segments):
+    from selfspan_jax.policies import DensePolicy, Selection, SelfSpanPolicy, dense_selection
+    from selfspan_jax import spans as spans_lib
+
+    @dataclasses.dataclass(frozen=True)
+    class SpanTrack(SelfSpanPolicy):
+        """The span parser's update, dense causal reads (not self_span's results: for costing)."""
+
+        def select(self, state, lengths, *, block_size, cache_len, q=None, k=None, layer_idx=None):
+            return dense_selection(lengths, cache_len, block_size)
+
+    @dataclasses.dataclass(frozen=True)
+    class SpanDenseReads(SelfSpanPolicy):
+        """self_span's visibility row through every causal block: self_span's results, dense reads."""
+
+        def select(self, state, lengths, *, block_size, cache_len, q=None, k=None, layer_idx=None):
+            dense = dense_selection(lengths, cache_len, block_size)
+            return Selection(dense.block_indices, dense.block_counts, jax_vmap_visible(state))
+
+    def jax_vmap_visible(state):
+        import jax
+
+        return jax.vmap(spans_lib.visible_tokens)(state)
+
+    span = SelfSpanPolicy(span_tokens, max_segments)
+    track = SpanTrack(span_tokens, max_segments)
+    dense_reads = SpanDenseReads(span_tokens, max_segments)
+    forced = dict(forced=True, temperature=0.0)
+    lean = dict(stats=False, logprobs=False)
+    return {
+        "dense": (DensePolicy(), dict(**lean, **forced)),
+        "dense +stats": (DensePolicy(), dict(stats=True, logprobs=False, **forced)),
+        "dense +logprobs": (DensePolicy(), dict(stats=False, logprobs=True, **forced)),
+        "dense greedy": (DensePolicy(), dict(**lean, forced=False, temperature=0.0)),
+        "dense sampled": (DensePolicy(), dict(**lean, forced=False, temperature=0.8)),
+        "self_span": (span, dict(**lean, **forced)),
+        "self_span +stats": (span, dict(stats=True, logprobs=False, **forced)),
+        "self_span +logprobs": (span, dict(stats=False, logprobs=True, **forced)),
+        "span_track": (track, dict(**lean, **forced)),
+        "span_dense_reads": (dense_reads, dict(**lean, **forced)),
+    }
+
+
+def profile_point(model, rows, variants, *, batch, context, steps, block_size, repeats, backend):
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from selfspan_jax import decode_loop, reporting
+    from selfspan_jax.cache import KVCache
+    from selfspan_jax.sampling import sample_logits
+
+    cfg = model.config
+    T, M, S = decode_loop.shape_buckets(context, steps + 2, block_size)
+    prompt = np.zeros((batch, T), np.int32)
+    prompt[:, :context] = [r[:context] for r in rows[:batch]]
+    forced = np.zeros((batch, M), np.int32)
+    forced[:, : steps + 2] = [r[context: context + steps + 2] for r in rows[:batch]]
+    lengths = jnp.full((batch,), context, jnp.int32)
+    key = jax.random.key(0)
+    shape = (cfg.n_layers, batch, cfg.n_kv_heads, S, cfg.head_dim)
+    kv = jax.random.normal(key, (2, *shape), cfg.compute_dtype)
+    graphdef, params = nnx.split(model)
+    rng = jax.random.key(1)
+
+    def make(policy, flags):
+        temperature = jnp.float32(flags["temperature"])
+        use_forced = jnp.bool_(flags["forced"])
+        fx = jnp.asarray(forced)
+
+        def choose(step_logits, step):
+            drawn = sample_logits(step_logits, jax.random.fold_in(rng, step), temperature, jnp.int32(0),
+                                  jnp.float32(1.0))
+            given = jax.lax.dynamic_index_in_dim(fx, step, axis=1, keepdims=False)
+            return jnp.where(use_forced, given, drawn)
+
+        @jax.jit
+        def start(k, v):
+            cache = KVCache(k, v, lengths)
+            pstate = policy.observe_prefill(policy.init_state(jnp.asarray(prompt), lengths, S), cache, lengths,
+                                            block_size=block_size)
+            return decode_loop.initial_state(
+                cache, pstate, fx[:, 0], jnp.zeros((batch,)) if flags["logprobs"] else None, budget=M,
+                max_new=jnp.int32(M), eos_id=jnp.int32(-1), pad_id=jnp.int32(0), return_masks=False,
+                return_stats=flags["stats"])
+
+        @functools.partial(jax.jit, donate_argnums=1)  # the cache is updated in place, as in the while loop
+        def loop(params, st):
+            m = nnx.merge(graphdef, params)
+            body = lambda i, s: decode_loop.decode_step(  # noqa: E731
+                m, policy, s, choose, max_new=jnp.int32(M), eos_id=jnp.int32(-1), pad_id=jnp.int32(0),
+                block_size=block_size, backend=backend, precision=None)
+            return jax.lax.fori_loop(0, steps, body, st).step
+
+        def call():
+            st = jax.block_until_ready(start(kv[0], kv[1]))  # a fresh state, not timed
+            t0 = time.perf_counter()
+            int(loop(params, st))
+            return time.perf_counter() - t0
+        return call
+
+    calls = {name: make(policy, flags) for name, (policy, flags) in variants.items()}
+    times = {name: [] for name in calls}
+    for r in range(repeats + 1):  # in turns; the first round compiles and is not kept
+        for name, call in calls.items():
+            t = call()
+            if r:
+                times[name].append(t)
+    point = {"batch": batch, "context": context, "cache_len": S, "steps": steps,
+             "load_average": reporting.load_average()}
+    for name, ts in times.items():
+        per_step = [t / steps * 1e3 for t in ts]
+        point[name] = {"ms_per_step": reporting.spread(per_step), "all_ms_per_step": per_step}
+    return point
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="profile_loop.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="cpu-reduced")
+    p.add_argument("--batch", default="1,8,64")
+    p.add_argument("--context", default="100,2048")
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--max-segments", type=int, default=4096)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--backend", default="xla")
+    p.add_argument("--traces", default="benchmarks/results/decode_traces_long.json")
+    p.add_argument("--out", default="benchmarks/results/decode_loop_cost_cpu.json")
+    args = p.parse_args(argv)
+
+    from selfspan_jax import reporting
+    from selfspan_jax.benchmarks import random_model, trace_stream
+    from selfspan_jax.spans import SpanTokens
+    from selfspan_jax.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer()
+    traces = [tuple(t) for t in json.loads(Path(args.traces).read_text())["traces"]]
+    batches = [int(b) for b in args.batch.split(",")]
+    contexts = [int(c) for c in args.context.split(",")]
+    need = max(contexts) + args.steps + 2
+    rows = [trace_stream(traces[i:] + traces[:i], tokenizer, need) for i in range(max(batches))]
+    model = random_model(args.shape, "float32", need + 2 * args.block_size + 64)
+    variants = build_variants(SpanTokens.from_tokenizer(tokenizer), args.max_segments)
+    points = []
+    for context in contexts:
+        for batch in batches:
+            pt = profile_point(model, rows, variants, batch=batch, context=context, steps=args.steps,
+                               block_size=args.block_size, repeats=args.repeats, backend=args.backend)
+            points.append(pt)
+            print(f"B={batch} context={context} (load {pt['load_average'][0]:.2f}): " + ", ".join(
+                f"{n} {pt[n]['ms_per_step']['median']:.3f}" for n in variants), flush=True)
+
+    names = list(variants)
+    print("\n| batch | context | " + " | ".join(names) + " |\n|---|---|" + "---|" * len(names))
+    for pt in points:
+        cells = [pt[n]["ms_per_step"] for n in names]
+        print(f"| {pt['batch']} | {pt['context']} | " + " | ".join(
+            f"{c['median']:.3f} [{c['min']:.3f}-{c['max']:.3f}]" for c in cells) + " |")
+    result = {
+        "benchmark": "per-step cost of the decode loop's own work, in situ (fori_loop over decode_step)",
+        "label": "REDUCED SHAPE on CPU (XLA path), forced along recorded span traces",
+        "environment": reporting.environment(),
+        "settings": {**{k: v for k, v in vars(args).items() if k not in ("out",)},
+                     "timing": "ms per step = wall time of a jitted fori_loop of `steps` decode steps (state "
+                               "donated, set up untimed) / steps; median (min, max) of repeats taken in turns, "
+                               "after one compiling round"},
+        "variants": {n: {"policy": type(pol).__name__, **flags} for n, (pol, flags) in variants.items()},
+        "points": points,
+        "command": "python scripts/profile_loop.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    print(f"wrote {reporting.write_json(result, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
