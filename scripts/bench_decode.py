@@ -52,7 +52,8 @@ from pathlib import Path
 import numpy as np
 
 from selfspan_jax import reporting
-from selfspan_jax.benchmarks import SHAPES, decode_point, random_model, record_traces, reference_traces, trace_stream
+from selfspan_jax.benchmarks import (SHAPES, decode_point, kv_weight_ratio, memory_ceiling, random_model,
+                                     record_traces, reference_traces, trace_stream)
 
 
 
@@ -126,7 +127,6 @@ def main(argv=None) -> int:
     # each row starts at a different problem so the batch is not one sequence repeated
     rows = [trace_stream(traces[i:] + traces[:i], tokenizer, need) for i in range(max(batches))]
     itemsize = 2 if args.dtype == "bfloat16" else 4
-    weight_bytes = config.num_params() * itemsize
     points = []
     for context in contexts:
         for batch in batches:
@@ -134,13 +134,11 @@ def main(argv=None) -> int:
                               policies={label: resolved(label) for label in policies}, repeats=args.repeats,
                               tokenizer=tokenizer, block_size=args.block_size, backend=args.backend,
                               max_segments=args.max_segments, prefill_chunk=args.prefill_chunk)
-            mean_ctx = context + args.new_tokens / 2
-            kv_bytes = batch * config.n_layers * 2 * config.n_kv_heads * mean_ctx * config.head_dim * itemsize
-            r = kv_bytes / weight_bytes
+            r = kv_weight_ratio(config, batch, context + args.new_tokens / 2, itemsize)
             pt["r"] = r
             for pol in policies:  # DESIGN.md section 5's memory-bound ceiling at the policy's measured rho
                 rho = pt[pol]["kv_read_fraction"]
-                pt[pol].update(rho=rho, ceiling=(1 + r) / (1 + rho * r))
+                pt[pol].update(rho=rho, ceiling=memory_ceiling(r, rho))
                 pt[pol]["fraction_of_ceiling"] = pt[pol]["speedup"] / pt[pol]["ceiling"]
                 pt[pol]["fraction_of_ceiling_spread"] = {k: v / pt[pol]["ceiling"]
                                                          for k, v in pt[pol]["speedup_spread"].items()}
@@ -183,34 +181,36 @@ def main(argv=None) -> int:
                   f"{_spread_text(m['speedup_spread'])} | {m['rho']:.3f} | {m['ceiling']:.2f}x | "
                   f"{m['fraction_of_ceiling']:.0%} |")
     if args.plot:
-        _plot_fraction_of_ceiling(points, [p for p in policies if p != "dense"], args.plot)
+        series = {f"{pol}, {c} tokens": [(pt["batch"], pt[pol]["fraction_of_ceiling_spread"]) for pt in points
+                                         if pt["context"] == c]
+                  for pol in policies if pol != "dense" for c in contexts}
+        plot_fraction_of_ceiling(series, args.plot, "End-to-end decode (generate) against the memory-bound "
+                                 "ceiling\nCPU, reduced shape, paired repeats")
         print(f"wrote {args.plot}")
     print(f"wrote {out} ({label})")
     return 0
 
 
-def _plot_fraction_of_ceiling(points, policies, path) -> None:
-    """measured speedup / ceiling against batch size, one line per (policy, context), min-max as error bars."""
+def plot_fraction_of_ceiling(series: dict, path, title: str) -> None:
+    """measured speedup / ceiling against batch size: series = {label: [(batch, {min, median, max})]},
+    min-max as error bars (profile_loop.py draws its decode-only sweep with it too)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for pol in policies:
-        for context in sorted({pt["context"] for pt in points}):
-            pts = sorted((pt for pt in points if pt["context"] == context), key=lambda pt: pt["batch"])
-            xs = [pt["batch"] for pt in pts]
-            sp = [pt[pol]["fraction_of_ceiling_spread"] for pt in pts]
-            med = np.array([s["median"] for s in sp])
-            err = np.array([[m - s["min"] for m, s in zip(med, sp)], [s["max"] - m for m, s in zip(med, sp)]])
-            ax.errorbar(xs, med, yerr=err, marker="o", capsize=3, label=f"{pol}, {context} tokens")
+    for label, pts in series.items():
+        pts = sorted(pts, key=lambda p: p[0])
+        med = np.array([s["median"] for _, s in pts])
+        err = np.array([[m - s["min"] for m, (_, s) in zip(med, pts)], [s["max"] - m for m, (_, s) in zip(med, pts)]])
+        ax.errorbar([b for b, _ in pts], med, yerr=err, marker="o", capsize=3, label=label)
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.axhline(0.85, color="gray", lw=0.8, ls="--", label="target 85%")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
     ax.set_ylabel("speedup over dense / ceiling (1+r)/(1+rho r)")
-    ax.set_title("End-to-end decode against the memory-bound ceiling (CPU, reduced shape)")
+    ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

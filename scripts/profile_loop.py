@@ -17,9 +17,10 @@ included, which a component timed alone would not show):
   temperature 0.8 with a Gumbel draw) instead of forced;
 - `span_track`: self_span's state update with dense reads and the causal mask
   (what the span parser alone costs);
-- `span_dense_reads`: self_span's update and visibility row, every causal block
-  read (the "dense path" that keeps self_span's results: what building and
-  using the block list saves or costs is `self_span` minus this).
+- `span_dense_reads`: self_span through `min_sparse_context`'s dense path: its
+  update and visibility row, every causal block read (self_span's results;
+  what building and following the block list saves or costs is `self_span`
+  minus this).
 
 Repeats take turns (every variant once per round); reported per variant:
 median (min, max) ms per step, and the JSON keeps every repeat.
@@ -41,8 +42,7 @@ import numpy as np
 
 
 def build_variants(span_tokens, max_segments):
-    from selfspan_jax.policies import DensePolicy, Selection, SelfSpanPolicy, dense_selection
-    from selfspan_jax import spans as spans_lib
+    from selfspan_jax.policies import DensePolicy, SelfSpanPolicy, dense_selection
 
     @dataclasses.dataclass(frozen=True)
     class SpanTrack(SelfSpanPolicy):
@@ -52,21 +52,17 @@ def build_variants(span_tokens, max_segments):
             return dense_selection(lengths, cache_len, block_size)
 
     @dataclasses.dataclass(frozen=True)
-    class SpanDenseReads(SelfSpanPolicy):
-        """self_span's visibility row through every causal block: self_span's results, dense reads."""
+    class DenseMaterialized(DensePolicy):
+        """dense with its causal token mask materialised before the kernel (an optimization barrier)."""
 
         def select(self, state, lengths, *, block_size, cache_len, q=None, k=None, layer_idx=None):
-            dense = dense_selection(lengths, cache_len, block_size)
-            return Selection(dense.block_indices, dense.block_counts, jax_vmap_visible(state))
+            import jax
 
-    def jax_vmap_visible(state):
-        import jax
-
-        return jax.vmap(spans_lib.visible_tokens)(state)
+            sel = dense_selection(lengths, cache_len, block_size)
+            return sel.replace(token_mask=jax.lax.optimization_barrier(sel.token_mask))
 
     span = SelfSpanPolicy(span_tokens, max_segments)
     track = SpanTrack(span_tokens, max_segments)
-    dense_reads = SpanDenseReads(span_tokens, max_segments)
     forced = dict(forced=True, temperature=0.0)
     lean = dict(stats=False, logprobs=False)
     return {
@@ -75,11 +71,12 @@ def build_variants(span_tokens, max_segments):
         "dense +logprobs": (DensePolicy(), dict(stats=False, logprobs=True, **forced)),
         "dense greedy": (DensePolicy(), dict(**lean, forced=False, temperature=0.0)),
         "dense sampled": (DensePolicy(), dict(**lean, forced=False, temperature=0.8)),
+        "dense materialized mask": (DenseMaterialized(), dict(**lean, **forced)),
         "self_span": (span, dict(**lean, **forced)),
         "self_span +stats": (span, dict(stats=True, logprobs=False, **forced)),
         "self_span +logprobs": (span, dict(stats=False, logprobs=True, **forced)),
         "span_track": (track, dict(**lean, **forced)),
-        "span_dense_reads": (dense_reads, dict(**lean, **forced)),
+        "span_dense_reads": (span, dict(**lean, **forced, dense_reads=True)),
     }
 
 
@@ -106,15 +103,7 @@ def profile_point(model, rows, variants, *, batch, context, steps, block_size, r
     rng = jax.random.key(1)
 
     def make(policy, flags):
-        temperature = jnp.float32(flags["temperature"])
-        use_forced = jnp.bool_(flags["forced"])
         fx = jnp.asarray(forced)
-
-        def choose(step_logits, step):
-            drawn = sample_logits(step_logits, jax.random.fold_in(rng, step), temperature, jnp.int32(0),
-                                  jnp.float32(1.0))
-            given = jax.lax.dynamic_index_in_dim(fx, step, axis=1, keepdims=False)
-            return jnp.where(use_forced, given, drawn)
 
         @jax.jit
         def start(k, v):
@@ -126,26 +115,46 @@ def profile_point(model, rows, variants, *, batch, context, steps, block_size, r
                 max_new=jnp.int32(M), eos_id=jnp.int32(-1), pad_id=jnp.int32(0), return_masks=False,
                 return_stats=flags["stats"])
 
+        # Sampling knobs and forcing are run-time arrays, as in `decode_loop.run`: constants would let
+        # XLA fold the choice and drop the logits (and the last layers) from the loop. The whole
+        # state is returned, or XLA drops the dead parts of the loop carry.
         @functools.partial(jax.jit, donate_argnums=1)  # the cache is updated in place, as in the while loop
-        def loop(params, st):
+        def loop(params, st, use_forced, temperature):
             m = nnx.merge(graphdef, params)
+
+            def choose(step_logits, step):
+                drawn = sample_logits(step_logits, jax.random.fold_in(rng, step), temperature, jnp.int32(0),
+                                      jnp.float32(1.0))
+                given = jax.lax.dynamic_index_in_dim(fx, step, axis=1, keepdims=False)
+                return jnp.where(use_forced, given, drawn)
+
             body = lambda i, s: decode_loop.decode_step(  # noqa: E731
                 m, policy, s, choose, max_new=jnp.int32(M), eos_id=jnp.int32(-1), pad_id=jnp.int32(0),
-                block_size=block_size, backend=backend, precision=None)
-            return jax.lax.fori_loop(0, steps, body, st).step
+                block_size=block_size, backend=backend, precision=None, dense_reads=flags.get("dense_reads", False))
+            return jax.lax.fori_loop(0, steps, body, st)
+
+        knobs = (jnp.bool_(flags["forced"]), jnp.float32(flags["temperature"]))
 
         def call():
             st = jax.block_until_ready(start(kv[0], kv[1]))  # a fresh state, not timed
             t0 = time.perf_counter()
-            int(loop(params, st))
-            return time.perf_counter() - t0
+            final = jax.block_until_ready(loop(params, st, *knobs))
+            elapsed = time.perf_counter() - t0
+            rho = None
+            if final.blocks is not None:  # KV blocks read / dense blocks over the steps run
+                cols = slice(1, steps + 1)
+                rho = float(np.sum(final.blocks[:, cols]) / np.sum(final.dense_blocks[:, cols]))
+            return elapsed, rho
         return call
 
     calls = {name: make(policy, flags) for name, (policy, flags) in variants.items()}
     times = {name: [] for name in calls}
+    rhos = {}
     for r in range(repeats + 1):  # in turns; the first round compiles and is not kept
         for name, call in calls.items():
-            t = call()
+            t, rho = call()
+            if rho is not None:
+                rhos[name] = rho
             if r:
                 times[name].append(t)
     point = {"batch": batch, "context": context, "cache_len": S, "steps": steps,
@@ -153,7 +162,20 @@ def profile_point(model, rows, variants, *, batch, context, steps, block_size, r
     for name, ts in times.items():
         per_step = [t / steps * 1e3 for t in ts]
         point[name] = {"ms_per_step": reporting.spread(per_step), "all_ms_per_step": per_step}
+        if name in rhos:
+            point[name]["rho"] = rhos[name]
     return point
+
+
+def add_paired_ratios(point: dict, baseline: str = "dense") -> None:
+    """Per variant, the paired ratio baseline / variant of each round's times (both ran in the same
+    round), as min / median / max: `speedup_vs_<baseline>`."""
+    from selfspan_jax import reporting
+
+    base = point[baseline]["all_ms_per_step"]
+    for name, m in point.items():
+        if isinstance(m, dict) and "all_ms_per_step" in m and name != baseline:
+            m[f"speedup_vs_{baseline}"] = reporting.spread([b / t for b, t in zip(base, m["all_ms_per_step"])])
 
 
 def main(argv=None) -> int:
@@ -167,11 +189,14 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--backend", default="xla")
     p.add_argument("--traces", default="benchmarks/results/decode_traces_long.json")
+    p.add_argument("--variants", default=None, help="comma-separated subset of the variants (default: all)")
+    p.add_argument("--plot", default=None, help="PNG of self_span's measured/ceiling against batch size (needs "
+                   "the variants dense, self_span and 'self_span +stats')")
     p.add_argument("--out", default="benchmarks/results/decode_loop_cost_cpu.json")
     args = p.parse_args(argv)
 
     from selfspan_jax import reporting
-    from selfspan_jax.benchmarks import random_model, trace_stream
+    from selfspan_jax.benchmarks import kv_weight_ratio, memory_ceiling, random_model, trace_stream
     from selfspan_jax.spans import SpanTokens
     from selfspan_jax.tokenizer import CharTokenizer
 
@@ -183,14 +208,30 @@ def main(argv=None) -> int:
     rows = [trace_stream(traces[i:] + traces[:i], tokenizer, need) for i in range(max(batches))]
     model = random_model(args.shape, "float32", need + 2 * args.block_size + 64)
     variants = build_variants(SpanTokens.from_tokenizer(tokenizer), args.max_segments)
+    if args.variants:
+        unknown = set(args.variants.split(",")) - set(variants)
+        if unknown:
+            raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {list(variants)}")
+        variants = {n: variants[n] for n in args.variants.split(",")}
     points = []
     for context in contexts:
         for batch in batches:
             pt = profile_point(model, rows, variants, batch=batch, context=context, steps=args.steps,
                                block_size=args.block_size, repeats=args.repeats, backend=args.backend)
+            if "dense" in variants:
+                add_paired_ratios(pt)
+                if "self_span" in pt and "self_span +stats" in pt:  # the ceiling at self_span's measured rho
+                    r = kv_weight_ratio(model.config, batch, context + args.steps / 2, 4)
+                    rho = pt["self_span +stats"]["rho"]
+                    sp = pt["self_span"]["speedup_vs_dense"]
+                    pt["ceiling"] = {"r": r, "rho": rho, "ceiling": memory_ceiling(r, rho),
+                                     "fraction_of_ceiling": {k: v / memory_ceiling(r, rho) for k, v in sp.items()}}
             points.append(pt)
             print(f"B={batch} context={context} (load {pt['load_average'][0]:.2f}): " + ", ".join(
-                f"{n} {pt[n]['ms_per_step']['median']:.3f}" for n in variants), flush=True)
+                f"{n} {pt[n]['ms_per_step']['median']:.3f}" for n in variants)
+                + (f"; self_span {pt['self_span']['speedup_vs_dense']['median']:.2f}x of ceiling "
+                   f"{pt['ceiling']['ceiling']:.2f}x (rho {pt['ceiling']['rho']:.3f})" if "ceiling" in pt else ""),
+                flush=True)
 
     names = list(variants)
     print("\n| batch | context | " + " | ".join(names) + " |\n|---|---|" + "---|" * len(names))
@@ -211,6 +252,15 @@ def main(argv=None) -> int:
         "command": "python scripts/profile_loop.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     print(f"wrote {reporting.write_json(result, args.out)}")
+    if args.plot:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from bench_decode import plot_fraction_of_ceiling
+
+        series = {f"self_span, {c} tokens": [(pt["batch"], pt["ceiling"]["fraction_of_ceiling"]) for pt in points
+                                             if pt["context"] == c and "ceiling" in pt] for c in contexts}
+        plot_fraction_of_ceiling(series, args.plot, "Decode steps in the loop (no prefill) against the "
+                                 "memory-bound ceiling\nCPU, reduced shape, paired rounds")
+        print(f"wrote {args.plot}")
     return 0
 
 

@@ -34,7 +34,7 @@ from flax import nnx, struct
 from pallas_kernels import block_sparse_decode
 from pallas_kernels.token_sparse_decode import token_sparse_decode
 from selfspan_jax.cache import KVCache
-from selfspan_jax.policies import Policy, Selection
+from selfspan_jax.policies import Policy, Selection, dense_selection
 from selfspan_jax.sampling import chosen_logprob, sample_logits
 
 # Prompt buckets start here so that short prompts share one program.
@@ -152,7 +152,7 @@ def prefill(model, policy: Policy, prompt, lengths, *, cache_len: int, block_siz
 
 
 def attention_fn_for(policy: Policy, pstate, pos, *, block_size: int, cache_len: int, backend: str,
-                     precision) -> tuple[Callable, Callable[[], list[Selection]]]:
+                     precision, dense_reads: bool = False) -> tuple[Callable, Callable[[], list[Selection]]]:
     """(attention_fn for `model.decode_step`, the step's selections once the layers have run: one per
     layer for a query-aware policy, else the one shared selection).
 
@@ -162,13 +162,22 @@ def attention_fn_for(policy: Policy, pstate, pos, *, block_size: int, cache_len:
     layer's q and keys; layers are traced in Python, so the per-layer
     selections can be read back, and the last layer's stands for the step.
     Other policies select once per step.
+
+    dense_reads: hand the kernel every causal block with the policy's own
+    token mask (`read_causal_blocks`): the same attention, no block list to
+    build (the "dense path" of `min_sparse_context`).
     """
     kw = dict(block_size=block_size, cache_len=cache_len)
-    seen: list[Selection] = [] if policy.query_aware else [policy.select(pstate, pos, **kw)]
+
+    def select(**qk):
+        sel = policy.select(pstate, pos, **qk, **kw)
+        return read_causal_blocks(sel, pos, cache_len, block_size) if dense_reads else sel
+
+    seen: list[Selection] = [] if policy.query_aware else [select()]
 
     def attention_fn(q, k_all, v_all, layer_idx):
         if policy.query_aware:
-            seen.append(policy.select(pstate, pos, q=q, k=k_all[layer_idx], layer_idx=layer_idx, **kw))
+            seen.append(select(q=q, k=k_all[layer_idx], layer_idx=layer_idx))
         sel = seen[-1]
         if sel.token_indices is None:
             out = block_sparse_decode(q, k_all, v_all, sel.block_indices, sel.block_counts, sel.token_mask,
@@ -182,6 +191,18 @@ def attention_fn_for(policy: Policy, pstate, pos, *, block_size: int, cache_len:
         return out
 
     return attention_fn, lambda: list(seen)
+
+
+def read_causal_blocks(sel: Selection, pos, cache_len: int, block_size: int) -> Selection:
+    """`sel` reading every block at or before the query instead of its own list, when its token
+    mask alone is the attention row (a list shared by all heads: self_span, dense); the attention
+    is unchanged. Per-KV-head lists (Quest, SparQ's block form) select through the list itself
+    -- one token mask serves all heads -- and token lists name rows: those are returned as they are."""
+    if sel.token_indices is not None or sel.block_indices.ndim != 2:
+        return sel
+    dense = dense_selection(pos, cache_len, block_size)
+    # rows_read: the policy's count of its own list's reads no longer describes the kernel's
+    return sel.replace(block_indices=dense.block_indices, block_counts=dense.block_counts, rows_read=None)
 
 
 def _mix_mean_v(y, sel: Selection, v_all, layer_idx, pos):
@@ -230,7 +251,7 @@ def _selection_stats(sel: Selection, pos: jax.Array, block_size: int):
 
 
 def decode_step(model, policy: Policy, st: LoopState, choose: Callable, *, max_new, eos_id, pad_id,
-                block_size: int, backend: str, precision) -> LoopState:
+                block_size: int, backend: str, precision, dense_reads: bool = False) -> LoopState:
     """One loop iteration: feed the last emitted token, attend through the policy, emit the next."""
     B, S = st.out.shape[0], st.cache.k.shape[3]
     # [B] the token emitted last step; it sits at position pos[b]
@@ -238,7 +259,7 @@ def decode_step(model, policy: Policy, st: LoopState, choose: Callable, *, max_n
     pos = st.cache.lengths
     pstate = policy.update(st.policy_state, fed)
     attention_fn, selection = attention_fn_for(policy, pstate, pos, block_size=block_size, cache_len=S,
-                                               backend=backend, precision=precision)
+                                               backend=backend, precision=precision, dense_reads=dense_reads)
     step_logits, cache = model.decode_step(fed, st.cache, attention_fn=attention_fn)
     selections = selection()
     sel = selections[-1]  # the last layer's stands for the step in the statistics
@@ -308,7 +329,7 @@ def initial_state(cache: KVCache, policy_state, tok0, logprob0, *, budget: int, 
     jax.jit,
     static_argnames=(
         "graphdef", "policy", "block_size", "cache_len", "budget", "backend", "precision", "return_masks",
-        "return_logprobs", "return_stats", "prefill_chunk",
+        "return_logprobs", "return_stats", "prefill_chunk", "min_sparse_context",
     ),
 )
 def run(
@@ -336,6 +357,7 @@ def run(
     return_logprobs: bool,
     return_stats: bool,
     prefill_chunk: int,
+    min_sparse_context: int = 0,
 ):
     """prompt int32 [B, T] right-padded, lengths int32 [B] -> (final `LoopState`, policy report).
 
@@ -344,9 +366,11 @@ def run(
     emitted instead of sampled tokens when the bool `use_forced` is set
     (teacher forcing through the decode loop; tests and benchmarks replay
     recorded traces); both are arrays so forcing compiles no second program.
+    min_sparse_context: below this cache length the kernel reads every causal
+    block, through the policy's token mask (same results; see
+    `generation.generate`).
     """
     model = nnx.merge(graphdef, params)
-    B = prompt.shape[0]
     M, S = budget, cache_len
     cache, last, policy_state = prefill(model, policy, prompt, lengths, cache_len=S, block_size=block_size,
                                         prefill_chunk=prefill_chunk)
@@ -361,6 +385,7 @@ def run(
                           budget=M, max_new=max_new, eos_id=eos_id, pad_id=pad_id, return_masks=return_masks,
                           return_stats=return_stats)
     body = functools.partial(decode_step, model, policy, choose=choose, max_new=max_new, eos_id=eos_id,
-                             pad_id=pad_id, block_size=block_size, backend=backend, precision=precision)
+                             pad_id=pad_id, block_size=block_size, backend=backend, precision=precision,
+                             dense_reads=cache_len < min_sparse_context)
     final = jax.lax.while_loop(lambda st: (st.step < M) & ~jnp.all(st.done), body, state)
     return final, policy.report(final.policy_state)

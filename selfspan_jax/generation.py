@@ -198,6 +198,7 @@ def generate(
     precision: str | None = None,
     prefill_chunk: int | None = None,
     adore_controller=None,
+    min_sparse_context: int = 0,
 ) -> GenerateOutput:
     """Generates up to `max_new_tokens` tokens per prompt with the given attention policy.
 
@@ -228,6 +229,14 @@ def generate(
         which is tf32 for float32 on a GPU; "highest" for exact fp32).
     prefill_chunk: prefill this many sequences at a time (must divide the
         batch); bounds prefill memory at large batch x prompt length.
+    min_sparse_context: when the call's cache length (prompt bucket + budget,
+        rounded to the block size) is below this many tokens, the kernel reads
+        every block at or before the query, through the policy's token mask:
+        the same attention and tokens, no block list to build or follow
+        (policies whose one list serves all heads: self_span, dense; others
+        keep their lists). A per-call rule, decided at trace time
+        (docs/notes/generation.md, "Never slower than dense"). 0 = always the
+        policy's own list.
     adore_controller: the trained controller `policy="adore"` uses (`adore.TrainedController` or the
         directory `scripts/train_adore.py` wrote).
     """
@@ -237,6 +246,9 @@ def generate(
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     sampling = Sampling(temperature, top_k, top_p)
     backend = resolve_backend(backend)
+    if isinstance(min_sparse_context, bool) or not isinstance(min_sparse_context, (int, np.integer)) \
+            or min_sparse_context < 0:
+        raise ValueError(f"min_sparse_context must be an int >= 0, got {min_sparse_context!r}")
     if prefill_chunk is not None and (not isinstance(prefill_chunk, (int, np.integer)) or prefill_chunk < 1):
         raise ValueError(f"prefill_chunk must be a positive int or None, got {prefill_chunk!r}")
     if span_tokens is None and tokenizer is not None and not isinstance(policy, Policy) and policy == "self_span":
@@ -274,7 +286,7 @@ def generate(
         jnp.bool_(forced_tokens is not None),
         graphdef=graphdef, policy=pol, block_size=int(block_size), cache_len=S, budget=M, backend=backend,
         precision=precision, return_masks=return_masks, return_logprobs=return_logprobs, return_stats=return_stats,
-        prefill_chunk=B if prefill_chunk is None else int(prefill_chunk),
+        prefill_chunk=B if prefill_chunk is None else int(prefill_chunk), min_sparse_context=int(min_sparse_context),
     )
     return _output(st, report, pol, lengths, max_new_tokens, eos, tokenizer)
 

@@ -72,6 +72,14 @@ class Block(nnx.Module):
         return x, q, k, v
 
 
+def _write_row(cache, layer: int, b_idx, write_at, in_range, row):
+    """cache [L, B, K, S, H] with row [B, K, H] at (layer, b, :, write_at[b], :) where in_range[b]
+    (elsewhere the row already there is written back). Indices are in bounds by construction."""
+    old = cache[layer, b_idx, :, write_at, :]
+    row = jnp.where(in_range[:, None, None], row.astype(cache.dtype), old)
+    return cache.at[layer, b_idx, :, write_at, :].set(row, mode="promise_in_bounds")
+
+
 # Rematerialisation of each decoder layer in training (`Llama.remat`): "layer" keeps only the
 # layer inputs and recomputes the rest in the backward pass, "dots" keeps the matmul outputs
 # (jax.checkpoint_policies names).
@@ -299,8 +307,9 @@ class Llama(nnx.Module):
         k_all, v_all [L, B, K, S_max, H] (this layer's K/V already written) and
         the layer index (a python int); it reads layer layer_idx itself, so a
         kernel can read it in place instead of XLA copying a slice every step.
-        Default = masked dense attention over positions <= lengths[b]. A sequence whose cache is full (lengths[b] == S_max)
-        has its write dropped; callers stop before that.
+        Default = masked dense attention over positions <= lengths[b]. A
+        sequence whose cache is full (lengths[b] == S_max) keeps its cache (its
+        write is dropped); callers stop before that.
         Jit it with the cache donated: otherwise XLA must copy the whole cache
         to a fresh output buffer every step (measured 10x slower on CPU).
         """
@@ -315,6 +324,12 @@ class Llama(nnx.Module):
             def attention_fn(q, k_all, v_all, layer_idx):
                 return decode_attention(q, k_all[layer_idx], v_all[layer_idx], visible)
 
+        # A full cache keeps its rows (the write goes to the last row, rewriting what is there):
+        # an out-of-bounds scatter index instead makes XLA guard the write with a select over
+        # the whole cache when B = 1 (the scatter becomes a dynamic-update-slice), and that
+        # select copies the cache several times a step (docs/notes/generation.md, issue 15).
+        in_range = pos < cache.max_len
+        write_at = jnp.minimum(pos, cache.max_len - 1)
         cos, sin = rope_cos_sin(pos[:, None], _inv_freq(self.config))  # [B, 1, H]
         x = self.embed_tokens(tokens[:, None])  # [B, 1, D]
         ck, cv = cache.k, cache.v
@@ -323,8 +338,14 @@ class Llama(nnx.Module):
             q, k, v = layer.attn.qkv(layer.attn_norm(x), cos, sin)  # q [B, 1, N, H]; k, v [B, K, 1, H]
             # One scatter per layer at (i, b, :, pos[b], :): indexed dims go
             # first, so the update is [B, K, H]. Inside jit this is in place.
-            ck = ck.at[i, b_idx, :, pos, :].set(k[:, :, 0].astype(ck.dtype))
-            cv = cv.at[i, b_idx, :, pos, :].set(v[:, :, 0].astype(cv.dtype))
+            ck = _write_row(ck, i, b_idx, write_at, in_range, k[:, :, 0])
+            cv = _write_row(cv, i, b_idx, write_at, in_range, v[:, :, 0])
+            if B == 1:
+                # The written cache as one buffer: at B = 1 XLA turns the scatter into a
+                # dynamic-update-slice and fuses a copy of it into each consumer (the kernel's
+                # row view, the loop carry), each a copy of the whole cache, every layer and step
+                # (3.8x the step time at 2k tokens; docs/notes/generation.md, issue 15).
+                ck, cv = jax.lax.optimization_barrier((ck, cv))
             o = attention_fn(q[:, 0], ck, cv, i)  # [B, N, H]
             x = x + layer.attn.out(o[:, None].astype(x.dtype))
             x = x + layer.mlp(layer.mlp_norm(x))

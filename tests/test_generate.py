@@ -445,6 +445,30 @@ def test_statistics_off_changes_nothing_else(model, tok):
             off.summary()
 
 
+@pytest.mark.parametrize("policy", ["self_span", "quest(page_budget=2)"])
+def test_dense_path_below_min_sparse_context_keeps_results(model, tok, policy):
+    """min_sparse_context above the cache length: self_span reads every causal block through its own
+    token mask -- same tokens and log-probs as through its lists, the same attended keys, and the
+    statistics count the blocks the kernel read (all of them). Quest's per-head lists are its
+    selection (one token mask serves all heads), so the rule leaves them alone."""
+    ids = [tok.encode(p) for p in _live_prompts(seed=13)]
+    kw = dict(policy=policy, max_new_tokens=MAX_NEW, tokenizer=tok, block_size=BLOCK, backend="xla",
+              return_logprobs=True)
+    own = generate(model, ids, **kw)
+    dense_path = generate(model, ids, min_sparse_context=1 << 20, **kw)
+    np.testing.assert_array_equal(dense_path.tokens, own.tokens)
+    np.testing.assert_allclose(dense_path.logprobs, own.logprobs, rtol=1e-5, atol=1e-5)
+    ok = own.stats["step_valid"]
+    np.testing.assert_array_equal(dense_path.stats["visible"][ok], own.stats["visible"][ok])
+    assert own.summary()["kv_read_fraction"] < 1.0
+    if policy == "self_span":
+        np.testing.assert_array_equal(dense_path.stats["blocks_read"][ok], dense_path.stats["dense_blocks"][ok])
+    else:
+        np.testing.assert_array_equal(dense_path.stats["blocks_read"][ok], own.stats["blocks_read"][ok])
+    with pytest.raises(ValueError, match="min_sparse_context"):
+        generate(model, ids, min_sparse_context=-1, **kw)
+
+
 # ---------------------------------------------------------------------------
 # sampler against a float64 NumPy reference
 # ---------------------------------------------------------------------------
