@@ -15,6 +15,7 @@ included, which a component timed alone would not show):
 - `+logprobs`: the full-vocabulary log_softmax of the chosen token (`return_logprobs`);
 - `dense greedy` / `dense sampled`: the token chosen by `sample_logits` (argmax, or
   temperature 0.8 with a Gumbel draw) instead of forced;
+- `no_kv_reads`: lists with no block, so the kernel streams no K/V: the weights' share of a step;
 - `span_track`: self_span's state update with dense reads and the causal mask
   (what the span parser alone costs);
 - `span_dense_reads`: self_span through `min_sparse_context`'s dense path: its
@@ -61,6 +62,14 @@ def build_variants(span_tokens, max_segments):
             sel = dense_selection(lengths, cache_len, block_size)
             return sel.replace(token_mask=jax.lax.optimization_barrier(sel.token_mask))
 
+    @dataclasses.dataclass(frozen=True)
+    class NoKVReads(DensePolicy):
+        """Lists with no block: the kernel reads no K/V (everything of a step but the KV stream)."""
+
+        def select(self, state, lengths, *, block_size, cache_len, q=None, k=None, layer_idx=None):
+            sel = dense_selection(lengths, cache_len, block_size)
+            return sel.replace(block_counts=sel.block_counts * 0)
+
     span = SelfSpanPolicy(span_tokens, max_segments)
     track = SpanTrack(span_tokens, max_segments)
     forced = dict(forced=True, temperature=0.0)
@@ -72,6 +81,7 @@ def build_variants(span_tokens, max_segments):
         "dense greedy": (DensePolicy(), dict(**lean, forced=False, temperature=0.0)),
         "dense sampled": (DensePolicy(), dict(**lean, forced=False, temperature=0.8)),
         "dense materialized mask": (DenseMaterialized(), dict(**lean, **forced)),
+        "no_kv_reads": (NoKVReads(), dict(**lean, **forced)),
         "self_span": (span, dict(**lean, **forced)),
         "self_span +stats": (span, dict(stats=True, logprobs=False, **forced)),
         "self_span +logprobs": (span, dict(stats=False, logprobs=True, **forced)),
