@@ -92,12 +92,16 @@ class ArrayPrefillMask:
         return self.mask.shape
 
     def block(self, q_start, k_start, q_size: int, k_size: int) -> jax.Array:
-        B, T, _ = self.mask.shape
+        T = self.mask.shape[1]
+        q_pos = q_start + jnp.arange(q_size, dtype=jnp.int32)
+        k_pos = k_start + jnp.arange(k_size, dtype=jnp.int32)
+        # only the block is gathered: a padded copy of the whole mask per block would be [B, T, T] work
+        # inside the attention's loop
+        m = self.mask[:, jnp.clip(q_pos, 0, T - 1)[:, None], jnp.clip(k_pos, 0, T - 1)[None, :]]
+        inside = (q_pos < T)[:, None] & (k_pos < T)[None, :]
         # positions past T (the attention's chunk padding) see only themselves
-        pad = max(q_size, k_size)
-        m = jnp.pad(self.mask, ((0, 0), (0, pad), (0, pad)))
-        m = m | (jnp.arange(T + pad)[:, None] == jnp.arange(T + pad)[None, :]) & (jnp.arange(T + pad) >= T)[:, None]
-        return jax.lax.dynamic_slice(m, (0, q_start, k_start), (B, q_size, k_size))
+        past = (q_pos >= T)[:, None] & (q_pos[:, None] == k_pos[None, :])
+        return jnp.where(inside[None], m, past[None])
 
     def full(self) -> jax.Array:
         return self.mask
