@@ -7,6 +7,13 @@
 #   scripts/gpu_session.sh kernel     # issue 13's visit: tests -x, XLA's PTX against the offline
 #                                     # sm_90 compile, LLaMA-7B/GQA bf16 T=8k B in {1,8}, density
 #                                     # {1/8, 1}, num_stages {2,3,5}, against jax's decode/paged kernels
+#   scripts/gpu_session.sh visit      # one ~9-minute visit: the Triton-backend kernel tests (TestPallas and
+#                                     # test_sparq), XLA's PTX against the offline compile, a short kernel
+#                                     # sweep, then the decode loop at LLaMA-7B widths (8 layers, bf16):
+#                                     # dense vs self_span per step, B 8/1/32, 2k and 512 tokens (issue 15)
+#
+# With a `.whl/` folder carried (flax 0.12.12, the version the project is tested with), the wheels
+# are installed to /tmp/site first; the GPU image's own jax (0.11.2) is used as it is.
 #
 # Runs in the repository root on the device machine, under its python3 (jax
 # 0.11.2, pytest, hypothesis, matplotlib, triton preinstalled; no network).
@@ -37,7 +44,45 @@ elapsed() { echo $(( $(date +%s) - START )); }
   git log --oneline -1 2>/dev/null || true
 } 2>&1 | tee "$LOG"
 
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+  "$PY" -c 'import flax; print("flax", flax.__version__, flax.__file__)' 2>&1 | tee -a "$LOG"
+fi
+
 status=0
+if [[ "$STAGE" == "visit" ]]; then
+  echo "== Triton-backend kernel tests (t=$(elapsed)s)" | tee -a "$LOG"
+  # The interpret/XLA classes are proven on the CPU in CI; here only what needs the GPU.
+  timeout 170 "$PY" -m pytest -p no:cacheprovider -q -rs --durations=10 --junitxml="$OUT/pytest.xml" \
+    tests/test_block_sparse_decode.py::TestPallas tests/test_sparq.py 2>&1 | tee -a "$LOG"
+  status=$?
+  echo "== tests exit $status (t=$(elapsed)s)" | tee -a "$LOG"
+  echo "== XLA's PTX vs the offline sm_90 compile (t=$(elapsed)s)" | tee -a "$LOG"
+  timeout 60 "$PY" scripts/gpu_ptx_check.py --out "$OUT/ptx_check.json" 2>&1 | tee -a "$LOG"
+  echo "== kernel sweep (t=$(elapsed)s)" | tee -a "$LOG"
+  timeout 130 "$PY" scripts/bench_kernel.py --out "$OUT/kernel_gpu_stages.json" \
+    --heads mha gqa --batches 1 8 --contexts 8192 --block-sizes 64 --densities 0.125 1 \
+    --dtype bfloat16 --num-stages 2 3 --max-seconds 80 2>&1 | tee -a "$LOG"
+  echo "== kernel sweep exit $? (t=$(elapsed)s)" | tee -a "$LOG"
+  budget=$(( 520 - $(elapsed) ))
+  echo "== decode loop at LLaMA-7B widths, ${budget}s (t=$(elapsed)s)" | tee -a "$LOG"
+  loop_args=(--shape llama2-7b-8l --dtype bfloat16 --batch 8,1,32 --context 2048,512 --steps 64 --repeats 7
+             --variants "dense,self_span,self_span +stats" --block-size 64 --out "$OUT/decode_loop_gpu.json"
+             --plot "$OUT/decode_loop_gpu.png")
+  timeout $(( budget + 20 )) "$PY" scripts/profile_loop.py "${loop_args[@]}" --backend pallas \
+    --max-seconds $(( budget - 60 )) 2>&1 | tee -a "$LOG"
+  lstatus=$?
+  echo "== decode loop exit $lstatus (t=$(elapsed)s)" | tee -a "$LOG"
+  if [[ $lstatus -ne 0 && ! -s "$OUT/decode_loop_gpu.json" && $(( 540 - $(elapsed) )) -gt 90 ]]; then
+    echo "== decode loop again on the XLA path (t=$(elapsed)s)" | tee -a "$LOG"
+    timeout $(( 540 - $(elapsed) )) "$PY" scripts/profile_loop.py "${loop_args[@]}" --backend xla \
+      --max-seconds $(( 480 - $(elapsed) )) 2>&1 | tee -a "$LOG"
+  fi
+  nvidia-smi --query-gpu=temperature.gpu,clocks.sm,power.draw,utilization.gpu --format=csv 2>&1 | tee -a "$LOG"
+  echo "== visit done (t=$(elapsed)s)" | tee -a "$LOG"
+fi
+
 if [[ "$STAGE" == "all" || "$STAGE" == "tests" ]]; then
   echo "== tests (t=$(elapsed)s)" | tee -a "$LOG"
   # -rs lists skip reasons: TestPallas must NOT be skipped here.

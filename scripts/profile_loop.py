@@ -198,6 +198,10 @@ def main(argv=None) -> int:
     p.add_argument("--max-segments", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--backend", default="xla")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="start no new (batch, context) point after this many seconds; the JSON is rewritten "
+                        "after every point, so a run stopped early keeps what it measured")
     p.add_argument("--traces", default="benchmarks/results/decode_traces_long.json")
     p.add_argument("--variants", default=None, help="comma-separated subset of the variants (default: all)")
     p.add_argument("--plot", default=None, help="PNG of self_span's measured/ceiling against batch size (needs "
@@ -216,27 +220,53 @@ def main(argv=None) -> int:
     contexts = [int(c) for c in args.context.split(",")]
     need = max(contexts) + args.steps + 2
     rows = [trace_stream(traces[i:] + traces[:i], tokenizer, need) for i in range(max(batches))]
-    model = random_model(args.shape, "float32", need + 2 * args.block_size + 64)
+    model = random_model(args.shape, args.dtype, need + 2 * args.block_size + 64)
+    itemsize = 2 if args.dtype == "bfloat16" else 4
+    started = time.perf_counter()
     variants = build_variants(SpanTokens.from_tokenizer(tokenizer), args.max_segments)
     if args.variants:
         unknown = set(args.variants.split(",")) - set(variants)
         if unknown:
             raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {list(variants)}")
         variants = {n: variants[n] for n in args.variants.split(",")}
-    points = []
+    on_cpu = reporting.environment()["device"].startswith("cpu")
+    label = (f"{'REDUCED SHAPE ' if args.shape == 'cpu-reduced' else ''}{args.shape}, {args.dtype}, "
+             f"{'CPU (XLA path)' if on_cpu else 'GPU'}, backend {args.backend}, forced along recorded span traces")
+
+    def write(points, skipped):
+        result = {
+            "benchmark": "per-step cost of the decode loop's own work, in situ (fori_loop over decode_step)",
+            "label": label,
+            "environment": reporting.environment(),
+            "settings": {**{k: v for k, v in vars(args).items() if k not in ("out",)},
+                         "timing": "ms per step = wall time of a jitted fori_loop of `steps` decode steps (state "
+                                   "donated, set up untimed) / steps; median (min, max) of repeats taken in turns, "
+                                   "after one compiling round"},
+            "variants": {n: {"policy": type(pol).__name__, **flags} for n, (pol, flags) in variants.items()},
+            "points": points,
+            "not_measured": skipped,  # points --max-seconds left out
+            "command": "python scripts/profile_loop.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        }
+        return reporting.write_json(result, args.out)
+
+    points, skipped = [], []
     for context in contexts:
         for batch in batches:
+            if args.max_seconds is not None and time.perf_counter() - started > args.max_seconds:
+                skipped.append({"batch": batch, "context": context})
+                continue
             pt = profile_point(model, rows, variants, batch=batch, context=context, steps=args.steps,
                                block_size=args.block_size, repeats=args.repeats, backend=args.backend)
             if "dense" in variants:
                 add_paired_ratios(pt)
                 if "self_span" in pt and "self_span +stats" in pt:  # the ceiling at self_span's measured rho
-                    r = kv_weight_ratio(model.config, batch, context + args.steps / 2, 4)
+                    r = kv_weight_ratio(model.config, batch, context + args.steps / 2, itemsize)
                     rho = pt["self_span +stats"]["rho"]
                     sp = pt["self_span"]["speedup_vs_dense"]
                     pt["ceiling"] = {"r": r, "rho": rho, "ceiling": memory_ceiling(r, rho),
                                      "fraction_of_ceiling": {k: v / memory_ceiling(r, rho) for k, v in sp.items()}}
             points.append(pt)
+            write(points, skipped)
             print(f"B={batch} context={context} (load {pt['load_average'][0]:.2f}): " + ", ".join(
                 f"{n} {pt[n]['ms_per_step']['median']:.3f}" for n in variants)
                 + (f"; self_span {pt['self_span']['speedup_vs_dense']['median']:.2f}x of ceiling "
@@ -249,19 +279,9 @@ def main(argv=None) -> int:
         cells = [pt[n]["ms_per_step"] for n in names]
         print(f"| {pt['batch']} | {pt['context']} | " + " | ".join(
             f"{c['median']:.3f} [{c['min']:.3f}-{c['max']:.3f}]" for c in cells) + " |")
-    result = {
-        "benchmark": "per-step cost of the decode loop's own work, in situ (fori_loop over decode_step)",
-        "label": "REDUCED SHAPE on CPU (XLA path), forced along recorded span traces",
-        "environment": reporting.environment(),
-        "settings": {**{k: v for k, v in vars(args).items() if k not in ("out",)},
-                     "timing": "ms per step = wall time of a jitted fori_loop of `steps` decode steps (state "
-                               "donated, set up untimed) / steps; median (min, max) of repeats taken in turns, "
-                               "after one compiling round"},
-        "variants": {n: {"policy": type(pol).__name__, **flags} for n, (pol, flags) in variants.items()},
-        "points": points,
-        "command": "python scripts/profile_loop.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-    }
-    print(f"wrote {reporting.write_json(result, args.out)}")
+    if skipped:
+        print(f"not measured (--max-seconds {args.max_seconds}): {skipped}")
+    print(f"wrote {write(points, skipped)}")
     if args.plot:
         sys.path.insert(0, str(Path(__file__).parent))
         from bench_decode import plot_fraction_of_ceiling
@@ -269,7 +289,7 @@ def main(argv=None) -> int:
         series = {f"self_span, {c} tokens": [(pt["batch"], pt["ceiling"]["fraction_of_ceiling"]) for pt in points
                                              if pt["context"] == c and "ceiling" in pt] for c in contexts}
         plot_fraction_of_ceiling(series, args.plot, "Decode steps in the loop (no prefill) against the "
-                                 "memory-bound ceiling\nCPU, reduced shape, paired rounds")
+                                 f"memory-bound ceiling\n{label.split(', forced')[0]}, paired rounds")
         print(f"wrote {args.plot}")
     return 0
 

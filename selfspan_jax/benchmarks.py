@@ -34,6 +34,9 @@ from selfspan_jax.tokenizer import ANCHOR, REF_CLOSE, REF_OPEN, encode_with_span
 # 8 and 2k tokens this shape has r ~ 3.
 SHAPES = {
     "llama2-7b": dict(preset="llama2-7b"),
+    # LLaMA-7B widths with 8 of its 32 layers: the same per-layer KV/weight balance, a quarter of the
+    # compile time and memory (a GPU visit has minutes, not hours)
+    "llama2-7b-8l": dict(preset="llama2-7b", n_layers=8),
     "cpu-reduced": dict(preset="llama2-7b", d_model=512, n_layers=2, n_heads=4, n_kv_heads=4, mlp_dim=1376,
                         vocab_size=4096),
 }
