@@ -6,7 +6,10 @@ finds each Triton kernel's entry in the dump, runs the GPU image's ptxas
 (from its triton package) on it, and puts registers, spills and the
 `cp.async.wait_group` depths next to the committed offline numbers
 (benchmarks/results/kernel_sm90_compile.json). GPU_CHECKS.md item 0; run by
-scripts/gpu_session.sh. Never run yet (no GPU has been lent).
+scripts/gpu_session.sh. First run 2026-12-04 (H200, jax 0.11.2): XLA's dump held no top-level
+*.ptx; the Pallas calls left only per-module folders (`module_NNNN.jit_call/module.mlir`). The
+search now walks the folders too, and a row that finds no PTX lists what the kernel's module
+folder holds, so the next visit can see where (or whether) jaxlib writes it.
 
     python3 scripts/gpu_ptx_check.py --out $OUT/ptx_check.json
 """
@@ -56,10 +59,11 @@ def main(argv=None) -> int:
         config = configs[cid]
         args_ = [jnp.zeros(a.shape, a.dtype) for a in config.avals()]
         kernel = sm90.capture_triton_kernels(config.fn(), *config.avals())[0]
-        before = set(glob.glob(os.path.join(dump, "*.ptx")))
+        before = set(glob.glob(os.path.join(dump, "**", "*.ptx"), recursive=True))
         jax.block_until_ready(jax.jit(config.fn())(*args_))
         found = None
-        for path in sorted(set(glob.glob(os.path.join(dump, "*.ptx"))) - before) or sorted(before):
+        for path in sorted(set(glob.glob(os.path.join(dump, "**", "*.ptx"), recursive=True)) - before) \
+                or sorted(before):
             text = open(path).read()
             found = entry_ptx(text, kernel.name)
             if found:
@@ -68,6 +72,11 @@ def main(argv=None) -> int:
             "registers", "spill_store_bytes", "spill_load_bytes", "ptx_wait_groups", "shared_bytes")}}
         if found is None:
             row["error"] = f"no .entry {kernel.name} in the PTX XLA dumped to {dump}"
+            holders = [q for q in glob.glob(os.path.join(dump, "**", "*"), recursive=True)
+                       if os.path.isfile(q) and kernel.name in open(q, errors="replace").read()]
+            row["files_naming_the_kernel"] = sorted(os.path.relpath(q, dump) for q in holders)[:20]
+            row["module_folders"] = {os.path.relpath(d, dump): sorted(os.listdir(d))[:20]
+                                     for d in {os.path.dirname(q) for q in holders} if d != dump}
         else:
             try:
                 used, out = ptxas_verbose(path)  # the whole dumped module; read this kernel's part

@@ -54,7 +54,7 @@ status=0
 if [[ "$STAGE" == "visit" ]]; then
   echo "== Triton-backend kernel tests (t=$(elapsed)s)" | tee -a "$LOG"
   # The interpret/XLA classes are proven on the CPU in CI; here only what needs the GPU.
-  timeout 170 "$PY" -m pytest -p no:cacheprovider -q -rs --durations=10 --junitxml="$OUT/pytest.xml" \
+  timeout 230 "$PY" -m pytest -p no:cacheprovider -q -rs --durations=10 --junitxml="$OUT/pytest.xml" \
     tests/test_block_sparse_decode.py::TestPallas tests/test_sparq.py 2>&1 | tee -a "$LOG"
   status=$?
   echo "== tests exit $status (t=$(elapsed)s)" | tee -a "$LOG"
