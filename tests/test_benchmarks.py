@@ -64,3 +64,37 @@ def test_decode_point_pairs_repeats_and_reads_the_trace():
     with pytest.raises(ValueError, match="dense"):
         decode_point(model, rows, batch=2, context=256, new_tokens=28, policies={"self_span": "self_span"},
                      repeats=1, tokenizer=tok)
+
+
+def test_profile_loop_pairs_rounds_and_stops_at_max_seconds(tmp_path):
+    """The decode-loop profiler (what a GPU visit runs): each variant's speedup is the median of the
+    per-round ratios of its own times, the ceiling uses self_span's measured rho, and with
+    --max-seconds 0 nothing past the first point is measured but the JSON still says which were not."""
+    import json
+    import statistics
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
+    import profile_loop
+
+    from selfspan_jax.benchmarks import memory_ceiling
+
+    out = tmp_path / "loop.json"
+    common = ["--batch", "2", "--steps", "3", "--block-size", "16", "--max-segments", "64",
+              "--variants", "dense,self_span,self_span +stats", "--out", str(out)]
+    assert profile_loop.main([*common, "--context", "48", "--repeats", "3", "--dtype", "bfloat16"]) == 0
+    result = json.loads(out.read_text())
+    (pt,) = result["points"]
+    assert result["not_measured"] == [] and "bfloat16" in result["label"]
+    dense, span = pt["dense"]["all_ms_per_step"], pt["self_span"]["all_ms_per_step"]
+    assert len(dense) == len(span) == 3
+    assert pt["self_span"]["speedup_vs_dense"]["median"] == pytest.approx(
+        statistics.median(d / s for d, s in zip(dense, span)))
+    rho = pt["self_span +stats"]["rho"]
+    assert 0 < rho <= 1 and pt["ceiling"]["ceiling"] == pytest.approx(memory_ceiling(pt["ceiling"]["r"], rho))
+
+    assert profile_loop.main([*common, "--context", "48,80", "--repeats", "1", "--max-seconds", "0"]) == 0
+    result = json.loads(out.read_text())
+    assert result["points"] == [] and result["not_measured"] == [{"batch": 2, "context": 48},
+                                                                 {"batch": 2, "context": 80}]
