@@ -16,11 +16,11 @@ generations while the context reaches the length asked for:
   segment its recorded header named (see `trace_stream`);
 - prefill: the first `context` tokens; decode: the next `new_tokens`, forced.
 
-Decode time = median over repeats of (time of a run with `new_tokens` minus
-time of a run with half the budget bucket + 1 tokens): one compiled program,
-one prefill, so the difference is decode steps only and prefill does not
-dilute the ratio. Each repeat runs the four programs (two policies x two
-lengths) back to back, so both policies see the same load. The JSON
+Decode time = the wall time of `generate`'s decode loop alone, which
+`generate(return_timing=True)` measures after prefill (its own compiled
+program) has finished, so prefill neither dilutes the ratio nor adds its
+noise. Each repeat runs every policy once, back to back, so all see the
+same load; the speedup is the median of the per-repeat ratios. The JSON
 also holds rho (KV blocks read / dense blocks), r (dense KV bytes / weight
 bytes per step) and the memory-bound ceiling (1 + r) / (1 + rho r) of
 DESIGN.md section 5, per policy at its measured rho.
@@ -163,9 +163,9 @@ def main(argv=None) -> int:
         "settings": {"block_size": args.block_size, "backend": args.backend, "repeats": args.repeats,
                      "new_tokens": args.new_tokens, "max_segments": args.max_segments,
                      "prefill_chunk": args.prefill_chunk, "timing": "after a warm-up, repeats interleave the "
-                     "programs (statistics off, return_stats=False); decode per repeat = run(new_tokens) - "
-                     "run(short_tokens), same program and prefill; speedup = median over repeats of the paired "
-                     "ratio dense / policy, with min and max; rho from one more run with statistics",
+                     "policies (statistics off, return_stats=False); decode per repeat = wall time of generate's "
+                     "decode loop after prefill finished (return_timing=True); speedup = median over repeats of "
+                     "the paired ratio dense / policy, with min and max; rho from one more run with statistics",
                      "load_average_1_5_15_at_start": load_start,
                      "load_average_1_5_15_at_end": list(os.getloadavg())},
         "points": points,

@@ -107,13 +107,15 @@ def decode_point(model, stream_rows, *, batch: int, context: int, new_tokens: in
     every speedup is over it. generate_kw: the rest of `generate`'s arguments (tokenizer,
     block_size, backend, sampling, ...).
 
-    Decode time per repeat = time of a run with `new_tokens` minus time of a run with half the
-    budget bucket + 1 tokens: one compiled program, one prefill, so the difference is decode steps
-    only. The runs of all policies take turns in every repeat (`reporting.interleaved_times`), so
-    dense and a policy see the same load; speedup = median over repeats of the paired ratio
-    dense / policy, with its min and max. Timed runs record no statistics (`return_stats=False`,
-    as a serving loop runs); one more run per policy with statistics gives the attended and
-    KV-read fractions.
+    Decode time per repeat = the wall time of `generate`'s decode loop alone
+    (`return_timing=True`: prefill runs as its own program and is finished
+    first), so prefill neither dilutes the ratio nor adds its noise. The
+    runs of all policies take turns in every repeat
+    (`reporting.interleaved_results`), so dense and a policy see the same
+    load; speedup = median over repeats of the paired ratio dense / policy,
+    with its min and max. Timed runs record no statistics
+    (`return_stats=False`, as a serving loop runs); one more run per policy
+    with statistics gives the attended and KV-read fractions.
     """
     from selfspan_jax.generation import generate
 
@@ -122,46 +124,32 @@ def decode_point(model, stream_rows, *, batch: int, context: int, new_tokens: in
     prompts = np.asarray([row[:context] for row in stream_rows[:batch]], np.int32)
     forced = np.asarray([row[context: context + new_tokens] for row in stream_rows[:batch]], np.int32)
     point = {"batch": batch, "context": context, "new_tokens": new_tokens}
-    bucket = 1 << (new_tokens - 1).bit_length()
-    short = bucket // 2 + 1
-    if new_tokens - short < 8:
-        raise ValueError(f"new_tokens={new_tokens} leaves {new_tokens - short} steps between the two runs of bucket "
-                         f"{bucket}; use a value near a power of two (e.g. 64, 128)")
-    point["short_tokens"] = short
-    kw = dict(eos_id=-1, **generate_kw)
+    kw = dict(eos_id=-1, max_new_tokens=new_tokens, forced_tokens=forced, **generate_kw)
 
-    def run(label, n, **extra):
-        return lambda: generate(model, prompts, policy=policies[label], max_new_tokens=n,
-                                forced_tokens=forced[:, :n], return_stats=False, **kw, **extra)
+    def run(label):
+        return lambda: generate(model, prompts, policy=policies[label], return_stats=False, return_timing=True,
+                                **kw).timing
 
     point["load_average_before"] = reporting.load_average()
-    times = reporting.interleaved_times({(label, n): run(label, n) for label in policies for n in (new_tokens, short)},
-                                        repeats)
+    timings = reporting.interleaved_results({label: run(label) for label in policies}, repeats)
     point["load_average_after"] = reporting.load_average()
-    decode = {label: np.array(times[(label, new_tokens)]) - np.array(times[(label, short)]) for label in policies}
+    decode = {label: np.array([t["decode_s"] for t in timings[label]]) for label in policies}
+    steps = timings["dense"][0]["decode_steps"]
+    point["decode_steps"] = steps
     for label in policies:
-        out = generate(model, prompts, policy=policies[label], max_new_tokens=new_tokens, forced_tokens=forced, **kw)
+        out = generate(model, prompts, policy=policies[label], **kw)
         if not np.array_equal(out.tokens, forced):
             raise AssertionError("forced decode did not emit the trace")
         s = out.summary()
-        full, part, diff = np.array(times[(label, new_tokens)]), np.array(times[(label, short)]), decode[label]
-        # median of the per-repeat differences: both runs of a repeat ran back to back
-        decode_s = float(np.median(diff))
-        if decode_s <= 0:
-            raise RuntimeError(f"{label}: {new_tokens} tokens were not slower than {short} (median difference "
-                               f"{decode_s:.3f} s); the machine is too noisy, raise --repeats")
-        # a repeat whose difference came out <= 0 for either (a slow spell during a short run) has no ratio
-        ok = (diff > 0) & (decode["dense"] > 0)
-        ratios = decode["dense"][ok] / diff[ok]
-        if not ratios.size:
-            raise RuntimeError(f"{label}: no repeat gave a positive decode time for both it and dense; "
-                               "the machine is too noisy, raise --repeats")
+        prefill = [t["prefill_s"] for t in timings[label]]
+        decode_s = float(np.median(decode[label]))
+        ratios = decode["dense"] / decode[label]
         point[label] = {
-            "total_s": float(np.median(full)), "short_s": float(np.median(part)), "decode_s": decode_s,
-            "decode_tokens_per_s": batch * (new_tokens - short) / decode_s,
-            "decode_ms_per_step": decode_s / (new_tokens - short) * 1e3,
-            "decode_s_per_repeat": diff.tolist(), "all_total_s": full.tolist(), "all_short_s": part.tolist(),
-            "speedup_per_repeat": [float(x) for x in decode["dense"] / np.where(ok, diff, np.nan)],
+            "decode_s": decode_s, "prefill_s": float(np.median(prefill)),
+            "decode_tokens_per_s": batch * steps / decode_s,
+            "decode_ms_per_step": decode_s / steps * 1e3,
+            "decode_s_per_repeat": decode[label].tolist(), "prefill_s_per_repeat": prefill,
+            "speedup_per_repeat": ratios.tolist(),
             "speedup_spread": reporting.spread(ratios.tolist()),
             "mean_attended_fraction": s["mean_attended_fraction"], "kv_read_fraction": s["kv_read_fraction"],
             "rebuilds_per_step": s.get("rebuilds_per_step"),

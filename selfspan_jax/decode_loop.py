@@ -1,6 +1,7 @@
 """The jitted decode loop: prefill, then one token per step with the policy's attention.
 
-One compiled program per shape bucket does everything on device:
+Two compiled programs per shape bucket (`start`, then `loop`, which takes
+the state donated) do everything on device:
 
 1. `prefill`: a full forward over the right-padded prompts with the policy's
    mask (the span mask of DESIGN.md §2 for `self_span`), writing the KV cache,
@@ -325,13 +326,53 @@ def initial_state(cache: KVCache, policy_state, tok0, logprob0, *, budget: int, 
     )
 
 
+def _chooser(rng, temperature, top_k, top_p, forced, use_forced) -> Callable:
+    """choose(step_logits, step) -> [B] tokens: sampled, or the forced column when `use_forced`."""
+
+    def choose(step_logits, step):
+        drawn = sample_logits(step_logits, jax.random.fold_in(rng, step), temperature, top_k, top_p)
+        given = jax.lax.dynamic_index_in_dim(forced, step, axis=1, keepdims=False)
+        return jnp.where(use_forced, given, drawn)
+
+    return choose
+
+
 @functools.partial(
     jax.jit,
-    static_argnames=(
-        "graphdef", "policy", "block_size", "cache_len", "budget", "backend", "precision", "return_masks",
-        "return_logprobs", "return_stats", "prefill_chunk", "min_sparse_context",
-    ),
+    static_argnames=("graphdef", "policy", "block_size", "cache_len", "budget", "return_masks", "return_logprobs",
+                     "return_stats", "prefill_chunk"),
 )
+def start(params, prompt, lengths, max_new, temperature, top_k, top_p, rng, eos_id, pad_id, forced, use_forced, *,
+          graphdef, policy: Policy, block_size: int, cache_len: int, budget: int, return_masks: bool,
+          return_logprobs: bool, return_stats: bool, prefill_chunk: int) -> LoopState:
+    """Stage 1 of `run`: prefill, the first token, the loop's initial state."""
+    model = nnx.merge(graphdef, params)
+    cache, last, policy_state = prefill(model, policy, prompt, lengths, cache_len=cache_len, block_size=block_size,
+                                        prefill_chunk=prefill_chunk)
+    tok0 = _chooser(rng, temperature, top_k, top_p, forced, use_forced)(last, 0)
+    return initial_state(cache, policy_state, tok0, chosen_logprob(last, tok0) if return_logprobs else None,
+                         budget=budget, max_new=max_new, eos_id=eos_id, pad_id=pad_id, return_masks=return_masks,
+                         return_stats=return_stats)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "policy", "block_size", "backend", "precision", "dense_reads"),
+    donate_argnames=("state",),  # the cache and buffers are updated in place
+)
+def loop(params, state: LoopState, max_new, temperature, top_k, top_p, rng, eos_id, pad_id, forced, use_forced, *,
+         graphdef, policy: Policy, block_size: int, backend: str, precision, dense_reads: bool):
+    """Stage 2 of `run`: the decode while loop from `start`'s state -> (final state, policy report)."""
+    model = nnx.merge(graphdef, params)
+    M = state.out.shape[1]
+    body = functools.partial(decode_step, model, policy, choose=_chooser(rng, temperature, top_k, top_p, forced,
+                                                                         use_forced),
+                             max_new=max_new, eos_id=eos_id, pad_id=pad_id, block_size=block_size, backend=backend,
+                             precision=precision, dense_reads=dense_reads)
+    final = jax.lax.while_loop(lambda st: (st.step < M) & ~jnp.all(st.done), body, state)
+    return final, policy.report(final.policy_state)
+
+
 def run(
     params,
     prompt,
@@ -358,34 +399,29 @@ def run(
     return_stats: bool,
     prefill_chunk: int,
     min_sparse_context: int = 0,
+    on_prefilled: Callable[[LoopState], Any] | None = None,
 ):
     """prompt int32 [B, T] right-padded, lengths int32 [B] -> (final `LoopState`, policy report).
 
-    Everything that changes per call is an array (budget, sampling knobs, seed,
-    EOS/pad ids), so such changes reuse the program. forced: int32 [B, M],
-    emitted instead of sampled tokens when the bool `use_forced` is set
-    (teacher forcing through the decode loop; tests and benchmarks replay
-    recorded traces); both are arrays so forcing compiles no second program.
+    Two compiled programs, `start` (prefill) and `loop` (the decode steps, the
+    state donated so the cache is updated in place): the decode loop can be
+    timed apart from prefill, and one prefill program serves every
+    `min_sparse_context`/backend choice of the loop. Everything that changes
+    per call is an array (budget, sampling knobs, seed, EOS/pad ids), so
+    such changes reuse the programs. forced: int32 [B, M], emitted instead
+    of sampled tokens when the bool `use_forced` is set (teacher forcing
+    through the decode loop; tests and benchmarks replay recorded traces);
+    both are arrays so forcing compiles no second program.
     min_sparse_context: below this cache length the kernel reads every causal
     block, through the policy's token mask (same results; see
-    `generation.generate`).
+    `generation.generate`). on_prefilled: called with `start`'s state before
+    the loop is dispatched (`generate(return_timing=True)` syncs there).
     """
-    model = nnx.merge(graphdef, params)
-    M, S = budget, cache_len
-    cache, last, policy_state = prefill(model, policy, prompt, lengths, cache_len=S, block_size=block_size,
-                                        prefill_chunk=prefill_chunk)
-
-    def choose(step_logits, step):
-        drawn = sample_logits(step_logits, jax.random.fold_in(rng, step), temperature, top_k, top_p)
-        given = jax.lax.dynamic_index_in_dim(forced, step, axis=1, keepdims=False)
-        return jnp.where(use_forced, given, drawn)
-
-    tok0 = choose(last, 0)
-    state = initial_state(cache, policy_state, tok0, chosen_logprob(last, tok0) if return_logprobs else None,
-                          budget=M, max_new=max_new, eos_id=eos_id, pad_id=pad_id, return_masks=return_masks,
-                          return_stats=return_stats)
-    body = functools.partial(decode_step, model, policy, choose=choose, max_new=max_new, eos_id=eos_id,
-                             pad_id=pad_id, block_size=block_size, backend=backend, precision=precision,
-                             dense_reads=cache_len < min_sparse_context)
-    final = jax.lax.while_loop(lambda st: (st.step < M) & ~jnp.all(st.done), body, state)
-    return final, policy.report(final.policy_state)
+    knobs = (max_new, temperature, top_k, top_p, rng, eos_id, pad_id, forced, use_forced)
+    state = start(params, prompt, lengths, *knobs, graphdef=graphdef, policy=policy, block_size=block_size,
+                  cache_len=cache_len, budget=budget, return_masks=return_masks, return_logprobs=return_logprobs,
+                  return_stats=return_stats, prefill_chunk=prefill_chunk)
+    if on_prefilled is not None:
+        on_prefilled(state)
+    return loop(params, state, *knobs, graphdef=graphdef, policy=policy, block_size=block_size, backend=backend,
+                precision=precision, dense_reads=cache_len < min_sparse_context)

@@ -10,6 +10,7 @@ shape bucket does all the decoding on device (see `decode_loop`).
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Sequence
 
 import jax
@@ -51,6 +52,9 @@ class GenerateOutput:
     policy_report: per-sequence counters from the policy's final state
         ({name: [B]}; for self_span: segments, fallback_dense,
         unclosed_headers, ignored_refs, stray_markers).
+    timing: with `return_timing`, wall seconds of prefill and of the decode loop
+        and the loop's iterations ({prefill_s, decode_s, decode_steps}); summed
+        over the parts by `concatenate`.
     """
 
     tokens: np.ndarray
@@ -62,6 +66,7 @@ class GenerateOutput:
     masks: np.ndarray | None
     policy: str
     policy_report: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    timing: dict[str, float] | None = None
 
     @classmethod
     def concatenate(cls, outputs: Sequence["GenerateOutput"]) -> "GenerateOutput":
@@ -93,6 +98,8 @@ class GenerateOutput:
             policy=outputs[0].policy,
             policy_report={k: np.concatenate([o.policy_report[k] for o in outputs])
                            for k in outputs[0].policy_report},
+            timing=None if any(o.timing is None for o in outputs) else
+            {k: sum(o.timing[k] for o in outputs) for k in outputs[0].timing},
         )
 
     def sequences(self) -> list[np.ndarray]:
@@ -199,6 +206,7 @@ def generate(
     prefill_chunk: int | None = None,
     adore_controller=None,
     min_sparse_context: int = 0,
+    return_timing: bool = False,
 ) -> GenerateOutput:
     """Generates up to `max_new_tokens` tokens per prompt with the given attention policy.
 
@@ -237,6 +245,10 @@ def generate(
         keep their lists). A per-call rule, decided at trace time
         (docs/notes/generation.md, "Never slower than dense"). 0 = always the
         policy's own list.
+    return_timing: wait for prefill to finish before dispatching the decode loop, and
+        record both wall times in `GenerateOutput.timing` (prefill_s, decode_s,
+        decode_steps). Off by default: the loop is then queued behind prefill
+        with no sync between them.
     adore_controller: the trained controller `policy="adore"` uses (`adore.TrainedController` or the
         directory `scripts/train_adore.py` wrote).
     """
@@ -280,6 +292,14 @@ def generate(
     forced = _forced(forced_tokens, B, M, max_new_tokens, vocab, pad_id)
 
     graphdef, params = nnx.split(model)
+    clock: list[float] = []  # start, prefill done, loop done (return_timing)
+
+    def prefilled(state):
+        jax.block_until_ready(state)
+        clock.append(time.perf_counter())
+
+    if return_timing:
+        clock.append(time.perf_counter())
     st, report = decode_loop.run(
         params, jnp.asarray(prompt), jnp.asarray(lengths), jnp.int32(max_new_tokens), *sampling.arrays(),
         jax.random.key(seed), jnp.int32(eos), jnp.int32(pad_id), jnp.asarray(forced),
@@ -287,8 +307,15 @@ def generate(
         graphdef=graphdef, policy=pol, block_size=int(block_size), cache_len=S, budget=M, backend=backend,
         precision=precision, return_masks=return_masks, return_logprobs=return_logprobs, return_stats=return_stats,
         prefill_chunk=B if prefill_chunk is None else int(prefill_chunk), min_sparse_context=int(min_sparse_context),
+        on_prefilled=prefilled if return_timing else None,
     )
-    return _output(st, report, pol, lengths, max_new_tokens, eos, tokenizer)
+    timing = None
+    if return_timing:
+        jax.block_until_ready((st, report))
+        clock.append(time.perf_counter())
+        timing = {"prefill_s": clock[1] - clock[0], "decode_s": clock[2] - clock[1],
+                  "decode_steps": int(st.step) - 1}  # loop iterations run; token 0 came from prefill
+    return _output(st, report, pol, lengths, max_new_tokens, eos, tokenizer, timing)
 
 
 def _special_ids(tokenizer, eos_id, pad_id) -> tuple[int, int]:
@@ -321,7 +348,8 @@ def _forced(forced_tokens, B: int, M: int, max_new_tokens: int, vocab: int, pad_
     return forced
 
 
-def _output(st, report, pol: Policy, lengths, max_new_tokens: int, eos: int, tokenizer) -> GenerateOutput:
+def _output(st, report, pol: Policy, lengths, max_new_tokens: int, eos: int, tokenizer,
+            timing: dict | None = None) -> GenerateOutput:
     """The loop's final state as numpy, trimmed to the budget (the host transfer is the sync point
     for anyone timing `generate`)."""
     n = max_new_tokens
@@ -346,6 +374,7 @@ def _output(st, report, pol: Policy, lengths, max_new_tokens: int, eos: int, tok
         masks=None if st.masks is None else np.asarray(st.masks)[:, :n],
         policy=pol.name,
         policy_report={k: np.asarray(v) for k, v in report.items()},
+        timing=timing,
     )
 
 

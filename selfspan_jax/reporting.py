@@ -50,25 +50,37 @@ def environment() -> dict[str, Any]:
     }
 
 
-def interleaved_times(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
-    """{name: [wall seconds per repeat]} after one warm-up (compile) call of each.
+def interleaved_results(calls: dict[Any, Callable[[], Any]], repeats: int,
+                        measure: Callable[[Callable[[], Any]], Any] = lambda fn: fn()) -> dict[Any, list[Any]]:
+    """{name: [measure(call), per repeat]} after one warm-up (compile) call of each, not measured.
 
-    The timed calls take turns (1, 2, ..., 1, 2, ...): a slow spell of the
-    shared machine hits every call in the same repeat instead of whichever
-    ran last, so medians and paired differences stay comparable. Each call
-    must end with a host transfer (a sync), or the time is only dispatch.
-    """
+    The calls take turns (1, 2, ..., 1, 2, ...): a slow spell of the shared
+    machine hits every call in the same repeat instead of whichever ran last,
+    so medians and paired ratios stay comparable. The default measure is what
+    the call returns: for calls that time themselves (e.g.
+    `generate(return_timing=True)`, which times its decode loop apart from
+    prefill)."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     for fn in calls.values():
         fn()
-    times: dict[str, list[float]] = {name: [] for name in calls}
+    results: dict[Any, list[Any]] = {name: [] for name in calls}
     for _ in range(repeats):
         for name, fn in calls.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
+            results[name].append(measure(fn))
+    return results
+
+
+def _wall_seconds(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def interleaved_times(calls: dict[Any, Callable[[], Any]], repeats: int) -> dict[Any, list[float]]:
+    """{name: [wall seconds per repeat]}, the calls taking turns as in `interleaved_results`.
+    Each call must end with a host transfer (a sync), or the time is only dispatch."""
+    return interleaved_results(calls, repeats, measure=_wall_seconds)
 
 
 def spread(values: Sequence[float]) -> dict[str, float]:

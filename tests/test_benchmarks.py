@@ -56,7 +56,10 @@ def test_decode_point_pairs_repeats_and_reads_the_trace():
     pt = decode_point(model, rows, batch=2, context=256, new_tokens=28, policies={"dense": "dense",
                       "self_span": "self_span"}, repeats=2, tokenizer=tok, block_size=16, backend="xla",
                       max_segments=64)
-    assert pt["short_tokens"] == 17
+    assert pt["decode_steps"] == 27  # token 0 comes from prefill
+    assert all(t > 0 for t in pt["self_span"]["decode_s_per_repeat"] + pt["self_span"]["prefill_s_per_repeat"])
+    assert pt["self_span"]["speedup_per_repeat"] == pytest.approx(
+        [d / s for d, s in zip(pt["dense"]["decode_s_per_repeat"], pt["self_span"]["decode_s_per_repeat"])])
     assert pt["dense"]["speedup_per_repeat"] == [1.0, 1.0] and pt["dense"]["kv_read_fraction"] == 1.0
     sp = pt["self_span"]["speedup_spread"]
     assert sp["min"] <= sp["median"] <= sp["max"] and pt["self_span"]["speedup"] == sp["median"]

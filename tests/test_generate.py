@@ -21,8 +21,8 @@ from hypothesis import assume, given, settings
 
 from selfspan_jax.config import LlamaConfig
 from selfspan_jax.data.arithmetic import generate_examples
-from selfspan_jax.decode_loop import run as decode_loop_run
-from selfspan_jax.generation import generate
+from selfspan_jax import decode_loop
+from selfspan_jax.generation import GenerateOutput, generate
 from selfspan_jax.model import Llama
 from selfspan_jax.policies import DensePolicy, Policy, Selection, SelfSpanPolicy
 from selfspan_jax.sampling import sample_logits
@@ -234,10 +234,11 @@ def test_stops_at_eos_per_sequence_and_at_budget(model, tok):
 def test_same_bucket_does_not_recompile(model, tok):
     kw = dict(policy="self_span", tokenizer=tok, backend="xla", **COMMON)
     generate(model, _live_prompts(seed=7), max_new_tokens=MAX_NEW, **kw)
-    before = decode_loop_run._cache_size()
+    programs = lambda: (decode_loop.start._cache_size(), decode_loop.loop._cache_size())  # noqa: E731
+    before = programs()
     # other prompt lengths, budget, sampling knobs and seed, same buckets
     out = generate(model, _live_prompts(seed=8), max_new_tokens=9, temperature=0.8, top_k=5, seed=5, **kw)
-    assert decode_loop_run._cache_size() == before
+    assert programs() == before
     assert out.tokens.shape == (BATCH, 9)
 
 
@@ -536,3 +537,20 @@ def test_public_generate_is_the_function():
 
     assert selfspan_jax.generate is selfspan_jax.generation.generate
     assert callable(selfspan_jax.generate)
+
+
+def test_return_timing_splits_prefill_from_the_loop_and_changes_nothing(model, tok):
+    """return_timing syncs between the two programs: same tokens and log-probs as without it, both
+    times positive, and the loop's iteration count is the last step any sequence ran."""
+    kw = dict(policy="self_span", tokenizer=tok, backend="xla", max_new_tokens=MAX_NEW, return_logprobs=True,
+              **COMMON)
+    prompts = _live_prompts(seed=11)
+    plain = generate(model, prompts, **kw)
+    timed = generate(model, prompts, return_timing=True, **kw)
+    assert plain.timing is None
+    np.testing.assert_array_equal(timed.tokens, plain.tokens)
+    np.testing.assert_array_equal(timed.logprobs, plain.logprobs)
+    assert timed.timing["prefill_s"] > 0 and timed.timing["decode_s"] > 0
+    assert timed.timing["decode_steps"] == int(timed.num_tokens.max()) - 1
+    both = GenerateOutput.concatenate([timed, timed])
+    assert both.timing["decode_s"] == pytest.approx(2 * timed.timing["decode_s"])
