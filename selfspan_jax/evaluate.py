@@ -27,6 +27,8 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from pallas_kernels.backend import resolve_backend
 from selfspan_jax import reporting, runs, tasks
 from selfspan_jax.data.arithmetic import check_completion
@@ -411,6 +413,57 @@ def format_table(result: dict[str, Any]) -> str:
     return reporting.markdown_table(head, lines)
 
 
+def over_seeds(results: Sequence[dict[str, Any]], seeds: Sequence[int]) -> dict[str, Any]:
+    """Per row, each number of the table as {mean, min, max, values} over the results of one comparison
+    run once per training seed (same rows, same held-out records; `seeds[i]` trained `results[i]`)."""
+    if len(results) != len(seeds) or not results:
+        raise ValueError(f"one result per seed: {len(results)} results for seeds {list(seeds)}")
+    names = list(results[0]["rows"])
+    if any(list(r["rows"]) != names for r in results):
+        raise ValueError(f"every seed's comparison must have the same rows, got {[list(r['rows']) for r in results]}")
+    acc = tasks.get(results[0]["config"]["task"]).accuracy_keys
+
+    def stats(values):
+        known = [v for v in values if v is not None]
+        if not known:
+            return None
+        return {"mean": float(np.mean(known)), "min": float(min(known)), "max": float(max(known)), "values": values}
+
+    rows = {}
+    for name in names:
+        per = [r["rows"][name] for r in results]
+        vs = [r["vs_baseline"].get(name) for r in results]
+        row = {k: stats([m[k] for m in per]) for k in (*acc, "mean_attended_fraction", "kv_read_fraction")}
+        row["tokens_per_s"] = stats([m["timing"]["tokens_per_s"] for m in per])
+        if all(v is not None for v in vs):
+            row.update({f"{k}_delta": stats([v[f"{k}_delta"] for v in vs]) for k in acc})
+            row["tokens_per_s_vs_baseline"] = stats([v["tokens_per_s"] for v in vs])
+        rows[name] = row
+    return {"seeds": list(seeds), "rows": rows}
+
+
+def format_seed_table(result: dict[str, Any]) -> str:
+    """Markdown table of `over_seeds` (in `result["over_seeds"]`): mean [min-max] per number."""
+    agg, acc = result["over_seeds"], tasks.get(result["config"]["task"]).accuracy_keys
+
+    def cell(st, fmt, unit=""):
+        if st is None:
+            return "-"
+        return f"{format(st['mean'], fmt)}{unit} [{format(st['min'], fmt)} to {format(st['max'], fmt)}]"
+
+    head = ["row", *acc, "attended frac", "KV read frac", "tokens/s", *(f"{k} vs baseline" for k in acc),
+            "tokens/s vs baseline"]
+    lines = []
+    for name, m in agg["rows"].items():
+        label = name + (" (baseline)" if name == result["baseline"] else "")
+        vs = [cell(m.get(f"{k}_delta"), "+.1f", " pt") for k in acc] + [cell(m.get("tokens_per_s_vs_baseline"),
+                                                                               ".2f", "x")]
+        lines.append([label, *(cell(m[k], ".1f") for k in acc), cell(m["mean_attended_fraction"], ".3f"),
+                      cell(m["kv_read_fraction"], ".3f"), cell(m["tokens_per_s"], ".0f"), *vs])
+    return (f"Mean [min to max] over {len(agg['seeds'])} training seeds ({', '.join(map(str, agg['seeds']))}):\n\n"
+            + reporting.markdown_table(head, lines))
+
+
 def write_results(result: dict[str, Any], out_dir: str | Path, name: str) -> tuple[Path, Path]:
     """<out_dir>/<name>.json and <name>.md (the table plus what ran it).
 
@@ -423,7 +476,9 @@ def write_results(result: dict[str, Any], out_dir: str | Path, name: str) -> tup
     env = result.get("environment", {})
     cfg = result["config"]
     timing = "in turns across rows, " if cfg.get("timing") == "interleaved" else ""
-    md = [f"# Evaluation: {name}", "", format_table(result), "",
+    tables = [format_seed_table(result), "", "Seed " + str(result["over_seeds"]["seeds"][0]) + " alone:", ""] \
+        if "over_seeds" in result else []
+    md = [f"# Evaluation: {name}", "", *tables, format_table(result), "",
           f"{cfg['num_records']} held-out {cfg['task']} records; timing: batch {cfg['timing_batch']}, "
           f"median of {cfg['timing_repeats']} runs {timing}after warm-up; block size {cfg['block_size']}, "
           f"backend {cfg['backend']}.",

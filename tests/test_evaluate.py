@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st_
 
 from selfspan_jax import evaluate as ev
-from selfspan_jax import reporting, tasks
+from selfspan_jax import reporting, runs, tasks
 from selfspan_jax import train as T
 from selfspan_jax.data import arithmetic, summarization
 from selfspan_jax.spans import SpanTokens, attention_mask
@@ -473,3 +473,44 @@ def _small_compare(compare):
         return compare(*args, **{**kwargs, "max_new_tokens": 20, "backend": "xla"})
 
     return small
+
+
+def test_demo_seeds_train_each_arm_again_and_report_the_spread(trained_run, dense_run, tmp_path, monkeypatch):
+    """`demo.py --seeds 2`: seed index 1 trains both arms again with --seed <config seed + 1> into
+    <out>_seed1 (the first seed's finished runs are reused), each pair is compared on the same
+    held-out records, and the JSON holds every seed's rows with mean / min / max per number."""
+    import argparse
+
+    import yaml
+
+    (cfg, _), (dcfg, _) = trained_run, dense_run
+    demo = _script("demo")
+    monkeypatch.setattr(demo.ev, "compare", _small_compare(demo.ev.compare))
+    stage = []
+    for c, what in ((cfg, "span run"), (dcfg, "dense run")):
+        conf = tmp_path / f"{Path(c.out).name}.yaml"
+        conf.write_text(yaml.safe_dump(c.to_dict()))
+        stage.append((c.out, ["--config", str(conf)], what))
+    args = argparse.Namespace(skip_train=False, num=4, results=str(tmp_path), repeats=1, seeds=2)
+    assert demo._stage(args, stage, dict(SMALL_DATA), 1, "seeds", "the pair", num=4, timing_batch=2) == 0
+    result = json.loads((tmp_path / "seeds.json").read_text())
+    assert [p["seed"] for p in result["per_seed"]] == [cfg.seed, cfg.seed + 1] == result["over_seeds"]["seeds"]
+    assert result["per_seed"][1]["runs"] == [cfg.out + "_seed1", dcfg.out + "_seed1"]
+    assert runs.load_config(cfg.out + "_seed1").seed == cfg.seed + 1
+    assert runs.load_config(dcfg.out + "_seed1").span_policy == "dense"
+    # the seed is really used: another initialisation, other parameters
+    from flax import nnx
+
+    p0, p1 = (jax.tree.leaves(nnx.state(ev.load_for_eval(out).model, nnx.Param)) for out in (cfg.out,
+                                                                                             cfg.out + "_seed1"))
+    assert not any(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(p0, p1) if a.ndim == 2)
+    for name, agg in result["over_seeds"]["rows"].items():
+        values = [s["rows"][name]["exact_match"] for s in result["per_seed"]]
+        assert agg["exact_match"]["values"] == values
+        assert agg["exact_match"]["mean"] == pytest.approx(np.mean(values))
+        assert agg["exact_match"]["min"] == min(values) and agg["exact_match"]["max"] == max(values)
+        tps = [s["rows"][name]["timing"]["tokens_per_s"] for s in result["per_seed"]]
+        assert agg["tokens_per_s"]["values"] == pytest.approx(tps)
+    assert result["rows"] == result["per_seed"][0]["rows"]  # the top level stays the first seed's comparison
+    md = (tmp_path / "seeds.md").read_text()
+    assert f"over 2 training seeds ({cfg.seed}, {cfg.seed + 1})" in md and "| dense-trained/dense (baseline) |" in md
