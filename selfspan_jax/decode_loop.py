@@ -326,11 +326,12 @@ def initial_state(cache: KVCache, policy_state, tok0, logprob0, *, budget: int, 
     )
 
 
-def _chooser(rng, temperature, top_k, top_p, forced, use_forced) -> Callable:
-    """choose(step_logits, step) -> [B] tokens: sampled, or the forced column when `use_forced`."""
+def _chooser(rng, temperature, top_k, top_p, forced, use_forced, rows=None) -> Callable:
+    """choose(step_logits, step) -> [B] tokens: sampled, or the forced column when `use_forced`.
+    rows: (offset, total) of this shard's rows in a batch split over devices (`run_sharded`)."""
 
     def choose(step_logits, step):
-        drawn = sample_logits(step_logits, jax.random.fold_in(rng, step), temperature, top_k, top_p)
+        drawn = sample_logits(step_logits, jax.random.fold_in(rng, step), temperature, top_k, top_p, rows=rows)
         given = jax.lax.dynamic_index_in_dim(forced, step, axis=1, keepdims=False)
         return jnp.where(use_forced, given, drawn)
 
@@ -340,16 +341,19 @@ def _chooser(rng, temperature, top_k, top_p, forced, use_forced) -> Callable:
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "policy", "block_size", "cache_len", "budget", "return_masks", "return_logprobs",
-                     "return_stats", "prefill_chunk"),
+                     "return_stats", "prefill_chunk", "batch_total"),
 )
-def start(params, prompt, lengths, max_new, temperature, top_k, top_p, rng, eos_id, pad_id, forced, use_forced, *,
-          graphdef, policy: Policy, block_size: int, cache_len: int, budget: int, return_masks: bool,
-          return_logprobs: bool, return_stats: bool, prefill_chunk: int) -> LoopState:
-    """Stage 1 of `run`: prefill, the first token, the loop's initial state."""
+def start(params, prompt, lengths, max_new, temperature, top_k, top_p, rng, eos_id, pad_id, forced, use_forced,
+          row_offset=0, *, batch_total: int | None = None, graphdef, policy: Policy, block_size: int,
+          cache_len: int, budget: int, return_masks: bool, return_logprobs: bool, return_stats: bool,
+          prefill_chunk: int) -> LoopState:
+    """Stage 1 of `run`: prefill, the first token, the loop's initial state. row_offset, batch_total:
+    these rows' place in a batch split over devices (`run_sharded`), for the sampler's noise."""
     model = nnx.merge(graphdef, params)
     cache, last, policy_state = prefill(model, policy, prompt, lengths, cache_len=cache_len, block_size=block_size,
                                         prefill_chunk=prefill_chunk)
-    tok0 = _chooser(rng, temperature, top_k, top_p, forced, use_forced)(last, 0)
+    rows = None if batch_total is None else (row_offset, batch_total)
+    tok0 = _chooser(rng, temperature, top_k, top_p, forced, use_forced, rows)(last, 0)
     return initial_state(cache, policy_state, tok0, chosen_logprob(last, tok0) if return_logprobs else None,
                          budget=budget, max_new=max_new, eos_id=eos_id, pad_id=pad_id, return_masks=return_masks,
                          return_stats=return_stats)
@@ -357,16 +361,18 @@ def start(params, prompt, lengths, max_new, temperature, top_k, top_p, rng, eos_
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "policy", "block_size", "backend", "precision", "dense_reads"),
+    static_argnames=("graphdef", "policy", "block_size", "backend", "precision", "dense_reads", "batch_total"),
     donate_argnames=("state",),  # the cache and buffers are updated in place
 )
-def loop(params, state: LoopState, max_new, temperature, top_k, top_p, rng, eos_id, pad_id, forced, use_forced, *,
-         graphdef, policy: Policy, block_size: int, backend: str, precision, dense_reads: bool):
+def loop(params, state: LoopState, max_new, temperature, top_k, top_p, rng, eos_id, pad_id, forced, use_forced,
+         row_offset=0, *, batch_total: int | None = None, graphdef, policy: Policy, block_size: int, backend: str,
+         precision, dense_reads: bool):
     """Stage 2 of `run`: the decode while loop from `start`'s state -> (final state, policy report)."""
     model = nnx.merge(graphdef, params)
     M = state.out.shape[1]
+    rows = None if batch_total is None else (row_offset, batch_total)
     body = functools.partial(decode_step, model, policy, choose=_chooser(rng, temperature, top_k, top_p, forced,
-                                                                         use_forced),
+                                                                         use_forced, rows),
                              max_new=max_new, eos_id=eos_id, pad_id=pad_id, block_size=block_size, backend=backend,
                              precision=precision, dense_reads=dense_reads)
     final = jax.lax.while_loop(lambda st: (st.step < M) & ~jnp.all(st.done), body, state)
@@ -425,3 +431,39 @@ def run(
         on_prefilled(state)
     return loop(params, state, *knobs, graphdef=graphdef, policy=policy, block_size=block_size, backend=backend,
                 precision=precision, dense_reads=cache_len < min_sparse_context)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("mesh", "graphdef", "policy", "block_size", "cache_len", "budget", "backend", "precision",
+                     "return_masks", "return_logprobs", "return_stats", "prefill_chunk", "dense_reads"),
+)
+def run_sharded(params, prompt, lengths, max_new, temperature, top_k, top_p, rng, eos_id, pad_id, forced,
+                use_forced, *, mesh, graphdef, policy: Policy, block_size: int, cache_len: int, budget: int,
+                backend: str, precision, return_masks: bool, return_logprobs: bool, return_stats: bool,
+                prefill_chunk: int, dense_reads: bool):
+    """`run` with the batch split over the mesh's "data" axis: each device prefills and decodes its
+    own rows (its KV cache, policy state and loop stay on it; parameters are replicated) in one
+    SPMD program (`jax.shard_map`), and its while loop stops when its own rows are done.
+    -> (final `LoopState` without cache, policy state and step, policy report), batch-sharded.
+    Sampling draws the whole batch's noise and takes each shard's rows, so tokens equal `run`'s."""
+    from jax.sharding import PartitionSpec as P
+
+    def local(params, prompt, lengths, forced, max_new, temperature, top_k, top_p, rng, eos_id, pad_id, use_forced):
+        b = prompt.shape[0]
+        knobs = (max_new, temperature, top_k, top_p, rng, eos_id, pad_id, forced, use_forced,
+                 jax.lax.axis_index("data") * b)
+        total = dict(batch_total=b * mesh.shape["data"])
+        state = start(params, prompt, lengths, *knobs, **total, graphdef=graphdef, policy=policy, block_size=block_size,
+                      cache_len=cache_len, budget=budget, return_masks=return_masks,
+                      return_logprobs=return_logprobs, return_stats=return_stats, prefill_chunk=prefill_chunk)
+        final, report = loop(params, state, *knobs, **total, graphdef=graphdef, policy=policy, block_size=block_size,
+                             backend=backend, precision=precision, dense_reads=dense_reads)
+        # only per-row results leave the shard: every leaf is batch-major, so one spec fits all
+        return final.replace(cache=None, policy_state=None, step=None), report
+
+    batch, same = P("data"), P()
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(same, batch, batch, batch, *(same,) * 8),
+                            out_specs=batch, check_vma=False)
+    return sharded(params, prompt, lengths, forced, max_new, temperature, top_k, top_p, rng, eos_id, pad_id,
+                   use_forced)

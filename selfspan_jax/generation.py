@@ -207,6 +207,7 @@ def generate(
     adore_controller=None,
     min_sparse_context: int = 0,
     return_timing: bool = False,
+    mesh=None,
 ) -> GenerateOutput:
     """Generates up to `max_new_tokens` tokens per prompt with the given attention policy.
 
@@ -249,6 +250,11 @@ def generate(
         record both wall times in `GenerateOutput.timing` (prefill_s, decode_s,
         decode_steps). Off by default: the loop is then queued behind prefill
         with no sync between them.
+    mesh: a `jax.sharding.Mesh` with a "data" axis (e.g. `sharding.make_mesh()`): the batch is
+        split over that axis and every device prefills and decodes its own rows (its KV cache
+        and policy state stay on it; the weights are replicated) in one SPMD program. The
+        batch must divide evenly. Tokens, log-probs and statistics equal the one-device call's
+        (sampling included: the noise is drawn for the whole batch). Not with return_timing.
     adore_controller: the trained controller `policy="adore"` uses (`adore.TrainedController` or the
         directory `scripts/train_adore.py` wrote).
     """
@@ -292,6 +298,18 @@ def generate(
     forced = _forced(forced_tokens, B, M, max_new_tokens, vocab, pad_id)
 
     graphdef, params = nnx.split(model)
+    knobs = (jnp.asarray(prompt), jnp.asarray(lengths), jnp.int32(max_new_tokens), *sampling.arrays(),
+             jax.random.key(seed), jnp.int32(eos), jnp.int32(pad_id), jnp.asarray(forced),
+             jnp.bool_(forced_tokens is not None))
+    static = dict(graphdef=graphdef, policy=pol, block_size=int(block_size), cache_len=S, budget=M, backend=backend,
+                  precision=precision, return_masks=return_masks, return_logprobs=return_logprobs,
+                  return_stats=return_stats)
+    if mesh is not None:
+        shards = _data_shards(mesh, B, prefill_chunk, return_timing)
+        st, report = decode_loop.run_sharded(
+            params, *knobs, mesh=mesh, **static, dense_reads=S < int(min_sparse_context),
+            prefill_chunk=B // shards if prefill_chunk is None else int(prefill_chunk))
+        return _output(st, report, pol, lengths, max_new_tokens, eos, tokenizer)
     clock: list[float] = []  # start, prefill done, loop done (return_timing)
 
     def prefilled(state):
@@ -301,13 +319,8 @@ def generate(
     if return_timing:
         clock.append(time.perf_counter())
     st, report = decode_loop.run(
-        params, jnp.asarray(prompt), jnp.asarray(lengths), jnp.int32(max_new_tokens), *sampling.arrays(),
-        jax.random.key(seed), jnp.int32(eos), jnp.int32(pad_id), jnp.asarray(forced),
-        jnp.bool_(forced_tokens is not None),
-        graphdef=graphdef, policy=pol, block_size=int(block_size), cache_len=S, budget=M, backend=backend,
-        precision=precision, return_masks=return_masks, return_logprobs=return_logprobs, return_stats=return_stats,
-        prefill_chunk=B if prefill_chunk is None else int(prefill_chunk), min_sparse_context=int(min_sparse_context),
-        on_prefilled=prefilled if return_timing else None,
+        params, *knobs, **static, prefill_chunk=B if prefill_chunk is None else int(prefill_chunk),
+        min_sparse_context=int(min_sparse_context), on_prefilled=prefilled if return_timing else None,
     )
     timing = None
     if return_timing:
@@ -316,6 +329,20 @@ def generate(
         timing = {"prefill_s": clock[1] - clock[0], "decode_s": clock[2] - clock[1],
                   "decode_steps": int(st.step) - 1}  # loop iterations run; token 0 came from prefill
     return _output(st, report, pol, lengths, max_new_tokens, eos, tokenizer, timing)
+
+
+def _data_shards(mesh, B: int, prefill_chunk: int | None, return_timing: bool) -> int:
+    """How many ways `mesh` splits the batch; the checks a sharded `generate` needs."""
+    if "data" not in getattr(mesh, "axis_names", ()):
+        raise ValueError(f"mesh must be a jax.sharding.Mesh with a 'data' axis (sharding.make_mesh), got {mesh!r}")
+    shards = int(mesh.shape["data"])
+    if B % shards:
+        raise ValueError(f"a batch of {B} cannot be split evenly over the mesh's {shards} 'data' devices")
+    if prefill_chunk is not None and (B // shards) % prefill_chunk:
+        raise ValueError(f"prefill_chunk={prefill_chunk} must divide the per-device batch {B // shards}")
+    if return_timing:
+        raise ValueError("return_timing is not available with mesh: the sharded call is one program")
+    return shards
 
 
 def _special_ids(tokenizer, eos_id, pad_id) -> tuple[int, int]:

@@ -71,6 +71,8 @@ def sample_logits(
     temperature: jax.Array,
     top_k: jax.Array,
     top_p: jax.Array,
+    *,
+    rows: tuple[jax.Array, int] | None = None,
 ) -> jax.Array:
     """Draws one token per row: logits [B, V] -> int32 [B].
 
@@ -82,15 +84,23 @@ def sample_logits(
     knobs are arrays (traced), so changing them does not recompile; the
     random draw runs only when sampling and the sort behind the limits only
     when one is in use (`lax.cond`: a greedy step pays for an argmax alone,
-    not for [B, V] Gumbel noise).
+    not for [B, V] Gumbel noise). rows = (offset, total): these logits are
+    rows offset .. offset + B of a batch of `total` split over devices; the
+    draw is that of the whole batch (same tokens as one device).
     """
     logits = logits.astype(jnp.float32)
+    B, V = logits.shape
+    offset, total = rows if rows is not None else (0, B)
 
     def draw(logits):
         scaled = logits / temperature
         limited = (top_k > 0) | (top_p < 1.0)
         scaled = jax.lax.cond(limited, _filter_top_k_top_p, lambda x, *_: x, scaled, top_k, top_p)
-        return jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+        # jax.random.categorical's own rule (argmax of logits + Gumbel noise), with the noise of the
+        # whole batch drawn and this shard's rows taken: a batch split over devices samples the
+        # same tokens as the whole batch on one device.
+        noise = jax.lax.dynamic_slice_in_dim(jax.random.gumbel(rng, (total, V), jnp.float32), offset, B)
+        return jnp.argmax(scaled + noise, axis=-1).astype(jnp.int32)
 
     return jax.lax.cond(temperature > 0, draw, lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), logits)
 

@@ -1,0 +1,100 @@
+"""`generate(..., mesh=...)`: the batch split over 4 forced CPU devices decodes token for token as on
+one device (greedy and sampled, self_span, dense and quest), with the same log-probs and statistics.
+
+The 4 devices need XLA_FLAGS before jax starts, so the comparison runs in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_SCRIPT = textwrap.dedent('''
+    import json, sys
+    import jax, numpy as np
+    from flax import nnx
+    from selfspan_jax.config import LlamaConfig
+    from selfspan_jax.data.arithmetic import generate_examples
+    from selfspan_jax.generation import generate
+    from selfspan_jax.model import Llama
+    from selfspan_jax.sharding import make_mesh
+    from selfspan_jax.tokenizer import CharTokenizer
+
+    seed = int(sys.argv[1])
+    tok = CharTokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=64,
+                      max_seq_len=512)
+    model = Llama(cfg, rngs=nnx.Rngs(seed))
+    recs = generate_examples(8, seed=seed, split="test", min_operands=3, max_operands=6)
+    # a derivation begun in each prompt, cut at a different place, so the rows differ in length
+    prompts = [r["prompt"] + r["completion"][: 5 * i] for i, r in enumerate(recs)]
+    mesh = make_mesh(dp=4)
+    checks = {}
+    for name, kw in {
+        "self_span greedy": dict(policy="self_span"),
+        "self_span sampled": dict(policy="self_span", temperature=0.9, top_k=8, seed=seed),
+        "dense sampled": dict(policy="dense", temperature=1.1, seed=seed + 1),
+        "quest greedy": dict(policy="quest(page_budget=2)"),
+    }.items():
+        common = dict(tokenizer=tok, max_new_tokens=24, block_size=16, max_segments=16, backend="xla",
+                      return_logprobs=True, return_masks=True, **kw)
+        one, four = generate(model, prompts, **common), generate(model, prompts, mesh=mesh, **common)
+        stats = sorted(one.stats)
+        checks[name] = {
+            "tokens": bool(np.array_equal(one.tokens, four.tokens)),
+            "num_tokens": bool(np.array_equal(one.num_tokens, four.num_tokens)),
+            "logprob_diff": float(np.max(np.abs(one.logprobs - four.logprobs))),
+            "masks": bool(np.array_equal(one.masks, four.masks)),
+            "stats": bool(sorted(four.stats) == stats and all(
+                np.allclose(one.stats[k], four.stats[k], equal_nan=True, atol=1e-6) for k in stats)),
+            "report": bool(all(np.array_equal(one.policy_report[k], four.policy_report[k])
+                               for k in one.policy_report)),
+            "texts": one.texts == four.texts,
+            "distinct_rows": len({tuple(t) for t in one.tokens}),
+        }
+    errors = []
+    for bad in (dict(prompts=prompts[:6]), dict(prompts=prompts, return_timing=True),
+                dict(prompts=prompts, prefill_chunk=4)):
+        try:
+            generate(model, bad.pop("prompts"), tokenizer=tok, max_new_tokens=4, block_size=16, max_segments=16,
+                     backend="xla", mesh=mesh, **bad)
+            errors.append(None)
+        except ValueError as err:
+            errors.append(str(err))
+    from selfspan_jax import decode_loop
+    print(json.dumps({"devices": jax.device_count(), "mesh": dict(mesh.shape), "checks": checks,
+                      "errors": errors, "sharded_programs": decode_loop.run_sharded._cache_size()}))
+''')
+
+
+def test_batch_sharded_generate_equals_one_device(tmp_path):
+    seed = int.from_bytes(os.urandom(2), "little")
+    print(f"seed={seed}")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(seed)], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info["devices"] == 4 and info["mesh"] == {"data": 4, "fsdp": 1}
+    assert info["sharded_programs"] == 3  # self_span (greedy and sampled share it), dense, quest: SPMD programs
+    for name, c in info["checks"].items():
+        assert c["tokens"] and c["num_tokens"] and c["texts"], name
+        assert c["logprob_diff"] < 1e-5, (name, c["logprob_diff"])
+        assert c["masks"] and c["stats"] and c["report"], (name, c)
+        assert c["distinct_rows"] > 1, name  # the comparison is not of one row repeated
+    not_even, timing, chunk = info["errors"]
+    assert "cannot be split evenly over the mesh's 4 'data' devices" in not_even
+    assert "return_timing is not available with mesh" in timing
+    assert "prefill_chunk=4 must divide the per-device batch 2" in chunk
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
