@@ -198,21 +198,22 @@ def _train_step_vs_peft(run: str) -> dict:
     return out
 
 
-def seeded_runs(stage_runs, i: int):
-    """The stage's runs for seed index i. i = 0: as configured. i > 0: the same commands with
-    `--seed <config seed + i>` into `<out>_seed<i>`, warm-started (`--init-from`) from the source's
-    own `_seed<i>` run, so each seed's long runs continue that seed's short ones."""
-    if i == 0:
-        return list(stage_runs)
-    seeded = []
+def seeded_runs(stage_runs, i: int) -> tuple[int, list]:
+    """(the span run's seed, the stage's runs) for seed index i. i = 0: as configured. i > 0: the
+    same commands with `--seed <config seed + i>` into `<out>_seed<i>`, warm-started (`--init-from`)
+    from the source's own `_seed<i>` run, so each seed's long runs continue that seed's short ones."""
+    seeded, seeds = [], []
     for out, extra, what in stage_runs:
-        extra = list(extra)
-        if "--init-from" in extra:
-            j = extra.index("--init-from") + 1
-            extra[j] = f"{extra[j]}_seed{i}"
         seed = config_from_args([*extra, "--out", out])[0].seed + i
-        seeded.append((f"{out}_seed{i}", [*extra, "--seed", str(seed)], f"{what}, seed {seed}"))
-    return seeded
+        seeds.append(seed)
+        if i:
+            extra = list(extra)
+            if "--init-from" in extra:
+                j = extra.index("--init-from") + 1
+                extra[j] = f"{extra[j]}_seed{i}"
+            out, extra, what = f"{out}_seed{i}", [*extra, "--seed", str(seed)], f"{what}, seed {seed}"
+        seeded.append((out, extra, what))
+    return seeds[0], seeded
 
 
 def _stage(args, stage_runs, data: dict, repeats: int, name: str, what_evaluated: str, *,
@@ -225,9 +226,7 @@ def _stage(args, stage_runs, data: dict, repeats: int, name: str, what_evaluated
     shape of a one-seed result), plus `per_seed` (every seed's) and `over_seeds` (mean, min, max)."""
     wall: dict[str, float] = {}
     load = {"start": os.getloadavg()}
-    per_seed_runs = [seeded_runs(stage_runs, i) for i in range(getattr(args, "seeds", 1))]
-    seeds = [config_from_args([*extra, "--out", out])[0].seed for out, extra, _ in
-             (runs_[0] for runs_ in per_seed_runs)]
+    seeds, per_seed_runs = zip(*(seeded_runs(stage_runs, i) for i in range(getattr(args, "seeds", 1))))
     if not args.skip_train:
         for runs_ in per_seed_runs:
             for out, extra, what in runs_:
@@ -249,7 +248,7 @@ def _stage(args, stage_runs, data: dict, repeats: int, name: str, what_evaluated
             print(f"demo.py: error: {err}", file=sys.stderr)
             return 2
         if len(seeds) > 1:
-            print(f"[demo] training seed {seed}:")
+            print(f"[demo] the pair trained with seed {seed}:")
         print(ev.format_table(result))
         wall[f"evaluate seed {seed}" if len(seeds) > 1 else "evaluate"] = time.perf_counter() - t0
         if not results:

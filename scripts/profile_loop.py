@@ -97,7 +97,6 @@ def profile_point(model, rows, variants, *, batch, context, steps, block_size, r
 
     from selfspan_jax import decode_loop, reporting
     from selfspan_jax.cache import KVCache
-    from selfspan_jax.sampling import sample_logits
 
     cfg = model.config
     T, M, S = decode_loop.shape_buckets(context, steps + 2, block_size)
@@ -132,12 +131,7 @@ def profile_point(model, rows, variants, *, batch, context, steps, block_size, r
         def loop(params, st, use_forced, temperature):
             m = nnx.merge(graphdef, params)
 
-            def choose(step_logits, step):
-                drawn = sample_logits(step_logits, jax.random.fold_in(rng, step), temperature, jnp.int32(0),
-                                      jnp.float32(1.0))
-                given = jax.lax.dynamic_index_in_dim(fx, step, axis=1, keepdims=False)
-                return jnp.where(use_forced, given, drawn)
-
+            choose = decode_loop.chooser(rng, temperature, jnp.int32(0), jnp.float32(1.0), fx, use_forced)
             body = lambda i, s: decode_loop.decode_step(  # noqa: E731
                 m, policy, s, choose, max_new=jnp.int32(M), eos_id=jnp.int32(-1), pad_id=jnp.int32(0),
                 block_size=block_size, backend=backend, precision=None, dense_reads=flags.get("dense_reads", False))

@@ -326,7 +326,7 @@ def initial_state(cache: KVCache, policy_state, tok0, logprob0, *, budget: int, 
     )
 
 
-def _chooser(rng, temperature, top_k, top_p, forced, use_forced, rows=None) -> Callable:
+def chooser(rng, temperature, top_k, top_p, forced, use_forced, rows=None) -> Callable:
     """choose(step_logits, step) -> [B] tokens: sampled, or the forced column when `use_forced`.
     rows: (offset, total) of this shard's rows in a batch split over devices (`run_sharded`)."""
 
@@ -353,7 +353,7 @@ def start(params, prompt, lengths, max_new, temperature, top_k, top_p, rng, eos_
     cache, last, policy_state = prefill(model, policy, prompt, lengths, cache_len=cache_len, block_size=block_size,
                                         prefill_chunk=prefill_chunk)
     rows = None if batch_total is None else (row_offset, batch_total)
-    tok0 = _chooser(rng, temperature, top_k, top_p, forced, use_forced, rows)(last, 0)
+    tok0 = chooser(rng, temperature, top_k, top_p, forced, use_forced, rows)(last, 0)
     return initial_state(cache, policy_state, tok0, chosen_logprob(last, tok0) if return_logprobs else None,
                          budget=budget, max_new=max_new, eos_id=eos_id, pad_id=pad_id, return_masks=return_masks,
                          return_stats=return_stats)
@@ -371,7 +371,7 @@ def loop(params, state: LoopState, max_new, temperature, top_k, top_p, rng, eos_
     model = nnx.merge(graphdef, params)
     M = state.out.shape[1]
     rows = None if batch_total is None else (row_offset, batch_total)
-    body = functools.partial(decode_step, model, policy, choose=_chooser(rng, temperature, top_k, top_p, forced,
+    body = functools.partial(decode_step, model, policy, choose=chooser(rng, temperature, top_k, top_p, forced,
                                                                          use_forced, rows),
                              max_new=max_new, eos_id=eos_id, pad_id=pad_id, block_size=block_size, backend=backend,
                              precision=precision, dense_reads=dense_reads)

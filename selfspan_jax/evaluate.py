@@ -425,9 +425,7 @@ def over_seeds(results: Sequence[dict[str, Any]], seeds: Sequence[int]) -> dict[
 
     def stats(values):
         known = [v for v in values if v is not None]
-        if not known:
-            return None
-        return {"mean": float(np.mean(known)), "min": float(min(known)), "max": float(max(known)), "values": values}
+        return {**reporting.spread(known), "mean": float(np.mean(known)), "values": values} if known else None
 
     rows = {}
     for name in names:
