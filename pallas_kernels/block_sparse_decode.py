@@ -234,7 +234,20 @@ def _pallas_block_sparse(
     precision,
     interpret: bool,
 ):
-    """Runs the kernel over a (B, K, k_splits) grid; returns f32 [B, K, G, H]."""
+    """Runs the kernel over a (B, K, k_splits) grid and combines the splits; returns f32 [B, K, G, H]."""
+    group = q.shape[2]
+    o, m, l, live = _pallas_partials(q, k, v, layer, block_indices, block_counts, token_mask, block_size=block_size,
+                                     sm_scale=sm_scale, params=params, precision=precision, interpret=interpret)
+    # Only the G real rows of the splits that read something were written; read only those rows.
+    return _combine_splits(o[..., :group, :], m[..., :group], l[..., :group], live)
+
+
+def _pallas_partials(q, k, v, layer, block_indices, block_counts, token_mask, *, block_size, sm_scale, params,
+                     precision, interpret):
+    """The pallas_call alone: per-split partials o f32 [k_splits, B, K, block_h, H], m, l [k_splits, B, K,
+    block_h] (rows past G are padding, never written) and live bool [k_splits, B, K] (which splits
+    wrote). Separate from the combine so the GPU bench can time the kernel without the XLA ops around
+    it (scripts/kernel_fixed_cost.py)."""
     batch, kv_heads, group, head_dim = q.shape
     num_cores = 1 if interpret else gpu_core_count()
     p = params.resolve(
@@ -281,9 +294,7 @@ def _pallas_block_sparse(
         interpret=interpret,
         name=f"block_sparse_decode_bs{block_size}_bk{p.block_k}_bh{p.block_h}",
     )(*inputs)
-    # Only the G real rows of the splits that read something were written; read only those rows.
-    live = live_splits(block_counts, p.k_splits)
-    return _combine_splits(o[..., :group, :], m[..., :group], l[..., :group], live)
+    return o, m, l, live_splits(block_counts, p.k_splits)
 
 
 # --------------------------------------------------------------------------

@@ -38,12 +38,32 @@ def entry_ptx(ptx: str, name: str) -> str | None:
     return ptx[m.start(): m.end() + nxt.start() if nxt else len(ptx)]
 
 
+def ptx_files(dump: str) -> list[str]:
+    """Files anywhere under the dump that hold PTX: *.ptx, or any text with a `.target sm_` line and an
+    `.entry` (where XLA puts the PTX has moved between versions; the first visit found no *.ptx)."""
+    found = []
+    for path in glob.glob(os.path.join(dump, "**", "*"), recursive=True):
+        if not os.path.isfile(path) or os.path.getsize(path) > 64 << 20:
+            continue
+        if path.endswith(".ptx"):
+            found.append(path)
+            continue
+        with open(path, errors="replace") as f:
+            text = f.read()
+        if ".target sm_" in text and ".entry" in text:
+            found.append(path)
+    return found
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="ptx_check.json")
     args = p.parse_args(argv)
     dump = tempfile.mkdtemp(prefix="xla_dump_")
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={dump}").strip()
+    # --xla_dump_hlo_as_text makes the GPU compiler's own dumps (HLO, and PTX beside it) certain to be
+    # asked for; the first visit's plain --xla_dump_to left only PJRT's per-module MLIR folders.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_dump_to={dump} --xla_dump_hlo_as_text --xla_gpu_dump_llvmir").strip()
     sys.path.insert(0, ROOT)
     import jax
     import jax.numpy as jnp
@@ -59,11 +79,10 @@ def main(argv=None) -> int:
         config = configs[cid]
         args_ = [jnp.zeros(a.shape, a.dtype) for a in config.avals()]
         kernel = sm90.capture_triton_kernels(config.fn(), *config.avals())[0]
-        before = set(glob.glob(os.path.join(dump, "**", "*.ptx"), recursive=True))
+        before = set(ptx_files(dump))
         jax.block_until_ready(jax.jit(config.fn())(*args_))
         found = None
-        for path in sorted(set(glob.glob(os.path.join(dump, "**", "*.ptx"), recursive=True)) - before) \
-                or sorted(before):
+        for path in sorted(set(ptx_files(dump)) - before) or sorted(before):
             text = open(path).read()
             found = entry_ptx(text, kernel.name)
             if found:
@@ -77,6 +96,8 @@ def main(argv=None) -> int:
             row["files_naming_the_kernel"] = sorted(os.path.relpath(q, dump) for q in holders)[:20]
             row["module_folders"] = {os.path.relpath(d, dump): sorted(os.listdir(d))[:20]
                                      for d in {os.path.dirname(q) for q in holders} if d != dump}
+            row["ptx_entries_seen"] = sorted({e for q in ptx_files(dump) for e in re.findall(
+                r"\.entry\s+(\w+)", open(q, errors="replace").read())})[:60]
         else:
             try:
                 used, out = ptxas_verbose(path)  # the whole dumped module; read this kernel's part
@@ -86,6 +107,9 @@ def main(argv=None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     result = {"device": str(jax.devices()[0]), "jax_version": jax.__version__, "rows": rows,
+              "xla_flags": os.environ.get("XLA_FLAGS", ""),
+              "dump_files": sorted(os.path.relpath(q, dump) for q in glob.glob(
+                  os.path.join(dump, "**", "*"), recursive=True) if os.path.isfile(q))[:400],
               "note": "XLA's own Triton vs pinned triton offline; equal wait depths mean the same pipeline"}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -1,0 +1,210 @@
+#!/usr/bin/env python
+"""Where the block-sparse kernel's fixed cost per call goes (GPU visit; issue 15, docs/notes/kernel.md).
+
+The first GPU visit found ~20-45 µs per call that does not scale with the bytes read: GQA at B = 1,
+T = 8k took 48 µs at density 1/8 and 52 µs with every block, where 4 MB at the copy bandwidth is
+~1.5 µs. This script measures time against the number of live blocks per sequence, n = 0, 1, 2, 4,
+... NB, and fits t(n) = t0 + n * slope for each of:
+
+  harness     the timing harness alone (q + j per call, nothing else): subtracted from the rest
+  op          block_sparse_decode as users call it (list clamps, q pad, pallas_call, split combine)
+  op_ks1      the same with k_splits = 1 (no split-K: B * K programs)
+  kernel      the pallas_call alone on prepared inputs (q pad fused into the harness's add):
+              op - kernel is what the XLA ops around the kernel cost
+  dpa         jax.nn.dot_product_attention over the whole cache (one point, for scale)
+
+and reports how many device kernels each executable launches per call (the optimized HLO's
+ENTRY instructions that are not parameters, constants, tuples or bitcasts). Timing is
+bench_kernel's: U unrolled calls in one executable on distinct q, rotating over cache copies
+bigger than the L2.
+
+    python3 scripts/kernel_fixed_cost.py --out $OUT/kernel_fixed_cost.json          # GPU (Triton)
+    .venv/bin/python scripts/kernel_fixed_cost.py --backend interpret --quick       # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+from bench_kernel import HEADS, bytes_read, copy_bandwidth, random_lists, time_executable, unrolled  # noqa: E402
+from pallas_kernels import block_sparse_decode  # noqa: E402
+from pallas_kernels.backend import BlockSparseParams, on_gpu, resolve_backend  # noqa: E402
+from pallas_kernels.block_sparse_decode import _pallas_partials  # noqa: E402
+from selfspan_jax import reporting  # noqa: E402
+
+_NOT_KERNELS = ("parameter", "constant", "get-tuple-element", "tuple", "bitcast")
+
+
+def launched_ops(fn, *args) -> dict[str, int]:
+    """Opcode -> count of the ENTRY instructions of fn's optimized HLO that run on the device."""
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    entry = text[text.index("ENTRY"):]
+    entry = entry[: entry.index("\n}") if "\n}" in entry else len(entry)]
+    counts: dict[str, int] = {}
+    for line in entry.splitlines()[1:]:
+        m = re.match(r"\s*(?:ROOT\s+)?\S+\s*=\s*\S+(?:\s*\{[^}]*\})?\s+([a-z][\w-]*)\(", line)
+        if m and m.group(1) not in _NOT_KERNELS:
+            counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+    return counts
+
+
+def fit_line(ns, ts) -> dict:
+    """Least-squares t = t0 + n * slope over the points with n >= 1 (n = 0 skips the loop entirely)."""
+    pts = [(n, t) for n, t in zip(ns, ts) if n >= 1]
+    if len(pts) < 2:
+        return {}
+    x, y = np.array([p[0] for p in pts], float), np.array([p[1] for p in pts], float)
+    slope, t0 = np.polyfit(x, y, 1)
+    return dict(t0_us=float(t0) * 1e6, slope_us_per_block=float(slope) * 1e6)
+
+
+def run_group(rng, heads, batch, context, block_size, counts, dtype, backend, reps, unroll_min, rotate_bytes, log):
+    num_heads, kv_heads, head_dim = heads
+    group_size = num_heads // kv_heads
+    num_blocks = context // block_size
+    itemsize = jnp.dtype(dtype).itemsize
+    cache_bytes = 2 * batch * kv_heads * context * head_dim * itemsize
+    copies_n = int(min(4, max(1, math.ceil(rotate_bytes / cache_bytes))))
+    unroll = max(unroll_min, copies_n)
+    q = jnp.asarray(rng.standard_normal((batch, num_heads, head_dim)), dtype)
+    caches = [tuple(jnp.asarray(rng.standard_normal((batch, kv_heads, context, head_dim)), dtype) for _ in "kv")
+              for _ in range(copies_n)]
+    interpret = backend == "interpret"
+    sm_scale = 1 / math.sqrt(head_dim)
+
+    def per_call(op, copies, rest):
+        # op is a ready `unrolled` executable (one compile per variant, reused at every count) or a plain op
+        run = op if getattr(op, "unrolled", False) else unrolled(op, unroll)
+        med, mn = time_executable(run, (q, copies, rest), reps)
+        return med / unroll, mn / unroll
+
+    def kernel_only(q_, k_, v_, idx, cnt):
+        # The public op's prelude done outside: [B, K, L] / [B, K] lists, a unit layer stack.
+        qg = q_.reshape(batch, kv_heads, group_size, head_dim)
+        return _pallas_partials(qg, k_[None], v_[None], jnp.int32(0), idx, cnt, None, block_size=block_size,
+                                sm_scale=sm_scale, params=BlockSparseParams(), precision=None, interpret=interpret)[:3]
+
+    result = dict(num_heads=num_heads, kv_heads=kv_heads, head_dim=head_dim, batch=batch, context=context,
+                  block_size=block_size, num_blocks=num_blocks, dtype=str(jnp.dtype(dtype)), unroll=unroll,
+                  cache_copies=copies_n, points=[])
+    med, mn = per_call(lambda q_, k_, v_: q_, caches, ())
+    result["harness"] = dict(median_us=med * 1e6, min_us=mn * 1e6)
+    dpa = lambda q_, k_, v_: jax.nn.dot_product_attention(q_[:, None], k_, v_)[:, 0]  # noqa: E731
+    bshd = [(jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)) for k, v in caches]
+    med, mn = per_call(dpa, bshd, ())
+    result["dpa_all_blocks"] = dict(median_us=med * 1e6, min_us=mn * 1e6)
+    del bshd
+    variants = {
+        "op": functools.partial(block_sparse_decode, block_size=block_size, backend=backend),
+        "op_ks1": functools.partial(block_sparse_decode, block_size=block_size, backend=backend, k_splits=1),
+        "kernel": kernel_only,
+    }
+    runs = {}
+    for name, op in variants.items():
+        runs[name] = unrolled(op, unroll)
+        runs[name].unrolled = True
+    for n in counts:
+        if n > num_blocks:
+            continue
+        if n == 0:
+            idx = jnp.zeros((batch, num_blocks), jnp.int32)
+            cnt = jnp.zeros((batch,), jnp.int32)
+        else:
+            idx, cnt = random_lists(rng, batch, num_blocks, n, block_size)
+        idx3 = jnp.broadcast_to(idx[:, None, :], (batch, kv_heads, idx.shape[-1])).astype(jnp.int32)
+        cnt2 = jnp.broadcast_to(cnt[:, None], (batch, kv_heads)).astype(jnp.int32)
+        point = dict(live_blocks=n, density=n / num_blocks,
+                     bytes=bytes_read(batch, kv_heads, head_dim, n * block_size, num_heads, itemsize))
+        t0 = time.perf_counter()
+        for name in variants:
+            rest = (idx3, cnt2) if name == "kernel" else (idx, cnt)
+            med, mn = per_call(runs[name], caches, rest)
+            point[name] = dict(median_us=med * 1e6, min_us=mn * 1e6)
+        result["points"].append(point)
+        log(f"N{num_heads}/K{kv_heads} B={batch:<2} n={n:<4} " + "  ".join(
+            f"{name} {point[name]['median_us']:8.1f}" for name in variants) + f" µs  ({time.perf_counter() - t0:.1f}s)")
+    ns = [p["live_blocks"] for p in result["points"]]
+    result["fits"] = {name: fit_line(ns, [p[name]["median_us"] * 1e-6 for p in result["points"]]) for name in variants}
+    idx, cnt = random_lists(rng, batch, num_blocks, max(1, num_blocks // 8), block_size)
+    k0, v0 = caches[0]
+    idx3 = jnp.broadcast_to(idx[:, None, :], (batch, kv_heads, idx.shape[-1]))
+    cnt2 = jnp.broadcast_to(cnt[:, None], (batch, kv_heads))
+    result["launched_ops"] = {
+        "op": launched_ops(variants["op"], q, k0, v0, idx, cnt),
+        "op_ks1": launched_ops(variants["op_ks1"], q, k0, v0, idx, cnt),
+        "kernel": launched_ops(kernel_only, q, k0, v0, idx3, cnt2),
+    }
+    log(f"  fits {json.dumps(result['fits'])}\n  launched ops {json.dumps(result['launched_ops'])}")
+    return result
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--heads", nargs="+", default=["gqa", "mha"],
+                        help="mha, gqa, or N,K,H (query heads, KV heads, head dim)")
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--context", type=int, default=8192)
+    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--counts", nargs="+", type=int, default=[0, 1, 2, 4, 8, 16, 32, 64, 128])
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--max-seconds", type=float, default=None, help="stop starting new groups after this long")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke run)")
+    args = parser.parse_args(argv)
+    backend = resolve_backend(args.backend)
+    if backend not in ("pallas", "interpret"):
+        raise SystemExit(f"the kernel variant needs the Pallas kernel: --backend pallas or interpret, not {backend!r}")
+    gpu = on_gpu()
+    if args.quick:
+        args.heads, args.batches, args.context, args.block_size, args.counts = ["4,2,16"], [1], 64, 16, [0, 1, 2, 4]
+    reps = args.reps or (20 if gpu else 2)
+    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"kernel_fixed_cost_{'gpu' if gpu else 'cpu'}.json")
+    device = jax.devices()[0]
+    result = dict(
+        benchmark="kernel_fixed_cost", device=str(device), device_kind=device.device_kind, jax_version=jax.__version__,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), backend=backend,
+        environment=reporting.environment(), reps=reps, args=vars(args),
+        copy_bandwidth_gbps=copy_bandwidth((1024 if gpu else 16) * 1024 * 1024, reps), groups=[])
+    print(f"{result['device_kind']}, jax {jax.__version__}, backend {backend}, "
+          f"copy {result['copy_bandwidth_gbps']:.0f} GB/s", flush=True)
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    for heads in args.heads:
+        shape = HEADS[heads] if heads in HEADS else tuple(int(x) for x in heads.split(","))
+        for batch in args.batches:
+            if args.max_seconds and time.perf_counter() - start > args.max_seconds:
+                result["truncated"] = True
+                break
+            result["groups"].append(run_group(
+                rng, shape, batch, args.context, args.block_size, args.counts, jnp.dtype(args.dtype), backend, reps,
+                unroll_min=8 if gpu else 1, rotate_bytes=(256 if gpu else 1) * 1024 * 1024, log=print))
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            with open(out, "w") as f:  # after every group: a cut-off visit keeps what it measured
+                json.dump(result, f, indent=1)
+    result["elapsed_s"] = time.perf_counter() - start
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
