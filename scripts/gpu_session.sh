@@ -75,6 +75,55 @@ if [[ "$STAGE" == "fixedcost" ]]; then
   echo "== fixedcost done (t=$(elapsed)s)" | tee -a "$LOG"
 fi
 
+if [[ "$STAGE" == "unroll" ]]; then
+  # Follow-up of fixedcost: the harness alone (q + j) cost 12-19 µs a call at 8 calls per executable,
+  # so the executable's own launch is in every small number. The same at 64 calls per executable.
+  echo "== kernel fixed cost, 64 calls per executable (t=$(elapsed)s)" | tee -a "$LOG"
+  timeout 220 "$PY" scripts/kernel_fixed_cost.py --out "$OUT/kernel_fixed_cost_gpu_unroll64.json" --backend pallas \
+    --heads gqa mha --batches 1 8 --counts 0 1 4 16 64 128 --unroll 64 --reps 10 --max-seconds 170 2>&1 | tee -a "$LOG"
+  status=$?
+  budget=$(( 330 - $(elapsed) ))
+  echo "== first visit's T=8k sweep again, 64 calls per executable, ${budget}s (t=$(elapsed)s)" | tee -a "$LOG"
+  timeout $(( budget + 30 )) "$PY" scripts/bench_kernel.py --out "$OUT/kernel_gpu_8k_unroll64.json" \
+    --heads gqa mha --batches 1 8 --contexts 8192 --block-sizes 64 --densities 0.125 1 --dtype bfloat16 \
+    --unroll 64 --reps 10 --max-seconds $(( budget - 40 )) 2>&1 | tee -a "$LOG"
+  echo "== unroll done (t=$(elapsed)s)" | tee -a "$LOG"
+fi
+
+if [[ "$STAGE" == "distinct" ]]; then
+  # Second follow-up: every call reads its own cache copy (so XLA cannot merge the dpa dots of the
+  # unrolled baseline), and the fixed cost with CUDA graphs (XLA command buffers) off and forced on.
+  kfc=(scripts/kernel_fixed_cost.py --backend pallas --counts 0 4 16 128 --unroll 32 --copies 32 --reps 10)
+  echo "== fixed cost, 32 calls / 32 copies, default flags (t=$(elapsed)s)" | tee -a "$LOG"
+  timeout 110 "$PY" "${kfc[@]}" --out "$OUT/kernel_fixed_cost_gpu_distinct.json" --heads gqa mha --batches 1 8 \
+    --max-seconds 80 2>&1 | grep -v "^  fits" | tee -a "$LOG"
+  echo "== command buffers off (t=$(elapsed)s)" | tee -a "$LOG"
+  XLA_FLAGS="--xla_gpu_enable_command_buffer=" timeout 60 "$PY" "${kfc[@]}" \
+    --out "$OUT/kernel_fixed_cost_gpu_cmdbuf_off.json" --heads gqa --batches 1 8 2>&1 | grep -v "^  fits" | tee -a "$LOG"
+  echo "== command buffers for everything, min graph size 1 (t=$(elapsed)s)" | tee -a "$LOG"
+  XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,CONDITIONAL,WHILE --xla_gpu_graph_min_graph_size=1" \
+    timeout 60 "$PY" "${kfc[@]}" --out "$OUT/kernel_fixed_cost_gpu_cmdbuf_all.json" --heads gqa --batches 1 8 2>&1 \
+    | grep -v "^  fits" | tee -a "$LOG"
+  echo "== distinct done (t=$(elapsed)s)" | tee -a "$LOG"
+fi
+
+if [[ "$STAGE" == "ptxas" ]]; then
+  # GPU_CHECKS item 0 without a PTX dump (jax 0.11.2's XLA writes HLO, buffer and thunk dumps but no
+  # PTX, even with --xla_gpu_dump_llvmir): ask XLA's ptxas for its -v report, and make any register
+  # spill a compile error, while the five checked kernels compile.
+  echo "== ptxas -v through XLA, spills fatal (t=$(elapsed)s)" | tee -a "$LOG"
+  XLA_FLAGS="--xla_gpu_ptx_compiler_extra_flags=-v --xla_gpu_fail_ptx_compilation_on_register_spilling=true --xla_gpu_enable_libnvptxcompiler=false" \
+    TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_MAX_VLOG_LEVEL=2 timeout 120 "$PY" scripts/gpu_ptx_check.py --out "$OUT/ptx_check_v.json" \
+    > "$OUT/ptxas_stdout.txt" 2> "$OUT/ptxas_stderr_full.txt"
+  echo "== exit $? (t=$(elapsed)s)" | tee -a "$LOG"
+  grep -E "ptxas|registers|spill|smem|block_sparse|token_sparse|Compiling|error" "$OUT/ptxas_stderr_full.txt" \
+    | grep -v "^$" | head -c 400000 > "$OUT/ptxas_v.txt"
+  wc -l "$OUT/ptxas_stderr_full.txt" "$OUT/ptxas_v.txt" | tee -a "$LOG"
+  grep -E "registers|spill" "$OUT/ptxas_v.txt" | head -40 | tee -a "$LOG"
+  tail -c 3000 "$OUT/ptxas_stdout.txt" | tee -a "$LOG"
+  rm -f "$OUT/ptxas_stderr_full.txt"
+fi
+
 if [[ "$STAGE" == "visit" ]]; then
   echo "== Triton-backend kernel tests (t=$(elapsed)s)" | tee -a "$LOG"
   # The interpret/XLA classes are proven on the CPU in CI; here only what needs the GPU.

@@ -58,7 +58,8 @@ def launched_ops(fn, *args) -> dict[str, int]:
     entry = entry[: entry.index("\n}") if "\n}" in entry else len(entry)]
     counts: dict[str, int] = {}
     for line in entry.splitlines()[1:]:
-        m = re.match(r"\s*(?:ROOT\s+)?\S+\s*=\s*\S+(?:\s*\{[^}]*\})?\s+([a-z][\w-]*)\(", line)
+        # "name = <shape, maybe a tuple with spaces> opcode(operands), ...": the first " word(" after "="
+        m = re.search(r"=.*?\s([a-z][\w-]*)\(", line)
         if m and m.group(1) not in _NOT_KERNELS:
             counts[m.group(1)] = counts.get(m.group(1), 0) + 1
     return counts
@@ -74,17 +75,21 @@ def fit_line(ns, ts) -> dict:
     return dict(t0_us=float(t0) * 1e6, slope_us_per_block=float(slope) * 1e6)
 
 
-def run_group(rng, heads, batch, context, block_size, counts, dtype, backend, reps, unroll_min, rotate_bytes, log):
+def run_group(rng, heads, batch, context, block_size, counts, dtype, backend, reps, unroll_min, rotate_bytes, log,
+              copies=None):
     num_heads, kv_heads, head_dim = heads
     group_size = num_heads // kv_heads
     num_blocks = context // block_size
     itemsize = jnp.dtype(dtype).itemsize
     cache_bytes = 2 * batch * kv_heads * context * head_dim * itemsize
-    copies_n = int(min(4, max(1, math.ceil(rotate_bytes / cache_bytes))))
+    copies_n = copies or int(min(4, max(1, math.ceil(rotate_bytes / cache_bytes))))
     unroll = max(unroll_min, copies_n)
     q = jnp.asarray(rng.standard_normal((batch, num_heads, head_dim)), dtype)
-    caches = [tuple(jnp.asarray(rng.standard_normal((batch, kv_heads, context, head_dim)), dtype) for _ in "kv")
-              for _ in range(copies_n)]
+    # Drawn on the device: --copies 64 of a 268 MB cache would take minutes from numpy.
+    keys = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), 2 * copies_n)
+    shape = (batch, kv_heads, context, head_dim)
+    caches = [(jax.random.normal(keys[2 * c], shape, dtype), jax.random.normal(keys[2 * c + 1], shape, dtype))
+              for c in range(copies_n)]
     interpret = backend == "interpret"
     sm_scale = 1 / math.sqrt(head_dim)
 
@@ -146,6 +151,10 @@ def run_group(rng, heads, batch, context, block_size, counts, dtype, backend, re
     idx3 = jnp.broadcast_to(idx[:, None, :], (batch, kv_heads, idx.shape[-1]))
     cnt2 = jnp.broadcast_to(cnt[:, None], (batch, kv_heads))
     result["launched_ops"] = {
+        # XLA may merge dots that share an operand (DotMerger): with fewer cache copies than calls the
+        # unrolled dpa baseline can read each cache once for several calls. Count what it launches.
+        "dpa_unrolled": launched_ops(unrolled(dpa, unroll), q, [(jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2))
+                                                                  for k, v in caches], ()),
         "op": launched_ops(variants["op"], q, k0, v0, idx, cnt),
         "op_ks1": launched_ops(variants["op_ks1"], q, k0, v0, idx, cnt),
         "kernel": launched_ops(kernel_only, q, k0, v0, idx3, cnt2),
@@ -167,6 +176,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--max-seconds", type=float, default=None, help="stop starting new groups after this long")
+    parser.add_argument("--unroll", type=int, default=None, help="calls per timed executable (default 8 on a GPU)")
+    parser.add_argument("--copies", type=int, default=None,
+                        help="cache copies rotated over (default: enough to pass 256 MB, at most 4); "
+                             "--copies equal to --unroll gives every call its own cache")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke run)")
     args = parser.parse_args(argv)
     backend = resolve_backend(args.backend)
@@ -195,7 +208,8 @@ def main(argv=None) -> dict:
                 break
             result["groups"].append(run_group(
                 rng, shape, batch, args.context, args.block_size, args.counts, jnp.dtype(args.dtype), backend, reps,
-                unroll_min=8 if gpu else 1, rotate_bytes=(256 if gpu else 1) * 1024 * 1024, log=print))
+                unroll_min=args.unroll or (8 if gpu else 1), copies=args.copies,
+                rotate_bytes=(256 if gpu else 1) * 1024 * 1024, log=print))
             os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
             with open(out, "w") as f:  # after every group: a cut-off visit keeps what it measured
                 json.dump(result, f, indent=1)

@@ -101,3 +101,37 @@ def test_profile_loop_pairs_rounds_and_stops_at_max_seconds(tmp_path):
     result = json.loads(out.read_text())
     assert result["points"] == [] and result["not_measured"] == [{"batch": 2, "context": 48},
                                                                  {"batch": 2, "context": 80}]
+
+
+def test_kernel_bench_gives_every_call_its_own_cache_and_counts_launches():
+    """bench_kernel's copies rule (XLA merges unrolled dots that share a cache: GPU visit 2) and
+    kernel_fixed_cost's helpers: the launch counter reads the optimized HLO, the line fit recovers
+    a known intercept and slope and ignores n = 0."""
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
+    import bench_kernel
+    import kernel_fixed_cost
+
+    mb = 1 << 20
+    # enough copies to pass the cache, at least unroll_min, at most what the budget holds, never 0
+    assert bench_kernel.cache_copies(32 * mb, rotate_bytes=256 * mb, unroll_min=8, budget_bytes=24 << 30) == 8
+    assert bench_kernel.cache_copies(4 * mb, rotate_bytes=256 * mb, unroll_min=8, budget_bytes=24 << 30) == 64
+    assert bench_kernel.cache_copies(1 << 30, rotate_bytes=256 * mb, unroll_min=8, budget_bytes=4 << 30) == 4
+    assert bench_kernel.cache_copies(8 << 30, rotate_bytes=256 * mb, unroll_min=8, budget_bytes=4 << 30) == 1
+
+    x = jnp.ones((64, 64), jnp.float32)
+    # parameters, constants, tuples and bitcasts are not launches; the identity's output is at most a copy
+    assert set(kernel_fixed_cost.launched_ops(lambda a: a, x)) <= {"copy"}
+    ops = kernel_fixed_cost.launched_ops(lambda a: jnp.sin(a @ a).sum(axis=0), x)
+    assert sum(ops.values()) >= 1 and not set(ops) & set(kernel_fixed_cost._NOT_KERNELS)
+
+    rng = np.random.default_rng()
+    t0, slope = rng.uniform(5, 30), rng.uniform(0.1, 3)
+    ns = [0, 1, 2, 4, 8, 16]
+    ts = [(t0 + n * slope) * 1e-6 if n else 1.0 for n in ns]  # n = 0 is off the line and must be ignored
+    fit = kernel_fixed_cost.fit_line(ns, ts)
+    assert fit["t0_us"] == pytest.approx(t0, rel=1e-6) and fit["slope_us_per_block"] == pytest.approx(slope, rel=1e-6)
