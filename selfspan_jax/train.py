@@ -289,7 +289,9 @@ def _train(cfg: TrainConfig, mesh) -> TrainResult:
     rows = shd.local_batch_slice(cfg.batch_size)
 
     def save(at_step: int):
-        ckpt.save(at_step, {"params": trainable, "opt_state": opt_state, "step": jnp.int32(at_step)},
+        # The step as a global (replicated) array: a host-local scalar cannot be saved by a multi-process job
+        step_array = jax.device_put(np.int32(at_step), rep)
+        ckpt.save(at_step, {"params": trainable, "opt_state": opt_state, "step": step_array},
                   {**pos.to_dict(), "step": at_step})
 
     pending: list[tuple[int, dict]] = []  # device metrics not yet read back
