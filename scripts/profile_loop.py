@@ -23,7 +23,8 @@ included, which a component timed alone would not show):
   what building and following the block list saves or costs is `self_span`
   minus this).
 
-Repeats take turns (every variant once per round); reported per variant:
+Repeats take turns (every variant once per round, in a fresh random order each
+round unless --fixed-order); reported per variant:
 median (min, max) ms per step, and the JSON keeps every repeat.
 
     python scripts/profile_loop.py --batch 1,8,64 --context 100,2048 --out benchmarks/results/decode_loop_cost_cpu.json
@@ -90,7 +91,7 @@ def build_variants(span_tokens, max_segments):
     }
 
 
-def profile_point(model, rows, variants, *, batch, context, steps, block_size, repeats, backend):
+def profile_point(model, rows, variants, *, batch, context, steps, block_size, repeats, backend, shuffle_seed=0):
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -152,15 +153,11 @@ def profile_point(model, rows, variants, *, batch, context, steps, block_size, r
         return call
 
     calls = {name: make(policy, flags) for name, (policy, flags) in variants.items()}
-    times = {name: [] for name in calls}
-    rhos = {}
-    for r in range(repeats + 1):  # in turns; the first round compiles and is not kept
-        for name, call in calls.items():
-            t, rho = call()
-            if rho is not None:
-                rhos[name] = rho
-            if r:
-                times[name].append(t)
+    # in turns, a fresh random order every round (a fixed order biased one 12-variant file by ~5%);
+    # the first round compiles and is not kept
+    results = reporting.interleaved_results(calls, repeats, shuffle_seed=shuffle_seed)
+    times = {name: [t for t, _ in res] for name, res in results.items()}
+    rhos = {name: res[-1][1] for name, res in results.items() if res[-1][1] is not None}
     point = {"batch": batch, "context": context, "cache_len": S, "steps": steps,
              "load_average": reporting.load_average()}
     for name, ts in times.items():
@@ -191,6 +188,9 @@ def main(argv=None) -> int:
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--max-segments", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--fixed-order", action="store_true",
+                   help="take the variants in the same order every round (default: a fresh random order per "
+                        "round, seeded; a fixed order lets a variant's place in the round bias it)")
     p.add_argument("--backend", default="xla")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--max-seconds", type=float, default=None,
@@ -234,8 +234,9 @@ def main(argv=None) -> int:
             "environment": reporting.environment(),
             "settings": {**{k: v for k, v in vars(args).items() if k not in ("out",)},
                          "timing": "ms per step = wall time of a jitted fori_loop of `steps` decode steps (state "
-                                   "donated, set up untimed) / steps; median (min, max) of repeats taken in turns, "
-                                   "after one compiling round"},
+                                   "donated, set up untimed) / steps; median (min, max) of repeats taken in turns "
+                                   f"({'the same order' if args.fixed_order else 'a fresh random order'} every "
+                                   "round), after one compiling call of each"},
             "variants": {n: {"policy": type(pol).__name__, **flags} for n, (pol, flags) in variants.items()},
             "points": points,
             "not_measured": skipped,  # points --max-seconds left out
@@ -250,7 +251,8 @@ def main(argv=None) -> int:
                 skipped.append({"batch": batch, "context": context})
                 continue
             pt = profile_point(model, rows, variants, batch=batch, context=context, steps=args.steps,
-                               block_size=args.block_size, repeats=args.repeats, backend=args.backend)
+                               block_size=args.block_size, repeats=args.repeats, backend=args.backend,
+                               shuffle_seed=None if args.fixed_order else len(points) + 1000 * len(skipped))
             if "dense" in variants:
                 add_paired_ratios(pt)
                 if "self_span" in pt and "self_span +stats" in pt:  # the ceiling at self_span's measured rho

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
+import numpy as np
 
 
 def load_average() -> list[float] | None:
@@ -51,23 +52,29 @@ def environment() -> dict[str, Any]:
 
 
 def interleaved_results(calls: dict[Any, Callable[[], Any]], repeats: int,
-                        measure: Callable[[Callable[[], Any]], Any] = lambda fn: fn()) -> dict[Any, list[Any]]:
+                        measure: Callable[[Callable[[], Any]], Any] = lambda fn: fn(),
+                        shuffle_seed: int | None = None) -> dict[Any, list[Any]]:
     """{name: [measure(call), per repeat]} after one warm-up (compile) call of each, not measured.
 
     The calls take turns (1, 2, ..., 1, 2, ...): a slow spell of the shared
     machine hits every call in the same repeat instead of whichever ran last,
-    so medians and paired ratios stay comparable. The default measure is what
-    the call returns: for calls that time themselves (e.g.
-    `generate(return_timing=True)`, which times its decode loop apart from
-    prefill)."""
+    so medians and paired ratios stay comparable. With `shuffle_seed`, each
+    repeat takes the turns in a fresh random order: a call's position within a
+    round can cost a few percent by itself (decode_loop_cost_cpu.json: 0.95x
+    for a variant whose twin ran first gives 1.01x), and a fixed order turns
+    that into a bias. The default measure is what the call returns: for calls
+    that time themselves (e.g. `generate(return_timing=True)`, which times its
+    decode loop apart from prefill)."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     for fn in calls.values():
         fn()
     results: dict[Any, list[Any]] = {name: [] for name in calls}
+    names = list(calls)
+    rng = None if shuffle_seed is None else np.random.default_rng(shuffle_seed)
     for _ in range(repeats):
-        for name, fn in calls.items():
-            results[name].append(measure(fn))
+        for i in (range(len(names)) if rng is None else rng.permutation(len(names))):
+            results[names[i]].append(measure(calls[names[i]]))
     return results
 
 

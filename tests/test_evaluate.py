@@ -514,3 +514,21 @@ def test_demo_seeds_train_each_arm_again_and_report_the_spread(trained_run, dens
     assert result["rows"] == result["per_seed"][0]["rows"]  # the top level stays the first seed's comparison
     md = (tmp_path / "seeds.md").read_text()
     assert f"over 2 training seeds ({cfg.seed}, {cfg.seed + 1})" in md and "| dense-trained/dense (baseline) |" in md
+
+
+def test_interleaved_results_shuffled_rounds_keep_every_call_once_per_round():
+    """shuffle_seed: every round calls each variant exactly once, in varying orders (so no variant holds
+    one place in the round), and each result lands under its own name; the same seed, the same orders."""
+    def run(seed):
+        order = []
+        calls = {name: (lambda name=name: order.append(name) or f"{name}{len(order)}") for name in "abcd"}
+        results = reporting.interleaved_results(calls, 12, shuffle_seed=seed)
+        return order, results
+
+    order, results = run(7)
+    warmup, rounds = order[:4], [order[4 + 4 * r: 8 + 4 * r] for r in range(12)]
+    assert warmup == list("abcd") and all(sorted(r) == list("abcd") for r in rounds)
+    assert len({tuple(r) for r in rounds}) > 1 and {r[0] for r in rounds} != {"a"}
+    for name, values in results.items():
+        assert len(values) == 12 and all(v.startswith(name) for v in values)
+    assert run(7)[0] == order and run(8)[0] != order
