@@ -30,7 +30,8 @@ def test_quickstart_notebook_runs_headless(tmp_path, monkeypatch):
     monkeypatch.setenv("SELFSPAN_QUICKSTART_DIR", str(tmp_path / "quick"))
     nb = nbformat.read(NOTEBOOK, as_version=4)
     # the kernel runs in tmp_path: the notebook must find the repository on its own
-    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+    # the budget: no cell may take 5 minutes (the whole notebook takes 70-110 s on the 2-core CPU)
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}}).execute()
 
     outputs = [o for c in _code_cells(nb) for o in c.outputs]
