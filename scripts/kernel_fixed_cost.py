@@ -93,9 +93,8 @@ def run_group(rng, heads, batch, context, block_size, counts, dtype, backend, re
     interpret = backend == "interpret"
     sm_scale = 1 / math.sqrt(head_dim)
 
-    def per_call(op, copies, rest):
-        # op is a ready `unrolled` executable (one compile per variant, reused at every count) or a plain op
-        run = op if getattr(op, "unrolled", False) else unrolled(op, unroll)
+    def per_call(run, copies, rest):
+        """(median, min) seconds per call of `run`, an `unrolled` executable of `unroll` calls."""
         med, mn = time_executable(run, (q, copies, rest), reps)
         return med / unroll, mn / unroll
 
@@ -108,11 +107,11 @@ def run_group(rng, heads, batch, context, block_size, counts, dtype, backend, re
     result = dict(num_heads=num_heads, kv_heads=kv_heads, head_dim=head_dim, batch=batch, context=context,
                   block_size=block_size, num_blocks=num_blocks, dtype=str(jnp.dtype(dtype)), unroll=unroll,
                   cache_copies=copies_n, points=[])
-    med, mn = per_call(lambda q_, k_, v_: q_, caches, ())
+    med, mn = per_call(unrolled(lambda q_, k_, v_: q_, unroll), caches, ())
     result["harness"] = dict(median_us=med * 1e6, min_us=mn * 1e6)
     dpa = lambda q_, k_, v_: jax.nn.dot_product_attention(q_[:, None], k_, v_)[:, 0]  # noqa: E731
     bshd = [(jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)) for k, v in caches]
-    med, mn = per_call(dpa, bshd, ())
+    med, mn = per_call(unrolled(dpa, unroll), bshd, ())
     result["dpa_all_blocks"] = dict(median_us=med * 1e6, min_us=mn * 1e6)
     del bshd
     variants = {
@@ -120,10 +119,7 @@ def run_group(rng, heads, batch, context, block_size, counts, dtype, backend, re
         "op_ks1": functools.partial(block_sparse_decode, block_size=block_size, backend=backend, k_splits=1),
         "kernel": kernel_only,
     }
-    runs = {}
-    for name, op in variants.items():
-        runs[name] = unrolled(op, unroll)
-        runs[name].unrolled = True
+    runs = {name: unrolled(op, unroll) for name, op in variants.items()}  # one compile each, reused at every n
     for n in counts:
         if n > num_blocks:
             continue
