@@ -91,7 +91,8 @@ def build_variants(span_tokens, max_segments):
     }
 
 
-def profile_point(model, rows, variants, *, batch, context, steps, block_size, repeats, backend, shuffle_seed=0):
+def profile_point(model, rows, variants, *, batch, context, steps, block_size, repeats, backend, shuffle_seed=0,
+                  dump_hlo=None):
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -139,6 +140,12 @@ def profile_point(model, rows, variants, *, batch, context, steps, block_size, r
             return jax.lax.fori_loop(0, steps, body, st)
 
         knobs = (jnp.bool_(flags["forced"]), jnp.float32(flags["temperature"]))
+        if dump_hlo is not None:  # the compiled loop, to compare what XLA made of each variant
+            st0 = start(kv[0], kv[1])
+            text = loop.lower(params, st0, *knobs).compile().as_text()
+            name = next(n for n, (p_, f_) in variants.items() if p_ is policy and f_ is flags)
+            Path(dump_hlo).mkdir(parents=True, exist_ok=True)
+            (Path(dump_hlo) / f"B{batch}_T{context}_{name.replace(' ', '_')}.txt").write_text(text)
 
         def call():
             st = jax.block_until_ready(start(kv[0], kv[1]))  # a fresh state, not timed
@@ -201,6 +208,8 @@ def main(argv=None) -> int:
     p.add_argument("--plot", default=None, help="PNG of self_span's measured/ceiling against batch size (needs "
                    "the variants dense, self_span and 'self_span +stats')")
     p.add_argument("--out", default="benchmarks/results/decode_loop_cost_cpu.json")
+    p.add_argument("--dump-hlo", default=None, metavar="DIR",
+                   help="also write each variant's compiled loop (optimised HLO text) to DIR")
     args = p.parse_args(argv)
 
     from selfspan_jax import reporting
@@ -252,7 +261,8 @@ def main(argv=None) -> int:
                 continue
             pt = profile_point(model, rows, variants, batch=batch, context=context, steps=args.steps,
                                block_size=args.block_size, repeats=args.repeats, backend=args.backend,
-                               shuffle_seed=None if args.fixed_order else len(points) + 1000 * len(skipped))
+                               shuffle_seed=None if args.fixed_order else len(points) + 1000 * len(skipped),
+                               dump_hlo=args.dump_hlo)
             if "dense" in variants:
                 add_paired_ratios(pt)
                 if "self_span" in pt and "self_span +stats" in pt:  # the ceiling at self_span's measured rho
