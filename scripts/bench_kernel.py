@@ -127,6 +127,14 @@ def random_lists(rng, batch: int, num_blocks: int, count: int, block_size: int):
     return blocks_from_token_mask(token_mask, block_size)
 
 
+def random_caches(rng, shape, dtype, copies: int) -> list[tuple[jax.Array, jax.Array]]:
+    """`copies` (k, v) pairs of standard-normal [B, K, S, H] caches, drawn on the device (dozens of
+    copies of a GB-sized cache would take minutes from numpy); the key comes from `rng`."""
+    keys = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), 2 * copies)
+    return [(jax.random.normal(keys[2 * c], shape, dtype), jax.random.normal(keys[2 * c + 1], shape, dtype))
+            for c in range(copies)]
+
+
 def bytes_read(batch, kv_heads, head_dim, tokens, num_heads, itemsize) -> int:
     """The floor: K and V of the visible tokens once, plus q in and out."""
     return batch * kv_heads * tokens * head_dim * 2 * itemsize + 2 * batch * num_heads * head_dim * itemsize
@@ -212,11 +220,7 @@ def bench_group(rng, heads, batch, seq_len, cfg, *, reps, gpu, rotate_bytes, unr
                             budget_bytes=(24 << 30) if gpu else (1 << 30))
     unroll = copies_n
     q = jnp.asarray(rng.standard_normal((batch, num_heads, head_dim)), dtype)
-    # Drawn on the device: dozens of copies of a GB-sized cache would take minutes from numpy.
-    keys = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), 2 * copies_n)
-    shape = (batch, kv_heads, seq_len, head_dim)
-    caches = [(jax.random.normal(keys[2 * c], shape, dtype), jax.random.normal(keys[2 * c + 1], shape, dtype))
-              for c in range(copies_n)]
+    caches = random_caches(rng, (batch, kv_heads, seq_len, head_dim), dtype, copies_n)
     backend = resolve_backend("auto")
     group = dict(heads=heads, num_heads=num_heads, kv_heads=kv_heads, head_dim=head_dim, batch=batch,
                  context=seq_len, dtype=str(dtype), cache_bytes=cache_bytes, cache_copies=copies_n, unroll=unroll,

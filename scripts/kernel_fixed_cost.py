@@ -42,7 +42,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-from bench_kernel import HEADS, bytes_read, copy_bandwidth, random_lists, time_executable, unrolled  # noqa: E402
+from bench_kernel import (HEADS, bytes_read, copy_bandwidth, random_caches, random_lists,  # noqa: E402
+                          time_executable, unrolled)
 from pallas_kernels import block_sparse_decode  # noqa: E402
 from pallas_kernels.backend import BlockSparseParams, on_gpu, resolve_backend  # noqa: E402
 from pallas_kernels.block_sparse_decode import _pallas_partials  # noqa: E402
@@ -85,11 +86,7 @@ def run_group(rng, heads, batch, context, block_size, counts, dtype, backend, re
     copies_n = copies or int(min(4, max(1, math.ceil(rotate_bytes / cache_bytes))))
     unroll = max(unroll_min, copies_n)
     q = jnp.asarray(rng.standard_normal((batch, num_heads, head_dim)), dtype)
-    # Drawn on the device: --copies 64 of a 268 MB cache would take minutes from numpy.
-    keys = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), 2 * copies_n)
-    shape = (batch, kv_heads, context, head_dim)
-    caches = [(jax.random.normal(keys[2 * c], shape, dtype), jax.random.normal(keys[2 * c + 1], shape, dtype))
-              for c in range(copies_n)]
+    caches = random_caches(rng, (batch, kv_heads, context, head_dim), dtype, copies_n)
     interpret = backend == "interpret"
     sm_scale = 1 / math.sqrt(head_dim)
 

@@ -113,7 +113,7 @@ def profile_point(model, rows, variants, *, batch, context, steps, block_size, r
     graphdef, params = nnx.split(model)
     rng = jax.random.key(1)
 
-    def make(policy, flags):
+    def make(name, policy, flags):
         fx = jnp.asarray(forced)
 
         @jax.jit
@@ -143,7 +143,6 @@ def profile_point(model, rows, variants, *, batch, context, steps, block_size, r
         if dump_hlo is not None:  # the compiled loop, to compare what XLA made of each variant
             st0 = start(kv[0], kv[1])
             text = loop.lower(params, st0, *knobs).compile().as_text()
-            name = next(n for n, (p_, f_) in variants.items() if p_ is policy and f_ is flags)
             Path(dump_hlo).mkdir(parents=True, exist_ok=True)
             (Path(dump_hlo) / f"B{batch}_T{context}_{name.replace(' ', '_')}.txt").write_text(text)
 
@@ -159,9 +158,9 @@ def profile_point(model, rows, variants, *, batch, context, steps, block_size, r
             return elapsed, rho
         return call
 
-    calls = {name: make(policy, flags) for name, (policy, flags) in variants.items()}
+    calls = {name: make(name, policy, flags) for name, (policy, flags) in variants.items()}
     # in turns, a fresh random order every round (a fixed order biased one 12-variant file by ~5%);
-    # the first round compiles and is not kept
+    # one compiling call of each is not kept
     results = reporting.interleaved_results(calls, repeats, shuffle_seed=shuffle_seed)
     times = {name: [t for t, _ in res] for name, res in results.items()}
     rhos = {name: res[-1][1] for name, res in results.items() if res[-1][1] is not None}

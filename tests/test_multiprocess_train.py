@@ -17,7 +17,6 @@ import secrets
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,34 +24,28 @@ import jax
 import numpy as np
 import pytest
 
+from test_train import _env as _one_device_env
+from test_train import _train_cmd
+
 from selfspan_jax import runs
 from selfspan_jax.checkpoint import Checkpointer
 
-ROOT = Path(__file__).resolve().parents[1]
-SMALL_MODEL = {"d_model": 32, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "mlp_dim": 64}
 STEPS = 8
 
 pytestmark = pytest.mark.slow
 
 
 def _cmd(out: Path, seed: int) -> list[str]:
-    return [sys.executable, str(ROOT / "scripts" / "train.py"), "--out", str(out), "--seed", str(seed),
-            "--steps", str(STEPS), "--save-every", "2", "--keep-checkpoints", "2", "--log-every", "1",
-            "--num-train", "40", "--num-eval", "8", "--batch-size", "8", "--seq-len", "64", "--lr", "3e-3",
-            "--warmup-steps", "2", "--eval-every", "1000", "--no-eval-generate", "--no-progress",
-            "--no-tensorboard", "--data", "min_operands=3", "--data", "max_operands=3",
-            *[a for k, v in SMALL_MODEL.items() for a in ("--model-override", f"{k}={v}")]]
+    # test_train's small run, trained under the span mask
+    return [*_train_cmd(out, seed, STEPS), "--span-policy", "self_span"]
 
 
 def _env(cache: Path, **extra) -> dict:
-    env = dict(os.environ)
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    """test_train's one-device environment (shared compilation cache), without a coordinator unless given."""
+    env = _one_device_env(cache)
     for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         env.pop(name, None)
-    env.update(extra)
-    return env
+    return {**env, **extra}
 
 
 def _free_port() -> int:

@@ -16,7 +16,8 @@ def _code_cells(nb):
 
 
 def test_notebook_is_committed_without_outputs():
-    nbformat = pytest.importorskip("nbformat")
+    import nbformat  # a test dependency: missing, the test fails instead of skipping
+
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(nb)
     stale = [i for i, c in enumerate(_code_cells(nb)) if c.outputs or c.execution_count is not None]
@@ -25,8 +26,9 @@ def test_notebook_is_committed_without_outputs():
 
 @pytest.mark.slow
 def test_quickstart_notebook_runs_headless(tmp_path, monkeypatch):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
+    import nbclient
+    import nbformat
+
     monkeypatch.setenv("SELFSPAN_QUICKSTART_DIR", str(tmp_path / "quick"))
     nb = nbformat.read(NOTEBOOK, as_version=4)
     # the kernel runs in tmp_path: the notebook must find the repository on its own
