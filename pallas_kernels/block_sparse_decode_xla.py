@@ -167,6 +167,7 @@ def block_sparse_decode_xla(
             vis = vis & mask_rows.at[(own // kv_heads) * num_rows + rid].get(mode="promise_in_bounds")
             # masked tokens inside a listed block: zero their V so 0 * (NaN or inf) cannot reach p @ v
             vb = jnp.where(vis[..., None], vb, 0)
+            kb = jnp.where(vis[..., None], kb, 0)
         vis = vis[:, None, :]  # [P, 1, tile]
         # [P, G, tile]
         s = jnp.einsum("pgh,psh->pgs", q_pairs[own], kb, precision=precision,

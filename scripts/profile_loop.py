@@ -92,7 +92,7 @@ def build_variants(span_tokens, max_segments):
 
 
 def profile_point(model, rows, variants, *, batch, context, steps, block_size, repeats, backend, shuffle_seed=0,
-                  dump_hlo=None):
+                  dump_hlo=None, op_profile=None, top_ops=25):
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -140,9 +140,11 @@ def profile_point(model, rows, variants, *, batch, context, steps, block_size, r
             return jax.lax.fori_loop(0, steps, body, st)
 
         knobs = (jnp.bool_(flags["forced"]), jnp.float32(flags["temperature"]))
+        def compiled_text():
+            return loop.lower(params, start(kv[0], kv[1]), *knobs).compile().as_text()
+
         if dump_hlo is not None:  # the compiled loop, to compare what XLA made of each variant
-            st0 = start(kv[0], kv[1])
-            text = loop.lower(params, st0, *knobs).compile().as_text()
+            text = compiled_text()
             Path(dump_hlo).mkdir(parents=True, exist_ok=True)
             (Path(dump_hlo) / f"B{batch}_T{context}_{name.replace(' ', '_')}.txt").write_text(text)
 
@@ -156,6 +158,13 @@ def profile_point(model, rows, variants, *, batch, context, steps, block_size, r
                 cols = slice(1, steps + 1)
                 rho = float(np.sum(final.blocks[:, cols]) / np.sum(final.dense_blocks[:, cols]))
             return elapsed, rho
+
+        def traced(trace_dir):  # one more call under the profiler: time per XLA op (reporting.op_self_times)
+            st = jax.block_until_ready(start(kv[0], kv[1]))
+            with jax.profiler.trace(str(trace_dir)):
+                jax.block_until_ready(loop(params, st, *knobs))
+            return reporting.op_self_times(trace_dir), reporting.hlo_op_names(compiled_text())
+        call.traced = traced
         return call
 
     calls = {name: make(name, policy, flags) for name, (policy, flags) in variants.items()}
@@ -171,7 +180,41 @@ def profile_point(model, rows, variants, *, batch, context, steps, block_size, r
         point[name] = {"ms_per_step": reporting.spread(per_step), "all_ms_per_step": per_step}
         if name in rhos:
             point[name]["rho"] = rhos[name]
+    if op_profile is not None:
+        for name, call in calls.items():
+            ops, origins = call.traced(Path(op_profile) / f"B{batch}_T{context}_{name.replace(' ', '_')}")
+            top = sorted(ops.items(), key=lambda kv: -kv[1]["ms"])[:top_ops]
+            point[name]["op_cpu_ms_per_step"] = {
+                op: {"ms": round(r["ms"] / steps, 4), "calls_per_step": r["count"] / steps,
+                     "from": origins.get(op, "")} for op, r in top}
+            groups: dict[str, float] = {}
+            for op, r in ops.items():
+                group = op_group(op, origins.get(op, ""))
+                groups[group] = groups.get(group, 0.0) + r["ms"] / steps
+            point[name]["op_group_cpu_ms_per_step"] = {g: round(v, 4) for g, v in sorted(groups.items())}
     return point
+
+
+def op_group(op: str, origin: str) -> str:
+    """Which part of a decode step an XLA op belongs to, from the op_name it was lowered from.
+
+    `executor` is XLA:CPU's own dispatch and waiting on the pool threads (ThunkExecutor, the pool's
+    Await, loop control); the main thread's wait for the whole loop is kept apart (not work)."""
+    if op == "ThunkExecutor::Execute (wait for completion)":
+        return "main thread waiting for the loop (not work)"
+    if op.startswith(("ThunkExecutor", "SlinkyThreadPool")) or origin.endswith("/while"):
+        return "executor"
+    if not origin:
+        return "no source (copies XLA inserted)"
+    if "_block_sparse_decode_jit)/while/body" in origin:
+        return "kernel loop (reads K/V)"
+    if "_block_sparse_decode_jit" in origin:
+        return "kernel setup (work list, output)"
+    if "_blocks_from_token_mask" in origin:
+        return "block list"
+    if origin.endswith("dot_general"):
+        return "weight matmuls"
+    return "other (norms, RoPE, cache write, policy, token)"
 
 
 def add_paired_ratios(point: dict, baseline: str = "dense") -> None:
@@ -207,6 +250,10 @@ def main(argv=None) -> int:
     p.add_argument("--plot", default=None, help="PNG of self_span's measured/ceiling against batch size (needs "
                    "the variants dense, self_span and 'self_span +stats')")
     p.add_argument("--out", default="benchmarks/results/decode_loop_cost_cpu.json")
+    p.add_argument("--op-profile", default=None, metavar="DIR",
+                   help="after the timed rounds, trace one more call of each variant (jax.profiler, to DIR) and "
+                        "record CPU ms per step of self time: its most expensive XLA ops (names as in --dump-hlo) and "
+                        "by part of the step (op_group)")
     p.add_argument("--dump-hlo", default=None, metavar="DIR",
                    help="also write each variant's compiled loop (optimised HLO text) to DIR")
     args = p.parse_args(argv)
@@ -261,7 +308,7 @@ def main(argv=None) -> int:
             pt = profile_point(model, rows, variants, batch=batch, context=context, steps=args.steps,
                                block_size=args.block_size, repeats=args.repeats, backend=args.backend,
                                shuffle_seed=None if args.fixed_order else len(points) + 1000 * len(skipped),
-                               dump_hlo=args.dump_hlo)
+                               dump_hlo=args.dump_hlo, op_profile=args.op_profile)
             if "dense" in variants:
                 add_paired_ratios(pt)
                 if "self_span" in pt and "self_span +stats" in pt:  # the ceiling at self_span's measured rho

@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import time
 from pathlib import Path
@@ -109,3 +110,91 @@ def write_json(result: dict[str, Any], path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=float) + "\n")
     return path
+
+
+def op_self_times(trace_dir: str | os.PathLike) -> dict[str, dict[str, float]]:
+    """{XLA op name: {"ms": self time, "count": calls}} from a `jax.profiler` trace of one run.
+
+    XLA:CPU records each thunk it executes (fusions, dots, gathers, the while
+    loop itself) as an event on the thread that ran it, nested per thread: a
+    `while` contains its body's ops. Its executor runs independent thunks on
+    both pool threads at once, so the self times (an event's duration minus its
+    children's on the same thread) add up to CPU time, up to twice the wall
+    time on 2 cores. `ThunkExecutor::Execute*` entries are the executor's own
+    dispatch and waits. Thread-pool markers are skipped (instants). Where a
+    step's time goes op by op is what a wall-clock difference of two variants
+    cannot say. Names are the compiled HLO's (`compile().as_text()`).
+    """
+    from jax._src.profiler import ProfileData  # the reader jax ships for its own xplane files
+
+    files = sorted(Path(trace_dir).glob("**/*.xplane.pb"))
+    if not files:
+        raise FileNotFoundError(f"no *.xplane.pb under {trace_dir}: was the run traced?")
+    out: dict[str, dict[str, float]] = {}
+    for plane in ProfileData.from_file(str(files[-1])).planes:
+        for line in plane.lines:
+            if line.name == "python":  # the Python tracer's frames, not XLA's
+                continue
+            events = [(e.start_ns, e.duration_ns, e.name) for e in line.events
+                      if not e.name.startswith(("ThreadpoolListener", "end: "))]
+            for name, rec in nested_self_times(events).items():
+                total = out.setdefault(name, {"ms": 0.0, "count": 0})
+                total["ms"] += rec["ns"] / 1e6
+                total["count"] += rec["count"]
+    return out
+
+
+def nested_self_times(events) -> dict[str, dict[str, float]]:
+    """{name: {"ns": self time, "count": events}} of (start, duration, name) events on one thread,
+    nested (an event that starts inside another ends inside it): self time = duration minus the
+    durations of the events directly inside it."""
+    out: dict[str, dict[str, float]] = {}
+    stack: list[list] = []  # [end, name, time of direct children, duration]
+
+    def close(entry):
+        _, name, children, duration = entry
+        rec = out.setdefault(name, {"ns": 0.0, "count": 0})
+        rec["ns"] += duration - children
+        rec["count"] += 1
+        if stack:
+            stack[-1][2] += duration
+
+    for start, duration, name in sorted(events, key=lambda t: (t[0], -t[1])):
+        while stack and stack[-1][0] <= start:
+            close(stack.pop())
+        stack.append([start + duration, name, 0.0, duration])
+    while stack:
+        close(stack.pop())
+    return out
+
+
+_HLO_INSTR = re.compile(r'^\s*(?:ROOT\s+)?%([\w.\-]+) = ')
+_HLO_OP_NAME = re.compile(r'metadata=\{op_name="([^"]*)"')
+_HLO_BODY = re.compile(r'body=%([\w.\-]+)')
+_HLO_COMPUTATION = re.compile(r'^(?:ENTRY\s+)?%([\w.\-]+) ')
+
+
+def hlo_op_names(compiled_text: str) -> dict[str, str]:
+    """{instruction name: the jax op_name it was lowered from} of a compiled module's text, so the ops
+    of `op_self_times` can be traced back to the code that made them (a kernel's loop, a policy).
+
+    Instructions XLA made without metadata (a dot it split off a fusion, a copy) get their while
+    loop's op_name + "/body" when they sit in a loop body, else ""."""
+    names: dict[str, str] = {}
+    computation_of: dict[str, str] = {}
+    body_origin: dict[str, str] = {}
+    computation = ""
+    for line in compiled_text.splitlines():
+        instr = _HLO_INSTR.match(line)
+        if instr is None:
+            comp = _HLO_COMPUTATION.match(line)
+            if comp is not None and line.rstrip().endswith("{"):
+                computation = comp.group(1)
+            continue
+        op_name = _HLO_OP_NAME.search(line)
+        names[instr.group(1)] = op_name.group(1) if op_name else ""
+        computation_of[instr.group(1)] = computation
+        body = _HLO_BODY.search(line)
+        if body is not None and op_name is not None:
+            body_origin[body.group(1)] = op_name.group(1) + "/body"
+    return {name: origin or body_origin.get(computation_of[name], "") for name, origin in names.items()}

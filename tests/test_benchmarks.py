@@ -2,7 +2,10 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from flax import nnx
 
 from selfspan_jax.benchmarks import step_flops
@@ -97,6 +100,20 @@ def test_profile_loop_pairs_rounds_and_stops_at_max_seconds(tmp_path):
     rho = pt["self_span +stats"]["rho"]
     assert 0 < rho <= 1 and pt["ceiling"]["ceiling"] == pytest.approx(memory_ceiling(pt["ceiling"]["r"], rho))
 
+    # --op-profile: one traced call per variant, its XLA ops' CPU time by part of the step
+    assert profile_loop.main([*common, "--context", "48", "--repeats", "1", "--variants", "dense,self_span",
+                              "--op-profile", str(tmp_path / "trace")]) == 0
+    (pt,) = json.loads(out.read_text())["points"]
+    for name in ("dense", "self_span"):
+        groups = pt[name]["op_group_cpu_ms_per_step"]
+        assert groups["kernel loop (reads K/V)"] > 0 and groups["weight matmuls"] > 0
+        assert all(v >= 0 for v in groups.values())
+        # the kernel's loop body runs once per work-list step, several times per decode step
+        loop_ops = [o for o in pt[name]["op_cpu_ms_per_step"].values()
+                    if "_block_sparse_decode_jit)/while/body" in o["from"]]
+        assert loop_ops and all(o["calls_per_step"] >= 1 for o in loop_ops)
+    assert "block list" in pt["self_span"]["op_group_cpu_ms_per_step"]
+
     assert profile_loop.main([*common, "--context", "48,80", "--repeats", "1", "--max-seconds", "0"]) == 0
     result = json.loads(out.read_text())
     assert result["points"] == [] and result["not_measured"] == [{"batch": 2, "context": 48},
@@ -135,3 +152,73 @@ def test_kernel_bench_gives_every_call_its_own_cache_and_counts_launches():
     ts = [(t0 + n * slope) * 1e-6 if n else 1.0 for n in ns]  # n = 0 is off the line and must be ignored
     fit = kernel_fixed_cost.fit_line(ns, ts)
     assert fit["t0_us"] == pytest.approx(t0, rel=1e-6) and fit["slope_us_per_block"] == pytest.approx(slope, rel=1e-6)
+
+
+def _brute_force_self_times(events):
+    """Self time of each event: its duration minus those of the events directly inside it (inside it
+    and inside no other event that is inside it)."""
+    def inside(a, b):  # a within b, a is not b
+        return a is not b and b[0] <= a[0] and a[0] + a[1] <= b[0] + b[1] and (a[0], -a[1]) > (b[0], -b[1])
+
+    out = {}
+    for e in events:
+        kids = [c for c in events if inside(c, e) and not any(inside(c, m) and inside(m, e) for m in events)]
+        rec = out.setdefault(e[2], {"ns": 0, "count": 0})
+        rec["ns"] += e[1] - sum(c[1] for c in kids)
+        rec["count"] += 1
+    return out
+
+
+@given(st.integers(0, 2**31 - 1))
+@settings(max_examples=60, deadline=None)
+def test_nested_self_times_match_brute_force(seed):
+    """Random nested profiles (a loop containing ops containing ops, gaps between them)."""
+    from selfspan_jax.reporting import nested_self_times
+
+    rng = np.random.default_rng(seed)
+    events = []
+
+    def fill(start, end, depth):
+        t = start
+        while depth < 3 and rng.random() < 0.7:
+            begin = t + int(rng.integers(0, 5))
+            stop = begin + int(rng.integers(1, 30))
+            if stop > end or (begin, stop) == (start, end):  # a child as long as its parent is ambiguous
+                break
+            events.append((begin, stop - begin, f"op{rng.integers(4)}"))
+            fill(begin, stop, depth + 1)
+            t = stop
+    events.append((0, 200, "while"))
+    fill(0, 200, 0)
+    rng.shuffle(events)
+    got = nested_self_times(events)
+    want = _brute_force_self_times(events)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name]["count"] == want[name]["count"] and got[name]["ns"] == pytest.approx(want[name]["ns"])
+
+
+def test_op_self_times_and_hlo_op_names_trace_a_loop_back_to_its_source(tmp_path):
+    """A jitted 7-step loop, traced: its body's ops run 7 times each, every traced XLA op is an
+    instruction of the compiled text, and ops XLA made without metadata inside the loop body are
+    attributed to the loop."""
+    from selfspan_jax.reporting import hlo_op_names, op_self_times
+
+    @jax.jit
+    def f(x, w):
+        return jax.lax.fori_loop(0, 7, lambda i, x: jnp.tanh(x @ w) + i, x)
+
+    x, w = jnp.ones((64, 64)), jnp.eye(64) * 0.5
+    jax.block_until_ready(f(x, w))
+    with jax.profiler.trace(str(tmp_path)):
+        jax.block_until_ready(f(x, w))
+    ops = op_self_times(tmp_path)
+    origins = hlo_op_names(f.lower(x, w).compile().as_text())
+    xla_ops = {op: r for op, r in ops.items() if not op.startswith(("ThunkExecutor", "SlinkyThreadPool"))}
+    assert xla_ops and set(xla_ops) <= set(origins)
+    body = {op: r for op, r in xla_ops.items() if "while/body" in origins[op]}
+    assert body and all(r["count"] == 7 for r in body.values())
+    assert any(origins[op].endswith("dot_general") or origins[op].endswith("while/body") for op in body)
+    assert all(r["ms"] >= 0 for r in ops.values())
+    with pytest.raises(FileNotFoundError, match="xplane"):
+        op_self_times(tmp_path / "nothing")
