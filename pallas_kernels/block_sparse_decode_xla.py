@@ -187,7 +187,7 @@ def block_sparse_decode_xla(
     init = (jnp.zeros((pairs, *q.shape[2:]), jnp.float32), jnp.full(lead, _NEG, jnp.float32),
             jnp.zeros(lead, jnp.float32))
     num_steps = (total + per_step - 1) // per_step
-    o, _, l = lax.fori_loop(0, num_steps, step, init)
-    safe = jnp.where(l > 0, l, 1.0)
-    return jnp.where((l > 0)[..., None], o / safe[..., None], 0.0).reshape(q.shape)
+    o, _, denom = lax.fori_loop(0, num_steps, step, init)
+    safe = jnp.where(denom > 0, denom, 1.0)
+    return jnp.where((denom > 0)[..., None], o / safe[..., None], 0.0).reshape(q.shape)
 
