@@ -25,7 +25,11 @@ included, which a component timed alone would not show):
 
 Repeats take turns (every variant once per round, in a fresh random order each
 round unless --fixed-order); reported per variant:
-median (min, max) ms per step, and the JSON keeps every repeat.
+median (min, max) ms per step, and the JSON keeps every repeat. With
+`--op-profile DIR`, one more traced call per variant says where the step's CPU
+time goes, per XLA op and per part of the step (kernel loop, kernel setup,
+block list, weight matmuls, other, executor): the kind of question a difference
+of two wall times cannot answer (docs/notes/generation.md, session 27).
 
     python scripts/profile_loop.py --batch 1,8,64 --context 100,2048 --out benchmarks/results/decode_loop_cost_cpu.json
 """
@@ -140,6 +144,7 @@ def profile_point(model, rows, variants, *, batch, context, steps, block_size, r
             return jax.lax.fori_loop(0, steps, body, st)
 
         knobs = (jnp.bool_(flags["forced"]), jnp.float32(flags["temperature"]))
+
         def compiled_text():
             return loop.lower(params, start(kv[0], kv[1]), *knobs).compile().as_text()
 
