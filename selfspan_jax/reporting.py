@@ -125,7 +125,7 @@ def op_self_times(trace_dir: str | os.PathLike) -> dict[str, dict[str, float]]:
     step's time goes op by op is what a wall-clock difference of two variants
     cannot say. Names are the compiled HLO's (`compile().as_text()`).
     """
-    from jax._src.profiler import ProfileData  # the reader jax ships for its own xplane files
+    from jax.profiler import ProfileData  # the reader jax ships for its own xplane files
 
     files = sorted(Path(trace_dir).glob("**/*.xplane.pb"))
     if not files:

@@ -386,8 +386,9 @@ def test_bad_inputs_raise_value_error():
 
 
 def test_from_tokenizer_char_tokenizer():
-    tokenizer_mod = pytest.importorskip("selfspan_jax.tokenizer")
-    tok = tokenizer_mod.CharTokenizer()
+    from selfspan_jax.tokenizer import CharTokenizer  # ours: a broken import must fail, not skip
+
+    tok = CharTokenizer()
     span_tokens = spans.SpanTokens.from_tokenizer(tok)
     assert span_tokens.anchor == tok.convert_tokens_to_ids(spans.ANCHOR)
     assert span_tokens.ref_close == tok.convert_tokens_to_ids(spans.REF_CLOSE)
@@ -403,8 +404,9 @@ def test_from_tokenizer_char_tokenizer():
 
 def _byte_level_tokenizer():
     """A tiny in-memory byte-level BPE (the SmolLM2 / GPT-2 family) with "Ġ7" and "12" merges."""
-    tokenizers = pytest.importorskip("tokenizers")
-    transformers = pytest.importorskip("transformers")
+    import tokenizers  # package dependencies (hf_tokenizer): missing, the test fails instead of skipping
+    import transformers
+
     alphabet = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())
     vocab = {ch: i for i, ch in enumerate(alphabet)}
     vocab["Ġ7"] = len(vocab)
