@@ -105,7 +105,7 @@ def _save(fig, path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")  # long tick labels can push the axis label past the canvas
     plt.close(fig)
     return path
 
