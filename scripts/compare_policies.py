@@ -9,11 +9,14 @@ Rows, all on the same held-out problems, loop and kernels: the span-trained
 run decoded with its own spans (self_span), and the dense-trained baseline
 decoded dense, with Quest at several page budgets, with SparQ at several
 (r, k), and with ADORE at several budgets when the baseline has a distilled
-controller (`scripts/train_adore.py --run BASELINE`). Every row reports exact match, the attended fraction, the fraction of
-KV bytes read, tokens/s and its ratio to the dense baseline (timed in turns).
-Writes <out-dir>/<name>.{json,md} (rows keyed `<model>/<policy>`, each with
-its policy, settings and numbers) and <name>.png (accuracy against the
-fraction of KV bytes read, one curve per method).
+controller (`scripts/train_adore.py --run BASELINE`). Every row reports exact
+match, the attended fraction, the fraction of KV bytes read, tokens/s and its
+ratio to the dense baseline (timed in turns). Writes <out-dir>/<name>.{json,md}
+(rows keyed `<model>/<policy>`, each with its policy, settings and numbers) and
+<name>.png (accuracy against the fraction of KV bytes read, one curve per
+method). With --seeds N the same comparison runs on each seed's pair as
+`demo.py --seeds N` trained them (<run>_seed<i>, <baseline>_seed<i>), and the
+table and plot give mean [min to max] over seeds.
 
     python scripts/compare_policies.py --smollm2 --name policies_compare_smollm2
 
@@ -31,6 +34,7 @@ import sys
 from pathlib import Path
 
 from selfspan_jax import evaluate as ev
+from selfspan_jax import runs
 from selfspan_jax.policies import make_policy, split_policy_specs
 from selfspan_jax.train_config import parse_key_value
 
@@ -58,7 +62,8 @@ def settings(spec: str, adore_controller=None) -> dict:
 
 def plot(result: dict, path: Path) -> Path:
     """Accuracy against the fraction of KV bytes read, one curve per method (dense and self_span as
-    points): one panel per accuracy metric of the task (arithmetic: exact match and step progress)."""
+    points): one panel per accuracy metric of the task (arithmetic: exact match and step progress).
+    Over several seeds (`over_seeds`), each point is the mean and its bar spans the seeds' min to max."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -69,15 +74,21 @@ def plot(result: dict, path: Path) -> Path:
     metrics = tasks.get(result["config"]["task"]).accuracy_keys
     fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), dpi=120, squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        curves: dict[str, list[tuple[float, float]]] = {}
-        for m in result["rows"].values():
+        curves: dict[str, list[tuple[float, float, float, float]]] = {}  # (x, y, y below, y above)
+        for name, m in result["rows"].items():
             method = m["policy"].split("(")[0] + (f" r={m['settings']['r']}" if "r" in m.get("settings", {}) else "")
-            curves.setdefault(method, []).append((m["kv_read_fraction"], m[metric]))
+            if "over_seeds" in result:
+                agg = result["over_seeds"]["rows"][name]
+                y = agg[metric]["mean"]
+                point = (agg["kv_read_fraction"]["mean"], y, y - agg[metric]["min"], agg[metric]["max"] - y)
+            else:
+                point = (m["kv_read_fraction"], m[metric], 0.0, 0.0)
+            curves.setdefault(method, []).append(point)
         for method, pts in sorted(curves.items()):
             pts.sort()
             style = "o-" if len(pts) > 1 else {"dense": "s", "self_span": "*"}.get(method, "D")
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=method,
-                    markersize=8 if len(pts) == 1 else 5)
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[[p[2] for p in pts], [p[3] for p in pts]],
+                        fmt=style, label=method, markersize=8 if len(pts) == 1 else 5, capsize=3)
         ax.set_xlabel("fraction of KV bytes read")
         ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
         # Quest with every page reads a little more than dense (its key bounds)
@@ -85,8 +96,11 @@ def plot(result: dict, path: Path) -> Path:
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left", fontsize=8)  # the lower right is where dense sits
+    seeds = result.get("over_seeds", {}).get("seeds")
     fig.suptitle(f"{result['config']['num_records']} held-out {result['config']['task']} problems "
-                 f"({result['config']['split']})", fontsize=10)
+                 f"({result['config']['split']})"
+                 + (f"; mean and min-max over training seeds {', '.join(map(str, seeds))}" if seeds else ""),
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -94,7 +108,8 @@ def plot(result: dict, path: Path) -> Path:
 
 
 SMOLLM2_DEFAULT = ("quest(page_budget=2)", "quest(page_budget=4)", "quest(page_budget=6)",
-                   "sparq(r=16,k=16,local_window=4)", "sparq(r=16,k=32,local_window=4)", "sparq(r=8,k=32,local_window=4)")
+                   "sparq(r=16,k=16,local_window=4)", "sparq(r=16,k=32,local_window=4)",
+                   "sparq(r=8,k=32,local_window=4)")
 
 
 def smollm2_comparison(policies, *, continuation: int, block_size: int, repeats: int,
@@ -182,6 +197,11 @@ def main(argv=None) -> int:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5, help="timed turns per row (median)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="training seeds per arm, as `demo.py --seeds` trained them: seed index i > 0 compares "
+                        "<run>_seed<i> with <baseline>_seed<i> (ADORE: each baseline's own controller); the "
+                        "table gives mean [min to max] per number, the JSON every seed's rows, the plot means "
+                        "with min-max bars")
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--name", default="policies_compare")
     p.add_argument("--smollm2", action="store_true",
@@ -214,27 +234,44 @@ def main(argv=None) -> int:
         print(table)
         print(f"\nwrote {out / args.name}.json and .md")
         return 0
+    if args.seeds < 1:
+        p.error(f"--seeds must be >= 1, got {args.seeds}")
+    pairs = [(runs.seed_dir(args.run, i), runs.seed_dir(args.baseline, i)) for i in range(args.seeds)]
+    missing = [d for pair in pairs[1:] for d in pair if not runs.is_run_dir(d)]
+    if missing:  # before any evaluation: seed 0 alone takes minutes on a long comparison
+        print(f"compare_policies.py: error: --seeds {args.seeds} needs a training run in each of "
+              f"{', '.join(missing)} (as `demo.py --seeds {args.seeds}` trains them); none there", file=sys.stderr)
+        return 2
+    results, seeds, policies = [], [], None
     try:
-        base = ev.load_for_eval(args.baseline)  # once: its head dim sets the default sweep
-        controller = ev.adore_controller_of(base)
-        policies = (split_policy_specs(args.policies) if args.policies else
-                    default_sweep(base.model.config.head_dim, budgets=tuple(args.budgets), pages=tuple(args.pages),
-                                  adore=controller is not None))
-        result = ev.compare(args.run, baseline=base, policies=["self_span"],
-                            baseline_policies=["dense", *policies], split=args.split,
-                            data=dict(parse_key_value(d) for d in args.data), num=args.num, seed=args.seed,
-                            block_size=args.block_size, batch_size=args.batch_size, timing_repeats=args.repeats)
+        for run, baseline in pairs:
+            base = ev.load_for_eval(baseline)  # once per seed: the first's head dim sets the default sweep
+            controller = ev.adore_controller_of(base)
+            if policies is None:
+                policies = (split_policy_specs(args.policies) if args.policies else
+                            default_sweep(base.model.config.head_dim, budgets=tuple(args.budgets),
+                                          pages=tuple(args.pages), adore=controller is not None))
+            if len(pairs) > 1:
+                print(f"[compare_policies] {run} against {baseline}", flush=True)
+            result = ev.compare(run, baseline=base, policies=["self_span"],
+                                baseline_policies=["dense", *policies], split=args.split,
+                                data=dict(parse_key_value(d) for d in args.data), num=args.num, seed=args.seed,
+                                block_size=args.block_size, batch_size=args.batch_size,
+                                timing_repeats=args.repeats)
+            for name, m in result["rows"].items():
+                m["settings"] = settings(m["policy"], controller)
+                m["tokens_per_s"] = m["timing"]["tokens_per_s"]
+                m["tokens_per_s_vs_dense"] = result["vs_baseline"][name]["tokens_per_s"]
+            results.append(result)
+            seeds.append(runs.load_config(run).seed if runs.is_run_dir(run) else len(seeds))
     except ValueError as err:
         print(f"compare_policies.py: error: {err}", file=sys.stderr)
         return 2
-    for name, m in result["rows"].items():
-        m["settings"] = settings(m["policy"], controller)
-        m["tokens_per_s"] = m["timing"]["tokens_per_s"]
-        m["tokens_per_s_vs_dense"] = result["vs_baseline"][name]["tokens_per_s"]
+    result = ev.with_seeds(results, seeds, pairs) if len(pairs) > 1 else results[0]
     result["command"] = "python scripts/compare_policies.py " + " ".join(argv if argv is not None else sys.argv[1:])
     json_path, md_path = ev.write_results(result, args.out_dir, args.name)
     png = plot(result, Path(args.out_dir) / f"{args.name}.png")
-    print(ev.format_table(result))
+    print(ev.format_seed_table(result) if "over_seeds" in result else ev.format_table(result))
     print(f"\nwrote {json_path}, {md_path} and {png}")
     return 0
 

@@ -210,8 +210,8 @@ def seeded_runs(stage_runs, i: int) -> tuple[int, list]:
             extra = list(extra)
             if "--init-from" in extra:
                 j = extra.index("--init-from") + 1
-                extra[j] = f"{extra[j]}_seed{i}"
-            out, extra, what = f"{out}_seed{i}", [*extra, "--seed", str(seed)], f"{what}, seed {seed}"
+                extra[j] = runs.seed_dir(extra[j], i)
+            out, extra, what = runs.seed_dir(out, i), [*extra, "--seed", str(seed)], f"{what}, seed {seed}"
         seeded.append((out, extra, what))
     return seeds[0], seeded
 
@@ -258,10 +258,7 @@ def _stage(args, stage_runs, data: dict, repeats: int, name: str, what_evaluated
     for line in result["notes"]:
         print(f"note: {line}")
     if len(seeds) > 1:
-        result["over_seeds"] = ev.over_seeds(results, seeds)
-        result["per_seed"] = [{"seed": sd, "runs": [out for out, _, _ in runs_], "rows": r["rows"],
-                               "vs_baseline": r["vs_baseline"], "config": r["config"]}
-                              for sd, runs_, r in zip(seeds, per_seed_runs, results)]
+        result = ev.with_seeds(results, seeds, [[out for out, _, _ in runs_] for runs_ in per_seed_runs])
         print(ev.format_seed_table(result))
     t0 = time.perf_counter()
     _, _, _, records = ev.held_out_records(first, 1, seed=EVAL_SEED, task="arithmetic", data=data)

@@ -440,6 +440,18 @@ def over_seeds(results: Sequence[dict[str, Any]], seeds: Sequence[int]) -> dict[
     return {"seeds": list(seeds), "rows": rows}
 
 
+def with_seeds(results: Sequence[dict[str, Any]], seeds: Sequence[int],
+               runs_per_seed: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """One comparison run once per training seed, as one result: the first seed's comparison (the
+    shape of a one-seed result, so its readers keep working) plus `over_seeds` (`over_seeds`) and
+    `per_seed` (each seed's runs, rows, ratios and config; `runs_per_seed[i]` compared for seed i)."""
+    result = dict(results[0])
+    result["over_seeds"] = over_seeds(results, seeds)
+    result["per_seed"] = [{"seed": sd, "runs": list(rs), "rows": r["rows"], "vs_baseline": r["vs_baseline"],
+                           "config": r["config"]} for sd, rs, r in zip(seeds, runs_per_seed, results)]
+    return result
+
+
 def format_seed_table(result: dict[str, Any]) -> str:
     """Markdown table of `over_seeds` (in `result["over_seeds"]`): mean [min-max] per number."""
     agg, acc = result["over_seeds"], tasks.get(result["config"]["task"]).accuracy_keys

@@ -92,6 +92,12 @@ class RunLock:
             self._fd = None
 
 
+def seed_dir(run_dir: str | os.PathLike, i: int) -> str:
+    """Where seed index i of a run lives when an experiment trains each arm several times
+    (`demo.py --seeds`): the run itself for i = 0, `<run_dir>_seed<i>` after."""
+    return str(run_dir) if i == 0 else f"{run_dir}_seed{i}"
+
+
 def is_run_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / CONFIG).is_file()
 

@@ -232,6 +232,55 @@ def test_compare_policies_script_table_settings_and_plot(trained_run, dense_run,
     assert "key=value" in capsys.readouterr().err
 
 
+def test_compare_policies_over_seeds_is_each_seed_pair_compared_alone(trained_run, dense_run, tmp_path, capsys):
+    """--seeds 2 compares <run>_seed1 with <baseline>_seed1 as well (the names `demo.py --seeds` trains):
+    seed 1's rows equal that pair compared alone, the spread is the min / mean / max of the seeds' values,
+    the top level stays seed 0's comparison, and a missing seed run is named in a clear error."""
+    import shutil
+
+    (cfg, _), (dcfg, _) = trained_run, dense_run
+    run, base = tmp_path / "span", tmp_path / "dense"
+    shutil.copytree(cfg.out, run)
+    shutil.copytree(dcfg.out, base)
+    T.train(cfg.replace(seed=cfg.seed + 1, out=runs.seed_dir(run, 1)))
+    T.train(dcfg.replace(seed=dcfg.seed + 1, out=runs.seed_dir(base, 1)))
+    script = _script("compare_policies")
+    common = ["--policies", "quest(page_budget=1)", "--num", "4", "--batch-size", "4", "--repeats", "1",
+              "--out-dir", str(tmp_path)]
+    assert script.main(["--run", str(run), "--baseline", str(base), "--seeds", "2", *common, "--name", "both"]) == 0
+    assert script.main(["--run", str(run), "--baseline", str(base), *common, "--name", "zero"]) == 0
+    assert script.main(["--run", f"{run}_seed1", "--baseline", f"{base}_seed1", *common, "--name", "one"]) == 0
+    both, zero, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("both", "zero", "one"))
+    assert both["over_seeds"]["seeds"] == [cfg.seed, cfg.seed + 1]
+    assert both["per_seed"][1]["runs"] == [f"{run}_seed1", f"{base}_seed1"]
+    keys = ("exact_match", "step_progress", "mean_attended_fraction", "kv_read_fraction")
+    assert list(both["rows"]) == list(one["rows"]) == ["span-trained/self_span", "dense-trained/dense",
+                                                       "dense-trained/quest(page_budget=1)"]
+    for name in one["rows"]:
+        for i, alone in enumerate((zero, one)):
+            got = both["per_seed"][i]["rows"][name]
+            assert {k: got[k] for k in (*keys, "generated_tokens")} == {
+                k: alone["rows"][name][k] for k in (*keys, "generated_tokens")}, (i, name)
+            assert got["settings"] == alone["rows"][name]["settings"]
+        for k in keys:
+            values = [zero["rows"][name][k], one["rows"][name][k]]
+            agg = both["over_seeds"]["rows"][name][k]
+            assert agg["values"] == values and (agg["min"], agg["max"]) == (min(values), max(values))
+            assert agg["mean"] == pytest.approx(np.mean(values))
+    # each seed's rows name the model they decoded
+    for i, (r, b) in enumerate(((run, base), (f"{run}_seed1", f"{base}_seed1"))):
+        rows = both["per_seed"][i]["rows"]
+        assert rows["span-trained/self_span"]["source"].split()[0] == str(r)
+        assert {rows[n]["source"].split()[0] for n in rows if n.startswith("dense-trained/")} == {str(b)}
+    assert both["rows"] == both["per_seed"][0]["rows"]
+    assert "over 2 training seeds" in (tmp_path / "both.md").read_text()
+    assert (tmp_path / "both.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert script.main(["--run", str(run), "--baseline", str(base), "--seeds", "3", *common, "--name", "x"]) == 2
+    err = capsys.readouterr()
+    assert f"{run}_seed2, {base}_seed2" in err.err and "[compare_policies]" not in err.out  # before any work
+
+
 def test_compare_policies_on_a_pretrained_model(tmp_path, capsys):
     """The --smollm2 path, on the tiny HF fixture (same code, seconds instead of minutes)."""
     fixture = str(ROOT / "tests" / "fixtures" / "tiny_llama" / "mqa_untied_sharded")
