@@ -149,6 +149,7 @@ class CharTokenizer:
 
 
 _SPAN_RE = re.compile("(" + "|".join(re.escape(s) for s in (ANCHOR, REF_OPEN, REF_CLOSE)) + ")")
+_DIGIT_RUNS_RE = re.compile(r"\d+|\D+")
 
 
 def _single_token_id(tokenizer, token: str) -> int | None:
@@ -193,15 +194,17 @@ def encode_with_spans(tokenizer, text: str) -> list[int]:
             elif piece in (REF_CLOSE, ANCHOR):
                 in_header = False
         elif in_header:
-            for ch in piece:
-                i = _single_token_id(tokenizer, ch)
-                if i is not None:
+            # digits one token each; anything else (the "," between references) is encoded as outside a
+            # header, so a special-token string in a malformed header stays one token, as encode has it
+            for run in _DIGIT_RUNS_RE.findall(piece):
+                if not run[0].isdigit():
+                    ids.extend(tokenizer.encode(run, add_special_tokens=False))
+                    continue
+                for ch in run:
+                    i = _single_token_id(tokenizer, ch)
+                    if i is None:
+                        raise ValueError(f"tokenizer has no single token for the digit {ch!r}")
                     ids.append(i)
-                elif ch.isdigit():
-                    raise ValueError(f"tokenizer has no single token for the digit {ch!r}")
-                else:
-                    # separators such as " " are spelt differently by byte-level BPE ("Ġ")
-                    ids.extend(tokenizer.encode(ch, add_special_tokens=False))
         else:
             ids.extend(tokenizer.encode(piece, add_special_tokens=False))
     return ids

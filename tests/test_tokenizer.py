@@ -1,7 +1,7 @@
 """CharTokenizer: round trips, special tokens, errors, encode_with_spans."""
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from selfspan_jax.tokenizer import (
     ALPHABET,
@@ -23,6 +23,8 @@ texts = st.lists(pieces, max_size=12).map("".join)
 
 @settings(max_examples=200, deadline=None)
 @given(texts)
+@example("<|ref|><unk>")  # a special-token string inside a header is one token there too (found by CI)
+@example("<|ref|>12,3<eos>,4<|/ref|>")
 def test_round_trip_and_lengths(text):
     ids = TOK.encode(text, add_special_tokens=False)
     assert TOK.decode(ids) == text
