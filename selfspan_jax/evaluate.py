@@ -443,8 +443,9 @@ def over_seeds(results: Sequence[dict[str, Any]], seeds: Sequence[int]) -> dict[
 def with_seeds(results: Sequence[dict[str, Any]], seeds: Sequence[int],
                runs_per_seed: Sequence[Sequence[str]]) -> dict[str, Any]:
     """One comparison run once per training seed, as one result: the first seed's comparison (the
-    shape of a one-seed result, so its readers keep working) plus `over_seeds` (`over_seeds`) and
-    `per_seed` (each seed's runs, rows, ratios and config; `runs_per_seed[i]` compared for seed i)."""
+    shape of a one-seed result, so its readers keep working) plus "over_seeds" (mean, min, max per
+    number; `over_seeds`) and "per_seed" (each seed's runs, rows, ratios and config;
+    `runs_per_seed[i]` are the runs seed i compared)."""
     result = dict(results[0])
     result["over_seeds"] = over_seeds(results, seeds)
     result["per_seed"] = [{"seed": sd, "runs": list(rs), "rows": r["rows"], "vs_baseline": r["vs_baseline"],

@@ -149,7 +149,7 @@ class CharTokenizer:
 
 
 _SPAN_RE = re.compile("(" + "|".join(re.escape(s) for s in (ANCHOR, REF_OPEN, REF_CLOSE)) + ")")
-_DIGIT_RUNS_RE = re.compile(r"\d+|\D+")
+_DIGIT_RUNS_RE = re.compile(r"(\d+)")  # split: the odd pieces are the digit runs
 
 
 def _single_token_id(tokenizer, token: str) -> int | None:
@@ -196,15 +196,15 @@ def encode_with_spans(tokenizer, text: str) -> list[int]:
         elif in_header:
             # digits one token each; anything else (the "," between references) is encoded as outside a
             # header, so a special-token string in a malformed header stays one token, as encode has it
-            for run in _DIGIT_RUNS_RE.findall(piece):
-                if not run[0].isdigit():
+            for k, run in enumerate(_DIGIT_RUNS_RE.split(piece)):
+                if k % 2:  # a run of digits
+                    for ch in run:
+                        i = _single_token_id(tokenizer, ch)
+                        if i is None:
+                            raise ValueError(f"tokenizer has no single token for the digit {ch!r}")
+                        ids.append(i)
+                elif run:
                     ids.extend(tokenizer.encode(run, add_special_tokens=False))
-                    continue
-                for ch in run:
-                    i = _single_token_id(tokenizer, ch)
-                    if i is None:
-                        raise ValueError(f"tokenizer has no single token for the digit {ch!r}")
-                    ids.append(i)
         else:
             ids.extend(tokenizer.encode(piece, add_special_tokens=False))
     return ids
