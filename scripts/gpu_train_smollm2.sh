@@ -8,6 +8,7 @@
 #
 #   bash scripts/gpu_train_smollm2.sh              # full size
 #   STEPS=100 NUM=32 bash scripts/gpu_train_smollm2.sh    # quick look (steps, held-out problems)
+#   SEEDS=3 bash scripts/gpu_train_smollm2.sh      # each arm trained with 3 seeds: mean [min to max]
 #
 # Resumable: a second call reuses finished runs and resumes an interrupted
 # one, so a device call cut at its 600 s limit loses nothing; call again.
@@ -80,6 +81,7 @@ else
 fi
 
 [[ -n "${NUM:-}" ]] && EXTRA+=(--num "$NUM")
+[[ -n "${SEEDS:-}" ]] && EXTRA+=(--seeds "$SEEDS")
 "$PY" scripts/demo.py --real "${EXTRA[@]}" --real-model "$MODEL" --results "$DEST" --name demo_real_gpu \
     2>&1 | tee "$DEST/demo_real_gpu.log"
 
