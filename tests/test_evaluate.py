@@ -546,6 +546,32 @@ def test_demo_seeds_train_each_arm_again_and_report_the_spread(trained_run, dens
     md = (tmp_path / "seeds.md").read_text()
     assert f"over 2 training seeds ({cfg.seed}, {cfg.seed + 1})" in md and "| dense-trained/dense (baseline) |" in md
 
+    # each seed's comparison was recorded as it finished: a rerun trains and evaluates nothing again,
+    # even for a seed whose runs are gone, and reports the same numbers
+    import shutil
+
+    def never(*_args, **_kwargs):
+        pytest.fail("a recorded seed was trained or evaluated again")
+
+    monkeypatch.setattr(demo.ev, "compare", never)
+    monkeypatch.setattr(demo, "train", never)
+    shutil.rmtree(cfg.out + "_seed1")
+    assert demo._stage(args, stage, dict(SMALL_DATA), 1, "seeds", "the pair", num=4, timing_batch=2,
+                       zero_shot=dcfg.out, more_results=never) == 0
+    again = json.loads((tmp_path / "seeds.json").read_text())
+    assert again["per_seed"] == result["per_seed"] and again["over_seeds"] == result["over_seeds"]
+    assert again["train_step"] == {"s_per_step": 1.0} and again["recorded_train_s"] == result["recorded_train_s"]
+    assert sum("reused from seed" in k for k in again["wall_s"]) == len(result["wall_s"]) - 1  # all but the heat map
+    # a record is not reused for another evaluation, nor while one of its runs is being trained again
+    path = demo.seed_record_path(tmp_path, "seeds", cfg.seed)
+    key = json.loads(path.read_text())["key"]
+    assert demo._reusable_record(path, key, stage) is not None
+    assert demo._reusable_record(path, {**key, "num": 5}, stage) is None
+    restarted = tmp_path / "restarted"
+    restarted.mkdir()
+    (restarted / runs.CONFIG).write_text(yaml.safe_dump(cfg.to_dict()))
+    assert demo._reusable_record(path, key, [(str(restarted), stage[0][1], "span run")]) is None
+
 
 def test_interleaved_results_shuffled_rounds_keep_every_call_once_per_round():
     """shuffle_seed: every round calls each variant exactly once, in varying orders (so no variant holds
