@@ -239,6 +239,33 @@ def _reusable_record(path: Path, key: dict, seed_runs) -> dict | None:
     return record
 
 
+def _train_and_compare(args, seed_runs, evaluation: dict, label: str, heading: str) -> tuple[int, dict, object]:
+    """(exit status, the seed's record without its key, the loaded span run): train (or reuse) the
+    seed's pair, then (printing `heading`) compare it on `evaluation`'s held-out data."""
+    record = {"wall_s": {}}
+    if not args.skip_train:
+        for out, extra, what in seed_runs:
+            t0 = time.perf_counter()
+            rc, reused = _train(out, extra, what)
+            if rc:
+                return rc, record, None
+            record["wall_s"][f"train {out}" + (" (finished run reused)" if reused else "")] = time.perf_counter() - t0
+    print(heading)
+    t0 = time.perf_counter()
+    try:
+        loaded = ev.load_for_eval(seed_runs[0][0])  # the comparison and (first seed) the heat map share it
+        record["result"] = ev.compare(loaded, baseline=seed_runs[1][0], data=evaluation["data"],
+                                      num=evaluation["num"], seed=evaluation["eval_seed"], batch_size=64,
+                                      block_size=16, timing_repeats=evaluation["timing_repeats"],
+                                      zero_shot=evaluation["zero_shot"], timing_batch=evaluation["timing_batch"])
+    except ValueError as err:
+        print(f"demo.py: error: {err}", file=sys.stderr)
+        return 2, record, None
+    record["wall_s"][f"evaluate {label}".strip()] = time.perf_counter() - t0
+    record["recorded_train_s"] = {out: runs.recorded_train_seconds(out) for out, _, _ in seed_runs}
+    return 0, record, loaded
+
+
 def _stage(args, stage_runs, data: dict, repeats: int, name: str, what_evaluated: str, *,
            num: int | None = None, zero_shot: str | None = None, timing_batch: int | None = None,
            more_results=None) -> int:
@@ -257,40 +284,24 @@ def _stage(args, stage_runs, data: dict, repeats: int, name: str, what_evaluated
     load = {"start": os.getloadavg()}
     seeds, per_seed_runs = zip(*(seeded_runs(stage_runs, i) for i in range(getattr(args, "seeds", 1))))
     num = num or args.num or 256
+    evaluation = {"data": data, "num": num, "eval_seed": EVAL_SEED, "zero_shot": zero_shot,
+                  "timing_batch": timing_batch, "timing_repeats": repeats}
     results, recorded, more, first = [], {}, {}, None
     for i, (seed, runs_) in enumerate(zip(seeds, per_seed_runs)):
         record_path = seed_record_path(args.results, name, seed)
-        key = json.loads(json.dumps({
-            "runs": [[out, config_from_args([*extra, "--out", out])[0].to_dict()] for out, extra, _ in runs_],
-            "data": data, "num": num, "eval_seed": EVAL_SEED, "zero_shot": zero_shot,
-            "timing_batch": timing_batch, "timing_repeats": repeats}))
+        key = json.loads(json.dumps({"runs": [[out, config_from_args([*extra, "--out", out])[0].to_dict()]
+                                              for out, extra, _ in runs_], **evaluation}))
         record = _reusable_record(record_path, key, runs_)
         if record is not None:
             print(f"[demo] seed {seed}: reusing its evaluated pair from {record_path} (delete it to evaluate again)")
             wall.update({f"{k} (reused from {record_path.name})": v for k, v in record["wall_s"].items()})
         else:
-            record = {"key": key, "wall_s": {}}
-            if not args.skip_train:
-                for out, extra, what in runs_:
-                    t0 = time.perf_counter()
-                    rc, reused = _train(out, extra, what)
-                    if rc:
-                        return rc
-                    record["wall_s"][f"train {out}" + (" (finished run reused)" if reused else "")] = \
-                        time.perf_counter() - t0
-            print(f"[demo] evaluating {what_evaluated}" + (f", seed {seed} of {seeds}" if len(seeds) > 1 else ""))
-            t0 = time.perf_counter()
-            try:
-                loaded = ev.load_for_eval(runs_[0][0])  # the comparison and (first seed) the heat map share it
-                record["result"] = ev.compare(loaded, baseline=runs_[1][0], data=data, num=num, seed=EVAL_SEED,
-                                              batch_size=64, block_size=16, timing_repeats=repeats,
-                                              zero_shot=zero_shot, timing_batch=timing_batch)
-            except ValueError as err:
-                print(f"demo.py: error: {err}", file=sys.stderr)
-                return 2
-            record["wall_s"][f"evaluate seed {seed}" if len(seeds) > 1 else "evaluate"] = time.perf_counter() - t0
-            record["recorded_train_s"] = {out: runs.recorded_train_seconds(out) for out, _, _ in runs_}
-            record["more_results"] = more_results() if more_results and i == 0 else {}
+            label = f"seed {seed}" if len(seeds) > 1 else ""
+            heading = f"[demo] evaluating {what_evaluated}" + (f", {label} ({i + 1} of {len(seeds)})" if label else "")
+            rc, record, loaded = _train_and_compare(args, runs_, evaluation, label, heading)
+            if rc:
+                return rc
+            record.update(key=key, more_results=more_results() if more_results and i == 0 else {})
             record_path.parent.mkdir(parents=True, exist_ok=True)
             record_path.write_text(json.dumps(record, indent=1) + "\n")
             wall.update(record["wall_s"])
