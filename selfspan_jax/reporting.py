@@ -37,8 +37,28 @@ def cpu_name() -> str:
     return platform.processor() or "?"
 
 
+# The vector instruction sets XLA's CPU backend compiles for. Two CPUs with different ones run other
+# kernels and get float-level different results, which 1500 training steps grow into other models
+# (README, "What your run will show": the same seed on an AMD EPYC and an Intel Xeon).
+CPU_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_tile")
+
+
+def cpu_isa(cpuinfo: str | None = None) -> list[str] | None:
+    """Which of `CPU_ISA_FLAGS` the CPU has (from /proc/cpuinfo's first `flags` line); None where unknown."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            have = set(line.split(":", 1)[1].split())
+            return [flag for flag in CPU_ISA_FLAGS if flag in have]
+    return None
+
+
 def environment() -> dict[str, Any]:
-    """What ran it: device, jax version, host, date, CPU and its load."""
+    """What ran it: device, jax version, host, date, CPU (name, vector instruction sets) and its load."""
     dev = jax.devices()[0]
     return {
         "device": f"{dev.platform}: {getattr(dev, 'device_kind', '')}".strip(),
@@ -47,6 +67,7 @@ def environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "host": platform.node(),
         "cpu": f"{cpu_name()} ({os.cpu_count()} logical cores)",
+        "cpu_isa": cpu_isa(),
         "load_average": load_average(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -137,6 +137,7 @@ def test_evaluate_script_end_to_end(trained_run, tmp_path, capsys):
     result = json.loads((tmp_path / "ev.json").read_text())
     assert (tmp_path / "ev.md").read_text().count("| span-trained/self_span |") == 1
     assert result["environment"]["jax_version"] == jax.__version__
+    assert result["environment"]["cpu_isa"] == reporting.cpu_isa()
     assert result["baseline"] == "span-trained/dense"
     dense, sparse = result["rows"]["span-trained/dense"], result["rows"]["span-trained/self_span"]
     assert (dense["trained_with"], dense["policy"], sparse["policy"]) == ("self_span", "dense", "self_span")
@@ -327,6 +328,16 @@ def test_comparison_rows_refuse_a_baseline_on_other_data():
 class _FakeOut:
     def __init__(self, n):
         self.num_tokens = np.array([n])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st_.lists(st_.sampled_from(reporting.CPU_ISA_FLAGS + ("sse4_2", "avx", "avx512bw", "amx_int8", "ht")),
+                 unique=True), st_.randoms(use_true_random=False))
+def test_cpu_isa_reads_the_flags_line(flags, rnd):
+    rnd.shuffle(flags)
+    cpuinfo = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: " + " ".join(flags) + "\nbogomips\t: 1.0\n"
+    assert reporting.cpu_isa(cpuinfo) == [f for f in reporting.CPU_ISA_FLAGS if f in flags]
+    assert reporting.cpu_isa("model name\t: no flags line\n") is None
 
 
 def test_time_interleaved_takes_turns_and_reports_medians(monkeypatch):
