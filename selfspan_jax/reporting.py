@@ -26,15 +26,24 @@ def load_average() -> list[float] | None:
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
-def cpu_name() -> str:
+def _proc_cpuinfo() -> str:
+    """/proc/cpuinfo's text; empty where there is none (not Linux)."""
     try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return platform.processor() or "?"
+        return ""
+
+
+def _cpuinfo_field(cpuinfo: str, name: str) -> str | None:
+    """The value of the first `name : value` line of a /proc/cpuinfo text, or None."""
+    for line in cpuinfo.splitlines():
+        if line.startswith(name):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+def cpu_name() -> str:
+    return _cpuinfo_field(_proc_cpuinfo(), "model name") or platform.processor() or "?"
 
 
 # The vector instruction sets XLA's CPU backend compiles for. Two CPUs with different ones run other
@@ -45,16 +54,11 @@ CPU_ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512
 
 def cpu_isa(cpuinfo: str | None = None) -> list[str] | None:
     """Which of `CPU_ISA_FLAGS` the CPU has (from /proc/cpuinfo's first `flags` line); None where unknown."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return None
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            have = set(line.split(":", 1)[1].split())
-            return [flag for flag in CPU_ISA_FLAGS if flag in have]
-    return None
+    flags = _cpuinfo_field(_proc_cpuinfo() if cpuinfo is None else cpuinfo, "flags")
+    if flags is None:
+        return None
+    have = set(flags.split())
+    return [flag for flag in CPU_ISA_FLAGS if flag in have]
 
 
 def environment() -> dict[str, Any]:
