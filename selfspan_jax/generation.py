@@ -23,7 +23,7 @@ from selfspan_jax import decode_loop
 from selfspan_jax.policies import Policy, make_policy
 from selfspan_jax.sampling import Sampling
 from selfspan_jax.spans import SpanTokens
-from selfspan_jax.tokenizer import encode_prompt
+from selfspan_jax.tokenizer import decode_with_spans, encode_prompt
 
 
 @dataclasses.dataclass
@@ -34,8 +34,9 @@ class GenerateOutput:
         after each sequence's end; `num_tokens[b]` of them are real.
     num_tokens: int32 [B].
     prompt_lengths: int32 [B].
-    texts: decoded generations (EOS and padding dropped) when a tokenizer was
-        given, else None.
+    texts: decoded generations (EOS and padding dropped; `decode_with_spans`,
+        so a SentencePiece tokenizer's text after span tokens reads as in the
+        records) when a tokenizer was given, else None.
     logprobs: f32 [B, M] log-probability of each generated token under the
         model (raw logits) when return_logprobs, else None.
     stats: per-step measurements (only `step_valid` with return_stats=False),
@@ -389,7 +390,7 @@ def _output(st, report, pol: Policy, lengths, max_new_tokens: int, eos: int, tok
         stats.update(_step_stats(st, n, step_valid))
     texts = None
     if tokenizer is not None:
-        texts = [tokenizer.decode([int(t) for t in out[b, : num[b]] if t != eos], skip_special_tokens=False)
+        texts = [decode_with_spans(tokenizer, [int(t) for t in out[b, : num[b]] if t != eos], continuation=True)
                  for b in range(len(num))]
     return GenerateOutput(
         tokens=out,

@@ -208,7 +208,7 @@ def get(name: str) -> Task:
 def generation_budget(records: Sequence[dict], tokenizer, max_seq_len: int) -> int:
     """New tokens to allow: the longest reference completion (+ EOS) plus 16 of slack for a
     longer wrong one, capped so that the longest prompt (+ BOS) still fits `max_seq_len`."""
-    longest = max(len(encode_with_spans(tokenizer, r["completion"])) for r in records) + 1
+    longest = max(len(encode_with_spans(tokenizer, r["completion"], continuation=True)) for r in records) + 1
     prompt = max(len(encode_with_spans(tokenizer, r["prompt"])) for r in records) + 1
     return int(max(1, min(longest + 16, max_seq_len - prompt)))
 

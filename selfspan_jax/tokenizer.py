@@ -149,7 +149,8 @@ class CharTokenizer:
 
 
 _SPAN_RE = re.compile("(" + "|".join(re.escape(s) for s in (ANCHOR, REF_OPEN, REF_CLOSE)) + ")")
-_DIGIT_RUNS_RE = re.compile(r"(\d+)")  # split: the odd pieces are the digit runs
+# split: the odd pieces are the single digits and commas of a header, each written as its own token
+_HEADER_CHARS_RE = re.compile(r"([0-9,])")
 
 
 def _single_token_id(tokenizer, token: str) -> int | None:
@@ -161,29 +162,42 @@ def _single_token_id(tokenizer, token: str) -> int | None:
     return int(i)
 
 
-def encode_with_spans(tokenizer, text: str) -> list[int]:
+def encode_with_spans(tokenizer, text: str, *, continuation: bool = False) -> list[int]:
     """Ids of record text with span tokens written as strings (no BOS/EOS).
 
     Works for CharTokenizer and transformers tokenizers alike:
     - span-token strings become their single ids (ValueError if missing:
       add them first, e.g. hf_tokenizer.add_span_tokens);
     - header contents (between <|ref|> and <|/ref|>) are encoded one
-      character at a time, each digit as the vocabulary entry "0".."9", so a
-      BPE that would merge "12" into one token still writes a reference as
-      single-digit tokens, which is what spans.py parses;
+      character at a time, each digit as the vocabulary entry "0".."9" and
+      each comma as "," (where the vocabulary has one), so a BPE that would
+      merge "12" into one token still writes a reference as single-digit
+      tokens, which is what spans.py parses, and every tokenizer writes a
+      header the same way;
     - other text is encoded chunk by chunk between span tokens with
       `add_special_tokens=False`. Splitting at span tokens also fixes token
       counts per segment, which summarization uses for truncation.
+    - a chunk that does not start the text is encoded as the tokenizer encodes
+      it after a special token (`_encode_mid_text`), not as a text of its own:
+      SentencePiece tokenizers (LLaMA-2, Mistral, TinyLlama GGUFs) prepend a
+      dummy "▁" to the start of a text only, and encoding each chunk alone
+      would put one after every span token (" 3*13", "1 ,2" when decoded).
+      `continuation=True` says the text continues an earlier one (a
+      completion after its prompt), so its first chunk is mid-text too.
 
-    For CharTokenizer the result equals `tokenizer.encode(text, False)`.
+    So, whatever the tokenizer, the result equals
+    `tokenizer.encode(text, add_special_tokens=False)` except inside headers
+    (tested on SentencePiece and byte-level BPE vocabularies); for
+    CharTokenizer it equals it exactly. `decode_with_spans` inverts it.
     """
     if not isinstance(text, str):
         raise ValueError(f"text must be a str, got {type(text).__name__}")
     ids: list[int] = []
     in_header = False
-    for piece in _SPAN_RE.split(text):
+    for k, piece in enumerate(_SPAN_RE.split(text)):
         if not piece:
             continue
+        encode_chunk = _encode_mid_text if (k > 0 or continuation) else _encode_alone
         if piece in (ANCHOR, REF_OPEN, REF_CLOSE):
             i = _single_token_id(tokenizer, piece)
             if i is None:
@@ -194,20 +208,94 @@ def encode_with_spans(tokenizer, text: str) -> list[int]:
             elif piece in (REF_CLOSE, ANCHOR):
                 in_header = False
         elif in_header:
-            # digits one token each; anything else (the "," between references) is encoded as outside a
-            # header, so a special-token string in a malformed header stays one token, as encode has it
-            for k, run in enumerate(_DIGIT_RUNS_RE.split(piece)):
-                if k % 2:  # a run of digits
-                    for ch in run:
-                        i = _single_token_id(tokenizer, ch)
-                        if i is None:
-                            raise ValueError(f"tokenizer has no single token for the digit {ch!r}")
+            # digits and commas one token each, whatever the tokenizer would merge or prefix (a SentencePiece
+            # vocabulary writes "," after a special token as "▁,"); anything else is encoded as mid-text, so a
+            # special-token string in a malformed header stays one token, as encode has it
+            for j, run in enumerate(_HEADER_CHARS_RE.split(piece)):
+                if j % 2:
+                    i = _single_token_id(tokenizer, run)
+                    if i is not None:
                         ids.append(i)
+                    elif run == ",":
+                        ids.extend(_encode_mid_text(tokenizer, run))
+                    else:
+                        raise ValueError(f"tokenizer has no single token for the digit {run!r}")
                 elif run:
-                    ids.extend(tokenizer.encode(run, add_special_tokens=False))
+                    ids.extend(_encode_mid_text(tokenizer, run))
         else:
-            ids.extend(tokenizer.encode(piece, add_special_tokens=False))
+            ids.extend(encode_chunk(tokenizer, piece))
     return ids
+
+
+def _encode_alone(tokenizer, chunk: str) -> list[int]:
+    return list(tokenizer.encode(chunk, add_special_tokens=False))
+
+
+def _encode_mid_text(tokenizer, chunk: str) -> list[int]:
+    """Ids of `chunk` as the tokenizer writes it right after a span token.
+
+    Encodes "<|anchor|>" + chunk and drops the anchor's id, so the tokenizer's own rule for text after a
+    special token applies: no dummy "▁" prefix for SentencePiece vocabularies converted with
+    prepend_scheme "first" (transformers' GGUF and current LLaMA conversions), the prefix for legacy
+    ones whose normaliser prepends it to every piece, and no change for byte-level BPE or characters.
+    """
+    anchor = _single_token_id(tokenizer, ANCHOR)
+    if anchor is None:
+        raise ValueError(f"tokenizer has no token {ANCHOR!r}; add the span tokens first")
+    ids = list(tokenizer.encode(ANCHOR + chunk, add_special_tokens=False))
+    if not ids or ids[0] != anchor:
+        raise ValueError(f"tokenizer does not encode {ANCHOR!r} as its own first token; got ids {ids[:3]}")
+    return ids[1:]
+
+
+def _decode_mid_text(tokenizer, ids: Sequence[int], anchor: int) -> str:
+    """Text of `ids` as the tokenizer decodes them right after a span token: the mirror of `_encode_mid_text`
+    (a SentencePiece decoder strips a leading space only at the start of the whole text)."""
+    head = tokenizer.decode([anchor], skip_special_tokens=False)
+    text = tokenizer.decode([anchor, *ids], skip_special_tokens=False)
+    if not text.startswith(head):
+        raise ValueError(f"tokenizer decodes {ANCHOR!r} followed by ids {list(ids)[:3]} to {text[:40]!r}")
+    return text[len(head):]
+
+
+def decode_with_spans(tokenizer, ids: Sequence[int], *, continuation: bool = False) -> str:
+    """Text of ids written by `encode_with_spans` (or generated by a model trained on them): its inverse.
+
+    Chunks between span tokens are decoded as mid-text, as they were encoded. A tokenizer whose normaliser
+    puts a dummy "▁" before every chunk (legacy SentencePiece, e.g. LLaMA-2's tokenizer.json) decodes
+    "<|/ref|>▁3*13" as "<|/ref|> 3*13" even from its own encode; that one space per chunk is removed here, so
+    the checker sees the record's text. Byte-level BPE and CharTokenizer decode exactly as `decode`.
+    `continuation=True` for ids that continue a prompt (generated completions). A tokenizer without the
+    span tokens decodes as `decode`.
+    """
+    ids = [int(i) for i in ids]
+    span = {_single_token_id(tokenizer, s): s for s in (ANCHOR, REF_OPEN, REF_CLOSE)}
+    if None in span:  # a tokenizer without the span tokens (a base model's) has no chunks to mend
+        return tokenizer.decode(ids, skip_special_tokens=False)
+    anchor = next(i for i, s in span.items() if s == ANCHOR)
+    probe = _decode_mid_text(tokenizer, _encode_mid_text(tokenizer, "1"), anchor)
+    dummy = probe[: -1] if probe.endswith("1") else ""  # " " for legacy SentencePiece, else ""
+    out: list[str] = []
+    chunk: list[int] = []
+    at_start = not continuation
+
+    def flush():
+        if chunk:
+            if at_start and not out:
+                out.append(tokenizer.decode(chunk, skip_special_tokens=False))
+            else:
+                text = _decode_mid_text(tokenizer, chunk, anchor)
+                out.append(text[len(dummy):] if dummy and text.startswith(dummy) else text)
+            chunk.clear()
+
+    for i in ids:
+        if i in span:
+            flush()
+            out.append(span[i])
+        else:
+            chunk.append(i)
+    flush()
+    return "".join(out)
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:

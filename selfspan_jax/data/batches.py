@@ -47,7 +47,7 @@ def tokenize_record(tokenizer, record: dict) -> tuple[list[int], list[bool]]:
     if eos is None:
         raise ValueError("tokenizer has no eos_token_id; records end with EOS")
     prompt = encode_prompt(tokenizer, record["prompt"])
-    completion = encode_with_spans(tokenizer, record["completion"])
+    completion = encode_with_spans(tokenizer, record["completion"], continuation=True)
     ids = prompt + completion + [int(eos)]
     mask = [False] * len(prompt) + [True] * (len(completion) + 1)
     return ids, mask
