@@ -113,7 +113,8 @@ SMOLLM2_DEFAULT = ("quest(page_budget=2)", "quest(page_budget=4)", "quest(page_b
 
 
 def smollm2_comparison(policies, *, continuation: int, block_size: int, repeats: int,
-                       source: str = "smollm2-135m", max_article_tokens: int | None = None) -> dict:
+                       source: str = "smollm2-135m", max_article_tokens: int | None = None,
+                       recall: bool = False) -> dict:
     """A pretrained model (default SmolLM2-135M-Instruct; any `load_model` source with a tokenizer),
     training-free policies against dense on the news fixture's articles.
 
@@ -121,7 +122,8 @@ def smollm2_comparison(policies, *, continuation: int, block_size: int, repeats:
     perplexity: of that real continuation, teacher-forced through the loop
     under the policy. greedy_match / greedy_prefix: greedy generation of
     `continuation` tokens from the prompt, per-position agreement with dense
-    greedy and the mean length of the common prefix (as fractions).
+    greedy and the mean length of the common prefix (as fractions). With `recall`, the teacher-forced
+    run also measures attention_recall (and per layer) on the real continuation.
     """
     import numpy as np
 
@@ -143,7 +145,8 @@ def smollm2_comparison(policies, *, continuation: int, block_size: int, repeats:
     kw = dict(max_new_tokens=continuation, block_size=block_size, backend="xla", tokenizer=tok)
     names = ["dense", *policies]
     greedy = {n: generate(model, prompts, policy=n, **kw) for n in names}
-    teacher = {n: generate(model, prompts, policy=n, forced_tokens=forced, return_logprobs=True, **kw) for n in names}
+    teacher = {n: generate(model, prompts, policy=n, forced_tokens=forced, return_logprobs=True, return_recall=recall,
+                           **kw) for n in names}
     timing = ev.time_interleaved({n: (lambda n=n: generate(model, prompts, policy=n, **kw)) for n in names},
                                  repeats=repeats)
     rows = {}
@@ -161,6 +164,10 @@ def smollm2_comparison(policies, *, continuation: int, block_size: int, repeats:
             "tokens_per_s_vs_dense": timing[n]["tokens_per_s"] / timing["dense"]["tokens_per_s"],
             "timing": timing[n],
         }
+        if recall:
+            t = teacher[n].summary()
+            rows[f"{Path(source).name}/{n}"].update(attention_recall=t["attention_recall"],
+                                                    attention_recall_by_layer=t["attention_recall_by_layer"])
     return {"config": {"model": source, "articles": len(ids), "source": str(fixture.name),
                        "mean_prompt_tokens": float(np.mean([len(p) for p in prompts])),
                        "continuation": continuation, "block_size": block_size, "backend": "xla",
@@ -171,10 +178,13 @@ def smollm2_comparison(policies, *, continuation: int, block_size: int, repeats:
 def smollm2_table(result: dict) -> str:
     from selfspan_jax import reporting
 
-    head = ["row", "perplexity", "greedy match", "greedy prefix", "attended frac", "KV read frac", "tokens/s vs dense"]
+    recall = any("attention_recall" in m for m in result["rows"].values())
+    head = ["row", "perplexity", "greedy match", "greedy prefix", "attended frac", "KV read frac",
+            *(["attention recall"] if recall else []), "tokens/s vs dense"]
     return reporting.markdown_table(head, [
         [n, f"{m['perplexity']:.3f}", f"{m['greedy_match']:.3f}", f"{m['greedy_prefix']:.3f}",
-         f"{m['mean_attended_fraction']:.3f}", f"{m['kv_read_fraction']:.3f}", f"{m['tokens_per_s_vs_dense']:.2f}x"]
+         f"{m['mean_attended_fraction']:.3f}", f"{m['kv_read_fraction']:.3f}",
+         *([f"{m['attention_recall']:.3f}"] if recall else []), f"{m['tokens_per_s_vs_dense']:.2f}x"]
         for n, m in result["rows"].items()])
 
 
@@ -202,6 +212,9 @@ def main(argv=None) -> int:
                         "<run>_seed<i> with <baseline>_seed<i> (ADORE: each baseline's own controller); the "
                         "table gives mean [min to max] per number, the JSON every seed's rows, the plot means "
                         "with min-max bars")
+    p.add_argument("--recall", action="store_true",
+                   help="also measure each row's attention recall: the share of its model's dense attention on "
+                        "the keys its policy read, per layer (a diagnostic; the timed calls run without it)")
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--name", default="policies_compare")
     p.add_argument("--smollm2", action="store_true",
@@ -216,7 +229,7 @@ def main(argv=None) -> int:
             policies = split_policy_specs(args.policies) if args.policies else list(SMOLLM2_DEFAULT)
             result = smollm2_comparison(policies, continuation=args.continuation, block_size=args.block_size,
                                         repeats=args.repeats, source=args.model,
-                                        max_article_tokens=args.max_article_tokens)
+                                        max_article_tokens=args.max_article_tokens, recall=args.recall)
         except ValueError as err:
             print(f"compare_policies.py: error: {err}", file=sys.stderr)
             return 2
@@ -257,7 +270,7 @@ def main(argv=None) -> int:
                                 baseline_policies=["dense", *policies], split=args.split,
                                 data=dict(parse_key_value(d) for d in args.data), num=args.num, seed=args.seed,
                                 block_size=args.block_size, batch_size=args.batch_size,
-                                timing_repeats=args.repeats)
+                                timing_repeats=args.repeats, recall=args.recall)
             for name, m in result["rows"].items():
                 m["settings"] = settings(m["policy"], controller)
                 m["tokens_per_s"] = m["timing"]["tokens_per_s"]

@@ -84,6 +84,10 @@ class LoopState:
     fallback: bool [B, M]: the policy had switched that sequence to dense.
     rebuilt: f32 [B, M]: released tokens the policy re-admitted for that query (ADORE).
     masks: bool [B, M, S] visibility rows (only with return_masks), else None.
+    recall: f32 [B, M, L] (only with return_recall), else None: per layer, the share of the
+        layer's dense softmax attention (over every key at or before the query, the model's own
+        q and keys at that step) that falls on the keys the selection reads, mean over query
+        heads (`attention_recall`); 1 for dense reads.
     """
 
     step: jax.Array
@@ -100,6 +104,7 @@ class LoopState:
     fallback: jax.Array
     rebuilt: jax.Array
     masks: Any
+    recall: Any = None
 
 
 def _prefill_rows(model, prompt, mask, lengths, cache):
@@ -153,9 +158,12 @@ def prefill(model, policy: Policy, prompt, lengths, *, cache_len: int, block_siz
 
 
 def attention_fn_for(policy: Policy, pstate, pos, *, block_size: int, cache_len: int, backend: str,
-                     precision, dense_reads: bool = False) -> tuple[Callable, Callable[[], list[Selection]]]:
+                     precision, dense_reads: bool = False, recalls: list | None = None
+                     ) -> tuple[Callable, Callable[[], list[Selection]]]:
     """(attention_fn for `model.decode_step`, the step's selections once the layers have run: one per
     layer for a query-aware policy, else the one shared selection).
+    recalls: a list that receives every layer's `attention_recall` [B], in layer order (a diagnostic:
+    it costs a dense attention's scores per layer).
 
     The kernel always reads the stacked cache in place with `layer=`: a
     `k_all[layer]` slice would be copied whole every step (docs/notes/
@@ -180,6 +188,8 @@ def attention_fn_for(policy: Policy, pstate, pos, *, block_size: int, cache_len:
         if policy.query_aware:
             seen.append(select(q=q, k=k_all[layer_idx], layer_idx=layer_idx))
         sel = seen[-1]
+        if recalls is not None:
+            recalls.append(attention_recall(q, k_all[layer_idx], sel, pos, block_size))
         if sel.token_indices is None:
             out = block_sparse_decode(q, k_all, v_all, sel.block_indices, sel.block_counts, sel.token_mask,
                                       block_size=block_size, backend=backend, precision=precision,
@@ -192,6 +202,42 @@ def attention_fn_for(policy: Policy, pstate, pos, *, block_size: int, cache_len:
         return out
 
     return attention_fn, lambda: list(seen)
+
+
+def read_keys(sel: Selection, pos, block_size: int, n_kv_heads: int) -> jax.Array:
+    """bool [B, K, S]: the keys each KV head's attention reads under `sel` (causal, listed and unmasked)."""
+    B, S = sel.token_mask.shape
+    j = jnp.arange(S)
+    if sel.token_indices is not None:  # token lists: the first token_counts rows of each head
+        live = jnp.arange(sel.token_indices.shape[-1])[None, None, :] < sel.token_counts[..., None]
+        b, k = jnp.arange(B)[:, None, None], jnp.arange(sel.token_indices.shape[1])[None, :, None]
+        rows = jnp.zeros((B, sel.token_indices.shape[1], S), bool).at[b, k, sel.token_indices].max(live)
+        return jnp.broadcast_to(rows, (B, n_kv_heads, S)) & (j[None, None, :] <= pos[:, None, None])
+    row = sel.token_mask & (j[None, :] <= pos[:, None])  # [B, S]
+    idx, counts = sel.block_indices, sel.block_counts
+    if idx.ndim == 2:  # one list for every head
+        idx, counts = idx[:, None, :], counts[:, None]
+    live = jnp.arange(idx.shape[-1])[None, None, :] < counts[..., None]
+    b, k = jnp.arange(B)[:, None, None], jnp.arange(idx.shape[1])[None, :, None]
+    listed = jnp.zeros((B, idx.shape[1], S // block_size), bool).at[b, k, idx].max(live)
+    listed = jnp.repeat(listed, block_size, axis=-1)  # [B, K or 1, S]
+    return jnp.broadcast_to(listed & row[:, None, :], (B, n_kv_heads, S))
+
+
+def attention_recall(q, k, sel: Selection, pos, block_size: int) -> jax.Array:
+    """[B]: the share of dense softmax attention (q [B, N, H] against every key k [B, K, S, H] at or
+    before `pos`, fp32, 1/sqrt(H)) on the keys `sel` reads, mean over query heads.
+
+    A selection's quality apart from what the kernel does with it: a SparQ or Quest list that
+    misses where the dense attention goes shows here before it shows in accuracy."""
+    B, N, H = q.shape
+    K, S = k.shape[1], k.shape[2]
+    qg = q.astype(jnp.float32).reshape(B, K, N // K, H)
+    logits = jnp.einsum("bkgh,bksh->bkgs", qg, k.astype(jnp.float32)) / jnp.sqrt(jnp.float32(H))
+    causal = (jnp.arange(S)[None, :] <= pos[:, None])[:, None, None, :]
+    p = jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1)
+    member = read_keys(sel, pos, block_size, K)[:, :, None, :]
+    return jnp.mean(jnp.sum(jnp.where(member, p, 0.0), axis=-1), axis=(1, 2))
 
 
 def read_causal_blocks(sel: Selection, pos, cache_len: int, block_size: int) -> Selection:
@@ -259,8 +305,10 @@ def decode_step(model, policy: Policy, st: LoopState, choose: Callable, *, max_n
     fed = jax.lax.dynamic_index_in_dim(st.out, st.step - 1, axis=1, keepdims=False)
     pos = st.cache.lengths
     pstate = policy.update(st.policy_state, fed)
+    recalls = None if st.recall is None else []
     attention_fn, selection = attention_fn_for(policy, pstate, pos, block_size=block_size, cache_len=S,
-                                               backend=backend, precision=precision, dense_reads=dense_reads)
+                                               backend=backend, precision=precision, dense_reads=dense_reads,
+                                               recalls=recalls)
     step_logits, cache = model.decode_step(fed, st.cache, attention_fn=attention_fn)
     selections = selection()
     sel = selections[-1]  # the last layer's stands for the step in the statistics
@@ -289,6 +337,9 @@ def decode_step(model, policy: Policy, st: LoopState, choose: Callable, *, max_n
         row = jnp.where(active[:, None], sel.token_mask & (jnp.arange(S)[None, :] <= pos[:, None]), False)
         masks = jax.lax.dynamic_update_index_in_dim(masks, row, st.step, axis=1)
     logprobs = None if st.logprobs is None else put(st.logprobs, chosen_logprob(step_logits, tok), 0.0)
+    if recalls is not None:  # [B, L] for this step
+        row = jnp.where(active[:, None], jnp.stack(recalls, axis=-1), 0.0)
+        stats["recall"] = jax.lax.dynamic_update_index_in_dim(st.recall, row, st.step, axis=1)
     return st.replace(
         step=st.step + 1,
         out=put(st.out, tok, pad_id),
@@ -303,7 +354,7 @@ def decode_step(model, policy: Policy, st: LoopState, choose: Callable, *, max_n
 
 
 def initial_state(cache: KVCache, policy_state, tok0, logprob0, *, budget: int, max_new, eos_id, pad_id,
-                  return_masks: bool, return_stats: bool) -> LoopState:
+                  return_masks: bool, return_stats: bool, return_recall: bool = False) -> LoopState:
     """The loop's state after prefill emitted tok0 [B] (logprob0 [B] or None: no log-probs asked)."""
     B, M, S = tok0.shape[0], budget, cache.max_len
     zeros_i = jnp.zeros((B, M), jnp.int32)
@@ -323,6 +374,7 @@ def initial_state(cache: KVCache, policy_state, tok0, logprob0, *, budget: int, 
         fallback=stat(jnp.zeros((B, M), bool)),
         rebuilt=stat(jnp.zeros((B, M), jnp.float32)),
         masks=jnp.zeros((B, M, S), bool) if return_masks else None,
+        recall=jnp.zeros((B, M, cache.k.shape[0]), jnp.float32) if return_recall else None,
     )
 
 
@@ -341,12 +393,12 @@ def chooser(rng, temperature, top_k, top_p, forced, use_forced, rows=None) -> Ca
 @functools.partial(
     jax.jit,
     static_argnames=("graphdef", "policy", "block_size", "cache_len", "budget", "return_masks", "return_logprobs",
-                     "return_stats", "prefill_chunk", "batch_total"),
+                     "return_stats", "prefill_chunk", "batch_total", "return_recall"),
 )
 def start(params, prompt, lengths, max_new, temperature, top_k, top_p, rng, eos_id, pad_id, forced, use_forced,
           row_offset=0, *, batch_total: int | None = None, graphdef, policy: Policy, block_size: int,
           cache_len: int, budget: int, return_masks: bool, return_logprobs: bool, return_stats: bool,
-          prefill_chunk: int) -> LoopState:
+          prefill_chunk: int, return_recall: bool = False) -> LoopState:
     """Stage 1 of `run`: prefill, the first token, the loop's initial state. row_offset, batch_total:
     these rows' place in a batch split over devices (`run_sharded`), for the sampler's noise."""
     model = nnx.merge(graphdef, params)
@@ -356,7 +408,7 @@ def start(params, prompt, lengths, max_new, temperature, top_k, top_p, rng, eos_
     tok0 = chooser(rng, temperature, top_k, top_p, forced, use_forced, rows)(last, 0)
     return initial_state(cache, policy_state, tok0, chosen_logprob(last, tok0) if return_logprobs else None,
                          budget=budget, max_new=max_new, eos_id=eos_id, pad_id=pad_id, return_masks=return_masks,
-                         return_stats=return_stats)
+                         return_stats=return_stats, return_recall=return_recall)
 
 
 @functools.partial(
@@ -406,6 +458,7 @@ def run(
     prefill_chunk: int,
     min_sparse_context: int = 0,
     on_prefilled: Callable[[LoopState], Any] | None = None,
+    return_recall: bool = False,
 ):
     """prompt int32 [B, T] right-padded, lengths int32 [B] -> (final `LoopState`, policy report).
 
@@ -426,7 +479,7 @@ def run(
     knobs = (max_new, temperature, top_k, top_p, rng, eos_id, pad_id, forced, use_forced)
     state = start(params, prompt, lengths, *knobs, graphdef=graphdef, policy=policy, block_size=block_size,
                   cache_len=cache_len, budget=budget, return_masks=return_masks, return_logprobs=return_logprobs,
-                  return_stats=return_stats, prefill_chunk=prefill_chunk)
+                  return_stats=return_stats, prefill_chunk=prefill_chunk, return_recall=return_recall)
     if on_prefilled is not None:
         on_prefilled(state)
     return loop(params, state, *knobs, graphdef=graphdef, policy=policy, block_size=block_size, backend=backend,
@@ -436,12 +489,13 @@ def run(
 @functools.partial(
     jax.jit,
     static_argnames=("mesh", "graphdef", "policy", "block_size", "cache_len", "budget", "backend", "precision",
-                     "return_masks", "return_logprobs", "return_stats", "prefill_chunk", "dense_reads"),
+                     "return_masks", "return_logprobs", "return_stats", "prefill_chunk", "dense_reads",
+                     "return_recall"),
 )
 def run_sharded(params, prompt, lengths, max_new, temperature, top_k, top_p, rng, eos_id, pad_id, forced,
                 use_forced, *, mesh, graphdef, policy: Policy, block_size: int, cache_len: int, budget: int,
                 backend: str, precision, return_masks: bool, return_logprobs: bool, return_stats: bool,
-                prefill_chunk: int, dense_reads: bool):
+                prefill_chunk: int, dense_reads: bool, return_recall: bool = False):
     """`run` with the batch split over the mesh's "data" axis: each device prefills and decodes its
     own rows (its KV cache, policy state and loop stay on it; parameters are replicated) in one
     SPMD program (`jax.shard_map`), and its while loop stops when its own rows are done.
@@ -456,7 +510,8 @@ def run_sharded(params, prompt, lengths, max_new, temperature, top_k, top_p, rng
         total = dict(batch_total=b * mesh.shape["data"])
         state = start(params, prompt, lengths, *knobs, **total, graphdef=graphdef, policy=policy, block_size=block_size,
                       cache_len=cache_len, budget=budget, return_masks=return_masks,
-                      return_logprobs=return_logprobs, return_stats=return_stats, prefill_chunk=prefill_chunk)
+                      return_logprobs=return_logprobs, return_stats=return_stats, prefill_chunk=prefill_chunk,
+                      return_recall=return_recall)
         final, report = loop(params, state, *knobs, **total, graphdef=graphdef, policy=policy, block_size=block_size,
                              backend=backend, precision=precision, dense_reads=dense_reads)
         # only per-row results leave the shard: every leaf is batch-major, so one spec fits all

@@ -172,6 +172,7 @@ def evaluate_rows(
     max_segments: int = 64,
     timing_repeats: int = 3,
     timing_batch: int | None = None,
+    recall: bool = False,
 ) -> dict[str, Any]:
     """Generate, score and time every row (a model under a policy) on the same records.
 
@@ -184,7 +185,10 @@ def evaluate_rows(
     trained_with, source and note. vs_baseline (when `baseline` names a row)
     gives per row: tokens_per_s and kv_read_fraction over the baseline's, and
     the accuracy metrics as differences in points (`<metric>_delta`) and, where
-    the baseline's is non-zero, ratios.
+    the baseline's is non-zero, ratios. With `recall`, the scored decode also
+    records how much of each row's dense attention its policy read
+    (attention_recall, attention_recall_by_layer: `generate(return_recall=True)`);
+    the timed calls never carry that diagnostic.
     """
     task_ = tasks.get(task)
     if not records:
@@ -208,7 +212,8 @@ def evaluate_rows(
     calls = {}
     for row in rows:
         prompts = row.prompts(task_, records)
-        out = decode(row.model, row.tokenizer, prompts, policy=row.decode_policy, batch_size=batch_size, **kw)
+        out = decode(row.model, row.tokenizer, prompts, policy=row.decode_policy, batch_size=batch_size,
+                     return_recall=recall, **kw)
         texts = out.texts
         metrics = (task_.score_zero_shot if row.zero_shot else task_.score)(records, texts)
         metrics.update(out.summary(), span_report={k: int(v.sum()) for k, v in out.policy_report.items()})
@@ -226,7 +231,7 @@ def evaluate_rows(
         "config": {
             "task": task, "num_records": len(records), "batch_size": batch_size, "timing_batch": n_timed,
             "max_new_tokens": max_new_tokens, "block_size": block_size, "max_segments": max_segments,
-            "backend": backend, "timing_repeats": timing_repeats, "timing": "interleaved",
+            "backend": backend, "timing_repeats": timing_repeats, "timing": "interleaved", "recall": recall,
         },
         "rows": results,
         "baseline": baseline,
@@ -395,7 +400,9 @@ def span_heatmap(loaded: Loaded, record: dict, path: str | Path, *, block_size: 
 def format_table(result: dict[str, Any]) -> str:
     """Markdown table of `evaluate_rows`: one line per row, ratios against the baseline."""
     acc = tasks.get(result["config"]["task"]).accuracy_keys
-    head = ["row", "trained with", "decoded with", *acc, "attended frac", "KV read frac", "tokens/s",
+    recall = any("attention_recall" in m for m in result["rows"].values())
+    head = ["row", "trained with", "decoded with", *acc, "attended frac", "KV read frac",
+            *(["attention recall"] if recall else []), "tokens/s",
             *(f"{k} vs baseline" for k in acc), "KV read vs baseline", "tokens/s vs baseline", "fallback steps"]
     lines = []
     for name, m in result["rows"].items():
@@ -409,6 +416,7 @@ def format_table(result: dict[str, Any]) -> str:
                    f"{r['tokens_per_s']:.2f}x"]
         lines.append([label, m["trained_with"], m["policy"], *("-" if m[k] is None else f"{m[k]:.1f}" for k in acc),
                       f"{m['mean_attended_fraction']:.3f}", f"{m['kv_read_fraction']:.3f}",
+                      *([f"{m['attention_recall']:.3f}" if "attention_recall" in m else "-"] if recall else []),
                       f"{m['timing']['tokens_per_s']:.1f}", *vs, str(m["fallback_steps"])])
     return reporting.markdown_table(head, lines)
 

@@ -46,7 +46,8 @@ class GenerateOutput:
         attended_fraction (visible keys / keys at or before the query),
         block_fraction (KV blocks read / blocks a dense read touches),
         visible, causal, blocks_read, dense_blocks, fallback (policy had
-        switched the sequence to dense), rebuilt (tokens re-admitted, ADORE), step_valid.
+        switched the sequence to dense), rebuilt (tokens re-admitted, ADORE), step_valid;
+        with return_recall also attention_recall [B, M, L] (one value per layer).
     masks: bool [B, M, S] visibility rows used for each decode step (only
         with return_masks).
     policy: the policy's name.
@@ -117,7 +118,9 @@ class GenerateOutput:
         fallback_steps: steps taken in a dense fallback;
         rebuilds_per_step: released tokens re-admitted per decode step (ADORE; summed over layers,
             mean over KV heads; 0 for other policies);
-        decode_steps, generated_tokens.
+        decode_steps, generated_tokens;
+        with return_recall: attention_recall (mean over steps and layers) and
+            attention_recall_by_layer (mean over steps, one per layer).
         """
         if "visible" not in self.stats:
             raise ValueError("this output has no statistics to summarise: it was generated with return_stats=False")
@@ -128,6 +131,11 @@ class GenerateOutput:
             den = float(b[ok].sum())
             return float(a[ok].sum()) / den if den else float("nan")
 
+        recall = {}
+        if "attention_recall" in s:
+            by_layer = s["attention_recall"][ok].mean(axis=0) if n else np.full(s["attention_recall"].shape[-1], np.nan)
+            recall = {"attention_recall": float(by_layer.mean()),
+                      "attention_recall_by_layer": [float(x) for x in by_layer]}
         return {
             "mean_attended_fraction": float(s["attended_fraction"][ok].mean()) if n else float("nan"),
             "token_read_fraction": ratio(s["visible"], s["causal"]),
@@ -136,6 +144,7 @@ class GenerateOutput:
             "rebuilds_per_step": float(s["rebuilt"][ok].mean()) if n else float("nan"),
             "decode_steps": n,
             "generated_tokens": int(self.num_tokens.sum()),
+            **recall,
         }
 
 
@@ -199,6 +208,7 @@ def generate(
     return_logprobs: bool = False,
     return_masks: bool = False,
     return_stats: bool = True,
+    return_recall: bool = False,
     prompt_lengths: Sequence[int] | np.ndarray | None = None,
     eos_id: int | None = None,
     pad_id: int | None = None,
@@ -230,6 +240,10 @@ def generate(
         (a static flag: without it the loop computes no log_softmax).
     return_stats: record the per-step statistics (`GenerateOutput.stats`; a static
         flag: without it the loop computes none and `stats` holds only `step_valid`).
+    return_recall: also record `stats["attention_recall"]` [B, M, L]: per step and layer, the share
+        of the model's dense softmax attention that falls on the keys the policy read
+        (`decode_loop.attention_recall`). A diagnostic (a static flag): it costs every layer a dense
+        attention's scores per step, so time nothing with it on.
     eos_id / pad_id: default to the tokenizer's; without either, generation
         only stops at the budget.
     forced_tokens: int [B, >= max_new_tokens]: emit these instead of sampling
@@ -304,7 +318,7 @@ def generate(
              jnp.bool_(forced_tokens is not None))
     static = dict(graphdef=graphdef, policy=pol, block_size=int(block_size), cache_len=S, budget=M, backend=backend,
                   precision=precision, return_masks=return_masks, return_logprobs=return_logprobs,
-                  return_stats=return_stats)
+                  return_stats=return_stats, return_recall=bool(return_recall))
     if mesh is not None:
         shards = _data_shards(mesh, B, prefill_chunk, return_timing)
         st, report = decode_loop.run_sharded(
@@ -388,6 +402,8 @@ def _output(st, report, pol: Policy, lengths, max_new_tokens: int, eos: int, tok
     stats = {"step_valid": step_valid}
     if st.visible is not None:
         stats.update(_step_stats(st, n, step_valid))
+    if st.recall is not None:
+        stats["attention_recall"] = np.asarray(st.recall)[:, :n]
     texts = None
     if tokenizer is not None:
         texts = [decode_with_spans(tokenizer, [int(t) for t in out[b, : num[b]] if t != eos], continuation=True)

@@ -74,3 +74,20 @@ def eager_decode(model, policy, cache, forced, ref, block_size: int, S: int, att
         step_logits, cache = model.decode_step(jnp.asarray(forced[:, m - 1]), cache, attention_fn=attention_fn)
         ref[:, m] = jax.nn.log_softmax(step_logits)[np.arange(B), forced[:, m]]
     return ref
+
+
+def recall64(q, k, allowed, pos) -> np.ndarray:
+    """float64 [B]: the share of dense softmax attention (q [B, N, H] against every key k [B, K, S, H]
+    at or before pos[b], 1/sqrt(H)) that falls where allowed [B, K, S], mean over query heads."""
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    B, N, H = q.shape
+    K = k.shape[1]
+    out = np.zeros(B)
+    for b in range(B):
+        for n in range(N):
+            h = n // (N // K)
+            s = k[b, h, : pos[b] + 1] @ q[b, n] / np.sqrt(H)
+            p = np.exp(s - s.max())
+            p /= p.sum()
+            out[b] += p[np.asarray(allowed[b, h, : pos[b] + 1], bool)].sum() / N
+    return out

@@ -212,7 +212,7 @@ def test_compare_policies_script_table_settings_and_plot(trained_run, dense_run,
     (cfg, _), (dcfg, _) = trained_run, dense_run
     rc = _script("compare_policies").main(
         ["--run", cfg.out, "--baseline", dcfg.out, "--policies", "quest(page_budget=1),sparq(r=2,k=4,local_window=1)",
-         "--num", "4", "--batch-size", "4", "--repeats", "1", "--out-dir", str(tmp_path), "--name", "pc"])
+         "--num", "4", "--batch-size", "4", "--repeats", "1", "--out-dir", str(tmp_path), "--name", "pc", "--recall"])
     assert rc == 0
     result = json.loads((tmp_path / "pc.json").read_text())
     rows = result["rows"]
@@ -227,6 +227,12 @@ def test_compare_policies_script_table_settings_and_plot(trained_run, dense_run,
         assert m["note"] == ""  # training-free policies on the dense-trained model are methods, not ablations
     # one page per step (the query's own block) reads less than everything once the context spans blocks
     assert rows["dense-trained/quest(page_budget=1)"]["kv_read_fraction"] < 1.0
+    # --recall: dense reads all of its attention, a one-page Quest misses some; one value per layer
+    assert rows["dense-trained/dense"]["attention_recall"] == pytest.approx(1.0, abs=1e-6)
+    quest = rows["dense-trained/quest(page_budget=1)"]
+    assert 0.0 < quest["attention_recall"] < 1.0
+    assert len(quest["attention_recall_by_layer"]) == ev.load_for_eval(dcfg.out).model.config.n_layers
+    assert "attention recall" in (tmp_path / "pc.md").read_text()
     assert (tmp_path / "pc.png").stat().st_size > 0
     assert _script("compare_policies").main(["--run", cfg.out, "--baseline", dcfg.out, "--policies", "quest(2)",
                                              "--out-dir", str(tmp_path)]) == 2
@@ -288,7 +294,7 @@ def test_compare_policies_on_a_pretrained_model(tmp_path, capsys):
     rc = _script("compare_policies").main(
         ["--smollm2", "--model", fixture, "--policies", "quest(page_budget=64),sparq(r=2,k=4,local_window=1)",
          "--continuation", "4", "--max-article-tokens", "40", "--block-size", "8", "--repeats", "1",
-         "--out-dir", str(tmp_path), "--name", "pm"])
+         "--out-dir", str(tmp_path), "--name", "pm", "--recall"])
     assert rc == 0
     result = json.loads((tmp_path / "pm.json").read_text())
     rows = result["rows"]
@@ -300,6 +306,11 @@ def test_compare_policies_on_a_pretrained_model(tmp_path, capsys):
     assert sparq["kv_read_fraction"] < 1.0 and np.isfinite(sparq["perplexity"])
     assert sparq["settings"] == {"r": 2, "k": 4, "local_window": 1, "reallocate_mean": True, "component_major": False}
     assert "| mqa_untied_sharded/dense |" in (tmp_path / "pm.md").read_text()
+    # --recall on the real continuation: all of dense's and full-budget Quest's attention is read, not SparQ's
+    assert dense["attention_recall"] == pytest.approx(1.0, abs=1e-6)
+    assert quest["attention_recall"] == pytest.approx(1.0, abs=1e-6)
+    assert 0.0 < sparq["attention_recall"] < 1.0
+    assert "attention recall" in (tmp_path / "pm.md").read_text()
 
 
 def test_comparison_rows_refuse_a_baseline_on_other_data():

@@ -175,6 +175,39 @@ def test_generation_logprobs_equal_teacher_forced(model, tok, span_tokens, polic
         assert out.summary()["mean_attended_fraction"] == 1.0
 
 
+@pytest.mark.parametrize("policy", ["dense", "self_span"])
+def test_attention_recall_of_one_shared_list_matches_float64(model, tok, span_tokens, policy):
+    """return_recall: per step and layer, the share of the model's dense attention on the keys read,
+    against float64 from the full forward's own queries and keys under the same mask; 1 for dense."""
+    from policy_cases import recall64
+
+    prompts = _live_prompts(seed=5)
+    prompt_ids = [tok.encode(p) for p in prompts]
+    out = generate(model, prompts, policy=policy, max_new_tokens=MAX_NEW, tokenizer=tok, backend="xla",
+                   return_recall=True, **COMMON)
+    seqs, lengths = _final_sequences(out, prompt_ids)
+    mask = _reference_mask(policy, seqs, lengths, span_tokens)
+    qs, ks = (np.asarray(x) for x in model.attention_inputs(jnp.asarray(seqs), attention_mask=mask))
+    rows = np.tril(np.ones((BATCH, REF_LEN, REF_LEN), bool)) if mask is None else np.asarray(mask)
+    got = out.stats["attention_recall"]
+    assert got.shape == (BATCH, MAX_NEW, model.config.n_layers)
+    for b, ids in enumerate(prompt_ids):
+        for m in range(1, out.num_tokens[b]):
+            t = len(ids) + m - 1  # the fed token's position
+            for layer in range(model.config.n_layers):
+                allowed = np.broadcast_to(rows[b, t], (1, ks.shape[2], REF_LEN))
+                want = recall64(qs[layer, b, t][None], ks[layer, b][None], allowed, [t])[0]
+                np.testing.assert_allclose(got[b, m, layer], want, atol=2e-5)
+        assert (got[b, out.num_tokens[b]:] == 0).all() and (got[b, 0] == 0).all()
+    summary = out.summary()
+    ok = out.stats["step_valid"]
+    np.testing.assert_allclose(summary["attention_recall_by_layer"], got[ok].mean(0), rtol=1e-6)
+    if policy == "dense":
+        np.testing.assert_allclose(got[ok], 1.0, atol=1e-6)
+    else:  # the span leaves out keys the model would attend to (an untrained model attends everywhere)
+        assert summary["attention_recall"] < 0.99
+
+
 def test_forced_span_streams_match_training_mask(model, tok, span_tokens):
     """Random span syntax (anchors, headers, bad refs, overflow) fed through the loop.
 

@@ -18,6 +18,7 @@ from policy_cases import (
     eager_decode,
     eager_prefill,
     random_prompts,
+    recall64,
     small_gqa_model,
 )
 from selfspan_jax.cache import KVCache
@@ -125,8 +126,9 @@ def test_loop_equals_eager_reference_with_bounds_from_scratch(model, budget):
     forced = rng.integers(1, VOCAB, size=(len(prompts), M)).astype(np.int32)
     pol = QuestPolicy(page_budget=budget)
     out = generate(model, prompts, policy=pol, max_new_tokens=M, block_size=bs, backend="xla", eos_id=-1, pad_id=0,
-                   forced_tokens=forced, return_logprobs=True)
+                   forced_tokens=forced, return_logprobs=True, return_recall=True)
     np.testing.assert_array_equal(out.tokens, forced)
+    recalls = []  # per step, per layer: [B]
 
     cache, lengths, S, ref = eager_prefill(model, prompts, M, bs, forced)
     B = len(prompts)
@@ -139,10 +141,15 @@ def test_loop_equals_eager_reference_with_bounds_from_scratch(model, budget):
                 for blk in idx[b, h, : cnt[b, h]]:
                     allowed[b, h, blk * bs:(blk + 1) * bs] = True
         allowed &= (np.arange(S) <= pos[:, None])[:, None, :]
+        recalls.append(recall64(q, k, allowed, pos))
         return _masked_attention(q, k, v, jnp.asarray(allowed))
 
     ref = eager_decode(model, pol, cache, forced, ref, bs, S, attend)
     np.testing.assert_allclose(out.logprobs, ref, atol=2e-5)
+    # the share of dense attention on the chosen pages, per step and layer, against float64
+    want = np.stack(recalls).reshape(M - 1, model.config.n_layers, B).transpose(2, 0, 1)
+    np.testing.assert_allclose(out.stats["attention_recall"][:, 1:], want, atol=2e-5)
+    assert (want < 1 - 1e-3).any()
     # what was read: min(budget, blocks so far) blocks per head, every step
     ok = out.stats["step_valid"]
     pos = lengths[:, None] + np.arange(M)[None, :] - 1

@@ -18,6 +18,7 @@ from policy_cases import (
     eager_decode,
     eager_prefill,
     random_prompts,
+    recall64,
     small_gqa_model,
 )
 from selfspan_jax.cache import KVCache
@@ -175,14 +176,20 @@ def test_loop_equals_eager_reference(model, reallocate):
     forced = np.random.default_rng(seed + 1).integers(1, VOCAB, size=(len(prompts), M)).astype(np.int32)
     pol = SparQPolicy(r=3, k=12, local_window=4, reallocate_mean=reallocate)
     out = generate(model, prompts, policy=pol, max_new_tokens=M, block_size=bs, backend="xla", eos_id=-1, pad_id=0,
-                   forced_tokens=forced, return_logprobs=True)
+                   forced_tokens=forced, return_logprobs=True, return_recall=True)
     cache, lengths, S, ref = eager_prefill(model, prompts, M, bs, forced)
     B = len(prompts)
+    recalls = []  # per step, per layer: [B]
 
     def attend(q, k, v, sel, pos):
         idx, cnt = np.asarray(sel.token_indices), np.asarray(sel.token_counts)
         kk, vv, qq = (np.asarray(x) for x in (k, v, q))
         lists = [[idx[b, h, : cnt[b, h]].tolist() for h in range(kk.shape[1])] for b in range(B)]
+        allowed = np.zeros((B, kk.shape[1], S), bool)
+        for b in range(B):
+            for h in range(kk.shape[1]):
+                allowed[b, h, lists[b][h]] = True
+        recalls.append(recall64(qq, kk, allowed, pos))
         y = _attention64(qq, kk, vv, lists)
         if reallocate:
             alpha = np.asarray(sel.mix_alpha)[..., None]
@@ -193,6 +200,11 @@ def test_loop_equals_eager_reference(model, reallocate):
 
     ref = eager_decode(model, pol, cache, forced, ref, bs, S, attend)
     np.testing.assert_allclose(out.logprobs, ref, atol=3e-5)
+    # the share of dense attention on the chosen tokens, per step and layer, against float64
+    L = model.config.n_layers
+    want = np.stack(recalls).reshape(M - 1, L, B).transpose(2, 0, 1)
+    np.testing.assert_allclose(out.stats["attention_recall"][:, 1:], want, atol=2e-5)
+    assert (want < 1 - 1e-3).any()  # the lists missed some attention: the check is not trivially 1
     ok = out.stats["step_valid"]
     q_pos = lengths[:, None] + np.arange(M)[None, :] - 1
     np.testing.assert_allclose(out.stats["visible"][ok], np.minimum(12, q_pos + 1)[ok])
