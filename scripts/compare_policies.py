@@ -14,7 +14,8 @@ match, the attended fraction, the fraction of KV bytes read, tokens/s and its
 ratio to the dense baseline (timed in turns). Writes <out-dir>/<name>.{json,md}
 (rows keyed `<model>/<policy>`, each with its policy, settings and numbers) and
 <name>.png (accuracy against the fraction of KV bytes read, one curve per
-method). With --seeds N the same comparison runs on each seed's pair as
+method); with --recall also <name>_recall.png (each row's share of dense
+attention read, by layer). With --seeds N the same comparison runs on each seed's pair as
 `demo.py --seeds N` trained them (<run>_seed<i>, <baseline>_seed<i>), and the
 table and plot give mean [min to max] over seeds.
 
@@ -101,6 +102,34 @@ def plot(result: dict, path: Path) -> Path:
                  f"({result['config']['split']})"
                  + (f"; mean and min-max over training seeds {', '.join(map(str, seeds))}" if seeds else ""),
                  fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_recall(result: dict, path: Path) -> Path | None:
+    """Attention recall against layer, one line per row (`--recall`; None when no row measured it): where in
+    the network a selection misses the attention the dense model would pay."""
+    rows = {n: m["attention_recall_by_layer"] for n, m in result["rows"].items() if "attention_recall_by_layer" in m}
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    for name, by_layer in rows.items():
+        ax.plot(range(len(by_layer)), by_layer, "o-" if len(by_layer) <= 8 else "-", label=name.split("/", 1)[-1],
+                markersize=4)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("share of dense attention read")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    model = result["config"].get("model") or result["config"].get("baseline_source") or ""
+    ax.set_title(f"attention recall by layer {model}".strip(), fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -238,6 +267,7 @@ def main(argv=None) -> int:
 
         out = Path(args.out_dir)
         reporting.write_json(result, out / f"{args.name}.json")
+        recall_png = plot_recall(result, out / f"{args.name}_recall.png")
         table = smollm2_table(result)
         (out / f"{args.name}.md").write_text(
             f"# {args.name}\n\n{table}\n\n{result['config']['articles']} articles of {result['config']['source']}, "
@@ -245,7 +275,7 @@ def main(argv=None) -> int:
             f"block {args.block_size}; {result['environment']['device']}, jax {result['environment']['jax_version']}, "
             f"{result['environment']['date']}.\n")
         print(table)
-        print(f"\nwrote {out / args.name}.json and .md")
+        print(f"\nwrote {out / args.name}.json and .md" + (f" and {recall_png}" if recall_png else ""))
         return 0
     if args.seeds < 1:
         p.error(f"--seeds must be >= 1, got {args.seeds}")
@@ -284,8 +314,9 @@ def main(argv=None) -> int:
     result["command"] = "python scripts/compare_policies.py " + " ".join(argv if argv is not None else sys.argv[1:])
     json_path, md_path = ev.write_results(result, args.out_dir, args.name)
     png = plot(result, Path(args.out_dir) / f"{args.name}.png")
+    recall_png = plot_recall(result, Path(args.out_dir) / f"{args.name}_recall.png")
     print(ev.format_seed_table(result) if "over_seeds" in result else ev.format_table(result))
-    print(f"\nwrote {json_path}, {md_path} and {png}")
+    print(f"\nwrote {json_path}, {md_path} and {png}" + (f" and {recall_png}" if recall_png else ""))
     return 0
 
 

@@ -233,6 +233,7 @@ def test_compare_policies_script_table_settings_and_plot(trained_run, dense_run,
     assert 0.0 < quest["attention_recall"] < 1.0
     assert len(quest["attention_recall_by_layer"]) == ev.load_for_eval(dcfg.out).model.config.n_layers
     assert "attention recall" in (tmp_path / "pc.md").read_text()
+    assert (tmp_path / "pc_recall.png").stat().st_size > 0
     assert (tmp_path / "pc.png").stat().st_size > 0
     assert _script("compare_policies").main(["--run", cfg.out, "--baseline", dcfg.out, "--policies", "quest(2)",
                                              "--out-dir", str(tmp_path)]) == 2
@@ -311,6 +312,7 @@ def test_compare_policies_on_a_pretrained_model(tmp_path, capsys):
     assert quest["attention_recall"] == pytest.approx(1.0, abs=1e-6)
     assert 0.0 < sparq["attention_recall"] < 1.0
     assert "attention recall" in (tmp_path / "pm.md").read_text()
+    assert (tmp_path / "pm_recall.png").stat().st_size > 0
 
 
 def test_comparison_rows_refuse_a_baseline_on_other_data():
