@@ -185,15 +185,22 @@ def main(argv=None) -> int:
                                          if pt["context"] == c]
                   for pol in policies if pol != "dense" for c in contexts}
         plot_fraction_of_ceiling(series, args.plot, "End-to-end decode (generate) against the memory-bound "
-                                 "ceiling\nCPU, reduced shape, paired repeats")
+                                 "ceiling\nCPU, reduced shape, paired repeats", machine=machine_of(result))
         print(f"wrote {args.plot}")
     print(f"wrote {out} ({label})")
     return 0
 
 
-def plot_fraction_of_ceiling(series: dict, path, title: str) -> None:
+def machine_of(result: dict) -> str:
+    """The CPU or device a result JSON ran on, for a plot's title (the CPU changes these numbers)."""
+    env = result.get("environment", {})
+    return env.get("cpu") if str(env.get("device", "")).startswith("cpu") and env.get("cpu") else env.get("device", "")
+
+
+def plot_fraction_of_ceiling(series: dict, path, title: str, machine: str = "") -> None:
     """measured speedup / ceiling against batch size: series = {label: [(batch, {min, median, max})]},
-    min-max as error bars (profile_loop.py draws its decode-only sweep with it too)."""
+    min-max as error bars (profile_loop.py draws its decode-only sweep with it too); `machine` is added
+    to the title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -210,7 +217,7 @@ def plot_fraction_of_ceiling(series: dict, path, title: str) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
     ax.set_ylabel("speedup over dense / ceiling (1+r)/(1+rho r)")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title + (f"; {machine}" if machine else ""), fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

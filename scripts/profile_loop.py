@@ -341,12 +341,13 @@ def main(argv=None) -> int:
     print(f"wrote {write(points, skipped)}")
     if args.plot:
         sys.path.insert(0, str(Path(__file__).parent))
-        from bench_decode import plot_fraction_of_ceiling
+        from bench_decode import machine_of, plot_fraction_of_ceiling
 
         series = {f"self_span, {c} tokens": [(pt["batch"], pt["ceiling"]["fraction_of_ceiling"]) for pt in points
                                              if pt["context"] == c and "ceiling" in pt] for c in contexts}
         plot_fraction_of_ceiling(series, args.plot, "Decode steps in the loop (no prefill) against the "
-                                 f"memory-bound ceiling\n{label.split(', forced')[0]}, paired rounds")
+                                 f"memory-bound ceiling\n{label.split(', forced')[0]}, paired rounds",
+                                 machine=machine_of({"environment": reporting.environment()}))
         print(f"wrote {args.plot}")
     return 0
 

@@ -222,3 +222,23 @@ def test_op_self_times_and_hlo_op_names_trace_a_loop_back_to_its_source(tmp_path
     assert all(r["ms"] >= 0 for r in ops.values())
     with pytest.raises(FileNotFoundError, match="xplane"):
         op_self_times(tmp_path / "nothing")
+
+
+def test_ceiling_plots_name_the_machine(tmp_path):
+    """Decode ratios differ between CPUs (docs/notes/generation.md), so the ceiling plots say which ran them."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_decode_for_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cpu = {"environment": {"device": "cpu: cpu", "cpu": "AMD EPYC (2 logical cores)"}}
+    gpu = {"environment": {"device": "gpu: NVIDIA H200", "cpu": "Intel(R) Xeon(R)"}}
+    assert bench.machine_of(cpu) == "AMD EPYC (2 logical cores)"
+    assert bench.machine_of(gpu) == "gpu: NVIDIA H200"
+    assert bench.machine_of({}) == ""
+    png = tmp_path / "c.png"
+    bench.plot_fraction_of_ceiling({"s": [(1, {"min": 0.9, "median": 1.0, "max": 1.1})]}, png, "t",
+                                   machine=bench.machine_of(cpu))
+    assert png.stat().st_size > 0
