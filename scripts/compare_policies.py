@@ -184,7 +184,7 @@ def smollm2_comparison(policies, *, continuation: int, block_size: int, repeats:
         same = greedy[n].tokens == ref
         prefix = np.where(same.all(1), continuation, np.argmin(same, axis=1))
         s = greedy[n].summary()
-        rows[f"{Path(source).name}/{n}"] = {
+        row = rows[f"{Path(source).name}/{n}"] = {
             "policy": n, "settings": settings(n), "trained_with": "pretrained",
             "perplexity": float(np.exp(-teacher[n].logprobs.mean())),
             "greedy_match": float(same.mean()), "greedy_prefix": float(prefix.mean() / continuation),
@@ -195,8 +195,7 @@ def smollm2_comparison(policies, *, continuation: int, block_size: int, repeats:
         }
         if recall:
             t = teacher[n].summary()
-            rows[f"{Path(source).name}/{n}"].update(attention_recall=t["attention_recall"],
-                                                    attention_recall_by_layer=t["attention_recall_by_layer"])
+            row.update(attention_recall=t["attention_recall"], attention_recall_by_layer=t["attention_recall_by_layer"])
     return {"config": {"model": source, "articles": len(ids), "source": str(fixture.name),
                        "mean_prompt_tokens": float(np.mean([len(p) for p in prompts])),
                        "continuation": continuation, "block_size": block_size, "backend": "xla",

@@ -204,24 +204,27 @@ def attention_fn_for(policy: Policy, pstate, pos, *, block_size: int, cache_len:
     return attention_fn, lambda: list(seen)
 
 
+def _listed(indices, counts, size: int) -> jax.Array:
+    """bool [B, K, size]: which ids the first counts[b, k] entries of indices [B, K, L] name."""
+    B, K, Lst = indices.shape
+    live = jnp.arange(Lst)[None, None, :] < counts[..., None]
+    return jnp.zeros((B, K, size), bool).at[jnp.arange(B)[:, None, None], jnp.arange(K)[None, :, None],
+                                           indices].max(live)
+
+
 def read_keys(sel: Selection, pos, block_size: int, n_kv_heads: int) -> jax.Array:
     """bool [B, K, S]: the keys each KV head's attention reads under `sel` (causal, listed and unmasked)."""
     B, S = sel.token_mask.shape
-    j = jnp.arange(S)
+    causal = jnp.arange(S)[None, :] <= pos[:, None]  # [B, S]
     if sel.token_indices is not None:  # token lists: the first token_counts rows of each head
-        live = jnp.arange(sel.token_indices.shape[-1])[None, None, :] < sel.token_counts[..., None]
-        b, k = jnp.arange(B)[:, None, None], jnp.arange(sel.token_indices.shape[1])[None, :, None]
-        rows = jnp.zeros((B, sel.token_indices.shape[1], S), bool).at[b, k, sel.token_indices].max(live)
-        return jnp.broadcast_to(rows, (B, n_kv_heads, S)) & (j[None, None, :] <= pos[:, None, None])
-    row = sel.token_mask & (j[None, :] <= pos[:, None])  # [B, S]
-    idx, counts = sel.block_indices, sel.block_counts
-    if idx.ndim == 2:  # one list for every head
-        idx, counts = idx[:, None, :], counts[:, None]
-    live = jnp.arange(idx.shape[-1])[None, None, :] < counts[..., None]
-    b, k = jnp.arange(B)[:, None, None], jnp.arange(idx.shape[1])[None, :, None]
-    listed = jnp.zeros((B, idx.shape[1], S // block_size), bool).at[b, k, idx].max(live)
-    listed = jnp.repeat(listed, block_size, axis=-1)  # [B, K or 1, S]
-    return jnp.broadcast_to(listed & row[:, None, :], (B, n_kv_heads, S))
+        keys = _listed(sel.token_indices, sel.token_counts, S) & causal[:, None, :]
+    else:
+        idx, counts = sel.block_indices, sel.block_counts
+        if idx.ndim == 2:  # one list for every head
+            idx, counts = idx[:, None, :], counts[:, None]
+        blocks = jnp.repeat(_listed(idx, counts, S // block_size), block_size, axis=-1)  # [B, K or 1, S]
+        keys = blocks & (sel.token_mask & causal)[:, None, :]
+    return jnp.broadcast_to(keys, (B, n_kv_heads, S))
 
 
 def attention_recall(q, k, sel: Selection, pos, block_size: int) -> jax.Array:
@@ -283,11 +286,9 @@ def _selection_stats(sel: Selection, pos: jax.Array, block_size: int):
     elif counts.ndim == 1:
         visible = jnp.sum(row, axis=-1).astype(jnp.float32)
     else:
-        B, K, Lst = sel.block_indices.shape
+        B = sel.block_indices.shape[0]
         # [B, K, NB]: which blocks each head reads (entries past the count are not read)
-        live = jnp.arange(Lst)[None, None, :] < sel.block_counts[..., None]
-        member = jnp.zeros((B, K, S // block_size), bool).at[
-            jnp.arange(B)[:, None, None], jnp.arange(K)[None, :, None], sel.block_indices].max(live)
+        member = _listed(sel.block_indices, sel.block_counts, S // block_size)
         # [B, NB] visible keys per block
         per_block = row.reshape(B, S // block_size, block_size).sum(-1).astype(jnp.float32)
         visible = jnp.mean(jnp.sum(member * per_block[:, None, :], axis=-1), axis=-1)

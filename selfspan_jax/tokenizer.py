@@ -197,7 +197,6 @@ def encode_with_spans(tokenizer, text: str, *, continuation: bool = False) -> li
     for k, piece in enumerate(_SPAN_RE.split(text)):
         if not piece:
             continue
-        encode_chunk = _encode_mid_text if (k > 0 or continuation) else _encode_alone
         if piece in (ANCHOR, REF_OPEN, REF_CLOSE):
             i = _single_token_id(tokenizer, piece)
             if i is None:
@@ -222,8 +221,8 @@ def encode_with_spans(tokenizer, text: str, *, continuation: bool = False) -> li
                         raise ValueError(f"tokenizer has no single token for the digit {run!r}")
                 elif run:
                     ids.extend(_encode_mid_text(tokenizer, run))
-        else:
-            ids.extend(encode_chunk(tokenizer, piece))
+        else:  # the text's first chunk is encoded as a text of its own, unless it continues another
+            ids.extend((_encode_mid_text if k > 0 or continuation else _encode_alone)(tokenizer, piece))
     return ids
 
 
