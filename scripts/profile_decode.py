@@ -82,7 +82,7 @@ def main(argv=None) -> int:
 
     @jax.jit
     def policy_step(state, tokens, pos):
-        state = pol.update(state, tokens)
+        state = pol.update(state, tokens, jnp.ones(tokens.shape, bool))
         return state, pol.select(state, pos, block_size=bs, cache_len=S)
 
     sels = []

@@ -305,7 +305,8 @@ def decode_step(model, policy: Policy, st: LoopState, choose: Callable, *, max_n
     # [B] the token emitted last step; it sits at position pos[b]
     fed = jax.lax.dynamic_index_in_dim(st.out, st.step - 1, axis=1, keepdims=False)
     pos = st.cache.lengths
-    pstate = policy.update(st.policy_state, fed)
+    active = ~st.done
+    pstate = policy.update(st.policy_state, fed, active)
     recalls = None if st.recall is None else []
     attention_fn, selection = attention_fn_for(policy, pstate, pos, block_size=block_size, cache_len=S,
                                                backend=backend, precision=precision, dense_reads=dense_reads,
@@ -315,7 +316,6 @@ def decode_step(model, policy: Policy, st: LoopState, choose: Callable, *, max_n
     sel = selections[-1]  # the last layer's stands for the step in the statistics
     pstate = policy.observe_step(pstate, cache, pos, block_size=block_size, selections=selections)
     tok = choose(step_logits, st.step)
-    active = ~st.done
 
     def put(buf, value, empty):
         col = jnp.where(active, value, empty).astype(buf.dtype)

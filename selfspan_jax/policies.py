@@ -147,8 +147,10 @@ class Policy(abc.ABC):
         ...
 
     @abc.abstractmethod
-    def update(self, state: Any, tokens: jax.Array) -> Any:
-        ...
+    def update(self, state: Any, tokens: jax.Array, active: jax.Array) -> Any:
+        """State after appending tokens [B] to the sequences where active [B] is True; a sequence
+        that has stopped keeps its state, so what `report` says of it does not depend on how long
+        the rest of the batch (or of its device's shard) goes on decoding."""
 
     @abc.abstractmethod
     def select(self, state: Any, lengths: jax.Array, *, block_size: int, cache_len: int,
@@ -186,7 +188,7 @@ class DecodeOnlyPolicy(Policy):
     def init_state(self, tokens, lengths, max_len):
         return ()
 
-    def update(self, state, tokens):
+    def update(self, state, tokens, active):
         return state
 
 
@@ -237,8 +239,8 @@ class SelfSpanPolicy(Policy):
             lambda t, n: spans_lib.prefill_state(t, n, max_len, self.max_segments, self.span_tokens)
         )(tokens, lengths)
 
-    def update(self, state, tokens):
-        return jax.vmap(lambda s, t: spans_lib.update(s, t, self.span_tokens))(state, tokens)
+    def update(self, state, tokens, active):
+        return jax.vmap(lambda s, t, a: spans_lib.update(s, t, self.span_tokens, a))(state, tokens, active)
 
     def select(self, state, lengths, *, block_size, cache_len, q=None, k=None, layer_idx=None):
         indices, counts, token_mask = jax.vmap(lambda s: active_blocks(s, block_size))(state)

@@ -381,14 +381,15 @@ def _visible(
     return causal & (q_dense[..., None] | sparse)
 
 
-def update(state: SpanState, token: jax.Array, span_tokens: SpanTokens) -> SpanState:
-    """Append one token (it takes position `state.length`). Jittable, O(M).
+def update(state: SpanState, token: jax.Array, span_tokens: SpanTokens, active=True) -> SpanState:
+    """Append one token (it takes position `state.length`) when `active` (bool []), else return the
+    state unchanged. Jittable, O(M).
 
     On a full state (length == max_len) this is a no-op.
     """
     if jnp.ndim(token) != 0:
         raise ValueError(f"update takes one token per sequence (vmap over the batch), got shape {jnp.shape(token)}")
-    return _step(state, token, span_tokens, True)
+    return _step(state, token, span_tokens, active)
 
 
 def visible_tokens(state: SpanState) -> jax.Array:

@@ -16,3 +16,16 @@ from pallas_kernels.backend import on_gpu
 
 if on_gpu():
     jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def draws(default: int) -> int:
+    """How many random inputs a randomized check draws: `default` in CI, SELFSPAN_DRAWS when set (the
+    longer runs README names, e.g. SELFSPAN_DRAWS=200)."""
+    import os
+
+    value = os.environ.get("SELFSPAN_DRAWS")
+    if value is None:
+        return default
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"SELFSPAN_DRAWS must be a positive int, got {value!r}")
+    return int(value)

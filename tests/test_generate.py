@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 
 from selfspan_jax.config import LlamaConfig
 from selfspan_jax.data.arithmetic import generate_examples
@@ -28,6 +28,9 @@ from selfspan_jax.policies import DensePolicy, Policy, Selection, SelfSpanPolicy
 from selfspan_jax.sampling import sample_logits
 from selfspan_jax.spans import ANCHOR, REF_CLOSE, REF_OPEN, SpanTokens, attention_mask
 from selfspan_jax.tokenizer import CharTokenizer
+
+import test_spans as spans_ref  # the brute-force span rule
+from conftest import draws
 
 MAX_SEGMENTS = 8
 # Pallas (interpret) needs block_size >= 16 and head dim >= 16.
@@ -264,6 +267,52 @@ def test_stops_at_eos_per_sequence_and_at_budget(model, tok):
     assert not out.masks[1].any() and not out.masks[0, 3:].any()
 
 
+def _to_reference_ids(ids, span_tokens) -> list[int]:
+    """Our tokenizer's ids in test_spans' vocabulary, so its brute-force `reference_mask` reads them."""
+    table = np.asarray(span_tokens.digit_value)
+    special = {span_tokens.anchor: spans_ref.A, span_tokens.ref_open: spans_ref.R, span_tokens.ref_close: spans_ref.C}
+    return [special.get(t, spans_ref.DIGIT0 + int(table[t]) if table[t] >= 0 else spans_ref.TEXT) for t in ids]
+
+
+_SPAN_ALPHABET = (ANCHOR, REF_OPEN, REF_CLOSE, *"0123459", ",", "x", "<eos>")
+
+
+@settings(max_examples=draws(8), deadline=None)
+@given(streams=hst.lists(hst.lists(hst.sampled_from(_SPAN_ALPHABET), min_size=MAX_NEW, max_size=MAX_NEW),
+                         min_size=BATCH, max_size=BATCH),
+       prompt_seed=hst.integers(0, 2**16))
+@example(  # the case a 4-device run exposed: row 0 stops on EOS inside a header's number (9 >= MAX_SEGMENTS)
+    streams=[[ANCHOR, REF_OPEN, "9", "<eos>"] + ["x"] * (MAX_NEW - 4), [ANCHOR, REF_OPEN, "2"] + ["x"] * (MAX_NEW - 3),
+             [ANCHOR, REF_OPEN, "1", "0", "<eos>"] + ["x"] * (MAX_NEW - 5)],
+    prompt_seed=13)
+def test_a_rows_report_and_statistics_do_not_depend_on_the_rest_of_the_batch(model, tok, span_tokens, streams,
+                                                                             prompt_seed):
+    """Each row of a batch reports what it reports decoded alone (its prompt and forced stream repeated
+    BATCH times, so the loop runs exactly as long as that row): every statistic, mask row and
+    `policy_report` counter. The counters also equal the brute-force rule (test_spans.reference_mask)
+    over the prompt and the tokens fed back, i.e. every emitted token but the last. A row that stops
+    while the others go on is frozen where it stopped: a sharded call stops each device's shard on its
+    own, so anything else makes statistics depend on the device count."""
+    ids = {c: tok.eos_token_id if c == "<eos>" else tok.convert_tokens_to_ids(c) for c in _SPAN_ALPHABET}
+    forced = np.asarray([[ids[c] for c in row] for row in streams], np.int32)
+    prompts = _live_prompts(seed=prompt_seed)
+    kw = dict(policy="self_span", max_new_tokens=MAX_NEW, tokenizer=tok, backend="xla", **COMMON)
+    batch = generate(model, prompts, forced_tokens=forced, **kw)
+    for b in range(BATCH):
+        alone = generate(model, [prompts[b]] * BATCH, forced_tokens=np.repeat(forced[b:b + 1], BATCH, 0), **kw)
+        assert batch.num_tokens[b] == alone.num_tokens[0]
+        np.testing.assert_array_equal(batch.tokens[b], alone.tokens[0])
+        for name, values in batch.stats.items():
+            np.testing.assert_array_equal(values[b], alone.stats[name][0], err_msg=name)
+        np.testing.assert_array_equal(batch.masks[b], alone.masks[0])
+        report = {k: int(v[b]) for k, v in batch.policy_report.items()}
+        assert report == {k: int(v[0]) for k, v in alone.policy_report.items()}, b
+        fed = tok.encode(prompts[b]) + [int(t) for t in batch.tokens[b, : batch.num_tokens[b] - 1]]
+        ref_ids = _to_reference_ids(fed, span_tokens)
+        _, want = spans_ref.reference_mask(ref_ids, len(ref_ids), MAX_SEGMENTS)
+        assert report == {k: int(v) for k, v in want.items()}, (b, report, want)
+
+
 def test_same_bucket_does_not_recompile(model, tok):
     kw = dict(policy="self_span", tokenizer=tok, backend="xla", **COMMON)
     generate(model, _live_prompts(seed=7), max_new_tokens=MAX_NEW, **kw)
@@ -383,7 +432,7 @@ class _PerHeadWindow(Policy):
     def init_state(self, tokens, lengths, max_len):
         return ()
 
-    def update(self, state, tokens):
+    def update(self, state, tokens, active):
         return state
 
     def select(self, state, lengths, *, block_size, cache_len, q=None, k=None, layer_idx=None):

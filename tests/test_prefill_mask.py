@@ -155,7 +155,7 @@ def test_a_policy_must_define_a_prefill_mask():
         def init_state(self, tokens, lengths, max_len):
             return ()
 
-        def update(self, state, tokens):
+        def update(self, state, tokens, active):
             return state
 
         def select(self, state, lengths, **kw):

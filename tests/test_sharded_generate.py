@@ -1,7 +1,9 @@
 """`generate(..., mesh=...)`: the batch split over 4 forced CPU devices decodes token for token as on
-one device (greedy and sampled, self_span, dense and quest), with the same log-probs and statistics.
+one device (greedy and sampled, self_span, dense and quest), with the same log-probs, statistics and
+policy-report counters.
 
-The 4 devices need XLA_FLAGS before jax starts, so the comparison runs in a subprocess."""
+The 4 devices need XLA_FLAGS before jax starts, so the comparison runs in a subprocess: the known seeds
+and one fresh draw in CI, `SELFSPAN_DRAWS=N` fresh draws in a longer run (README, "Longer checks")."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
+from conftest import draws
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,38 +31,45 @@ _SCRIPT = textwrap.dedent('''
     from selfspan_jax.sharding import make_mesh
     from selfspan_jax.tokenizer import CharTokenizer
 
-    seed = int(sys.argv[1])
+    seeds = [int(x) for x in sys.argv[1:]]
     tok = CharTokenizer()
     cfg = LlamaConfig(vocab_size=len(tok), d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=64,
                       max_seq_len=512)
-    model = Llama(cfg, rngs=nnx.Rngs(seed))
-    recs = generate_examples(8, seed=seed, split="test", min_operands=3, max_operands=6)
-    # a derivation begun in each prompt, cut at a different place, so the rows differ in length
-    prompts = [r["prompt"] + r["completion"][: 5 * i] for i, r in enumerate(recs)]
     mesh = make_mesh(dp=4)
-    checks = {}
-    for name, kw in {
-        "self_span greedy": dict(policy="self_span"),
-        "self_span sampled": dict(policy="self_span", temperature=0.9, top_k=8, seed=seed),
-        "dense sampled": dict(policy="dense", temperature=1.1, seed=seed + 1),
-        "quest greedy": dict(policy="quest(page_budget=2)"),
-    }.items():
-        common = dict(tokenizer=tok, max_new_tokens=24, block_size=16, max_segments=16, backend="xla",
-                      return_logprobs=True, return_masks=True, **kw)
-        one, four = generate(model, prompts, **common), generate(model, prompts, mesh=mesh, **common)
-        stats = sorted(one.stats)
-        checks[name] = {
-            "tokens": bool(np.array_equal(one.tokens, four.tokens)),
-            "num_tokens": bool(np.array_equal(one.num_tokens, four.num_tokens)),
-            "logprob_diff": float(np.max(np.abs(one.logprobs - four.logprobs))),
-            "masks": bool(np.array_equal(one.masks, four.masks)),
-            "stats": bool(sorted(four.stats) == stats and all(
-                np.allclose(one.stats[k], four.stats[k], equal_nan=True, atol=1e-6) for k in stats)),
-            "report": bool(all(np.array_equal(one.policy_report[k], four.policy_report[k])
-                               for k in one.policy_report)),
-            "texts": one.texts == four.texts,
-            "distinct_rows": len({tuple(t) for t in one.tokens}),
-        }
+    from selfspan_jax import decode_loop
+    draws, programs = {}, None
+    for seed in seeds:
+        model = Llama(cfg, rngs=nnx.Rngs(seed))
+        recs = generate_examples(8, seed=seed, split="test", min_operands=3, max_operands=6)
+        # a derivation begun in each prompt, cut at a different place, so the rows differ in length
+        prompts = [r["prompt"] + r["completion"][: 5 * i] for i, r in enumerate(recs)]
+        checks = {}
+        for name, kw in {
+            "self_span greedy": dict(policy="self_span"),
+            "self_span sampled": dict(policy="self_span", temperature=0.9, top_k=8, seed=seed),
+            "dense sampled": dict(policy="dense", temperature=1.1, seed=seed + 1),
+            "quest greedy": dict(policy="quest(page_budget=2)"),
+        }.items():
+            common = dict(tokenizer=tok, max_new_tokens=24, block_size=16, max_segments=16, backend="xla",
+                          return_logprobs=True, return_masks=True, **kw)
+            one, four = generate(model, prompts, **common), generate(model, prompts, mesh=mesh, **common)
+            stats = sorted(one.stats)
+            checks[name] = {
+                "tokens": bool(np.array_equal(one.tokens, four.tokens)),
+                "num_tokens": bool(np.array_equal(one.num_tokens, four.num_tokens)),
+                "logprob_diff": float(np.max(np.abs(one.logprobs - four.logprobs))),
+                "masks": bool(np.array_equal(one.masks, four.masks)),
+                "stats": bool(sorted(four.stats) == stats and all(
+                    np.allclose(one.stats[k], four.stats[k], equal_nan=True, atol=1e-6) for k in stats)),
+                "report": {k: [one.policy_report[k].tolist(), four.policy_report[k].tolist()]
+                           for k in one.policy_report
+                           if not np.array_equal(one.policy_report[k], four.policy_report[k])},
+                "texts": one.texts == four.texts,
+                "distinct_rows": len({tuple(t) for t in one.tokens}),
+            }
+        draws[seed] = checks
+        if programs is None:  # every seed after the first may add prompt buckets of its own
+            programs = decode_loop.run_sharded._cache_size()
     errors = []
     for bad in (dict(prompts=prompts[:6]), dict(prompts=prompts, return_timing=True),
                 dict(prompts=prompts, prefill_chunk=4)):
@@ -68,28 +79,40 @@ _SCRIPT = textwrap.dedent('''
             errors.append(None)
         except ValueError as err:
             errors.append(str(err))
-    from selfspan_jax import decode_loop
-    print(json.dumps({"devices": jax.device_count(), "mesh": dict(mesh.shape), "checks": checks,
-                      "errors": errors, "sharded_programs": decode_loop.run_sharded._cache_size()}))
+    print(json.dumps({"devices": jax.device_count(), "mesh": dict(mesh.shape), "draws": draws,
+                      "errors": errors, "sharded_programs": programs}))
 ''')
 
 
+# The draw whose self_span report differed between one device and four (ignored_refs of row 4, the first
+# row of the third device's shard): a row stopped on EOS inside a header number went on being fed by
+# the one-device loop while its shard had already stopped.
+KNOWN_SEEDS = (51855,)
+
+
 def test_batch_sharded_generate_equals_one_device(tmp_path):
-    seed = int.from_bytes(os.urandom(2), "little")
-    print(f"seed={seed}")
+    drawn = set()
+    while len(drawn) < draws(1):
+        drawn |= {int.from_bytes(os.urandom(2), "little")} - set(KNOWN_SEEDS)
+    seeds = [*KNOWN_SEEDS, *sorted(drawn)]
+    print(f"seeds={seeds}")
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(seed)], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT, *map(str, seeds)], env=env, capture_output=True,
+                          text=True, timeout=600 + 30 * len(drawn), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     assert info["devices"] == 4 and info["mesh"] == {"data": 4, "fsdp": 1}
     assert info["sharded_programs"] == 3  # self_span (greedy and sampled share it), dense, quest: SPMD programs
-    for name, c in info["checks"].items():
-        assert c["tokens"] and c["num_tokens"] and c["texts"], name
-        assert c["logprob_diff"] < 1e-5, (name, c["logprob_diff"])
-        assert c["masks"] and c["stats"] and c["report"], (name, c)
-        assert c["distinct_rows"] > 1, name  # the comparison is not of one row repeated
+    assert sorted(map(int, info["draws"])) == sorted(seeds)
+    for seed, checks in info["draws"].items():
+        for name, c in checks.items():
+            where = f"seed {seed}, {name}"
+            assert c["tokens"] and c["num_tokens"] and c["texts"], where
+            assert c["logprob_diff"] < 1e-5, (where, c["logprob_diff"])
+            assert c["masks"] and c["stats"], (where, c)
+            assert c["report"] == {}, (where, "policy_report [one device, four]", c["report"])
+            assert c["distinct_rows"] > 1, where  # the comparison is not of one row repeated
     not_even, timing, chunk = info["errors"]
     assert "cannot be split evenly over the mesh's 4 'data' devices" in not_even
     assert "return_timing is not available with mesh" in timing
