@@ -15,6 +15,10 @@ times, in one run and on the same arrays:
   jax_paged    jax's Pallas GPU paged_attention fed a compacted page table of
                only the live blocks (GPU only)
 
+The two jax columns run where the installed jax still ships those ops (jax 0.12.1
+removed both); otherwise they are left out, and the JSON's "peers" and the run's
+first lines say why.
+
 plus the device's copy bandwidth, measured in the same run. Per point: median
 (and min) time per call, speedup over ours@1 and over the dense baselines, and
 achieved GB/s on the bytes actually read. Writes JSON (device, jax version,
@@ -36,6 +40,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import importlib
 import math
 import os
 import sys
@@ -140,22 +145,35 @@ def bytes_read(batch, kv_heads, head_dim, tokens, num_heads, itemsize) -> int:
     return batch * kv_heads * tokens * head_dim * 2 * itemsize + 2 * batch * num_heads * head_dim * itemsize
 
 
-def _jax_gpu_ops():
-    """jax's own Pallas GPU decode ops (deprecated modules: import quietly)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from jax.experimental.pallas.ops.gpu import decode_attention, paged_attention
-    return decode_attention, paged_attention
+# The comparison columns and the jax module each needs. Both are Pallas Triton ops that jax 0.11
+# deprecated and jax 0.12.1 removed, so a column runs only where the installed jax still has its op.
+PEER_MODULES = {"jax_decode": "jax.experimental.pallas.ops.gpu.decode_attention",
+                "jax_paged": "jax.experimental.pallas.ops.gpu.paged_attention"}
 
 
-def jax_decode_fn(interpret: bool = False):
+def peer_ops(gpu: bool) -> dict[str, object]:
+    """{column: the jax module it times, or a str saying why the column is left out}."""
+    found = {}
+    for column, module in PEER_MODULES.items():
+        if not gpu:
+            found[column] = "no GPU: jax's Pallas GPU ops run on a GPU only"
+            continue
+        try:
+            with warnings.catch_warnings():  # deprecated modules: import quietly
+                warnings.simplefilter("ignore", DeprecationWarning)
+                found[column] = importlib.import_module(module)
+        except ImportError as err:
+            found[column] = f"jax {jax.__version__} has no {module} ({type(err).__name__}: {err})"
+    return found
+
+
+def jax_decode_fn(decode_attention, interpret: bool = False):
     """jax's decode_attention on our [B, K, S, H] layout.
 
     Its public gqa() takes [B, S, K, H] and transposes the whole cache inside
     the call; to time only its kernel we vmap its per-head entry point over
     (B, K) exactly as gqa() does after that transpose.
     """
-    decode_attention, _ = _jax_gpu_ops()
     inner = functools.partial(
         decode_attention.decode_attn_unbatched, sm_scale=None, block_h=16, block_k=128, k_splits=16,
         num_warps=None, num_stages=2, grid=None, interpret=interpret, debug=False, return_residuals=False,
@@ -176,9 +194,8 @@ def jax_decode_fn(interpret: bool = False):
     return fn
 
 
-def jax_paged_fn(block_size: int, live: int, interpret: bool = False):
+def jax_paged_fn(paged_attention, block_size: int, live: int, interpret: bool = False):
     """jax's paged_attention reading only the live blocks through a compacted page table."""
-    _, paged_attention = _jax_gpu_ops()
     # Tokens per inner step ~128 as in its defaults; splits so each has >= 1 step.
     pages_per_compute_block = max(1, min(8, 128 // block_size, live))
     k_splits = max(1, min(16, live // pages_per_compute_block))
@@ -210,7 +227,9 @@ def cache_copies(cache_bytes: int, *, rotate_bytes: int, unroll_min: int, budget
     return int(max(1, min(wanted, budget_bytes // cache_bytes)))
 
 
-def bench_group(rng, heads, batch, seq_len, cfg, *, reps, gpu, rotate_bytes, unroll_min, log):
+def bench_group(rng, heads, batch, seq_len, cfg, *, reps, gpu, rotate_bytes, unroll_min, log, peers=None):
+    """peers: `peer_ops`'s result; the columns whose entry is a module are timed."""
+    peers = {name: op for name, op in (peers or {}).items() if not isinstance(op, str)}
     num_heads, kv_heads, head_dim = HEADS[heads]
     dtype = jnp.dtype(cfg["dtype"])
     itemsize = dtype.itemsize
@@ -245,10 +264,11 @@ def bench_group(rng, heads, batch, seq_len, cfg, *, reps, gpu, rotate_bytes, unr
     record_baseline("dpa", dpa, bshd)
     ref_dense = np.asarray(jnp.asarray(dpa(q, *bshd[0]), jnp.float32))
     del bshd
-    if gpu:
-        jd = record_baseline("jax_decode", jax_decode_fn(), caches)
-        jd_out = np.asarray(jnp.asarray(jax_decode_fn()(q, *caches[0]), jnp.float32))
+    if "jax_decode" in peers:
+        jd = record_baseline("jax_decode", jax_decode_fn(peers["jax_decode"]), caches)
+        jd_out = np.asarray(jnp.asarray(jax_decode_fn(peers["jax_decode"])(q, *caches[0]), jnp.float32))
         jd["max_abs_diff_vs_dpa"] = float(np.abs(jd_out - ref_dense).max())
+    if "jax_paged" in peers:
         pages = [(jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1)) for k, v in caches]  # [K, B, S, H]
 
     for block_size in cfg["block_sizes"]:
@@ -288,8 +308,8 @@ def bench_group(rng, heads, batch, seq_len, cfg, *, reps, gpu, rotate_bytes, unr
                     point["speedup_vs_all_blocks_net"] = (all_time - harness) / (med - harness)
             for name, base in group["baselines"].items():
                 point[f"speedup_vs_{name}"] = base["median_s"] / med
-            if gpu:
-                fn, width = jax_paged_fn(block_size, live)
+            if "jax_paged" in peers:
+                fn, width = jax_paged_fn(peers["jax_paged"], block_size, live)
                 # Page p of sequence b is block (b, p) of a [K, B*NB, bs, H] view.
                 tables = np.zeros((batch, width), np.int32)
                 idx_np, cnt_np = np.asarray(idx), np.asarray(cnt)
@@ -428,6 +448,10 @@ def main(argv=None) -> dict:
     )
     print(f"device {result['device_kind']} ({result['platform']}), jax {jax.__version__}, "
           f"copy bandwidth {result['copy_bandwidth_gbps']:.1f} GB/s (read + write)", flush=True)
+    peers = peer_ops(gpu)
+    result["peers"] = {name: "timed" if not isinstance(op, str) else f"left out: {op}" for name, op in peers.items()}
+    for name, state in result["peers"].items():
+        print(f"  column {name}: {state}", flush=True)
 
     rng = np.random.default_rng(0)
     start = time.perf_counter()
@@ -441,7 +465,7 @@ def main(argv=None) -> dict:
                     break
                 result["groups"].append(bench_group(
                     rng, heads, batch, seq_len, cfg, reps=reps, gpu=gpu, rotate_bytes=rotate_bytes,
-                    unroll_min=args.unroll or (8 if gpu else 1), log=lambda s: print(s, flush=True)))
+                    unroll_min=args.unroll or (8 if gpu else 1), log=lambda s: print(s, flush=True), peers=peers))
                 # Written after every group so a run cut short keeps what it measured.
                 reporting.write_json(result, out)
     result["elapsed_s"] = time.perf_counter() - start

@@ -12,6 +12,7 @@ device every sharding is trivial and the program is the single-device one.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -44,6 +45,30 @@ def maybe_initialize_distributed() -> bool:
     if "JAX_PROCESS_ID" in os.environ:
         kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
     jax.distributed.initialize(**kwargs)
+    avoid_persistent_cache_hang()
+    return True
+
+
+# jax versions whose CPU collectives hang when process 0 loads a program from the persistent
+# compilation cache while the other processes compile it (docs/notes/dependencies.md has the
+# reproduction): only process 0 writes the cache and the others compute other keys, so that mixture
+# is what every run after the first one gets.
+CACHE_HANG_JAX_VERSIONS = ("0.12.1",)
+
+
+def avoid_persistent_cache_hang() -> bool:
+    """Turn the persistent compilation cache off in a multi-process CPU run on a jax version listed in
+    `CACHE_HANG_JAX_VERSIONS` (a warning says so); True when it did. Call it after
+    `jax.distributed.initialize` and before the first compile."""
+    if (jax.__version__ not in CACHE_HANG_JAX_VERSIONS or jax.process_count() < 2
+            or jax.default_backend() != "cpu" or not jax.config.jax_enable_compilation_cache
+            or not jax.config.jax_compilation_cache_dir):
+        return False
+    jax.config.update("jax_enable_compilation_cache", False)
+    warnings.warn(f"jax {jax.__version__}: the persistent compilation cache "
+                  f"({jax.config.jax_compilation_cache_dir}) is off in this {jax.process_count()}-process CPU "
+                  "run: with it on, a run whose process 0 loads a collective program from the cache hangs "
+                  "(docs/notes/dependencies.md)", RuntimeWarning, stacklevel=2)
     return True
 
 

@@ -242,3 +242,50 @@ def test_ceiling_plots_name_the_machine(tmp_path):
     bench.plot_fraction_of_ceiling({"s": [(1, {"min": 0.9, "median": 1.0, "max": 1.1})]}, png, "t",
                                    machine=bench.machine_of(cpu))
     assert png.stat().st_size > 0
+
+
+def test_kernel_bench_sweeps_without_jax_peer_ops(tmp_path, monkeypatch):
+    """jax's Pallas GPU decode ops are comparison columns, not requirements: jax 0.12.1 removed both.
+    Each column is timed when its module imports and left out with the reason otherwise; the sweep
+    never stops on a missing peer. Here: decode_attention present (a float64-checked stand-in with its
+    signature), paged_attention missing."""
+    import importlib
+    import json
+    import sys
+    import types
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
+    import bench_kernel
+
+    assert all("no GPU" in why for why in bench_kernel.peer_ops(gpu=False).values())
+    real_import = importlib.import_module
+
+    def only_decode(name, *a, **kw):
+        if name == bench_kernel.PEER_MODULES["jax_paged"]:
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        if name == bench_kernel.PEER_MODULES["jax_decode"]:
+            return types.SimpleNamespace(decode_attn_unbatched=_reference_decode)
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(importlib, "import_module", only_decode)
+    peers = bench_kernel.peer_ops(gpu=True)
+    assert peers["jax_decode"].decode_attn_unbatched is _reference_decode
+    assert f"jax {jax.__version__} has no {bench_kernel.PEER_MODULES['jax_paged']}" in peers["jax_paged"]
+
+    monkeypatch.setattr(bench_kernel, "peer_ops", lambda gpu: peers)
+    out = tmp_path / "k.json"
+    result = bench_kernel.main(["--quick", "--heads", "gqa", "--batches", "1", "--contexts", "256", "--block-sizes",
+                                "64", "--densities", "0.5", "--reps", "1", "--out", str(out)])
+    assert result["peers"]["jax_decode"] == "timed" and result["peers"]["jax_paged"].startswith("left out: jax ")
+    (group,) = result["groups"]
+    assert group["baselines"]["jax_decode"]["max_abs_diff_vs_dpa"] < 1e-5
+    assert len(group["points"]) == 2 and all("speedup_vs_jax_decode" in p for p in group["points"])
+    assert not any("jax_paged_median_s" in p for p in group["points"])
+    assert json.loads(out.read_text())["peers"] == result["peers"]
+
+
+def _reference_decode(q, k, v, start_idx, kv_seq_len, *, sm_scale, **_):
+    """jax's decode_attn_unbatched contract for one (batch, KV head): q [G, H], k and v [S, H]."""
+    logits = jnp.einsum("gh,sh->gs", q.astype(jnp.float32), k.astype(jnp.float32)) * sm_scale
+    return (jax.nn.softmax(logits, axis=-1) @ v.astype(jnp.float32)).astype(q.dtype)

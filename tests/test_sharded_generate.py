@@ -1,6 +1,9 @@
 """`generate(..., mesh=...)`: the batch split over 4 forced CPU devices decodes token for token as on
 one device (greedy and sampled, self_span, dense and quest), with the same log-probs, statistics and
-policy-report counters.
+policy-report counters. The two are different float32 programs (they agree to ~1e-6), so a choice
+between two tokens whose scores are that close may differ: such a divergence must be a near-tie
+(score gap < 1e-5 under the one-device prefix), and the four-device run is then compared along the
+one-device tokens, teacher-forced.
 
 The 4 devices need XLA_FLAGS before jax starts, so the comparison runs in a subprocess: the known seeds
 and one fresh draw in CI, `SELFSPAN_DRAWS=N` fresh draws in a longer run (README, "Longer checks")."""
@@ -53,8 +56,27 @@ _SCRIPT = textwrap.dedent('''
             common = dict(tokenizer=tok, max_new_tokens=24, block_size=16, max_segments=16, backend="xla",
                           return_logprobs=True, return_masks=True, **kw)
             one, four = generate(model, prompts, **common), generate(model, prompts, mesh=mesh, **common)
+            ties = []
+            for b in np.flatnonzero((one.tokens != four.tokens).any(axis=1)):
+                # Two float32 programs agree to ~1e-6, so an argmax between two near-equal scores may go
+                # either way. Such a divergence must be a near-tie: the gap between the two tokens'
+                # scores (what sample_logits takes the argmax of) under the one-device run's prefix.
+                m = int(np.argmax(one.tokens[b] != four.tokens[b]))
+                a, c = int(one.tokens[b, m]), int(four.tokens[b, m])
+                alt = one.tokens.copy()
+                alt[b, m] = c
+                lp_c = generate(model, prompts, forced_tokens=alt, **common).logprobs[b, m]
+                t = kw.get("temperature", 0.0)
+                gap = float(one.logprobs[b, m] - lp_c)
+                if t > 0:  # the same Gumbel noise as the sampler: the whole batch's, for token m
+                    g = jax.random.gumbel(jax.random.fold_in(jax.random.key(kw["seed"]), m), (len(prompts), cfg.vocab_size))
+                    gap = gap / t + float(g[b, a] - g[b, c])
+                ties.append({"row": int(b), "step": m, "tokens": [a, c], "gap": gap})
+            if ties:  # the rest compares the four-device computation along the one-device tokens
+                four = generate(model, prompts, mesh=mesh, forced_tokens=one.tokens, **common)
             stats = sorted(one.stats)
             checks[name] = {
+                "ties": ties,
                 "tokens": bool(np.array_equal(one.tokens, four.tokens)),
                 "num_tokens": bool(np.array_equal(one.num_tokens, four.num_tokens)),
                 "logprob_diff": float(np.max(np.abs(one.logprobs - four.logprobs))),
@@ -84,10 +106,13 @@ _SCRIPT = textwrap.dedent('''
 ''')
 
 
-# The draw whose self_span report differed between one device and four (ignored_refs of row 4, the first
+# 51855: the self_span report differed between one device and four (ignored_refs of row 4, the first
 # row of the third device's shard): a row stopped on EOS inside a header number went on being fed by
 # the one-device loop while its shard had already stopped.
-KNOWN_SEEDS = (51855,)
+# 4778: "quest greedy" row 4, step 13, picks token 82 on one device and 47 on four: their
+# log-probabilities differ by 9e-7 (a near-tie), and teacher-forced along one path both programs agree
+# to 7e-7 at every step.
+KNOWN_SEEDS = (51855, 4778)
 
 
 def test_batch_sharded_generate_equals_one_device(tmp_path):
@@ -105,14 +130,19 @@ def test_batch_sharded_generate_equals_one_device(tmp_path):
     assert info["devices"] == 4 and info["mesh"] == {"data": 4, "fsdp": 1}
     assert info["sharded_programs"] == 3  # self_span (greedy and sampled share it), dense, quest: SPMD programs
     assert sorted(map(int, info["draws"])) == sorted(seeds)
+    failures, ties = {}, {}
     for seed, checks in info["draws"].items():
         for name, c in checks.items():
-            where = f"seed {seed}, {name}"
-            assert c["tokens"] and c["num_tokens"] and c["texts"], where
-            assert c["logprob_diff"] < 1e-5, (where, c["logprob_diff"])
-            assert c["masks"] and c["stats"], (where, c)
-            assert c["report"] == {}, (where, "policy_report [one device, four]", c["report"])
-            assert c["distinct_rows"] > 1, where  # the comparison is not of one row repeated
+            bad = [k for k in ("tokens", "num_tokens", "texts", "masks", "stats") if not c[k]]
+            bad += [f"diverged at {t} without a near-tie" for t in c["ties"] if not 0 <= t["gap"] < 1e-5]
+            ties.update({f"seed {seed}, {name}": c["ties"]} if c["ties"] else {})
+            bad += [f"logprob_diff {c['logprob_diff']:.2e}"] * (c["logprob_diff"] >= 1e-5)
+            bad += [f"policy_report [one device, four] {c['report']}"] * bool(c["report"])
+            bad += ["one row repeated"] * (c["distinct_rows"] < 2)  # the comparison must be of distinct rows
+            if bad:
+                failures[f"seed {seed}, {name}"] = bad
+    assert not failures, f"{len(failures)} of {len(seeds) * 4} (seed, policy) pairs differ: {failures}"
+    print(f"near-ties that went the other way on four devices: {ties or 'none'}")
     not_even, timing, chunk = info["errors"]
     assert "cannot be split evenly over the mesh's 4 'data' devices" in not_even
     assert "return_timing is not available with mesh" in timing
