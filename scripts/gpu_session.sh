@@ -53,6 +53,30 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   "$PY" -c 'import flax; print("flax", flax.__version__, flax.__file__)' 2>&1 | tee -a "$LOG"
 fi
 
+# The GPU image brings its own jax. Say before any stage how it stands against the tested pin
+# (constraints.txt), and stop at once if it cannot run the kernel (no Pallas Triton backend) rather
+# than after minutes of device time. jax's own decode/paged ops (bench_kernel's comparison
+# columns) were removed in 0.12.1: their columns are then left out with the reason.
+"$PY" - <<'PYCHECK' 2>&1 | tee -a "$LOG"
+import importlib, re, sys
+import jax
+pin = re.search(r"^jax==(\S+)$", open("constraints.txt").read(), re.M)
+pin = pin.group(1) if pin else "?"
+print(f"== jax on this machine {jax.__version__}, tested pin {pin}"
+      + ("" if jax.__version__ == pin else ": not the tested version; results say which ran"))
+try:
+    from jax.experimental.pallas import triton  # noqa: F401  (the kernel's backend)
+except ImportError as err:
+    print(f"STOP: jax {jax.__version__} has no Pallas Triton backend ({err}); the kernel cannot run here")
+    sys.exit(3)
+for name in ("decode_attention", "paged_attention"):
+    try:
+        importlib.import_module(f"jax.experimental.pallas.ops.gpu.{name}")
+    except ImportError:
+        print(f"   jax {jax.__version__} has no pallas.ops.gpu.{name}: bench_kernel leaves that column out")
+PYCHECK
+[[ ${PIPESTATUS[0]} -eq 0 ]] || exit 3
+
 status=0
 if [[ "$STAGE" == "fixedcost" ]]; then
   # Second visit (issue 15, kernel notes): where XLA leaves the PTX, the kernel's fixed cost per call

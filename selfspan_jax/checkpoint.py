@@ -54,7 +54,7 @@ def _restore_args(target, partial: bool):
         return ocp.args.StandardRestore(target)
     # PyTreeRestore is what can skip saved entries; leaves without a sharding
     # land on the default device as jax arrays (not numpy).
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.make_single_device_sharding(jax.devices()[0])
     target = jax.tree.map(lambda x: x if getattr(x, "sharding", None) is not None
                           else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), target)
     return ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),

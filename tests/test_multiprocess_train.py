@@ -109,7 +109,7 @@ def _final(run: Path, like=None):
     in this one-device process needs a target tree (`like`: a state restored here), as evaluation has."""
     target = None
     if like is not None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        device = jax.sharding.make_single_device_sharding(jax.devices()[0])
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), like)
     with Checkpointer(run / "checkpoints") as mgr:
         assert mgr.latest_step() == STEPS
