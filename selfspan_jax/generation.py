@@ -148,10 +148,17 @@ class GenerateOutput:
         }
 
 
+def _is_token_id(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
 def _prepare_prompts(prompts, tokenizer, prompt_lengths) -> tuple[list[list[int]], None]:
-    """Normalises prompts to a list of id lists."""
+    """Normalises prompts to a list of id lists. One flat sequence of ids is one prompt, as a 1-D
+    array is; each prompt is a string or a 1-D sequence of integer ids (no floats, no deeper nesting)."""
     if isinstance(prompts, str):
         prompts = [prompts]
+    if isinstance(prompts, (list, tuple)) and prompts and all(_is_token_id(x) for x in prompts):
+        prompts = np.asarray(prompts)
     if isinstance(prompts, (np.ndarray, jax.Array)):
         arr = np.asarray(prompts)
         if arr.ndim == 1:
@@ -176,14 +183,18 @@ def _prepare_prompts(prompts, tokenizer, prompt_lengths) -> tuple[list[list[int]
     if not prompts:
         raise ValueError("prompts is empty")
     out = []
-    for p in prompts:
+    for i, p in enumerate(prompts):
         if isinstance(p, str):
             if tokenizer is None:
                 raise ValueError("string prompts need a tokenizer")
             # The same ids training saw for this text (one BOS, never doubled)
             out.append(encode_prompt(tokenizer, p))
-        else:
-            out.append([int(x) for x in np.asarray(p).reshape(-1)])
+            continue
+        arr = np.asarray(p)
+        if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+            raise ValueError(f"prompt {i} must be a string or a 1-D sequence of integer token ids, got "
+                             f"{type(p).__name__} of dtype {arr.dtype} and shape {arr.shape}")
+        out.append([int(x) for x in arr])
     empty = [i for i, p in enumerate(out) if not p]
     if empty:
         raise ValueError(f"prompts {empty} are empty")
@@ -321,6 +332,9 @@ def generate(
                   return_stats=return_stats, return_recall=bool(return_recall))
     if mesh is not None:
         shards = _data_shards(mesh, B, prefill_chunk, return_timing)
+        # Parameters restored from a checkpoint are committed to one device, and jit refuses to mix
+        # them with the mesh's arrays: replicate them first (a no-op where they already are).
+        params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         st, report = decode_loop.run_sharded(
             params, *knobs, mesh=mesh, **static, dense_reads=S < int(min_sparse_context),
             prefill_chunk=B // shards if prefill_chunk is None else int(prefill_chunk))

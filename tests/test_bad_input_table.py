@@ -104,6 +104,8 @@ CASES = {
     "generate-forced": lambda tmp: generate(_model(), ["1+2"], tokenizer=_TOK, max_new_tokens=4,
                                             forced_tokens=np.full((1, 8), 3.7)),
     "generate-empty": lambda tmp: generate(_model(), np.zeros((1, 0), np.int32), tokenizer=_TOK, max_new_tokens=4),
+    "generate-float-ids": lambda tmp: generate(_model(), [[5.9, 6.2]], tokenizer=_TOK, max_new_tokens=4),
+    "generate-nested-ids": lambda tmp: generate(_model(), [[[5, 6]]], tokenizer=_TOK, max_new_tokens=4),
     "generate-temperature": lambda tmp: generate(_model(), ["1+2"], tokenizer=_TOK, max_new_tokens=4,
                                                  temperature=float("nan")),
     "generate-too-long": lambda tmp: generate(_model(), ["1+2" * 20], tokenizer=_TOK, max_new_tokens=16),

@@ -515,6 +515,16 @@ def test_token_array_prompts_equal_list_prompts(model, tok):
     assert a.texts is None and a.logprobs is None
 
 
+def test_a_flat_id_list_is_one_prompt_as_a_1d_array_is(model, tok):
+    """[5, 6, 7] was read as three one-token prompts while np.array([5, 6, 7]) was one."""
+    ids = tok.encode(_live_prompts(seed=9)[0])
+    kw = dict(policy="dense", max_new_tokens=4, backend="xla", block_size=BLOCK)
+    outs = [generate(model, p, **kw) for p in (ids, tuple(ids), np.asarray(ids), [ids])]
+    for out in outs:
+        assert out.prompt_lengths.tolist() == [len(ids)]
+        np.testing.assert_array_equal(out.tokens, outs[-1].tokens)
+
+
 def test_statistics_off_changes_nothing_else(model, tok):
     """return_stats=False: same tokens and log-probs, sampled and greedy; only step_valid is kept,
     and summary() says why it cannot summarise."""
