@@ -148,7 +148,7 @@ class GenerateOutput:
         }
 
 
-def _is_token_id(x) -> bool:
+def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
@@ -157,7 +157,7 @@ def _prepare_prompts(prompts, tokenizer, prompt_lengths) -> tuple[list[list[int]
     array is; each prompt is a string or a 1-D sequence of integer ids (no floats, no deeper nesting)."""
     if isinstance(prompts, str):
         prompts = [prompts]
-    if isinstance(prompts, (list, tuple)) and prompts and all(_is_token_id(x) for x in prompts):
+    if isinstance(prompts, (list, tuple)) and prompts and all(_is_int(x) for x in prompts):
         prompts = np.asarray(prompts)
     if isinstance(prompts, (np.ndarray, jax.Array)):
         arr = np.asarray(prompts)
@@ -284,10 +284,12 @@ def generate(
     adore_controller: the trained controller `policy="adore"` uses (`adore.TrainedController` or the
         directory `scripts/train_adore.py` wrote).
     """
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if not isinstance(block_size, (int, np.integer)) or block_size < 1:
+    if not _is_int(block_size) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if not _is_int(seed) or not -2**63 <= seed < 2**63:
+        raise ValueError(f"seed must be an int in [-2**63, 2**63), got {seed!r}")
     sampling = Sampling(temperature, top_k, top_p)
     backend = resolve_backend(backend)
     if isinstance(min_sparse_context, bool) or not isinstance(min_sparse_context, (int, np.integer)) \

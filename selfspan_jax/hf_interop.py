@@ -30,6 +30,11 @@ from safetensors.numpy import load_file, save_file
 from selfspan_jax.config import LlamaConfig, RopeScaling
 from selfspan_jax.lora import is_lora, merge_lora
 
+try:
+    from huggingface_hub.errors import StrictDataclassError as _StrictDataclassError
+except ImportError:  # huggingface_hub before its strict dataclasses: transformers raises ValueError
+    _StrictDataclassError = ValueError
+
 # our path -> HF name, outside the layers
 HF_TOP = {"embed.embedding": "model.embed_tokens.weight", "final_norm.scale": "model.norm.weight",
           "lm_head.kernel": "lm_head.weight"}
@@ -91,7 +96,13 @@ def config_from_hf(d: dict[str, Any]) -> LlamaConfig:
             raise ValueError(f"config.json sets {flag}=true; Llama has no biases")
     if d.get("hidden_act", "silu") != "silu":
         raise ValueError(f"config.json hidden_act {d.get('hidden_act')!r} is not supported (only 'silu')")
-    hc = transformers.LlamaConfig(**{k: v for k, v in d.items() if k != "model_type"})
+    try:
+        hc = transformers.LlamaConfig(**{k: v for k, v in d.items() if k != "model_type"})
+    except (TypeError, ValueError, _StrictDataclassError) as err:
+        # transformers 5 validates through huggingface_hub's strict dataclasses, whose errors are
+        # neither ValueError nor short: keep the line that names the field
+        reason = [line.strip() for line in str(err).splitlines() if line.strip()][-1]
+        raise ValueError(f"config.json is not a valid Llama config: {reason}") from err
     # transformers 5 normalises both layouts into rope_parameters; 4.x keeps rope_theta / rope_scaling
     rope = dict(getattr(hc, "rope_parameters", None)
                 or {"rope_theta": getattr(hc, "rope_theta", 10_000.0), **(getattr(hc, "rope_scaling", None) or {})})

@@ -632,16 +632,25 @@ _SETTABLE = {"quest": lambda **kw: QuestPolicy(**kw), "sparq": lambda **kw: Spar
 def _from_spec(spec: str, defaults: dict[str, dict[str, Any]]) -> Policy:
     """"name(key=value, ...)" -> that policy with those settings (values are YAML scalars), on top of
     `defaults[name]`."""
-    name, _, rest = spec.partition("(")
+    name, _, rest = spec.strip().partition("(")
     name = name.strip()
     if name not in _SETTABLE or not rest.endswith(")"):
         raise ValueError(f"policy spec {spec!r}: expected one of {sorted(_SETTABLE)} followed by (key=value, ...)")
-    kwargs = dict(defaults.get(name, {}))
+    given: dict[str, Any] = {}
     for item in filter(None, (p.strip() for p in rest[:-1].split(","))):
-        key, eq, value = item.partition("=")
+        key, eq, value = (part.strip() for part in item.partition("="))
         if not eq:
             raise ValueError(f"policy spec {spec!r}: {item!r} is not key=value")
-        kwargs[key.strip()] = yaml.safe_load(value)
+        if key in given:
+            raise ValueError(f"policy spec {spec!r}: {key!r} is given twice")
+        if not value:
+            raise ValueError(f"policy spec {spec!r}: {key!r} has no value")
+        try:
+            given[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ValueError(f"policy spec {spec!r}: the value of {key!r}, {value!r}, is not a plain number, "
+                             "bool or string") from None
+    kwargs = {**defaults.get(name, {}), **given}
     try:
         return _SETTABLE[name](**kwargs)
     except TypeError as err:
@@ -665,6 +674,8 @@ def make_policy(policy: str | Policy, *, span_tokens=None, max_segments: int = 6
     """
     if isinstance(policy, Policy):
         return policy
+    if isinstance(policy, str):
+        policy = policy.strip()
     adore_defaults = {} if adore_controller is None else {"controller": adore_controller}
     if policy == "adore" or (isinstance(policy, str) and policy.startswith("adore(")):
         if adore_controller is None and "controller" not in policy:

@@ -32,8 +32,10 @@ class Sampling:
         if self.top_k is not None and (isinstance(self.top_k, bool)
                                        or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 1):
             raise ValueError(f"top_k must be a positive int or None, got {self.top_k!r}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
+        p = self.top_p
+        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float, np.floating, np.integer))
+                              or not 0.0 < p <= 1.0):
+            raise ValueError(f"top_p must be a number in (0, 1] or None, got {p!r}")
 
     @property
     def greedy(self) -> bool:

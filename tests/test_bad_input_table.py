@@ -7,6 +7,7 @@ behaviour cannot drift apart.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -21,6 +22,7 @@ from selfspan_jax import runs
 from selfspan_jax.config import LlamaConfig
 from selfspan_jax.generation import generate
 from selfspan_jax.model import Llama
+from selfspan_jax.policies import make_policy
 from selfspan_jax.tokenizer import CharTokenizer
 from selfspan_jax.train_config import config_from_args, load_config_file
 from selfspan_jax.weights import load_model
@@ -53,6 +55,14 @@ def _kernel(idx, cnt, head_dim=16, backend="xla"):
     k = np.zeros((1, 1, 64, head_dim), np.float32)
     return block_sparse_decode(q, k, k, np.asarray(idx, np.int32), np.asarray(cnt, np.int32), block_size=16,
                                backend=backend)
+
+
+def _config_with(**changes):
+    """A damage for `_hf_copy`: config.json with these fields changed."""
+    def damage(path: Path):
+        cfg = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**cfg, **changes}))
+    return damage
 
 
 def _hf_copy(tmp: Path, damage) -> str:
@@ -104,6 +114,16 @@ CASES = {
     "generate-forced": lambda tmp: generate(_model(), ["1+2"], tokenizer=_TOK, max_new_tokens=4,
                                             forced_tokens=np.full((1, 8), 3.7)),
     "generate-empty": lambda tmp: generate(_model(), np.zeros((1, 0), np.int32), tokenizer=_TOK, max_new_tokens=4),
+    "generate-top-p-str": lambda tmp: generate(_model(), ["1+2"], tokenizer=_TOK, max_new_tokens=4, temperature=1.0,
+                                               top_p="0.5"),
+    "generate-top-p-bool": lambda tmp: generate(_model(), ["1+2"], tokenizer=_TOK, max_new_tokens=4, temperature=1.0,
+                                                top_p=True),
+    "generate-budget-bool": lambda tmp: generate(_model(), ["1+2"], tokenizer=_TOK, max_new_tokens=True),
+    "generate-seed-float": lambda tmp: generate(_model(), ["1+2"], tokenizer=_TOK, max_new_tokens=4, seed=1.5),
+    "generate-seed-big": lambda tmp: generate(_model(), ["1+2"], tokenizer=_TOK, max_new_tokens=4, seed=2**64),
+    "policy-spec-twice": lambda tmp: make_policy("sparq(r=4,k=16,r=2)"),
+    "policy-spec-no-value": lambda tmp: make_policy("sparq(r=)"),
+    "policy-spec-yaml-tag": lambda tmp: make_policy("sparq(r=!!python/object:os.system 1,k=3)"),
     "generate-float-ids": lambda tmp: generate(_model(), [[5.9, 6.2]], tokenizer=_TOK, max_new_tokens=4),
     "generate-nested-ids": lambda tmp: generate(_model(), [[[5, 6]]], tokenizer=_TOK, max_new_tokens=4),
     "generate-temperature": lambda tmp: generate(_model(), ["1+2"], tokenizer=_TOK, max_new_tokens=4,
@@ -118,6 +138,8 @@ CASES = {
     "run-in-use": _second_writer,
     "hf-config-json": lambda tmp: load_model(_hf_copy(tmp, lambda p: (p / "config.json").write_text("{x")),
                                              add_span_tokens=False),
+    "hf-config-heads": lambda tmp: load_model(_hf_copy(tmp, _config_with(num_attention_heads=3)), add_span_tokens=False),
+    "hf-config-type": lambda tmp: load_model(_hf_copy(tmp, _config_with(hidden_size="64")), add_span_tokens=False),
     "hf-index-list": lambda tmp: load_model(
         _hf_copy(tmp, lambda p: (p / "model.safetensors.index.json").write_text("[]")), add_span_tokens=False),
     "dtype": lambda tmp: load_model(str(HF_TINY), dtype=jnp.int32, add_span_tokens=False),

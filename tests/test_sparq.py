@@ -229,6 +229,8 @@ def test_by_name_and_spec():
     assert make_policy("sparq") == SparQPolicy(r=16, k=64, local_window=16)
     assert make_policy("sparq(r=8, k=16, local_window=4, reallocate_mean=false)") == SparQPolicy(8, 16, 4, False)
     assert make_policy("quest(page_budget=3)") == QuestPolicy(3)
+    # spaces around a spec or a name, as around its items, are not part of it
+    assert make_policy("  quest(page_budget=3) ") == QuestPolicy(3) and make_policy(" sparq ") == make_policy("sparq")
     assert split_policy_specs("dense, quest(page_budget=2),sparq(r=8,k=16),self_span") == [
         "dense", "quest(page_budget=2)", "sparq(r=8,k=16)", "self_span"]
     for bad, match in (("sparq(r=8)", "'k'"), ("quest(budget=2)", "budget"), ("quest(2)", "key=value"),
