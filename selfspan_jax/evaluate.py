@@ -32,7 +32,7 @@ import numpy as np
 from pallas_kernels.backend import resolve_backend
 from selfspan_jax import reporting, runs, tasks
 from selfspan_jax.data.arithmetic import check_completion
-from selfspan_jax.generation import GenerateOutput, generate
+from selfspan_jax.generation import GenerateOutput, checked_policy, generate
 from selfspan_jax.policies import make_policy
 from selfspan_jax.spans import SpanTokens
 from selfspan_jax.tokenizer import encode_prompt
@@ -202,6 +202,11 @@ def evaluate_rows(
         raise ValueError(f"baseline={baseline!r} is not one of the rows {names}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for row in rows:  # every row's policy against its model before the first row's work
+        try:
+            checked_policy(row.model, row.decode_policy, tokenizer=row.tokenizer, max_segments=max_segments)
+        except ValueError as err:
+            raise ValueError(f"row {row.name!r}: {err}") from err
     if max_new_tokens is None:
         # one budget for all rows (the first row's tokenizer and model): the same work for everyone
         max_new_tokens = tasks.generation_budget(records, rows[0].tokenizer, rows[0].model.config.max_seq_len)

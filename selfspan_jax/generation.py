@@ -297,9 +297,8 @@ def generate(
         raise ValueError(f"min_sparse_context must be an int >= 0, got {min_sparse_context!r}")
     if prefill_chunk is not None and (not isinstance(prefill_chunk, (int, np.integer)) or prefill_chunk < 1):
         raise ValueError(f"prefill_chunk must be a positive int or None, got {prefill_chunk!r}")
-    if span_tokens is None and tokenizer is not None and not isinstance(policy, Policy) and policy == "self_span":
-        span_tokens = SpanTokens.from_tokenizer(tokenizer)
-    pol = make_policy(policy, span_tokens=span_tokens, max_segments=max_segments, adore_controller=adore_controller)
+    pol = checked_policy(model, policy, tokenizer=tokenizer, span_tokens=span_tokens, max_segments=max_segments,
+                         adore_controller=adore_controller)
 
     ids = _prepare_prompts(prompts, tokenizer, prompt_lengths)
     B = len(ids)
@@ -360,6 +359,18 @@ def generate(
         timing = {"prefill_s": clock[1] - clock[0], "decode_s": clock[2] - clock[1],
                   "decode_steps": int(st.step) - 1}  # loop iterations run; token 0 came from prefill
     return _output(st, report, pol, lengths, max_new_tokens, eos, tokenizer, timing)
+
+
+def checked_policy(model, policy: str | Policy, *, tokenizer=None, span_tokens=None, max_segments: int = 64,
+                   adore_controller=None) -> Policy:
+    """The `Policy` `generate` decodes `model` with: a name or spec resolved (`policies.make_policy`;
+    self_span takes its span tokens from `tokenizer` unless given), then checked against the model's
+    shapes (`Policy.check_model`). Callers that decode several policies check them all first."""
+    if span_tokens is None and tokenizer is not None and isinstance(policy, str) and policy.strip() == "self_span":
+        span_tokens = SpanTokens.from_tokenizer(tokenizer)
+    pol = make_policy(policy, span_tokens=span_tokens, max_segments=max_segments, adore_controller=adore_controller)
+    pol.check_model(model.config)
+    return pol
 
 
 def _data_shards(mesh, B: int, prefill_chunk: int | None, return_timing: bool) -> int:

@@ -168,6 +168,10 @@ class Policy(abc.ABC):
         `selections` are the step's selections (one per layer for a query-aware policy)."""
         return state
 
+    def check_model(self, config) -> None:
+        """Raise ValueError when this policy cannot decode a model of `config` (a `LlamaConfig`): called
+        before any work, so a setting that does not fit the model fails before the rows that fit run."""
+
     def fallback(self, state: Any, batch: int) -> jax.Array:
         """bool [B]: sequences the policy has switched to dense for good."""
         return jnp.zeros((batch,), bool)
@@ -394,6 +398,10 @@ class SparQPolicy(DecodeOnlyPolicy):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
+    def check_model(self, config):
+        if self.r > config.head_dim:
+            raise ValueError(f"r={self.r} exceeds the head dim {config.head_dim}")
+
     def observe_prefill(self, state, cache, lengths, *, block_size):
         S = cache.v.shape[3]
         # [1, B, 1, S, 1]
@@ -524,8 +532,13 @@ class AdorePolicy(DecodeOnlyPolicy):
         """m: tokens the cache holds besides the query and the rebuilt ones."""
         return self.budget - self.rebuild - 1
 
+    def check_model(self, config):
+        self._check_shapes(config.n_layers, config.head_dim)
+
     def _check_cache(self, cache) -> None:
-        L, H = cache.k.shape[0], cache.k.shape[-1]
+        self._check_shapes(cache.k.shape[0], cache.k.shape[-1])
+
+    def _check_shapes(self, L: int, H: int) -> None:
         ctl = self.controller
         if (L, H) != (ctl.n_layers, ctl.head_dim):
             raise ValueError(f"the ADORE controller {ctl} was trained for {ctl.n_layers} layers of head dim "

@@ -613,3 +613,24 @@ def test_interleaved_results_shuffled_rounds_keep_every_call_once_per_round():
     for name, values in results.items():
         assert len(values) == 12 and all(v.startswith(name) for v in values)
     assert run(7)[0] == order and run(8)[0] != order
+
+
+def test_every_rows_policy_is_checked_against_its_model_before_any_row_runs(monkeypatch):
+    """`evaluate.py --policies 'dense,...,sparq(r=100,k=4)'` computed the first rows, then failed on r >
+    head dim and wrote nothing: now the bad row is named before the first decode."""
+    from flax import nnx
+
+    from selfspan_jax.config import LlamaConfig
+    from selfspan_jax.model import Llama
+
+    tok = CharTokenizer()
+    model = Llama(LlamaConfig(vocab_size=len(tok), d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, mlp_dim=64,
+                              max_seq_len=256), rngs=nnx.Rngs(0))
+    decoded = []
+    monkeypatch.setattr(ev, "decode", lambda *a, **kw: decoded.append(kw["policy"]))
+    rows = [ev.Row(name, model, tok, policy) for name, policy in
+            (("a", "dense"), ("b", "self_span"), ("c", "quest(page_budget=2)"), ("d", "sparq(r=100,k=4)"))]
+    recs = arithmetic.generate_examples(2, seed=1, split="test")
+    with pytest.raises(ValueError, match=r"row 'd': r=100 exceeds the head dim 16"):
+        ev.evaluate_rows(rows, recs, task="arithmetic")
+    assert decoded == []
