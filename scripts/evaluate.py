@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timing-batch", type=int, default=None, help="batch used for timing (default: --batch-size)")
     p.add_argument("--out-dir", default="benchmarks/results")
     p.add_argument("--name", default=None, help="file stem of the results (default: eval_<task>_<split>)")
+    p.add_argument("--overwrite", action="store_true", help="replace <out-dir>/<name>.{json,md} if they exist")
     p.add_argument("--heatmap", default=None, metavar="PNG", help="also draw the span heat map of the first example")
     return p
 
@@ -73,24 +74,30 @@ def main(argv=None) -> int:
     from selfspan_jax.train_config import parse_key_value
 
     try:
+        policies, baseline_policies = _split_policies(args.policies), _split_policies(args.baseline_policies)
+        data = dict(parse_key_value(item) for item in args.data)
         loaded = ev.load_for_eval(args.source, step=args.step)  # once: the table and the heat map share it
-        result = ev.compare(
-            loaded, baseline=args.baseline, baseline_step=args.baseline_step, task=args.task,
-            split=args.split, data=dict(parse_key_value(item) for item in args.data), num=args.num, seed=args.seed,
-            policies=_split_policies(args.policies), baseline_policies=_split_policies(args.baseline_policies),
-            max_segments=args.max_segments, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-            block_size=args.block_size, backend=args.backend, timing_repeats=args.repeats,
-            timing_batch=args.timing_batch,
-        )
+        name = args.name or "eval_{}_{}".format(*ev.task_and_split(loaded, args.task, args.split))
+        with ev.reserved_results(args.out_dir, name, overwrite=args.overwrite):
+            result = ev.compare(
+                loaded, baseline=args.baseline, baseline_step=args.baseline_step, task=args.task,
+                split=args.split, data=data, num=args.num, seed=args.seed, policies=policies,
+                baseline_policies=baseline_policies, max_segments=args.max_segments, batch_size=args.batch_size,
+                max_new_tokens=args.max_new_tokens, block_size=args.block_size, backend=args.backend,
+                timing_repeats=args.repeats, timing_batch=args.timing_batch,
+            )
+            print(ev.format_table(result))  # before writing: a failed write keeps the table
+            for line in result["notes"]:
+                print(f"note: {line}")
+            try:
+                json_path, md_path = ev.write_results(result, args.out_dir, name)
+            except OSError as err:
+                print(f"evaluate.py: error: could not write the results to {args.out_dir}: {err}", file=sys.stderr)
+                return 1
     except ValueError as err:
         print(f"evaluate.py: error: {err}", file=sys.stderr)
         return 2
     cfg = result["config"]
-    name = args.name or f"eval_{cfg['task']}_{cfg['split']}"
-    json_path, md_path = ev.write_results(result, args.out_dir, name)
-    print(ev.format_table(result))
-    for line in result["notes"]:
-        print(f"note: {line}")
     print(f"\nwrote {json_path} and {md_path}")
     if args.heatmap:
         _, _, _, records = ev.held_out_records(loaded, 1, seed=args.seed, task=cfg["task"], split=cfg["split"],

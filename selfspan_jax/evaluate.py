@@ -21,6 +21,7 @@ a model source (`weights.load_model`) into (model, tokenizer).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -273,6 +274,12 @@ def generate_one(model, tokenizer, record: dict, *, policy: str = "self_span", m
             "summary": out.summary()}
 
 
+def task_and_split(loaded: Loaded, task: str | None = None, split: str | None = None) -> tuple[str, str]:
+    """The task (default: the run's; arithmetic for a plain model source) and its held-out split."""
+    task = task or loaded.task or "arithmetic"
+    return task, split or tasks.get(task).held_out_split
+
+
 def held_out_records(loaded: Loaded, n: int, *, seed: int, task: str | None = None, split: str | None = None,
                      data: dict | None = None) -> tuple[str, str, dict, list[dict]]:
     """(task, split, data options, records): `n` held-out records for `loaded`.
@@ -283,10 +290,9 @@ def held_out_records(loaded: Loaded, n: int, *, seed: int, task: str | None = No
     run's seq_len as in training.
     """
     cfg = loaded.train_config or {}
-    task = task or loaded.task or "arithmetic"
+    task, split = task_and_split(loaded, task, split)
     options = {**(cfg.get("data") or {} if cfg.get("task") == task else {}), **(data or {})}
     task_ = tasks.get(task)
-    split = split or task_.held_out_split
     records = task_.records(split, n, seed=seed, data=options, tokenizer=loaded.tokenizer,
                             seq_len=cfg.get("seq_len"))
     return task, split, options, records
@@ -486,6 +492,29 @@ def format_seed_table(result: dict[str, Any]) -> str:
                       cell(m["kv_read_fraction"], ".3f"), cell(m["tokens_per_s"], ".0f"), *vs])
     return (f"Mean [min to max] over {len(agg['seeds'])} training seeds ({', '.join(map(str, agg['seeds']))}):\n\n"
             + reporting.markdown_table(head, lines))
+
+
+@contextlib.contextmanager
+def reserved_results(out_dir: str | Path, name: str, *, overwrite: bool = False):
+    """Hold <out_dir>/<name>.{json,md} for this process before any work is done for them: the folder
+    must be (or become) a directory, an existing result is refused unless `overwrite`, and a second
+    process writing the same name is refused while this one holds it (`runs.RunLock` on
+    <out_dir>/.<name>.lock). Yields the folder."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out-dir {str(out_dir)!r} is a file, not a directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create --out-dir {str(out_dir)!r}: {err.strerror}") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise ValueError(f"--out-dir {str(out_dir)!r} is not writable")
+    with runs.RunLock(out_dir, name=f".{name}.lock", what="results folder", doing=f"is writing {name}.json there",
+                      option="--name"):
+        existing = [str(p) for p in (out_dir / f"{name}.json", out_dir / f"{name}.md") if p.exists()]
+        if existing and not overwrite:
+            raise ValueError(f"{existing[0]} exists: pass --overwrite to replace it, or choose another --name")
+        yield out_dir
 
 
 def write_results(result: dict[str, Any], out_dir: str | Path, name: str) -> tuple[Path, Path]:

@@ -60,8 +60,12 @@ class RunLock:
     directory are not protected.)
     """
 
-    def __init__(self, run_dir: str | os.PathLike):
-        self.path = Path(run_dir) / LOCK
+    def __init__(self, run_dir: str | os.PathLike, *, name: str = LOCK, what: str = "run directory",
+                 doing: str = "is training into it", option: str = "--out"):
+        """name: the lock file in `run_dir`; what, doing, option: how the refusal names the directory,
+        what its holder does there and the option to change (the defaults: a training run)."""
+        self.path = Path(run_dir) / name
+        self._what, self._doing, self._option = what, doing, option
         self._fd: int | None = None
 
     def __enter__(self) -> "RunLock":
@@ -69,7 +73,7 @@ class RunLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except (FileExistsError, NotADirectoryError, PermissionError) as err:
-            raise ValueError(f"cannot use {str(self.path.parent)!r} as a run directory (--out): "
+            raise ValueError(f"cannot use {str(self.path.parent)!r} as a {self._what} ({self._option}): "
                              f"{err.strerror}: {err.filename!r}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -77,8 +81,8 @@ class RunLock:
             holder = os.read(fd, 4096).decode(errors="replace").strip() or "an unknown process"
             os.close(fd)
             raise RunDirLocked(
-                f"run directory {str(self.path.parent)!r} is in use: {holder} is training into it. "
-                "Wait for it to finish, or use another --out."
+                f"{self._what} {str(self.path.parent)!r} is in use: {holder} {self._doing}. "
+                f"Wait for it to finish, or use another {self._option}."
             ) from None
         os.ftruncate(fd, 0)
         started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

@@ -92,6 +92,20 @@ def _eval_without_config(tmp: Path) -> None:
     ev.load_for_eval(str(run))
 
 
+def _results(tmp: Path, setup=None, *, out: str = "res", name: str = "x", holder: bool = False) -> None:
+    """scripts/evaluate.py's output check, as it runs before any work (`evaluate.reserved_results`)."""
+    from selfspan_jax import evaluate as ev
+
+    if setup:
+        setup(tmp)
+    if holder:  # another evaluation writing the same name holds it
+        with ev.reserved_results(tmp / out, name):
+            with ev.reserved_results(tmp / out, name):
+                pass
+    with ev.reserved_results(tmp / out, name):
+        pass
+
+
 def _dup_config(tmp: Path) -> None:
     (tmp / "c.yaml").write_text("steps: 3\nsteps: 4\n")
     load_config_file(tmp / "c.yaml")
@@ -144,6 +158,9 @@ CASES = {
         _hf_copy(tmp, lambda p: (p / "model.safetensors.index.json").write_text("[]")), add_span_tokens=False),
     "dtype": lambda tmp: load_model(str(HF_TINY), dtype=jnp.int32, add_span_tokens=False),
     "eval-run-no-config": _eval_without_config,
+    "results-dir-is-file": lambda tmp: _results(tmp, lambda t: (t / "res").write_text("x")),
+    "results-exist": lambda tmp: _results(tmp, lambda t: ((t / "res").mkdir(), (t / "res" / "x.json").write_text("{}"))),
+    "results-in-use": lambda tmp: _results(tmp, holder=True),
 }
 
 

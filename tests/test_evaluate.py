@@ -162,6 +162,37 @@ def test_evaluate_script_end_to_end(trained_run, tmp_path, capsys):
     assert script.main([str(tmp_path / "nothing-here")]) == 2
 
 
+def test_evaluate_script_checks_its_output_first_and_keeps_the_table(trained_run, tmp_path, capsys, monkeypatch):
+    """The output is checked before the evaluation (a file as --out-dir, an existing result without
+    --overwrite), and a write that fails after the evaluation still prints the table."""
+    cfg, _ = trained_run
+    script = _script("evaluate")
+    common = [cfg.out, "--num", "2", "--batch-size", "2", "--max-new-tokens", "8", "--repeats", "1",
+              "--backend", "xla"]
+    calls = []
+    real_compare = ev.compare
+    monkeypatch.setattr(ev, "compare", lambda *a, **kw: calls.append(1) or real_compare(*a, **kw))
+    (tmp_path / "afile").write_text("x")
+    assert script.main([*common, "--out-dir", str(tmp_path / "afile")]) == 2
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "eval_arithmetic_test.json").write_text("{}")  # the default name of this run's result
+    assert script.main([*common, "--out-dir", str(tmp_path / "res")]) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a directory" in err and "eval_arithmetic_test.json exists: pass --overwrite" in err
+    assert calls == [] and (tmp_path / "res" / "eval_arithmetic_test.json").read_text() == "{}"
+
+    def full_disk(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ev, "write_results", full_disk)
+    assert script.main([*common, "--out-dir", str(tmp_path / "res"), "--overwrite"]) == 1
+    out = capsys.readouterr()
+    assert "| span-trained/self_span |" in out.out and "No space left on device" in out.err
+    monkeypatch.undo()
+    assert script.main([*common, "--out-dir", str(tmp_path / "res"), "--overwrite"]) == 0
+    assert json.loads((tmp_path / "res" / "eval_arithmetic_test.json").read_text())["rows"]
+
+
 @pytest.fixture(scope="module")
 def dense_run(trained_run):
     cfg, _ = trained_run
