@@ -168,16 +168,42 @@ def make_steps(model_graphdef, ctl_graphdef, tx, top_k: int, recall_at: int):
     return train_step, eval_step
 
 
+# the run's own folders: a controller written into one of them would be read as the run's
+_RUN_OWNED = (runs.CHECKPOINTS, runs.ADAPTERS, runs.EXPORT, runs.TENSORBOARD)
+
+
+def _check_out(run: Path, out: Path) -> None:
+    """--out must be a folder of its own: not the run directory, nor inside one of the run's folders."""
+    if out == run:
+        raise ValueError(f"--out {str(out)!r} is the run directory itself: the controller needs a folder of its "
+                         f"own (the default is {str(run / 'adore')!r})")
+    for name in _RUN_OWNED:
+        if out == run / name or (run / name) in out.parents:
+            raise ValueError(f"--out {str(out)!r} lies in the run's own {name}/ folder: the controller needs a "
+                             f"folder of its own (the default is {str(run / 'adore')!r})")
+
+
 def distill(cfg: DistillConfig) -> dict[str, float]:
-    """Train (or resume) the controller of `cfg.run`; returns the final held-out metrics."""
-    loaded = runs.load_run(cfg.run)
+    """Train (or resume) the controller of `cfg.run`; returns the final held-out metrics. One process
+    at a time per output folder (`runs.RunLock`)."""
+    run, out = Path(cfg.run).resolve(), cfg.out_dir.resolve()
+    runs.load_config(run)  # a run directory, before anything is created beside it
+    _check_out(run, out)
+    with runs.RunLock(out, what="controller directory", doing="is distilling a controller into it"):
+        return _distill(cfg, run, out)
+
+
+def _distill(cfg: DistillConfig, run: Path, out: Path) -> dict[str, float]:
+    loaded = runs.load_run(run)
     mcfg = loaded.model.config
-    out = cfg.out_dir
     settings = dict(n_layers=mcfg.n_layers, head_dim=mcfg.head_dim, dim=cfg.dim, buckets=cfg.buckets,
-                    top_k=cfg.top_k, recall_at=cfg.recall_at, source_run=str(cfg.run), source_step=loaded.step)
+                    top_k=cfg.top_k, recall_at=cfg.recall_at, source_run=str(run), source_step=loaded.step)
     if (out / adore.SETTINGS).is_file():
         old = adore.read_settings(out)
-        clash = {k: (old.get(k), v) for k, v in settings.items() if k != "source_step" and old.get(k) != v}
+        # the same run however it was named (relative, trailing slash, absolute): compare where it is
+        same = {"source_run": lambda a, b: a is not None and Path(a).resolve() == Path(b).resolve()}
+        clash = {k: (old.get(k), v) for k, v in settings.items()
+                 if k != "source_step" and not same.get(k, lambda a, b: a == b)(old.get(k), v)}
         if clash:
             raise ValueError(f"{out} holds a controller trained with other settings {clash}; choose another --out")
     adore.save_settings(out, settings)

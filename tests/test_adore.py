@@ -277,6 +277,20 @@ def test_distill_learns_resumes_and_plugs_into_generate(dense_run, tmp_path):
     assert recs[-1]["loss"] < recs[0]["loss"]  # the listwise loss falls from its start
     with pytest.raises(ValueError, match="other settings"):
         adore_train.distill(adore_train.DistillConfig(out=str(tmp_path / "a"), **{**kw, "dim": 4}))
+    # the same run named another way resumes (here: finds the controller finished) instead of being refused
+    again = adore_train.distill(adore_train.DistillConfig(out=str(tmp_path / "a"), **{**kw, "run": f"{dense_run}/"}))
+    assert again["step"] == 12
+    # --out the run itself, or inside its checkpoints: refused before anything is written, nothing to delete
+    before = sorted(p.name for p in dense_run.iterdir())
+    for bad in (dense_run, dense_run / runs.CHECKPOINTS / "x"):
+        with pytest.raises(ValueError, match="needs a folder of its own") as err:
+            adore_train.distill(adore_train.DistillConfig(out=str(bad), **kw))
+        assert "delete" not in str(err.value)
+    assert sorted(p.name for p in dense_run.iterdir()) == before
+    # one writer per output folder, as for training runs
+    with runs.RunLock(tmp_path / "a"):
+        with pytest.raises(runs.RunDirLocked, match="controller directory .* is in use: pid"):
+            adore_train.distill(adore_train.DistillConfig(out=str(tmp_path / "a"), **kw))
     loaded = runs.load_run(dense_run)
     out = generate(loaded.model, ["3+4-2="], tokenizer=loaded.tokenizer, policy="adore(budget=6, rebuild=1)",
                    adore_controller=str(tmp_path / "a"), max_new_tokens=12, block_size=16)

@@ -106,6 +106,16 @@ def _results(tmp: Path, setup=None, *, out: str = "res", name: str = "x", holder
         pass
 
 
+def _adore_out(tmp: Path, out) -> None:
+    """scripts/train_adore.py --run RUN --out OUT on a run directory (its config written as training does)."""
+    from selfspan_jax import adore_train
+    from selfspan_jax.train_config import TrainConfig
+
+    run = tmp / "run"
+    runs.prepare(TrainConfig(out=str(run)))
+    adore_train.distill(adore_train.DistillConfig(run=str(run), out=str(out(run))))
+
+
 def _dup_config(tmp: Path) -> None:
     (tmp / "c.yaml").write_text("steps: 3\nsteps: 4\n")
     load_config_file(tmp / "c.yaml")
@@ -158,6 +168,8 @@ CASES = {
         _hf_copy(tmp, lambda p: (p / "model.safetensors.index.json").write_text("[]")), add_span_tokens=False),
     "dtype": lambda tmp: load_model(str(HF_TINY), dtype=jnp.int32, add_span_tokens=False),
     "eval-run-no-config": _eval_without_config,
+    "adore-out-is-run": lambda tmp: _adore_out(tmp, lambda run: run),
+    "adore-out-in-checkpoints": lambda tmp: _adore_out(tmp, lambda run: run / runs.CHECKPOINTS / "ctl"),
     "results-dir-is-file": lambda tmp: _results(tmp, lambda t: (t / "res").write_text("x")),
     "results-exist": lambda tmp: _results(tmp, lambda t: ((t / "res").mkdir(), (t / "res" / "x.json").write_text("{}"))),
     "results-in-use": lambda tmp: _results(tmp, holder=True),
