@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pallas_kernels.backend import resolve_backend
-from selfspan_jax import reporting, runs, tasks
+from selfspan_jax import adore, reporting, runs, tasks
 from selfspan_jax.data.arithmetic import check_completion
 from selfspan_jax.generation import GenerateOutput, checked_policy, generate
 from selfspan_jax.policies import make_policy
@@ -313,8 +313,20 @@ def resolve_policy(policy: Any, loaded: Loaded):
     """The `Policy` to decode a row labelled `policy` with: ADORE specs get the model's own controller
     (`adore_controller_of`); other labels are resolved by `generate` itself (None)."""
     if isinstance(policy, str) and (policy == "adore" or policy.startswith("adore(")):
-        return make_policy(policy, adore_controller=adore_controller_of(loaded))
+        pol = make_policy(policy, adore_controller=adore_controller_of(loaded))
+        check_controller_source(pol.controller, loaded)
+        return pol
     return None
+
+
+def check_controller_source(controller, loaded: Loaded) -> None:
+    """An ADORE controller learned one run's attention: refuse it for a row that decodes another run
+    (`controller.json`'s source_run against the row's run directory, compared by where they are)."""
+    source_run = adore.read_settings(controller.source).get("source_run") if controller.source else None
+    if source_run and loaded.step is not None and Path(source_run).resolve() != Path(loaded.source).resolve():
+        raise ValueError(f"the ADORE controller {controller.source} was distilled from the run {source_run}, not "
+                         f"from {loaded.source}: distil one for this run (scripts/train_adore.py --run "
+                         f"{loaded.source})")
 
 
 def comparison_rows(loaded: Loaded, base: Loaded | None, policies: Sequence[str],
