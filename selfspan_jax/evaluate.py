@@ -203,6 +203,15 @@ def evaluate_rows(
         raise ValueError(f"baseline={baseline!r} is not one of the rows {names}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    # the timing runs after every row is generated: its settings are checked now
+    if timing_repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {timing_repeats}")
+    if timing_batch is not None and timing_batch < 1:
+        raise ValueError(f"timing_batch must be >= 1 (or None: the batch size), got {timing_batch}")
     for row in rows:  # every row's policy against its model before the first row's work
         try:
             checked_policy(row.model, row.decode_policy, tokenizer=row.tokenizer, max_segments=max_segments)
@@ -399,7 +408,8 @@ def compare(source: str | Loaded, *, baseline: str | Loaded | None = None, step:
                         source=pre.source, note="zero-shot: asked in words, scored by its final answer",
                         zero_shot=True))
     result = evaluate_rows(rows, records, task=task, baseline=baseline_row,
-                           max_segments=max_segments or loaded.max_segments, **evaluate_kwargs)
+                           max_segments=loaded.max_segments if max_segments is None else max_segments,
+                           **evaluate_kwargs)
     result["config"].update(source=loaded.source, step=loaded.step, split=split, seed=seed, data=options,
                             baseline_source=None if base is None else base.source,
                             baseline_step=None if base is None else base.step)

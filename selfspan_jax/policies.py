@@ -232,8 +232,7 @@ class SelfSpanPolicy(Policy):
     def __post_init__(self):
         if not isinstance(self.span_tokens, spans_lib.SpanTokens):
             raise ValueError(f"span_tokens must be a spans.SpanTokens, got {type(self.span_tokens).__name__}")
-        if isinstance(self.max_segments, bool) or not isinstance(self.max_segments, int) or self.max_segments < 1:
-            raise ValueError(f"max_segments must be a positive int, got {self.max_segments!r}")
+        spans_lib.check_max_segments(self.max_segments)
 
     def prefill_rows(self, tokens, lengths):
         return span_prefill_mask(tokens, lengths, self.span_tokens, self.max_segments)

@@ -89,7 +89,7 @@ def _check_index(name: str, value: Any) -> int:
     return int(value)
 
 
-def _check_max_segments(max_segments: Any) -> int:
+def check_max_segments(max_segments: Any) -> int:
     if (
         isinstance(max_segments, bool)
         or not isinstance(max_segments, (int, np.integer))
@@ -266,7 +266,7 @@ class SpanState:
 def init_state(max_len: int, max_segments: int, batch: int | None = None) -> SpanState:
     """Empty state (length 0); with `batch`, every field gets a leading [B] axis."""
     max_len = _check_index("max_len", max_len)
-    max_segments = _check_max_segments(max_segments)
+    max_segments = check_max_segments(max_segments)
     lead = () if batch is None else (_check_index("batch", batch),)
     zero = jnp.zeros(lead, jnp.int32)
     return SpanState(
@@ -457,7 +457,7 @@ def attention_mask(
     """
     if not isinstance(span_tokens, SpanTokens):
         raise ValueError(f"span_tokens must be a SpanTokens, got {type(span_tokens).__name__}")
-    max_segments = _check_max_segments(max_segments)
+    max_segments = check_max_segments(max_segments)
     tokens = jnp.asarray(tokens)
     if tokens.ndim < 1 or not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"tokens must be an integer array [..., T], got dtype {tokens.dtype} shape {tokens.shape}")
