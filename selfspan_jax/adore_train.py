@@ -68,11 +68,13 @@ class DistillConfig:
     def __post_init__(self):
         if not self.run:
             raise ValueError("run is required: the trained run directory whose attention the controller learns")
-        for name in ("dim", "top_k", "recall_at", "steps", "batch_size", "num_train", "num_eval", "save_every",
-                     "eval_every"):
+        for name in ("dim", "buckets", "top_k", "recall_at", "steps", "batch_size", "num_train", "num_eval",
+                     "save_every", "eval_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.buckets < adore.EXACT_DISTANCES + 1:  # the controller's own bound, checked before any work
+            raise ValueError(f"buckets must be >= {adore.EXACT_DISTANCES + 1}, got {self.buckets}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
 

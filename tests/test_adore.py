@@ -4,6 +4,8 @@ that resumes where it stopped, and bad arguments."""
 
 from __future__ import annotations
 
+import json
+import os
 import secrets
 
 import jax
@@ -15,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policy_cases import assert_policy_equals_dense, eager_prefill, random_prompts, small_gqa_model
+from conftest import draws
 from selfspan_jax import adore, adore_train
 from selfspan_jax import train as T
 from selfspan_jax.cache import KVCache
@@ -321,3 +324,57 @@ def test_pallas_token_kernel_in_the_loop_matches_the_xla_path():
     pallas = generate(model, prompts, backend="interpret", precision="highest", **kw)
     np.testing.assert_array_equal(pallas.tokens, xla.tokens)
     np.testing.assert_allclose(pallas.logprobs, xla.logprobs, atol=1e-5)
+
+
+class _Reached(Exception):
+    """Distillation began: every check before it passed."""
+
+
+_ADORE_FLAGS = ["--dim", "--buckets", "--top-k", "--recall-at", "--steps", "--batch-size", "--lr", "--num-train",
+                "--num-eval", "--seed", "--save-every", "--eval-every", "--out", "--run"]
+_ADORE_VALUES = st.one_of(st.integers(-3, 40).map(str), st.sampled_from(
+    ["0", "-1", "1.5", "nan", "inf", "1e-3", "", "abc", "checkpoints", ".", "RUN", "RUN/checkpoints/x", "RUN/adore2"]))
+
+
+@settings(max_examples=draws(30), deadline=None)
+@given(flags=st.dictionaries(st.sampled_from(_ADORE_FLAGS), _ADORE_VALUES, min_size=1, max_size=4))
+def test_train_adore_answers_any_flag_values_with_a_message(dense_run, flags, tmp_path_factory):
+    """Fuzz: random values for train_adore.py's flags (RUN standing for the trained run) end in argparse's
+    usage error, the script's own "error:" line (exit 1), or the start of the distillation -- never a
+    traceback, and never a file written into the run's own folders."""
+    import contextlib
+    import io
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import train_adore
+
+    sys.path.pop(0)
+    work = tmp_path_factory.mktemp("fuzz")
+    values = {k: v.replace("RUN", str(dense_run)) for k, v in flags.items()}
+    values.setdefault("--run", str(dense_run))
+    values.setdefault("--out", str(work / "ctl"))
+    argv = [a for k, v in values.items() for a in (k, v)]
+    before = sorted(str(p) for p in dense_run.rglob("*"))
+    err, real = io.StringIO(), adore_train._distill
+
+    def begin(*a, **kw):
+        raise _Reached
+
+    adore_train._distill = begin
+    try:
+        with contextlib.redirect_stderr(err), contextlib.chdir(work):  # relative --out values land in work
+            rc = train_adore.main(argv)
+        assert rc == 1 and "train_adore.py: error: " in err.getvalue(), (argv, rc, err.getvalue())
+    except SystemExit as exit_:
+        assert exit_.code == 2 and "error: argument" in err.getvalue(), (argv, err.getvalue())
+    except _Reached:
+        pass
+    finally:
+        adore_train._distill = real
+    if os.environ.get("SELFSPAN_FUZZ_LOG"):  # which way each draw ended, for a person checking the fuzz
+        with open(os.environ["SELFSPAN_FUZZ_LOG"], "a") as log:
+            log.write(json.dumps({"argv": argv, "stderr": err.getvalue().strip()[-200:]}) + "\n")
+    after = sorted(str(p) for p in dense_run.rglob("*") if "adore2" not in str(p) and p.name != ".lock")
+    assert [p for p in after if p not in before] == [], argv
