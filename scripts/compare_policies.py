@@ -251,7 +251,18 @@ def main(argv=None) -> int:
     p.add_argument("--continuation", type=int, default=32, help="--smollm2: tokens scored / generated per article")
     p.add_argument("--model", default="smollm2-135m", help="--smollm2: the pretrained model (a load_model source)")
     p.add_argument("--max-article-tokens", type=int, default=None, help="--smollm2: cut articles to this many tokens")
+    p.add_argument("--overwrite", action="store_true", help="replace <out-dir>/<name>.{json,md} if they exist")
     args = p.parse_args(argv)
+    try:  # the output is checked and held before any work (evaluate.reserved_results)
+        with ev.reserved_results(args.out_dir, args.name, overwrite=args.overwrite):
+            return _compare(args, p, argv)
+    except ValueError as err:
+        print(f"compare_policies.py: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _compare(args, p: argparse.ArgumentParser, argv) -> int:
+    """main's work once its output is reserved."""
     if args.smollm2:
         try:
             policies = split_policy_specs(args.policies) if args.policies else list(SMOLLM2_DEFAULT)

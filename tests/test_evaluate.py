@@ -273,6 +273,12 @@ def test_compare_policies_script_table_settings_and_plot(trained_run, dense_run,
     assert _script("compare_policies").main(["--run", cfg.out, "--baseline", dcfg.out, "--policies", "quest(2)",
                                              "--out-dir", str(tmp_path)]) == 2
     assert "key=value" in capsys.readouterr().err
+    # the same name again: refused before any work unless --overwrite, the first result kept
+    written = (tmp_path / "pc.json").read_text()
+    assert _script("compare_policies").main(["--run", cfg.out, "--baseline", dcfg.out, "--out-dir", str(tmp_path),
+                                             "--name", "pc"]) == 2
+    assert "pc.json exists: pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "pc.json").read_text() == written
 
 
 def test_compare_policies_over_seeds_is_each_seed_pair_compared_alone(trained_run, dense_run, tmp_path, capsys):
