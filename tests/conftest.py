@@ -29,3 +29,39 @@ def draws(default: int) -> int:
     if not value.isdigit() or int(value) < 1:
         raise ValueError(f"SELFSPAN_DRAWS must be a positive int, got {value!r}")
     return int(value)
+
+
+class WorkStarted(Exception):
+    """Raised by a fuzzed CLI's stubbed work: every check before it passed."""
+
+
+def fuzz_cli(main, argv, *, stub, error_code: int, prog: str, cwd=None) -> None:
+    """One fuzz draw of a script's `main(argv)`, with the function `stub` = (module, name) that starts its
+    real work replaced by one raising WorkStarted. The draw must end in argparse's usage error (exit 2),
+    the script's own "<prog>: error:" line with `error_code`, or WorkStarted -- never anything else.
+    With SELFSPAN_FUZZ_LOG=FILE, each draw's argv and the end of its stderr are appended there."""
+    import contextlib
+    import io
+    import json
+    import os
+
+    module, name = stub
+    err, real = io.StringIO(), getattr(module, name)
+
+    def start(*args, **kwargs):
+        raise WorkStarted
+
+    setattr(module, name, start)
+    try:
+        with contextlib.redirect_stderr(err), contextlib.chdir(cwd or os.getcwd()):
+            rc = main(argv)
+        assert rc == error_code and f"{prog}: error: " in err.getvalue(), (argv, rc, err.getvalue())
+    except SystemExit as exit_:  # argparse: a value of the wrong type
+        assert exit_.code == 2 and "error: argument" in err.getvalue(), (argv, err.getvalue())
+    except WorkStarted:
+        pass
+    finally:
+        setattr(module, name, real)
+    if os.environ.get("SELFSPAN_FUZZ_LOG"):  # which way each draw ended, for a person checking the fuzz
+        with open(os.environ["SELFSPAN_FUZZ_LOG"], "a") as log:
+            log.write(json.dumps({"argv": argv, "stderr": err.getvalue().strip()[-200:]}) + "\n")

@@ -4,8 +4,6 @@ that resumes where it stopped, and bad arguments."""
 
 from __future__ import annotations
 
-import json
-import os
 import secrets
 
 import jax
@@ -17,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policy_cases import assert_policy_equals_dense, eager_prefill, random_prompts, small_gqa_model
-from conftest import draws
+from conftest import draws, fuzz_cli
 from selfspan_jax import adore, adore_train
 from selfspan_jax import train as T
 from selfspan_jax.cache import KVCache
@@ -326,10 +324,6 @@ def test_pallas_token_kernel_in_the_loop_matches_the_xla_path():
     np.testing.assert_allclose(pallas.logprobs, xla.logprobs, atol=1e-5)
 
 
-class _Reached(Exception):
-    """Distillation began: every check before it passed."""
-
-
 _ADORE_FLAGS = ["--dim", "--buckets", "--top-k", "--recall-at", "--steps", "--batch-size", "--lr", "--num-train",
                 "--num-eval", "--seed", "--save-every", "--eval-every", "--out", "--run"]
 _ADORE_VALUES = st.one_of(st.integers(-3, 40).map(str), st.sampled_from(
@@ -342,8 +336,6 @@ def test_train_adore_answers_any_flag_values_with_a_message(dense_run, flags, tm
     """Fuzz: random values for train_adore.py's flags (RUN standing for the trained run) end in argparse's
     usage error, the script's own "error:" line (exit 1), or the start of the distillation -- never a
     traceback, and never a file written into the run's own folders."""
-    import contextlib
-    import io
     import sys
     from pathlib import Path
 
@@ -357,24 +349,7 @@ def test_train_adore_answers_any_flag_values_with_a_message(dense_run, flags, tm
     values.setdefault("--out", str(work / "ctl"))
     argv = [a for k, v in values.items() for a in (k, v)]
     before = sorted(str(p) for p in dense_run.rglob("*"))
-    err, real = io.StringIO(), adore_train._distill
-
-    def begin(*a, **kw):
-        raise _Reached
-
-    adore_train._distill = begin
-    try:
-        with contextlib.redirect_stderr(err), contextlib.chdir(work):  # relative --out values land in work
-            rc = train_adore.main(argv)
-        assert rc == 1 and "train_adore.py: error: " in err.getvalue(), (argv, rc, err.getvalue())
-    except SystemExit as exit_:
-        assert exit_.code == 2 and "error: argument" in err.getvalue(), (argv, err.getvalue())
-    except _Reached:
-        pass
-    finally:
-        adore_train._distill = real
-    if os.environ.get("SELFSPAN_FUZZ_LOG"):  # which way each draw ended, for a person checking the fuzz
-        with open(os.environ["SELFSPAN_FUZZ_LOG"], "a") as log:
-            log.write(json.dumps({"argv": argv, "stderr": err.getvalue().strip()[-200:]}) + "\n")
+    # relative --out values land in the scratch folder
+    fuzz_cli(train_adore.main, argv, stub=(adore_train, "_distill"), error_code=1, prog="train_adore.py", cwd=work)
     after = sorted(str(p) for p in dense_run.rglob("*") if "adore2" not in str(p) and p.name != ".lock")
     assert [p for p in after if p not in before] == [], argv

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -23,7 +22,7 @@ from selfspan_jax.data import arithmetic, summarization
 from selfspan_jax.spans import SpanTokens, attention_mask
 from selfspan_jax.tokenizer import CharTokenizer, encode_with_spans
 
-from conftest import draws
+from conftest import draws, fuzz_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_MODEL = {"d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "mlp_dim": 64}
@@ -677,10 +676,6 @@ def test_every_rows_policy_is_checked_against_its_model_before_any_row_runs(monk
     assert decoded == []
 
 
-class _Reached(Exception):
-    """The first generation: every check before it passed."""
-
-
 _FLAG_VALUES = st_.one_of(
     st_.integers(-3, 3).map(str), st_.sampled_from(["0", "-1", "10000000000", "1.5", "nan", "", " ", "abc",
                                                       "dense", "self_span", "sparq(r=4,k=8)", "quest(page_budget=0)",
@@ -695,31 +690,8 @@ _EVAL_FLAGS = ["--num", "--seed", "--batch-size", "--max-new-tokens", "--block-s
 def test_evaluate_script_answers_any_flag_values_with_a_message(trained_run, flags):
     """Fuzz: random values for evaluate.py's flags end in argparse's usage error, the script's own
     "error:" line (exit 2), or the first generation (every check passed) -- never a traceback."""
-    import contextlib
-    import io
-
     # a huge --num is honoured (held-out problems are generated on demand): it is slow, not wrong
     hypothesis.assume(flags.get("--num") != "10000000000")
     cfg, _ = trained_run
-    script = _script("evaluate")
     argv = [cfg.out, "--out-dir", tempfile.mkdtemp(), *[a for k, v in flags.items() for a in (k, v)]]
-    err = io.StringIO()
-    real = ev.decode
-
-    def first_generation(*a, **kw):
-        raise _Reached
-
-    ev.decode = first_generation
-    try:
-        with contextlib.redirect_stderr(err):
-            rc = script.main(argv)
-        assert rc == 2 and "evaluate.py: error: " in err.getvalue(), (argv, rc, err.getvalue())
-    except SystemExit as exit_:  # argparse: a value of the wrong type
-        assert exit_.code == 2 and "error: argument" in err.getvalue(), (argv, err.getvalue())
-    except _Reached:
-        pass
-    finally:
-        ev.decode = real
-    if os.environ.get("SELFSPAN_FUZZ_LOG"):  # which way each draw ended, for a person checking the fuzz
-        with open(os.environ["SELFSPAN_FUZZ_LOG"], "a") as log:
-            log.write(json.dumps({"argv": argv[3:], "stderr": err.getvalue().strip()[-200:]}) + "\n")
+    fuzz_cli(_script("evaluate").main, argv, stub=(ev, "decode"), error_code=2, prog="evaluate.py")
