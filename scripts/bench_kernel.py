@@ -265,8 +265,9 @@ def bench_group(rng, heads, batch, seq_len, cfg, *, reps, gpu, rotate_bytes, unr
     ref_dense = np.asarray(jnp.asarray(dpa(q, *bshd[0]), jnp.float32))
     del bshd
     if "jax_decode" in peers:
-        jd = record_baseline("jax_decode", jax_decode_fn(peers["jax_decode"]), caches)
-        jd_out = np.asarray(jnp.asarray(jax_decode_fn(peers["jax_decode"])(q, *caches[0]), jnp.float32))
+        decode = jax_decode_fn(peers["jax_decode"])
+        jd = record_baseline("jax_decode", decode, caches)
+        jd_out = np.asarray(jnp.asarray(decode(q, *caches[0]), jnp.float32))
         jd["max_abs_diff_vs_dpa"] = float(np.abs(jd_out - ref_dense).max())
     if "jax_paged" in peers:
         pages = [(jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1)) for k, v in caches]  # [K, B, S, H]

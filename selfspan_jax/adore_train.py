@@ -202,10 +202,9 @@ def _distill(cfg: DistillConfig, run: Path, out: Path) -> dict[str, float]:
                     top_k=cfg.top_k, recall_at=cfg.recall_at, source_run=str(run), source_step=loaded.step)
     if (out / adore.SETTINGS).is_file():
         old = adore.read_settings(out)
-        # the same run however it was named (relative, trailing slash, absolute): compare where it is
-        same = {"source_run": lambda a, b: a is not None and Path(a).resolve() == Path(b).resolve()}
-        clash = {k: (old.get(k), v) for k, v in settings.items()
-                 if k != "source_step" and not same.get(k, lambda a, b: a == b)(old.get(k), v)}
+        if old.get("source_run"):  # the same run however it was named (relative, trailing slash): where it is
+            old["source_run"] = str(Path(old["source_run"]).resolve())
+        clash = {k: (old.get(k), v) for k, v in settings.items() if k != "source_step" and old.get(k) != v}
         if clash:
             raise ValueError(f"{out} holds a controller trained with other settings {clash}; choose another --out")
     adore.save_settings(out, settings)
