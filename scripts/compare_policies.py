@@ -19,6 +19,11 @@ attention read, by layer). With --seeds N the same comparison runs on each seed'
 `demo.py --seeds N` trained them (<run>_seed<i>, <baseline>_seed<i>), and the
 table and plot give mean [min to max] over seeds.
 
+A comparison killed part way keeps every row it finished in
+<out-dir>/.<name>.rows/ (deleted once the results are written): the same
+command again reads those rows back and decodes only the rest. The timing,
+taken in turns across all rows, is always measured again.
+
     python scripts/compare_policies.py --smollm2 --name policies_compare_smollm2
 
 runs the training-free policies on the real pretrained SmolLM2-135M-Instruct
@@ -36,6 +41,7 @@ from pathlib import Path
 
 from selfspan_jax import evaluate as ev
 from selfspan_jax import runs
+from selfspan_jax.finished_rows import FinishedRows
 from selfspan_jax.policies import make_policy, split_policy_specs
 from selfspan_jax.train_config import parse_key_value
 
@@ -143,7 +149,7 @@ SMOLLM2_DEFAULT = ("quest(page_budget=2)", "quest(page_budget=4)", "quest(page_b
 
 def smollm2_comparison(policies, *, continuation: int, block_size: int, repeats: int,
                        source: str = "smollm2-135m", max_article_tokens: int | None = None,
-                       recall: bool = False) -> dict:
+                       recall: bool = False, finished=None) -> dict:
     """A pretrained model (default SmolLM2-135M-Instruct; any `load_model` source with a tokenizer),
     training-free policies against dense on the news fixture's articles.
 
@@ -152,7 +158,8 @@ def smollm2_comparison(policies, *, continuation: int, block_size: int, repeats:
     under the policy. greedy_match / greedy_prefix: greedy generation of
     `continuation` tokens from the prompt, per-position agreement with dense
     greedy and the mean length of the common prefix (as fractions). With `recall`, the teacher-forced
-    run also measures attention_recall (and per layer) on the real continuation.
+    run also measures attention_recall (and per layer) on the real continuation. With `finished`
+    (`FinishedRows`), each policy's generations are kept as they finish and reused by a rerun.
     """
     import numpy as np
 
@@ -161,32 +168,65 @@ def smollm2_comparison(policies, *, continuation: int, block_size: int, repeats:
     from selfspan_jax.generation import generate
     from selfspan_jax.weights import load_model
 
+    from selfspan_jax.generation import checked_policy
+
+    for name, value in (("--continuation", continuation), ("--block-size", block_size), ("--repeats", repeats)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if max_article_tokens is not None and max_article_tokens < 2 * continuation:
+        raise ValueError(f"--max-article-tokens {max_article_tokens} leaves no article a prompt as long as its "
+                         f"--continuation {continuation}: it must be >= {2 * continuation}")
     model, tok = load_model(source)
     if tok is None:
         raise ValueError(f"model source {source!r} carries no tokenizer")
+    for n in policies:  # every spec against the model's shapes before the first row's work
+        checked_policy(model, n, tokenizer=tok)
     fixture = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "news_sample.jsonl"
     ids = [tok.encode(a["article"], add_special_tokens=False) for a in load_articles(str(fixture))]
     # articles are cut to `max_article_tokens` and to the model's context (SmolLM2's 8k never cuts the fixture)
     cut = min(model.config.max_seq_len, max_article_tokens or model.config.max_seq_len)
     ids = [x[:cut] for x in ids if min(len(x), cut) >= 2 * continuation]
     prompts = [x[:-continuation] for x in ids]
+    if not ids:
+        raise ValueError(f"no article of {fixture.name} keeps {2 * continuation} tokens within the cut of {cut}: "
+                         "lower --continuation")
     forced = np.array([x[-continuation:] for x in ids], np.int32)
     kw = dict(max_new_tokens=continuation, block_size=block_size, backend="xla", tokenizer=tok)
     names = ["dense", *policies]
-    greedy = {n: generate(model, prompts, policy=n, **kw) for n in names}
-    teacher = {n: generate(model, prompts, policy=n, forced_tokens=forced, return_logprobs=True, return_recall=recall,
-                           **kw) for n in names}
+
+    def decoded(n: str) -> dict:
+        """Policy n's greedy tokens, perplexity of the real continuation and statistics."""
+        key = None if finished is None else finished.key(model=model, policy=n, prompts=prompts, forced=forced,
+                                                         recall=recall, **kw | {"tokenizer": None})
+        row = None if key is None else finished.get(key)
+        if row is not None:
+            print(f"[compare_policies] {n}: decoded by an interrupted run of this comparison, read back from "
+                  f"{finished.folder}", flush=True)
+            return row
+        greedy = generate(model, prompts, policy=n, **kw)
+        teacher = generate(model, prompts, policy=n, forced_tokens=forced, return_logprobs=True,
+                           return_recall=recall, **kw)
+        row = {"tokens": np.asarray(greedy.tokens).tolist(), "summary": greedy.summary(),
+               "perplexity": float(np.exp(-teacher.logprobs.mean()))}
+        if recall:
+            t = teacher.summary()
+            row.update(attention_recall=t["attention_recall"], attention_recall_by_layer=t["attention_recall_by_layer"])
+        if key is not None:
+            finished.put(key, row, label=n)
+        return row
+
+    done = {n: decoded(n) for n in names}
     timing = ev.time_interleaved({n: (lambda n=n: generate(model, prompts, policy=n, **kw)) for n in names},
                                  repeats=repeats)
     rows = {}
-    ref = greedy["dense"].tokens
+    ref = np.asarray(done["dense"]["tokens"])
     for n in names:
-        same = greedy[n].tokens == ref
+        same = np.asarray(done[n]["tokens"]) == ref
         prefix = np.where(same.all(1), continuation, np.argmin(same, axis=1))
-        s = greedy[n].summary()
+        s = done[n]["summary"]
         row = rows[f"{Path(source).name}/{n}"] = {
             "policy": n, "settings": settings(n), "trained_with": "pretrained",
-            "perplexity": float(np.exp(-teacher[n].logprobs.mean())),
+            "perplexity": done[n]["perplexity"],
             "greedy_match": float(same.mean()), "greedy_prefix": float(prefix.mean() / continuation),
             "mean_attended_fraction": s["mean_attended_fraction"], "kv_read_fraction": s["kv_read_fraction"],
             "tokens_per_s": timing[n]["tokens_per_s"],
@@ -194,8 +234,8 @@ def smollm2_comparison(policies, *, continuation: int, block_size: int, repeats:
             "timing": timing[n],
         }
         if recall:
-            t = teacher[n].summary()
-            row.update(attention_recall=t["attention_recall"], attention_recall_by_layer=t["attention_recall_by_layer"])
+            row.update(attention_recall=done[n]["attention_recall"],
+                       attention_recall_by_layer=done[n]["attention_recall_by_layer"])
     return {"config": {"model": source, "articles": len(ids), "source": str(fixture.name),
                        "mean_prompt_tokens": float(np.mean([len(p) for p in prompts])),
                        "continuation": continuation, "block_size": block_size, "backend": "xla",
@@ -254,21 +294,29 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace <out-dir>/<name>.{json,md} if they exist")
     args = p.parse_args(argv)
     try:  # the output is checked and held before any work (evaluate.reserved_results)
-        with ev.reserved_results(args.out_dir, args.name, overwrite=args.overwrite):
-            return _compare(args, p, argv)
+        with ev.reserved_results(args.out_dir, args.name, overwrite=args.overwrite) as out_dir:
+            finished = FinishedRows(out_dir / f".{args.name}.rows")
+            if len(finished):
+                print(f"[compare_policies] {len(finished)} rows finished by an interrupted run are kept in "
+                      f"{finished.folder}; those with unchanged settings are read back, not decoded", flush=True)
+            rc = _compare(args, p, argv, finished)
+            if rc == 0:
+                finished.discard()
+            return rc
     except ValueError as err:
         print(f"compare_policies.py: error: {err}", file=sys.stderr)
         return 2
 
 
-def _compare(args, p: argparse.ArgumentParser, argv) -> int:
+def _compare(args, p: argparse.ArgumentParser, argv, finished: FinishedRows) -> int:
     """main's work once its output is reserved."""
     if args.smollm2:
         try:
             policies = split_policy_specs(args.policies) if args.policies else list(SMOLLM2_DEFAULT)
             result = smollm2_comparison(policies, continuation=args.continuation, block_size=args.block_size,
                                         repeats=args.repeats, source=args.model,
-                                        max_article_tokens=args.max_article_tokens, recall=args.recall)
+                                        max_article_tokens=args.max_article_tokens, recall=args.recall,
+                                        finished=finished)
         except ValueError as err:
             print(f"compare_policies.py: error: {err}", file=sys.stderr)
             return 2
@@ -289,12 +337,15 @@ def _compare(args, p: argparse.ArgumentParser, argv) -> int:
         return 0
     if args.seeds < 1:
         p.error(f"--seeds must be >= 1, got {args.seeds}")
-    pairs = [(runs.seed_dir(args.run, i), runs.seed_dir(args.baseline, i)) for i in range(args.seeds)]
-    missing = [d for pair in pairs[1:] for d in pair if not runs.is_run_dir(d)]
-    if missing:  # before any evaluation: seed 0 alone takes minutes on a long comparison
-        print(f"compare_policies.py: error: --seeds {args.seeds} needs a training run in each of "
-              f"{', '.join(missing)} (as `demo.py --seeds {args.seeds}` trains them); none there", file=sys.stderr)
-        return 2
+    pairs = []
+    for i in range(args.seeds):  # before any evaluation: seed 0 alone takes minutes on a long comparison
+        pairs.append((runs.seed_dir(args.run, i), runs.seed_dir(args.baseline, i)))
+        missing = [d for d in pairs[-1] if i and not runs.is_run_dir(d)]
+        if missing:  # the first seed short of its runs (a huge --seeds stops here, not after listing them all)
+            print(f"compare_policies.py: error: --seeds {args.seeds} needs a training run in each of "
+                  f"{', '.join(missing)} (as `demo.py --seeds {args.seeds}` trains them); none there",
+                  file=sys.stderr)
+            return 2
     results, seeds, policies = [], [], None
     try:
         for run, baseline in pairs:
@@ -310,7 +361,7 @@ def _compare(args, p: argparse.ArgumentParser, argv) -> int:
                                 baseline_policies=["dense", *policies], split=args.split,
                                 data=dict(parse_key_value(d) for d in args.data), num=args.num, seed=args.seed,
                                 block_size=args.block_size, batch_size=args.batch_size,
-                                timing_repeats=args.repeats, recall=args.recall)
+                                timing_repeats=args.repeats, recall=args.recall, finished=finished)
             for name, m in result["rows"].items():
                 m["settings"] = settings(m["policy"], controller)
                 m["tokens_per_s"] = m["timing"]["tokens_per_s"]

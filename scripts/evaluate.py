@@ -12,6 +12,10 @@ dense: the paper's comparison. Without it, ratios are against the run itself
 decoded dense, which for a model trained only under span masks is an
 out-of-distribution ablation, not a baseline.
 
+An evaluation killed part way keeps its finished rows in <out-dir>/.<name>.rows/
+(deleted once the results are written); the same command again decodes only
+the missing rows and times every row again.
+
     python scripts/evaluate.py runs/default --baseline runs/dense  # the demo's comparison
     python scripts/evaluate.py runs/default                       # one model, both policies
     python scripts/evaluate.py runs/default --split harder --num 128
@@ -43,8 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default=None, metavar="RUN",
                    help="baseline run directory (same data, trained with --span-policy dense); ratios are "
                         "taken against it decoded with the first of --baseline-policies")
-    p.add_argument("--baseline-step", type=int, default=None, help="checkpoint step of the baseline (default: latest)")
-    p.add_argument("--baseline-policies", default="dense", help="comma-separated policies of the baseline")
+    p.add_argument("--baseline-step", type=int, default=None,
+                   help="checkpoint step of the baseline (default: latest; only with --baseline)")
+    p.add_argument("--baseline-policies", default=None,
+                   help="comma-separated policies of the baseline (default: dense; only with --baseline)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: longest reference + 16")
     p.add_argument("--block-size", type=int, default=16, help="KV block size of the kernel (>= 16 for pallas)")
@@ -71,20 +77,23 @@ def _split_policies(text: str) -> list[str]:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from selfspan_jax import evaluate as ev
+    from selfspan_jax.finished_rows import FinishedRows
     from selfspan_jax.train_config import parse_key_value
 
     try:
-        policies, baseline_policies = _split_policies(args.policies), _split_policies(args.baseline_policies)
+        policies = _split_policies(args.policies)
+        baseline_policies = None if args.baseline_policies is None else _split_policies(args.baseline_policies)
         data = dict(parse_key_value(item) for item in args.data)
         loaded = ev.load_for_eval(args.source, step=args.step)  # once: the table and the heat map share it
         name = args.name or "eval_{}_{}".format(*ev.task_and_split(loaded, args.task, args.split))
-        with ev.reserved_results(args.out_dir, name, overwrite=args.overwrite):
+        with ev.reserved_results(args.out_dir, name, overwrite=args.overwrite) as out_dir:
+            finished = FinishedRows(out_dir / f".{name}.rows")  # rows of a killed run of this command
             result = ev.compare(
                 loaded, baseline=args.baseline, baseline_step=args.baseline_step, task=args.task,
                 split=args.split, data=data, num=args.num, seed=args.seed, policies=policies,
                 baseline_policies=baseline_policies, max_segments=args.max_segments, batch_size=args.batch_size,
                 max_new_tokens=args.max_new_tokens, block_size=args.block_size, backend=args.backend,
-                timing_repeats=args.repeats, timing_batch=args.timing_batch,
+                timing_repeats=args.repeats, timing_batch=args.timing_batch, finished=finished,
             )
             print(ev.format_table(result))  # before writing: a failed write keeps the table
             for line in result["notes"]:
@@ -94,6 +103,7 @@ def main(argv=None) -> int:
             except OSError as err:
                 print(f"evaluate.py: error: could not write the results to {args.out_dir}: {err}", file=sys.stderr)
                 return 1
+            finished.discard()
     except ValueError as err:
         print(f"evaluate.py: error: {err}", file=sys.stderr)
         return 2

@@ -37,6 +37,7 @@ from selfspan_jax.generation import GenerateOutput, checked_policy, generate
 from selfspan_jax.policies import make_policy
 from selfspan_jax.spans import SpanTokens
 from selfspan_jax.tokenizer import encode_prompt
+from selfspan_jax.finished_rows import FinishedRows
 from selfspan_jax.viz import plot_span_heatmap
 from selfspan_jax.weights import load_model
 
@@ -174,6 +175,7 @@ def evaluate_rows(
     timing_repeats: int = 3,
     timing_batch: int | None = None,
     recall: bool = False,
+    finished: FinishedRows | None = None,
 ) -> dict[str, Any]:
     """Generate, score and time every row (a model under a policy) on the same records.
 
@@ -189,7 +191,10 @@ def evaluate_rows(
     the baseline's is non-zero, ratios. With `recall`, the scored decode also
     records how much of each row's dense attention its policy read
     (attention_recall, attention_recall_by_layer: `generate(return_recall=True)`);
-    the timed calls never carry that diagnostic.
+    the timed calls never carry that diagnostic. With `finished`, each row is stored there as soon as it
+    is scored, and a row found there (same model parameters, policy, records and settings) is read back
+    instead of decoded: an interrupted comparison resumes at its first missing row. The timing is
+    always measured again, every row in the same turns.
     """
     task_ = tasks.get(task)
     if not records:
@@ -227,15 +232,18 @@ def evaluate_rows(
     calls = {}
     for row in rows:
         prompts = row.prompts(task_, records)
-        out = decode(row.model, row.tokenizer, prompts, policy=row.decode_policy, batch_size=batch_size,
-                     return_recall=recall, **kw)
-        texts = out.texts
-        metrics = (task_.score_zero_shot if row.zero_shot else task_.score)(records, texts)
-        metrics.update(out.summary(), span_report={k: int(v.sum()) for k, v in out.policy_report.items()})
-        shown = [row.tokenizer.decode(p) if row.zero_shot else p for p in prompts[:3]]
-        metrics.update(policy=str(row.policy), trained_with=row.trained_with, source=row.source, note=row.note,
-                       prompting="zero-shot" if row.zero_shot else "task",
-                       examples=[{"prompt": p, "generated": t} for p, t in zip(shown, texts[:3])])
+        key = None if finished is None else finished.key(
+            model=row.model, row=[row.name, str(row.policy), repr(row.decode_policy), row.trained_with, row.source,
+                                  row.note, row.zero_shot],
+            task=task, records=records, prompts=prompts, batch_size=batch_size, recall=recall, **kw)
+        metrics = None if key is None else finished.get(key)
+        if metrics is not None:
+            print(f"[evaluate] {row.name}: scored by an interrupted run of this comparison, read back from "
+                  f"{finished.folder}", flush=True)
+        else:
+            metrics = _score_row(row, task_, records, prompts, batch_size=batch_size, recall=recall, **kw)
+            if key is not None:
+                finished.put(key, metrics, label=row.name)
         results[row.name] = metrics
         calls[row.name] = functools.partial(generate, row.model, prompts[:n_timed], policy=row.decode_policy,
                                             tokenizer=row.tokenizer, **kw)
@@ -252,6 +260,21 @@ def evaluate_rows(
         "baseline": baseline,
         "vs_baseline": vs_baseline,
     }
+
+
+def _score_row(row: Row, task: tasks.Task, records: Sequence[dict], prompts: list, *, batch_size: int,
+               recall: bool, **generate_kwargs) -> dict[str, Any]:
+    """One row of `evaluate_rows` without its timing: decoded, scored, its span statistics and examples."""
+    out = decode(row.model, row.tokenizer, prompts, policy=row.decode_policy, batch_size=batch_size,
+                 return_recall=recall, **generate_kwargs)
+    texts = out.texts
+    metrics = (task.score_zero_shot if row.zero_shot else task.score)(records, texts)
+    metrics.update(out.summary(), span_report={k: int(v.sum()) for k, v in out.policy_report.items()})
+    shown = [row.tokenizer.decode(p) if row.zero_shot else p for p in prompts[:3]]
+    metrics.update(policy=str(row.policy), trained_with=row.trained_with, source=row.source, note=row.note,
+                   prompting="zero-shot" if row.zero_shot else "task",
+                   examples=[{"prompt": p, "generated": t} for p, t in zip(shown, texts[:3])])
+    return metrics
 
 
 def _ratios(task: tasks.Task, m: dict[str, Any], base: dict[str, Any]) -> dict[str, float | None]:
@@ -388,19 +411,25 @@ def compare(source: str | Loaded, *, baseline: str | Loaded | None = None, step:
             baseline_step: int | None = None,
             task: str | None = None, split: str | None = None, data: dict | None = None, num: int = 256,
             seed: int = 12345, policies: Sequence[str] = ("self_span", "dense"),
-            baseline_policies: Sequence[str] = ("dense",), max_segments: int | None = None,
+            baseline_policies: Sequence[str] | None = None, max_segments: int | None = None,
             zero_shot: str | Loaded | None = None, **evaluate_kwargs) -> dict[str, Any]:
     """Load a run (and its baseline), draw the held-out records and evaluate every row on them:
     `evaluate_rows`'s result with the sources, split, seed, data, notes and environment recorded.
     `evaluate_kwargs` go to `evaluate_rows` (batch_size, block_size, backend, timing_repeats, ...).
     A run or baseline already loaded (`Loaded`) is used as it is, not loaded again.
     `zero_shot` (a model source, e.g. the pretrained model the runs fine-tuned) adds the row
-    "base/dense": that model asked `Task.zero_shot_question` and decoded dense, for scale."""
+    "base/dense": that model asked `Task.zero_shot_question` and decoded dense, for scale.
+    `baseline_policies` (default: dense) and `baseline_step` describe the baseline: given without one,
+    they are refused rather than ignored."""
+    if baseline is None:
+        for what, value in (("baseline_policies", baseline_policies), ("baseline_step", baseline_step)):
+            if value is not None:
+                raise ValueError(f"{what}={value!r} applies to a baseline run, and none is given (--baseline RUN)")
     loaded = source if isinstance(source, Loaded) else load_for_eval(source, step=step)
     task, split, options, records = held_out_records(loaded, num, seed=seed, task=task, split=split, data=data)
     base = baseline if baseline is None or isinstance(baseline, Loaded) else load_for_eval(baseline,
                                                                                             step=baseline_step)
-    rows, baseline_row, notes = comparison_rows(loaded, base, policies, baseline_policies)
+    rows, baseline_row, notes = comparison_rows(loaded, base, policies, baseline_policies or ("dense",))
     if zero_shot is not None:
         pre = zero_shot if isinstance(zero_shot, Loaded) else load_for_eval(zero_shot)
         # last: the generation budget is taken from the first row's tokenizer, which knows the span tokens
@@ -517,22 +546,28 @@ def format_seed_table(result: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def reserved_results(out_dir: str | Path, name: str, *, overwrite: bool = False):
+def reserved_results(out_dir: str | Path, name: str, *, overwrite: bool = False, option: str = "--name",
+                     dir_option: str = "--out-dir"):
     """Hold <out_dir>/<name>.{json,md} for this process before any work is done for them: the folder
     must be (or become) a directory, an existing result is refused unless `overwrite`, and a second
     process writing the same name is refused while this one holds it (`runs.RunLock` on
-    <out_dir>/.<name>.lock). Yields the folder."""
+    <out_dir>/.<name>.lock). Errors name the caller's flags: `dir_option` for the folder, `option`
+    for the one that picks another output.
+    Yields the folder."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out-dir {str(out_dir)!r} is a file, not a directory")
+    if not name.strip() or name != name.strip() or "/" in name or name.startswith("."):
+        raise ValueError(f"results name {name!r} must be a plain file stem: not empty, no '/', no leading '.' "
+                         "or surrounding spaces")
     try:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ValueError(f"{dir_option} {str(out_dir)!r} is a file, not a directory")
         out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"cannot create --out-dir {str(out_dir)!r}: {err.strerror}") from None
+    except OSError as err:  # no permission, a name too long, ...
+        raise ValueError(f"cannot create {dir_option} {str(out_dir)!r}: {err.strerror}") from None
     if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise ValueError(f"--out-dir {str(out_dir)!r} is not writable")
+        raise ValueError(f"{dir_option} {str(out_dir)!r} is not writable")
     with runs.RunLock(out_dir, name=f".{name}.lock", what="results folder", doing=f"is writing {name}.json there",
-                      option="--name"):
+                      option=option):
         existing = [str(p) for p in (out_dir / f"{name}.json", out_dir / f"{name}.md") if p.exists()]
         if existing and not overwrite:
             raise ValueError(f"{existing[0]} exists: pass --overwrite to replace it, or choose another --name")

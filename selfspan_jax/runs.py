@@ -72,7 +72,7 @@ class RunLock:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except (FileExistsError, NotADirectoryError, PermissionError) as err:
+        except OSError as err:  # a file in the way, no permission, a name too long, ...
             raise ValueError(f"cannot use {str(self.path.parent)!r} as a {self._what} ({self._option}): "
                              f"{err.strerror}: {err.filename!r}") from None
         try:

@@ -256,12 +256,15 @@ def _no_duplicate_keys(path):
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """YAML or JSON file of TrainConfig overrides -> dict (unknown keys raise)."""
     path = Path(path)
-    if path.is_dir():
-        hint = " (a run directory: its config is RUN/config.yaml)" if (path / "config.yaml").is_file() else ""
-        raise ValueError(f"config file {str(path)!r} is a directory, not a YAML/JSON file{hint}")
-    if not path.is_file():
-        raise ValueError(f"config file {str(path)!r} does not exist")
-    text = path.read_text()
+    try:
+        if path.is_dir():
+            hint = " (a run directory: its config is RUN/config.yaml)" if (path / "config.yaml").is_file() else ""
+            raise ValueError(f"config file {str(path)!r} is a directory, not a YAML/JSON file{hint}")
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        text = path.read_text()
+    except OSError as err:  # no permission, a name too long, ...
+        raise ValueError(f"cannot read config file {str(path)!r}: {err.strerror}") from None
     try:
         if path.suffix == ".json":
             values = json.loads(text, object_pairs_hook=_no_duplicate_keys(path))

@@ -35,10 +35,11 @@ class WorkStarted(Exception):
     """Raised by a fuzzed CLI's stubbed work: every check before it passed."""
 
 
-def fuzz_cli(main, argv, *, stub, error_code: int, prog: str, cwd=None) -> None:
+def fuzz_cli(main, argv, *, stub, error_code: int | tuple[int, ...], prog: str, cwd=None) -> None:
     """One fuzz draw of a script's `main(argv)`, with the function `stub` = (module, name) that starts its
     real work replaced by one raising WorkStarted. The draw must end in argparse's usage error (exit 2),
-    the script's own "<prog>: error:" line with `error_code`, or WorkStarted -- never anything else.
+    the script's own "<prog>: error:" line with `error_code` (or one of them), or WorkStarted -- never
+    anything else.
     With SELFSPAN_FUZZ_LOG=FILE, each draw's argv and the end of its stderr are appended there."""
     import contextlib
     import io
@@ -55,9 +56,10 @@ def fuzz_cli(main, argv, *, stub, error_code: int, prog: str, cwd=None) -> None:
     try:
         with contextlib.redirect_stderr(err), contextlib.chdir(cwd or os.getcwd()):
             rc = main(argv)
-        assert rc == error_code and f"{prog}: error: " in err.getvalue(), (argv, rc, err.getvalue())
-    except SystemExit as exit_:  # argparse: a value of the wrong type
-        assert exit_.code == 2 and "error: argument" in err.getvalue(), (argv, err.getvalue())
+        codes = (error_code,) if isinstance(error_code, int) else error_code
+        assert rc in codes and f"{prog}: error: " in err.getvalue(), (argv, rc, err.getvalue())
+    except SystemExit as exit_:  # argparse: a value of the wrong type, or the script's own parser.error
+        assert exit_.code == 2 and f"{prog}: error: " in err.getvalue(), (argv, err.getvalue())
     except WorkStarted:
         pass
     finally:

@@ -18,6 +18,7 @@ import pytest
 from flax import nnx
 
 from pallas_kernels import BlockSparseParams, block_sparse_decode
+from selfspan_jax import evaluate as ev
 from selfspan_jax import runs
 from selfspan_jax.config import LlamaConfig
 from selfspan_jax.generation import generate
@@ -106,6 +107,16 @@ def _results(tmp: Path, setup=None, *, out: str = "res", name: str = "x", holder
         pass
 
 
+def _script(name: str):
+    """A module of scripts/ (they are not a package), loaded from its file."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _adore_out(tmp: Path, out) -> None:
     """scripts/train_adore.py --run RUN --out OUT on a run directory (its config written as training does)."""
     from selfspan_jax import adore_train
@@ -173,6 +184,13 @@ CASES = {
     "results-dir-is-file": lambda tmp: _results(tmp, lambda t: (t / "res").write_text("x")),
     "results-exist": lambda tmp: _results(tmp, lambda t: ((t / "res").mkdir(), (t / "res" / "x.json").write_text("{}"))),
     "results-in-use": lambda tmp: _results(tmp, holder=True),
+    "results-name": lambda tmp: _results(tmp, name=""),
+    "smollm2-cut-too-short": lambda tmp: _script("compare_policies").smollm2_comparison(
+        ["dense"], continuation=32, block_size=8, repeats=1, source=str(HF_TINY), max_article_tokens=40),
+    # checked before the run is loaded: no run is needed to see the refusal
+    "eval-baseline-policies-alone": lambda tmp: ev.compare(str(tmp / "run"),
+                                                                    baseline_policies=["quest(page_budget=2)"]),
+    "eval-baseline-step-alone": lambda tmp: ev.compare(str(tmp / "run"), baseline_step=40),
 }
 
 

