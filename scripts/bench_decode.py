@@ -86,109 +86,111 @@ def main(argv=None) -> int:
                         "which reads and computes exactly what a trained one does (speed only)")
     p.add_argument("--out", default="benchmarks/results/decode_cpu.json")
     p.add_argument("--plot", default=None, help="PNG of measured/ceiling against batch size, one line per context")
+    p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     args = p.parse_args(argv)
-    from selfspan_jax.policies import make_policy, split_policy_specs
+    with reporting.reserved_output(args.out, overwrite=args.overwrite, option="--out", prog="bench_decode.py"):
+        from selfspan_jax.policies import make_policy, split_policy_specs
 
-    policies = split_policy_specs(args.policies)
-    if "dense" not in policies:
-        policies.insert(0, "dense")  # every speedup is over dense, timed in the same turns
-    load_start = list(os.getloadavg())  # the 2-core CPU is shared: record the load the numbers ran under
+        policies = split_policy_specs(args.policies)
+        if "dense" not in policies:
+            policies.insert(0, "dense")  # every speedup is over dense, timed in the same turns
+        load_start = list(os.getloadavg())  # the 2-core CPU is shared: record the load the numbers ran under
 
-    from selfspan_jax.tokenizer import CharTokenizer
+        from selfspan_jax.tokenizer import CharTokenizer
 
-    tokenizer = CharTokenizer()
-    if args.record_from:
-        traces, origin = record_traces(args.record_from, args.num_traces, args.split, seed=777), \
-            f"greedy self_span generations of {args.record_from}"
-        if args.save_traces:
-            Path(args.save_traces).write_text(json.dumps({"origin": origin, "traces": traces}, indent=1) + "\n")
-    elif args.traces:
-        data = json.loads(Path(args.traces).read_text())
-        traces, origin = [tuple(t) for t in data["traces"]], data["origin"]
-    else:
-        traces, origin = reference_traces(args.num_traces, args.split, seed=777), \
-            "reference derivations of the arithmetic generator (no trained model given)"
+        tokenizer = CharTokenizer()
+        if args.record_from:
+            traces, origin = record_traces(args.record_from, args.num_traces, args.split, seed=777), \
+                f"greedy self_span generations of {args.record_from}"
+            if args.save_traces:
+                Path(args.save_traces).write_text(json.dumps({"origin": origin, "traces": traces}, indent=1) + "\n")
+        elif args.traces:
+            data = json.loads(Path(args.traces).read_text())
+            traces, origin = [tuple(t) for t in data["traces"]], data["origin"]
+        else:
+            traces, origin = reference_traces(args.num_traces, args.split, seed=777), \
+                "reference derivations of the arithmetic generator (no trained model given)"
 
-    batches = [int(b) for b in args.batch.split(",")]
-    contexts = [int(c) for c in args.context.split(",")]
-    model = random_model(args.shape, args.dtype, max(contexts) + args.new_tokens + 64)
-    config = model.config
-    controller = args.adore_controller
-    if controller is None and any(p.startswith("adore") for p in policies):
-        from selfspan_jax.adore import TrainedController, new_controller
+        batches = [int(b) for b in args.batch.split(",")]
+        contexts = [int(c) for c in args.context.split(",")]
+        model = random_model(args.shape, args.dtype, max(contexts) + args.new_tokens + 64)
+        config = model.config
+        controller = args.adore_controller
+        if controller is None and any(p.startswith("adore") for p in policies):
+            from selfspan_jax.adore import TrainedController, new_controller
 
-        controller = TrainedController(new_controller(config.n_layers, config.head_dim),
-                                       source="random, untrained (speed only)")
+            controller = TrainedController(new_controller(config.n_layers, config.head_dim),
+                                           source="random, untrained (speed only)")
 
-    def resolved(label):
-        return label if label in ("dense", "self_span") else make_policy(label, adore_controller=controller)
+        def resolved(label):
+            return label if label in ("dense", "self_span") else make_policy(label, adore_controller=controller)
 
-    need = max(contexts) + args.new_tokens
-    # each row starts at a different problem so the batch is not one sequence repeated
-    rows = [trace_stream(traces[i:] + traces[:i], tokenizer, need) for i in range(max(batches))]
-    itemsize = 2 if args.dtype == "bfloat16" else 4
-    points = []
-    for context in contexts:
-        for batch in batches:
-            pt = decode_point(model, rows, batch=batch, context=context, new_tokens=args.new_tokens,
-                              policies={label: resolved(label) for label in policies}, repeats=args.repeats,
-                              tokenizer=tokenizer, block_size=args.block_size, backend=args.backend,
-                              max_segments=args.max_segments, prefill_chunk=args.prefill_chunk)
-            r = kv_weight_ratio(config, batch, context + args.new_tokens / 2, itemsize)
-            pt["r"] = r
-            for pol in policies:  # DESIGN.md section 5's memory-bound ceiling at the policy's measured rho
-                rho = pt[pol]["kv_read_fraction"]
-                pt[pol].update(rho=rho, ceiling=memory_ceiling(r, rho))
-                pt[pol]["fraction_of_ceiling"] = pt[pol]["speedup"] / pt[pol]["ceiling"]
-                pt[pol]["fraction_of_ceiling_spread"] = {k: v / pt[pol]["ceiling"]
-                                                         for k, v in pt[pol]["speedup_spread"].items()}
-            if "self_span" in pt:
-                pt.update({k: pt["self_span"][k] for k in ("rho", "ceiling", "fraction_of_ceiling")})
-            points.append(pt)
-            print(f"B={batch:3d} T={context:5d} (r {r:.2f}, load {pt['load_average_before'][0]:.2f}): " + ", ".join(
-                f"{pol} {pt[pol]['decode_tokens_per_s']:.1f} tok/s {_spread_text(pt[pol]['speedup_spread'])} "
-                f"(rho {pt[pol]['rho']:.3f}, ceiling {pt[pol]['ceiling']:.2f}x)" for pol in policies), flush=True)
+        need = max(contexts) + args.new_tokens
+        # each row starts at a different problem so the batch is not one sequence repeated
+        rows = [trace_stream(traces[i:] + traces[:i], tokenizer, need) for i in range(max(batches))]
+        itemsize = 2 if args.dtype == "bfloat16" else 4
+        points = []
+        for context in contexts:
+            for batch in batches:
+                pt = decode_point(model, rows, batch=batch, context=context, new_tokens=args.new_tokens,
+                                  policies={label: resolved(label) for label in policies}, repeats=args.repeats,
+                                  tokenizer=tokenizer, block_size=args.block_size, backend=args.backend,
+                                  max_segments=args.max_segments, prefill_chunk=args.prefill_chunk)
+                r = kv_weight_ratio(config, batch, context + args.new_tokens / 2, itemsize)
+                pt["r"] = r
+                for pol in policies:  # DESIGN.md section 5's memory-bound ceiling at the policy's measured rho
+                    rho = pt[pol]["kv_read_fraction"]
+                    pt[pol].update(rho=rho, ceiling=memory_ceiling(r, rho))
+                    pt[pol]["fraction_of_ceiling"] = pt[pol]["speedup"] / pt[pol]["ceiling"]
+                    pt[pol]["fraction_of_ceiling_spread"] = {k: v / pt[pol]["ceiling"]
+                                                             for k, v in pt[pol]["speedup_spread"].items()}
+                if "self_span" in pt:
+                    pt.update({k: pt["self_span"][k] for k in ("rho", "ceiling", "fraction_of_ceiling")})
+                points.append(pt)
+                print(f"B={batch:3d} T={context:5d} (r {r:.2f}, load {pt['load_average_before'][0]:.2f}): " + ", ".join(
+                    f"{pol} {pt[pol]['decode_tokens_per_s']:.1f} tok/s {_spread_text(pt[pol]['speedup_spread'])} "
+                    f"(rho {pt[pol]['rho']:.3f}, ceiling {pt[pol]['ceiling']:.2f}x)" for pol in policies), flush=True)
 
-    label = ("REDUCED SHAPE on CPU (XLA gather path), not the LLaMA-7B target" if args.shape != "llama2-7b"
-             else "LLaMA-7B shape")
-    result = {
-        "benchmark": f"end-to-end decode, {' vs '.join(policies)}, forced recorded span traces",
-        "policies": policies,
-        "adore_controller": None if controller is None else str(getattr(controller, "source", controller)),
-        "label": label,
-        "environment": reporting.environment(),
-        "model": {"shape": args.shape, **config.to_dict(), "num_params": config.num_params(),
-                  "weights": "random (speed does not depend on them)"},
-        "traces": {"origin": origin, "split": args.split, "count": len(traces)},
-        "settings": {"block_size": args.block_size, "backend": args.backend, "repeats": args.repeats,
-                     "new_tokens": args.new_tokens, "max_segments": args.max_segments,
-                     "prefill_chunk": args.prefill_chunk, "timing": "after a warm-up, repeats interleave the "
-                     "policies (statistics off, return_stats=False); decode per repeat = wall time of generate's "
-                     "decode loop after prefill finished (return_timing=True); speedup = median over repeats of "
-                     "the paired ratio dense / policy, with min and max; rho from one more run with statistics",
-                     "load_average_1_5_15_at_start": load_start,
-                     "load_average_1_5_15_at_end": list(os.getloadavg())},
-        "points": points,
-        "command": "python scripts/bench_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-    }
-    out = reporting.write_json(result, args.out)
-    print("| batch | context | policy | decode tok/s | speedup over dense, median [min-max] of paired repeats | "
-          "rho (KV read) | ceiling | of ceiling |\n|---|---|---|---|---|---|---|---|")
-    for pt in points:
-        for pol in policies:
-            m = pt[pol]
-            print(f"| {pt['batch']} | {pt['context']} | {pol} | {m['decode_tokens_per_s']:.1f} | "
-                  f"{_spread_text(m['speedup_spread'])} | {m['rho']:.3f} | {m['ceiling']:.2f}x | "
-                  f"{m['fraction_of_ceiling']:.0%} |")
-    if args.plot:
-        series = {f"{pol}, {c} tokens": [(pt["batch"], pt[pol]["fraction_of_ceiling_spread"]) for pt in points
-                                         if pt["context"] == c]
-                  for pol in policies if pol != "dense" for c in contexts}
-        plot_fraction_of_ceiling(series, args.plot, "End-to-end decode (generate) against the memory-bound "
-                                 "ceiling\nCPU, reduced shape, paired repeats", machine=machine_of(result))
-        print(f"wrote {args.plot}")
-    print(f"wrote {out} ({label})")
-    return 0
+        label = ("REDUCED SHAPE on CPU (XLA gather path), not the LLaMA-7B target" if args.shape != "llama2-7b"
+                 else "LLaMA-7B shape")
+        result = {
+            "benchmark": f"end-to-end decode, {' vs '.join(policies)}, forced recorded span traces",
+            "policies": policies,
+            "adore_controller": None if controller is None else str(getattr(controller, "source", controller)),
+            "label": label,
+            "environment": reporting.environment(),
+            "model": {"shape": args.shape, **config.to_dict(), "num_params": config.num_params(),
+                      "weights": "random (speed does not depend on them)"},
+            "traces": {"origin": origin, "split": args.split, "count": len(traces)},
+            "settings": {"block_size": args.block_size, "backend": args.backend, "repeats": args.repeats,
+                         "new_tokens": args.new_tokens, "max_segments": args.max_segments,
+                         "prefill_chunk": args.prefill_chunk, "timing": "after a warm-up, repeats interleave the "
+                         "policies (statistics off, return_stats=False); decode per repeat = wall time of generate's "
+                         "decode loop after prefill finished (return_timing=True); speedup = median over repeats of "
+                         "the paired ratio dense / policy, with min and max; rho from one more run with statistics",
+                         "load_average_1_5_15_at_start": load_start,
+                         "load_average_1_5_15_at_end": list(os.getloadavg())},
+            "points": points,
+            "command": "python scripts/bench_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        }
+        out = reporting.write_json(result, args.out)
+        print("| batch | context | policy | decode tok/s | speedup over dense, median [min-max] of paired repeats | "
+              "rho (KV read) | ceiling | of ceiling |\n|---|---|---|---|---|---|---|---|")
+        for pt in points:
+            for pol in policies:
+                m = pt[pol]
+                print(f"| {pt['batch']} | {pt['context']} | {pol} | {m['decode_tokens_per_s']:.1f} | "
+                      f"{_spread_text(m['speedup_spread'])} | {m['rho']:.3f} | {m['ceiling']:.2f}x | "
+                      f"{m['fraction_of_ceiling']:.0%} |")
+        if args.plot:
+            series = {f"{pol}, {c} tokens": [(pt["batch"], pt[pol]["fraction_of_ceiling_spread"]) for pt in points
+                                             if pt["context"] == c]
+                      for pol in policies if pol != "dense" for c in contexts}
+            plot_fraction_of_ceiling(series, args.plot, "End-to-end decode (generate) against the memory-bound "
+                                     "ceiling\nCPU, reduced shape, paired repeats", machine=machine_of(result))
+            print(f"wrote {args.plot}")
+        print(f"wrote {out} ({label})")
+        return 0
 
 
 def machine_of(result: dict) -> str:

@@ -80,10 +80,13 @@ def main() -> None:
     parser.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--gguf", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args()
     if args.torch_worker:
         torch_worker(args)
         return
+    if os.path.exists(args.out) and not args.overwrite:  # before minutes of both models' forwards
+        parser.error(f"{args.out} exists: pass --overwrite to replace it, or choose another --out")
 
     if args.threads == 1:
         # Must be set before jax initialises its CPU client.

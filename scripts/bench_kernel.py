@@ -423,6 +423,7 @@ def main(argv=None) -> dict:
                              "launch cost is spread over them (scripts/kernel_fixed_cost.py measures it)")
     parser.add_argument("--num-stages", nargs="+", type=int, default=None,
                         help="also time the kernel at each of these Triton pipeline depths (GPU tuning)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     args = parser.parse_args(argv)
 
     gpu = on_gpu()
@@ -435,57 +436,58 @@ def main(argv=None) -> dict:
     reps = args.reps or (20 if gpu else 5)
     out = args.out or os.path.join(ROOT, "benchmarks", "results", f"kernel_{'gpu' if gpu else 'cpu'}{'_quick' if args.quick else ''}.json")
     png = args.plot or os.path.splitext(out)[0] + ".png"
-    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with reporting.reserved_output(out, overwrite=args.overwrite, option="--out", prog="bench_kernel.py"):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
 
-    device = jax.devices()[0]
-    # Rotate over >= this many cache bytes (H100 L2 is 50 MB; CPU L3 tens of MB).
-    rotate_bytes = (256 if gpu else 64) * 1024 * 1024
-    result = dict(
-        benchmark="block_sparse_decode", device=str(device), device_kind=device.device_kind, platform=device.platform,
-        jax_version=jax.__version__, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        environment=reporting.environment(), sweep=cfg, reps=reps, rotate_bytes=rotate_bytes, target_factor=0.8 if gpu else 0.5,
-        target_note="DESIGN.md §5: speedup >= 0.8/rho (GPU kernel) or >= 0.5/rho (CPU XLA path) at T >= 8k",
-        copy_bandwidth_gbps=copy_bandwidth((1024 if gpu else 256) * 1024 * 1024, reps), groups=[], truncated=False,
-    )
-    print(f"device {result['device_kind']} ({result['platform']}), jax {jax.__version__}, "
-          f"copy bandwidth {result['copy_bandwidth_gbps']:.1f} GB/s (read + write)", flush=True)
-    peers = peer_ops(gpu)
-    result["peers"] = {name: "timed" if not isinstance(op, str) else f"left out: {op}" for name, op in peers.items()}
-    for name, state in result["peers"].items():
-        print(f"  column {name}: {state}", flush=True)
+        device = jax.devices()[0]
+        # Rotate over >= this many cache bytes (H100 L2 is 50 MB; CPU L3 tens of MB).
+        rotate_bytes = (256 if gpu else 64) * 1024 * 1024
+        result = dict(
+            benchmark="block_sparse_decode", device=str(device), device_kind=device.device_kind, platform=device.platform,
+            jax_version=jax.__version__, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            environment=reporting.environment(), sweep=cfg, reps=reps, rotate_bytes=rotate_bytes, target_factor=0.8 if gpu else 0.5,
+            target_note="DESIGN.md §5: speedup >= 0.8/rho (GPU kernel) or >= 0.5/rho (CPU XLA path) at T >= 8k",
+            copy_bandwidth_gbps=copy_bandwidth((1024 if gpu else 256) * 1024 * 1024, reps), groups=[], truncated=False,
+        )
+        print(f"device {result['device_kind']} ({result['platform']}), jax {jax.__version__}, "
+              f"copy bandwidth {result['copy_bandwidth_gbps']:.1f} GB/s (read + write)", flush=True)
+        peers = peer_ops(gpu)
+        result["peers"] = {name: "timed" if not isinstance(op, str) else f"left out: {op}" for name, op in peers.items()}
+        for name, state in result["peers"].items():
+            print(f"  column {name}: {state}", flush=True)
 
-    rng = np.random.default_rng(0)
-    start = time.perf_counter()
-    for heads in cfg["heads"]:
-        for seq_len in cfg["contexts"]:
-            for batch in cfg["batches"]:
-                if batch * seq_len > cfg["max_tokens"]:
-                    continue
-                if args.max_seconds and time.perf_counter() - start > args.max_seconds:
-                    result["truncated"] = True
-                    break
-                result["groups"].append(bench_group(
-                    rng, heads, batch, seq_len, cfg, reps=reps, gpu=gpu, rotate_bytes=rotate_bytes,
-                    unroll_min=args.unroll or (8 if gpu else 1), log=lambda s: print(s, flush=True), peers=peers))
-                # Written after every group so a run cut short keeps what it measured.
-                reporting.write_json(result, out)
-    result["elapsed_s"] = time.perf_counter() - start
-    min_context = 8192 if any(g["context"] >= 8192 for g in result["groups"]) else max((g["context"] for g in result["groups"]), default=0)
-    result["summary_min_context"] = min_context
-    result["summary"] = summarise(result, min_context)
-    result["environment"]["load_average_at_end"] = reporting.load_average()
-    reporting.write_json(result, out)
-    plot(result, png, min_context)
+        rng = np.random.default_rng(0)
+        start = time.perf_counter()
+        for heads in cfg["heads"]:
+            for seq_len in cfg["contexts"]:
+                for batch in cfg["batches"]:
+                    if batch * seq_len > cfg["max_tokens"]:
+                        continue
+                    if args.max_seconds and time.perf_counter() - start > args.max_seconds:
+                        result["truncated"] = True
+                        break
+                    result["groups"].append(bench_group(
+                        rng, heads, batch, seq_len, cfg, reps=reps, gpu=gpu, rotate_bytes=rotate_bytes,
+                        unroll_min=args.unroll or (8 if gpu else 1), log=lambda s: print(s, flush=True), peers=peers))
+                    # Written after every group so a run cut short keeps what it measured.
+                    reporting.write_json(result, out)
+        result["elapsed_s"] = time.perf_counter() - start
+        min_context = 8192 if any(g["context"] >= 8192 for g in result["groups"]) else max((g["context"] for g in result["groups"]), default=0)
+        result["summary_min_context"] = min_context
+        result["summary"] = summarise(result, min_context)
+        result["environment"]["load_average_at_end"] = reporting.load_average()
+        reporting.write_json(result, out)
+        plot(result, png, min_context)
 
-    print(f"\nGeo-mean speedup vs all blocks at T >= {min_context} (target {result['target_factor']}/rho):")
-    print(f"{'heads':>5} {'bs':>4} {'rho':>7} {'speedup':>8} {'net':>6} {'target':>7} {'ok':>3} {'max GB/s':>9}")
-    for r in result["summary"]:
-        net = r["geomean_speedup_vs_all_net"]
-        print(f"{r['heads']:>5} {r['block_size']:>4} {r['density']:>7.4f} {r['geomean_speedup_vs_all']:>8.2f} "
-              f"{net if net is not None else float('nan'):>6.2f} "
-              f"{r['target']:>7.2f} {'yes' if r['meets_target'] else 'NO':>3} {r['max_gbps']:>9.1f}")
-    print(f"copy bandwidth {result['copy_bandwidth_gbps']:.1f} GB/s; wrote {out} and {png} ({result['elapsed_s']:.0f}s)")
-    return result
+        print(f"\nGeo-mean speedup vs all blocks at T >= {min_context} (target {result['target_factor']}/rho):")
+        print(f"{'heads':>5} {'bs':>4} {'rho':>7} {'speedup':>8} {'net':>6} {'target':>7} {'ok':>3} {'max GB/s':>9}")
+        for r in result["summary"]:
+            net = r["geomean_speedup_vs_all_net"]
+            print(f"{r['heads']:>5} {r['block_size']:>4} {r['density']:>7.4f} {r['geomean_speedup_vs_all']:>8.2f} "
+                  f"{net if net is not None else float('nan'):>6.2f} "
+                  f"{r['target']:>7.2f} {'yes' if r['meets_target'] else 'NO':>3} {r['max_gbps']:>9.1f}")
+        print(f"copy bandwidth {result['copy_bandwidth_gbps']:.1f} GB/s; wrote {out} and {png} ({result['elapsed_s']:.0f}s)")
+        return result
 
 
 if __name__ == "__main__":

@@ -118,57 +118,62 @@ def main(argv=None) -> int:
                    help="compile but do not run a full_mask point whose XLA buffers exceed this")
     p.add_argument("--one", nargs=3, metavar=("MODE", "CONTEXT", "BATCH"), help=argparse.SUPPRESS)
     p.add_argument("--out", default="benchmarks/results/prefill_cpu.json")
+    p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     args = p.parse_args(argv)
-    kw = dict(shape=args.shape, traces=args.traces, max_segments=args.max_segments, repeats=args.repeats,
-              block_size=args.block_size, run_limit_gib=args.run_limit_gib)
-    if args.one:
-        mode, context, batch = args.one[0], int(args.one[1]), int(args.one[2])
-        print("POINT " + json.dumps(one_point(mode, context, batch, **kw)), flush=True)
-        return 0
-
     from selfspan_jax import reporting
 
-    points = []
-    for context in [int(c) for c in args.context.split(",")]:
-        for batch in [int(b) for b in args.batch.split(",")]:
-            for mode in args.modes.split(","):
-                load = reporting.load_average()
-                cmd = [sys.executable, __file__, "--one", mode, str(context), str(batch), "--shape", args.shape,
-                       "--traces", args.traces, "--max-segments", str(args.max_segments), "--block-size",
-                       str(args.block_size), "--repeats", str(args.repeats),
-                       "--run-limit-gib", str(args.run_limit_gib)]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("POINT ")), None)
-                if proc.returncode or line is None:
-                    pt = {"mode": mode, "context": context, "batch": batch,
-                          "failed": f"exit {proc.returncode}: {proc.stderr.strip()[-400:]}"}
-                else:
-                    pt = json.loads(line[len("POINT "):])
-                pt["load_average_before"] = load
-                points.append(pt)
-                gib = 2 ** 30
-                what = pt.get("failed") or pt.get("skipped") or (
-                    f"{pt['median_s']:.2f} s (min {min(pt['times_s']):.2f}, max {max(pt['times_s']):.2f}), "
-                    f"peak RSS {pt['peak_rss_bytes'] / gib:.2f} GiB")
-                xla = f"XLA {pt['xla']['total_bytes'] / gib:.2f} GiB" if "xla" in pt else ""
-                print(f"T={context:6d} B={batch:2d} {mode:9s}: {xla}; {what}", flush=True)
+    with reporting.reserved_output(args.out, overwrite=args.overwrite, option="--out", prog="bench_prefill.py"):
+        kw = dict(shape=args.shape, traces=args.traces, max_segments=args.max_segments, repeats=args.repeats,
+                  block_size=args.block_size, run_limit_gib=args.run_limit_gib)
+        if args.one:
+            mode, context, batch = args.one[0], int(args.one[1]), int(args.one[2])
+            print("POINT " + json.dumps(one_point(mode, context, batch, **kw)), flush=True)
+            return 0
 
-    result = {
-        "benchmark": "prefill time and peak memory vs prompt length: blocked (factored mask) vs full [B, T, T] mask",
-        "label": "REDUCED SHAPE on CPU, self_span policy on long span traces",
-        "environment": reporting.environment(),
-        "settings": {"shape": args.shape, "max_segments": args.max_segments, "block_size": args.block_size,
-                     "repeats": args.repeats, "traces": args.traces, "run_limit_gib": args.run_limit_gib,
-                     "timing": "each point in a fresh process; median of repeats after one warm-up run",
-                     "memory": "XLA buffer assignment (arguments + outputs + temporaries) and process peak RSS "
-                               "(ru_maxrss, includes Python, jax and the model)",
-                     "load_average_at_end": reporting.load_average()},
-        "points": points,
-        "command": "python scripts/bench_prefill.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-    }
-    out = reporting.write_json(result, args.out)
-    print(f"wrote {out}")
-    return 0
+        from selfspan_jax import reporting
+
+        points = []
+        for context in [int(c) for c in args.context.split(",")]:
+            for batch in [int(b) for b in args.batch.split(",")]:
+                for mode in args.modes.split(","):
+                    load = reporting.load_average()
+                    cmd = [sys.executable, __file__, "--one", mode, str(context), str(batch), "--shape", args.shape,
+                           "--traces", args.traces, "--max-segments", str(args.max_segments), "--block-size",
+                           str(args.block_size), "--repeats", str(args.repeats),
+                           "--run-limit-gib", str(args.run_limit_gib)]
+                    proc = subprocess.run(cmd, capture_output=True, text=True)
+                    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("POINT ")), None)
+                    if proc.returncode or line is None:
+                        pt = {"mode": mode, "context": context, "batch": batch,
+                              "failed": f"exit {proc.returncode}: {proc.stderr.strip()[-400:]}"}
+                    else:
+                        pt = json.loads(line[len("POINT "):])
+                    pt["load_average_before"] = load
+                    points.append(pt)
+                    gib = 2 ** 30
+                    what = pt.get("failed") or pt.get("skipped") or (
+                        f"{pt['median_s']:.2f} s (min {min(pt['times_s']):.2f}, max {max(pt['times_s']):.2f}), "
+                        f"peak RSS {pt['peak_rss_bytes'] / gib:.2f} GiB")
+                    xla = f"XLA {pt['xla']['total_bytes'] / gib:.2f} GiB" if "xla" in pt else ""
+                    print(f"T={context:6d} B={batch:2d} {mode:9s}: {xla}; {what}", flush=True)
+
+        result = {
+            "benchmark": "prefill time and peak memory vs prompt length: blocked (factored mask) vs full [B, T, T] "
+                         "mask",
+            "label": "REDUCED SHAPE on CPU, self_span policy on long span traces",
+            "environment": reporting.environment(),
+            "settings": {"shape": args.shape, "max_segments": args.max_segments, "block_size": args.block_size,
+                         "repeats": args.repeats, "traces": args.traces, "run_limit_gib": args.run_limit_gib,
+                         "timing": "each point in a fresh process; median of repeats after one warm-up run",
+                         "memory": "XLA buffer assignment (arguments + outputs + temporaries) and process peak RSS "
+                                   "(ru_maxrss, includes Python, jax and the model)",
+                         "load_average_at_end": reporting.load_average()},
+            "points": points,
+            "command": "python scripts/bench_prefill.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        }
+        out = reporting.write_json(result, args.out)
+        print(f"wrote {out}")
+        return 0
 
 
 if __name__ == "__main__":

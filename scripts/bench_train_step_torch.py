@@ -45,7 +45,11 @@ def main() -> None:
     p.add_argument("--turns", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--out", default="benchmarks/results/train_step_smollm2_torch_cpu.json")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args()
+    # an existence check only: this runs in the PyTorch environment, without the package's lock
+    if os.path.exists(args.out) and not args.overwrite:
+        p.error(f"{args.out} exists: pass --overwrite to replace it, or choose another --out")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     folder, name = os.path.split(os.path.abspath(args.gguf))

@@ -173,7 +173,7 @@ if [[ "$STAGE" == "visit" ]]; then
   echo "== decode loop exit $lstatus (t=$(elapsed)s)" | tee -a "$LOG"
   if [[ $lstatus -ne 0 && ! -s "$OUT/decode_loop_gpu.json" && $(( 540 - $(elapsed) )) -gt 90 ]]; then
     echo "== decode loop again on the XLA path (t=$(elapsed)s)" | tee -a "$LOG"
-    timeout $(( 540 - $(elapsed) )) "$PY" scripts/profile_loop.py "${loop_args[@]}" --backend xla \
+    timeout $(( 540 - $(elapsed) )) "$PY" scripts/profile_loop.py "${loop_args[@]}" --backend xla --overwrite \
       --max-seconds $(( 480 - $(elapsed) )) 2>&1 | tee -a "$LOG"
   fi
   nvidia-smi --query-gpu=temperature.gpu,clocks.sm,power.draw,utilization.gpu --format=csv 2>&1 | tee -a "$LOG"

@@ -174,6 +174,7 @@ def main(argv=None) -> dict:
                         help="cache copies rotated over (default: enough to pass 256 MB, at most 4); "
                              "--copies equal to --unroll gives every call its own cache")
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke run)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     args = parser.parse_args(argv)
     backend = resolve_backend(args.backend)
     if backend not in ("pallas", "interpret"):
@@ -183,34 +184,35 @@ def main(argv=None) -> dict:
         args.heads, args.batches, args.context, args.block_size, args.counts = ["4,2,16"], [1], 64, 16, [0, 1, 2, 4]
     reps = args.reps or (20 if gpu else 2)
     out = args.out or os.path.join(ROOT, "benchmarks", "results", f"kernel_fixed_cost_{'gpu' if gpu else 'cpu'}.json")
-    device = jax.devices()[0]
-    result = dict(
-        benchmark="kernel_fixed_cost", device=str(device), device_kind=device.device_kind, jax_version=jax.__version__,
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), backend=backend,
-        environment=reporting.environment(), reps=reps, args=vars(args),
-        copy_bandwidth_gbps=copy_bandwidth((1024 if gpu else 16) * 1024 * 1024, reps), groups=[])
-    print(f"{result['device_kind']}, jax {jax.__version__}, backend {backend}, "
-          f"copy {result['copy_bandwidth_gbps']:.0f} GB/s", flush=True)
-    rng = np.random.default_rng(0)
-    start = time.perf_counter()
-    for heads in args.heads:
-        shape = HEADS[heads] if heads in HEADS else tuple(int(x) for x in heads.split(","))
-        for batch in args.batches:
-            if args.max_seconds and time.perf_counter() - start > args.max_seconds:
-                result["truncated"] = True
-                break
-            result["groups"].append(run_group(
-                rng, shape, batch, args.context, args.block_size, args.counts, jnp.dtype(args.dtype), backend, reps,
-                unroll_min=args.unroll or (8 if gpu else 1), copies=args.copies,
-                rotate_bytes=(256 if gpu else 1) * 1024 * 1024, log=print))
-            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-            with open(out, "w") as f:  # after every group: a cut-off visit keeps what it measured
-                json.dump(result, f, indent=1)
-    result["elapsed_s"] = time.perf_counter() - start
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {out}")
-    return result
+    with reporting.reserved_output(out, overwrite=args.overwrite, option="--out", prog="kernel_fixed_cost.py"):
+        device = jax.devices()[0]
+        result = dict(
+            benchmark="kernel_fixed_cost", device=str(device), device_kind=device.device_kind, jax_version=jax.__version__,
+            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), backend=backend,
+            environment=reporting.environment(), reps=reps, args=vars(args),
+            copy_bandwidth_gbps=copy_bandwidth((1024 if gpu else 16) * 1024 * 1024, reps), groups=[])
+        print(f"{result['device_kind']}, jax {jax.__version__}, backend {backend}, "
+              f"copy {result['copy_bandwidth_gbps']:.0f} GB/s", flush=True)
+        rng = np.random.default_rng(0)
+        start = time.perf_counter()
+        for heads in args.heads:
+            shape = HEADS[heads] if heads in HEADS else tuple(int(x) for x in heads.split(","))
+            for batch in args.batches:
+                if args.max_seconds and time.perf_counter() - start > args.max_seconds:
+                    result["truncated"] = True
+                    break
+                result["groups"].append(run_group(
+                    rng, shape, batch, args.context, args.block_size, args.counts, jnp.dtype(args.dtype), backend, reps,
+                    unroll_min=args.unroll or (8 if gpu else 1), copies=args.copies,
+                    rotate_bytes=(256 if gpu else 1) * 1024 * 1024, log=print))
+                os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+                with open(out, "w") as f:  # after every group: a cut-off visit keeps what it measured
+                    json.dump(result, f, indent=1)
+        result["elapsed_s"] = time.perf_counter() - start
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {out}")
+        return result
 
 
 if __name__ == "__main__":

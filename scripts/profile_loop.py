@@ -261,95 +261,99 @@ def main(argv=None) -> int:
                         "by part of the step (op_group)")
     p.add_argument("--dump-hlo", default=None, metavar="DIR",
                    help="also write each variant's compiled loop (optimised HLO text) to DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     args = p.parse_args(argv)
-
     from selfspan_jax import reporting
-    from selfspan_jax.benchmarks import kv_weight_ratio, memory_ceiling, random_model, trace_stream
-    from selfspan_jax.spans import SpanTokens
-    from selfspan_jax.tokenizer import CharTokenizer
 
-    tokenizer = CharTokenizer()
-    traces = [tuple(t) for t in json.loads(Path(args.traces).read_text())["traces"]]
-    batches = [int(b) for b in args.batch.split(",")]
-    contexts = [int(c) for c in args.context.split(",")]
-    need = max(contexts) + args.steps + 2
-    rows = [trace_stream(traces[i:] + traces[:i], tokenizer, need) for i in range(max(batches))]
-    model = random_model(args.shape, args.dtype, need + 2 * args.block_size + 64)
-    itemsize = 2 if args.dtype == "bfloat16" else 4
-    started = time.perf_counter()
-    variants = build_variants(SpanTokens.from_tokenizer(tokenizer), args.max_segments)
-    if args.variants:
-        unknown = set(args.variants.split(",")) - set(variants)
-        if unknown:
-            raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {list(variants)}")
-        variants = {n: variants[n] for n in args.variants.split(",")}
-    on_cpu = reporting.environment()["device"].startswith("cpu")
-    label = (f"{'REDUCED SHAPE ' if args.shape == 'cpu-reduced' else ''}{args.shape}, {args.dtype}, "
-             f"{'CPU (XLA path)' if on_cpu else 'GPU'}, backend {args.backend}, forced along recorded span traces")
+    with reporting.reserved_output(args.out, overwrite=args.overwrite, option="--out", prog="profile_loop.py"):
 
-    def write(points, skipped):
-        result = {
-            "benchmark": "per-step cost of the decode loop's own work, in situ (fori_loop over decode_step)",
-            "label": label,
-            "environment": reporting.environment(),
-            "settings": {**{k: v for k, v in vars(args).items() if k not in ("out",)},
-                         "timing": "ms per step = wall time of a jitted fori_loop of `steps` decode steps (state "
-                                   "donated, set up untimed) / steps; median (min, max) of repeats taken in turns "
-                                   f"({'the same order' if args.fixed_order else 'a fresh random order'} every "
-                                   "round), after one compiling call of each"},
-            "variants": {n: {"policy": type(pol).__name__, **flags} for n, (pol, flags) in variants.items()},
-            "points": points,
-            "not_measured": skipped,  # points --max-seconds left out
-            "command": "python scripts/profile_loop.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        }
-        return reporting.write_json(result, args.out)
+        from selfspan_jax import reporting
+        from selfspan_jax.benchmarks import kv_weight_ratio, memory_ceiling, random_model, trace_stream
+        from selfspan_jax.spans import SpanTokens
+        from selfspan_jax.tokenizer import CharTokenizer
 
-    points, skipped = [], []
-    for context in contexts:
-        for batch in batches:
-            if args.max_seconds is not None and time.perf_counter() - started > args.max_seconds:
-                skipped.append({"batch": batch, "context": context})
-                continue
-            pt = profile_point(model, rows, variants, batch=batch, context=context, steps=args.steps,
-                               block_size=args.block_size, repeats=args.repeats, backend=args.backend,
-                               shuffle_seed=None if args.fixed_order else len(points) + 1000 * len(skipped),
-                               dump_hlo=args.dump_hlo, op_profile=args.op_profile)
-            if "dense" in variants:
-                add_paired_ratios(pt)
-                if "self_span" in pt and "self_span +stats" in pt:  # the ceiling at self_span's measured rho
-                    r = kv_weight_ratio(model.config, batch, context + args.steps / 2, itemsize)
-                    rho = pt["self_span +stats"]["rho"]
-                    sp = pt["self_span"]["speedup_vs_dense"]
-                    pt["ceiling"] = {"r": r, "rho": rho, "ceiling": memory_ceiling(r, rho),
-                                     "fraction_of_ceiling": {k: v / memory_ceiling(r, rho) for k, v in sp.items()}}
-            points.append(pt)
-            write(points, skipped)
-            print(f"B={batch} context={context} (load {pt['load_average'][0]:.2f}): " + ", ".join(
-                f"{n} {pt[n]['ms_per_step']['median']:.3f}" for n in variants)
-                + (f"; self_span {pt['self_span']['speedup_vs_dense']['median']:.2f}x of ceiling "
-                   f"{pt['ceiling']['ceiling']:.2f}x (rho {pt['ceiling']['rho']:.3f})" if "ceiling" in pt else ""),
-                flush=True)
+        tokenizer = CharTokenizer()
+        traces = [tuple(t) for t in json.loads(Path(args.traces).read_text())["traces"]]
+        batches = [int(b) for b in args.batch.split(",")]
+        contexts = [int(c) for c in args.context.split(",")]
+        need = max(contexts) + args.steps + 2
+        rows = [trace_stream(traces[i:] + traces[:i], tokenizer, need) for i in range(max(batches))]
+        model = random_model(args.shape, args.dtype, need + 2 * args.block_size + 64)
+        itemsize = 2 if args.dtype == "bfloat16" else 4
+        started = time.perf_counter()
+        variants = build_variants(SpanTokens.from_tokenizer(tokenizer), args.max_segments)
+        if args.variants:
+            unknown = set(args.variants.split(",")) - set(variants)
+            if unknown:
+                raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {list(variants)}")
+            variants = {n: variants[n] for n in args.variants.split(",")}
+        on_cpu = reporting.environment()["device"].startswith("cpu")
+        label = (f"{'REDUCED SHAPE ' if args.shape == 'cpu-reduced' else ''}{args.shape}, {args.dtype}, "
+                 f"{'CPU (XLA path)' if on_cpu else 'GPU'}, backend {args.backend}, forced along recorded span traces")
 
-    names = list(variants)
-    print("\n| batch | context | " + " | ".join(names) + " |\n|---|---|" + "---|" * len(names))
-    for pt in points:
-        cells = [pt[n]["ms_per_step"] for n in names]
-        print(f"| {pt['batch']} | {pt['context']} | " + " | ".join(
-            f"{c['median']:.3f} [{c['min']:.3f}-{c['max']:.3f}]" for c in cells) + " |")
-    if skipped:
-        print(f"not measured (--max-seconds {args.max_seconds}): {skipped}")
-    print(f"wrote {write(points, skipped)}")
-    if args.plot:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from bench_decode import machine_of, plot_fraction_of_ceiling
+        def write(points, skipped):
+            result = {
+                "benchmark": "per-step cost of the decode loop's own work, in situ (fori_loop over decode_step)",
+                "label": label,
+                "environment": reporting.environment(),
+                "settings": {**{k: v for k, v in vars(args).items() if k not in ("out",)},
+                             "timing": "ms per step = wall time of a jitted fori_loop of `steps` decode steps (state "
+                                       "donated, set up untimed) / steps; median (min, max) of repeats taken in turns "
+                                       f"({'the same order' if args.fixed_order else 'a fresh random order'} every "
+                                       "round), after one compiling call of each"},
+                "variants": {n: {"policy": type(pol).__name__, **flags} for n, (pol, flags) in variants.items()},
+                "points": points,
+                "not_measured": skipped,  # points --max-seconds left out
+                "command": "python scripts/profile_loop.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            }
+            return reporting.write_json(result, args.out)
 
-        series = {f"self_span, {c} tokens": [(pt["batch"], pt["ceiling"]["fraction_of_ceiling"]) for pt in points
-                                             if pt["context"] == c and "ceiling" in pt] for c in contexts}
-        plot_fraction_of_ceiling(series, args.plot, "Decode steps in the loop (no prefill) against the "
-                                 f"memory-bound ceiling\n{label.split(', forced')[0]}, paired rounds",
-                                 machine=machine_of({"environment": reporting.environment()}))
-        print(f"wrote {args.plot}")
-    return 0
+        points, skipped = [], []
+        for context in contexts:
+            for batch in batches:
+                if args.max_seconds is not None and time.perf_counter() - started > args.max_seconds:
+                    skipped.append({"batch": batch, "context": context})
+                    continue
+                pt = profile_point(model, rows, variants, batch=batch, context=context, steps=args.steps,
+                                   block_size=args.block_size, repeats=args.repeats, backend=args.backend,
+                                   shuffle_seed=None if args.fixed_order else len(points) + 1000 * len(skipped),
+                                   dump_hlo=args.dump_hlo, op_profile=args.op_profile)
+                if "dense" in variants:
+                    add_paired_ratios(pt)
+                    if "self_span" in pt and "self_span +stats" in pt:  # the ceiling at self_span's measured rho
+                        r = kv_weight_ratio(model.config, batch, context + args.steps / 2, itemsize)
+                        rho = pt["self_span +stats"]["rho"]
+                        sp = pt["self_span"]["speedup_vs_dense"]
+                        pt["ceiling"] = {"r": r, "rho": rho, "ceiling": memory_ceiling(r, rho),
+                                         "fraction_of_ceiling": {k: v / memory_ceiling(r, rho) for k, v in sp.items()}}
+                points.append(pt)
+                write(points, skipped)
+                print(f"B={batch} context={context} (load {pt['load_average'][0]:.2f}): " + ", ".join(
+                    f"{n} {pt[n]['ms_per_step']['median']:.3f}" for n in variants)
+                    + (f"; self_span {pt['self_span']['speedup_vs_dense']['median']:.2f}x of ceiling "
+                       f"{pt['ceiling']['ceiling']:.2f}x (rho {pt['ceiling']['rho']:.3f})" if "ceiling" in pt else ""),
+                    flush=True)
+
+        names = list(variants)
+        print("\n| batch | context | " + " | ".join(names) + " |\n|---|---|" + "---|" * len(names))
+        for pt in points:
+            cells = [pt[n]["ms_per_step"] for n in names]
+            print(f"| {pt['batch']} | {pt['context']} | " + " | ".join(
+                f"{c['median']:.3f} [{c['min']:.3f}-{c['max']:.3f}]" for c in cells) + " |")
+        if skipped:
+            print(f"not measured (--max-seconds {args.max_seconds}): {skipped}")
+        print(f"wrote {write(points, skipped)}")
+        if args.plot:
+            sys.path.insert(0, str(Path(__file__).parent))
+            from bench_decode import machine_of, plot_fraction_of_ceiling
+
+            series = {f"self_span, {c} tokens": [(pt["batch"], pt["ceiling"]["fraction_of_ceiling"]) for pt in points
+                                                 if pt["context"] == c and "ceiling" in pt] for c in contexts}
+            plot_fraction_of_ceiling(series, args.plot, "Decode steps in the loop (no prefill) against the "
+                                     f"memory-bound ceiling\n{label.split(', forced')[0]}, paired rounds",
+                                     machine=machine_of({"environment": reporting.environment()}))
+            print(f"wrote {args.plot}")
+        return 0
 
 
 if __name__ == "__main__":

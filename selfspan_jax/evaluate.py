@@ -554,24 +554,12 @@ def reserved_results(out_dir: str | Path, name: str, *, overwrite: bool = False,
     <out_dir>/.<name>.lock). Errors name the caller's flags: `dir_option` for the folder, `option`
     for the one that picks another output.
     Yields the folder."""
-    out_dir = Path(out_dir)
     if not name.strip() or name != name.strip() or "/" in name or name.startswith("."):
         raise ValueError(f"results name {name!r} must be a plain file stem: not empty, no '/', no leading '.' "
                          "or surrounding spaces")
-    try:
-        if out_dir.exists() and not out_dir.is_dir():
-            raise ValueError(f"{dir_option} {str(out_dir)!r} is a file, not a directory")
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:  # no permission, a name too long, ...
-        raise ValueError(f"cannot create {dir_option} {str(out_dir)!r}: {err.strerror}") from None
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise ValueError(f"{dir_option} {str(out_dir)!r} is not writable")
-    with runs.RunLock(out_dir, name=f".{name}.lock", what="results folder", doing=f"is writing {name}.json there",
-                      option=option):
-        existing = [str(p) for p in (out_dir / f"{name}.json", out_dir / f"{name}.md") if p.exists()]
-        if existing and not overwrite:
-            raise ValueError(f"{existing[0]} exists: pass --overwrite to replace it, or choose another --name")
-        yield out_dir
+    with reporting.reserved_outputs(out_dir, [f"{name}.json", f"{name}.md"], overwrite=overwrite,
+                                    lock=f".{name}.lock", option=option, dir_option=dir_option) as folder:
+        yield folder
 
 
 def write_results(result: dict[str, Any], out_dir: str | Path, name: str) -> tuple[Path, Path]:

@@ -7,15 +7,17 @@ One home for these so that `scripts/evaluate.py`, the demo and every
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import platform
 import re
 import statistics
+import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -223,3 +225,52 @@ def hlo_op_names(compiled_text: str) -> dict[str, str]:
         if body is not None and op_name is not None:
             body_origin[body.group(1)] = op_name.group(1) + "/body"
     return {name: origin or body_origin.get(computation_of[name], "") for name, origin in names.items()}
+
+
+@contextlib.contextmanager
+def reserved_outputs(folder: str | os.PathLike, files: Sequence[str], *, overwrite: bool = False,
+                     lock: str | None = None, option: str = "--out", dir_option: str = "--out") -> Iterator[Path]:
+    """Hold the output `files` (names in `folder`) for this process before any work is done for them:
+    the folder must be (or become) a writable directory, an existing file is refused unless
+    `overwrite`, and a second process writing the same outputs is refused while this one holds them
+    (`runs.RunLock` on <folder>/`lock`, default `.<first file>.lock`). Errors name the caller's
+    flags: `dir_option` for the folder, `option` for the one that picks other outputs. Yields the folder."""
+    from selfspan_jax.runs import RunLock
+
+    folder = Path(folder)
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"{dir_option} {str(folder)!r} is a file, not a directory")
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # no permission, a name too long, ...
+        raise ValueError(f"cannot create {dir_option} {str(folder)!r}: {err.strerror}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{dir_option} {str(folder)!r} is not writable")
+    with RunLock(folder, name=lock or f".{files[0]}.lock", what="results folder", doing=f"is writing {files[0]} there",
+                 option=option):
+        existing = [str(folder / f) for f in files if (folder / f).exists()]
+        if existing and not overwrite:
+            raise ValueError(f"{existing[0]} exists: pass --overwrite to replace it, or choose another {option}")
+        yield folder
+
+
+@contextlib.contextmanager
+def reserved_output(path: str | os.PathLike | None, *, overwrite: bool = False, option: str = "--out",
+                    prog: str | None = None):
+    """`reserved_outputs` for the one file a benchmark writes (`--out PATH`; None: nothing to hold).
+    With `prog`, a refusal ends the script with "<prog>: error: ..." (exit status 2) instead of raising."""
+    if path is None:
+        yield None
+        return
+    path = Path(path)
+    held = reserved_outputs(path.parent, [path.name], overwrite=overwrite, option=option, dir_option=option)
+    try:
+        held.__enter__()
+    except ValueError as err:
+        if prog is None:
+            raise
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    with contextlib.ExitStack() as stack:
+        stack.push(held)  # released however the work ends
+        yield path

@@ -1,5 +1,7 @@
 """The training-step FLOP count of the benchmarks against XLA's own count of the compiled step."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from flax import nnx
 
+from selfspan_jax import reporting
 from selfspan_jax.benchmarks import step_flops
 from selfspan_jax.config import LlamaConfig
 from selfspan_jax.lora import apply_lora, lora_trainable_filter
@@ -88,7 +91,7 @@ def test_profile_loop_pairs_rounds_and_stops_at_max_seconds(tmp_path):
 
     out = tmp_path / "loop.json"
     common = ["--batch", "2", "--steps", "3", "--block-size", "16", "--max-segments", "64",
-              "--variants", "dense,self_span,self_span +stats", "--out", str(out)]
+              "--variants", "dense,self_span,self_span +stats", "--out", str(out), "--overwrite"]
     assert profile_loop.main([*common, "--context", "48", "--repeats", "3", "--dtype", "bfloat16"]) == 0
     result = json.loads(out.read_text())
     (pt,) = result["points"]
@@ -289,3 +292,32 @@ def _reference_decode(q, k, v, start_idx, kv_seq_len, *, sm_scale, **_):
     """jax's decode_attn_unbatched contract for one (batch, KV head): q [G, H], k and v [S, H]."""
     logits = jnp.einsum("gh,sh->gs", q.astype(jnp.float32), k.astype(jnp.float32)) * sm_scale
     return (jax.nn.softmax(logits, axis=-1) @ v.astype(jnp.float32)).astype(q.dtype)
+
+
+@pytest.mark.parametrize("script, extra", [
+    ("bench_decode", []), ("bench_prefill", []), ("profile_loop", []), ("profile_decode", []),
+    ("plot_spans", ["nosuch-run"]), ("bench_kernel", ["--quick"]),
+    ("kernel_fixed_cost", ["--quick", "--backend", "interpret"]),
+    ("bench_train_step", None),
+])
+def test_benchmarks_refuse_to_replace_a_result_before_measuring(script, extra, tmp_path, capsys):
+    """Every benchmark holds its output before any work: an existing file is replaced only with
+    --overwrite, and a second process writing it is refused (reporting.reserved_output)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{script}_held", Path(__file__).parents[1] / "scripts" /
+                                                  f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "result.json"
+    out.write_text("{}")
+    argv = ["--out-dir", str(tmp_path), "--name", "result"] if extra is None else [*extra, "--out", str(out)]
+    with pytest.raises(SystemExit) as stop:
+        module.main(argv)
+    assert stop.value.code == 2 and out.read_text() == "{}"
+    assert f"{script}.py: error: {out} exists: pass --overwrite to replace it" in capsys.readouterr().err
+    out.unlink()
+    with reporting.reserved_output(out):  # another run of the benchmark is writing it
+        with pytest.raises(SystemExit):
+            module.main(argv)
+    assert "is in use: pid" in capsys.readouterr().err and not out.exists()
