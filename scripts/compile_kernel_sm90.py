@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     p.add_argument("--venv", default=None, help="the triton environment (default .venv-sm90, created if missing)")
     p.add_argument("--keep", default=None, help="directory for the TTIR, TTGIR and PTX of every config")
     p.add_argument("--out", default="benchmarks/results/kernel_sm90_compile.json")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
 
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -63,12 +64,14 @@ def main(argv=None) -> int:
     if not configs:
         print(f"compile_kernel_sm90.py: error: no config id contains any of {args.only}", file=sys.stderr)
         return 2
-    t0 = time.perf_counter()
-    report = sm90.compile_configs(configs, venv=args.venv or sm90.DEFAULT_VENV, keep=args.keep)
-    report["wall_s"] = time.perf_counter() - t0
-    report["environment"] = reporting.environment()
-    report["command"] = "python scripts/compile_kernel_sm90.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    path = reporting.write_json(report, args.out)
+    with reporting.reserved_output(args.out, overwrite=args.overwrite, prog="compile_kernel_sm90.py"):
+        t0 = time.perf_counter()
+        report = sm90.compile_configs(configs, venv=args.venv or sm90.DEFAULT_VENV, keep=args.keep)
+        report["wall_s"] = time.perf_counter() - t0
+        report["environment"] = reporting.environment()
+        report["command"] = "python scripts/compile_kernel_sm90.py " + " ".join(argv if argv is not None
+                                                                                else sys.argv[1:])
+        path = reporting.write_json(report, args.out)
     print(table(report))
     failed = [k["id"] for k in report["kernels"] if not k.get("ok")]
     print(f"{len(report['kernels']) - len(failed)} of {len(report['kernels'])} configs compiled for sm_90 "

@@ -297,7 +297,7 @@ def _reference_decode(q, k, v, start_idx, kv_seq_len, *, sm_scale, **_):
 @pytest.mark.parametrize("script, extra", [
     ("bench_decode", []), ("bench_prefill", []), ("profile_loop", []), ("profile_decode", []),
     ("plot_spans", ["nosuch-run"]), ("bench_kernel", ["--quick"]),
-    ("kernel_fixed_cost", ["--quick", "--backend", "interpret"]),
+    ("kernel_fixed_cost", ["--quick", "--backend", "interpret"]), ("compile_kernel_sm90", []),
     ("bench_train_step", None),
 ])
 def test_benchmarks_refuse_to_replace_a_result_before_measuring(script, extra, tmp_path, capsys):
