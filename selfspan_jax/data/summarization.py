@@ -288,8 +288,8 @@ def _sentence_piece(number: int, sentence: str) -> str:
     return f"{ANCHOR}[{number}] {sentence}\n"
 
 
-def format_prompt(sentences: Sequence[str]) -> str:
-    return f"{INSTRUCTION}\n" + "".join(_sentence_piece(i, s) for i, s in enumerate(sentences, start=1))
+def format_prompt(sentences: Sequence[str], instruction: str = INSTRUCTION) -> str:
+    return f"{instruction}\n" + "".join(_sentence_piece(i, s) for i, s in enumerate(sentences, start=1))
 
 
 def format_completion(summary: Sequence[str], alignments: Sequence[Sequence[int]]) -> str:
@@ -305,12 +305,13 @@ _SENT_RE = re.compile(r"\[(\d+)\] (.*)\n$", re.S)
 _SUMMARY_RE = re.compile(re.escape(REF_OPEN) + r"([\d, ]*)" + re.escape(REF_CLOSE) + r"(.*)$", re.S)
 
 
-def parse_formatted(prompt: str, completion: str) -> tuple[list[str], list[str], list[list[int]]]:
+def parse_formatted(prompt: str, completion: str,
+                    instruction: str = INSTRUCTION) -> tuple[list[str], list[str], list[list[int]]]:
     """Inverse of format_prompt/format_completion:
     (article sentences, summary sentences, alignments as segment numbers)."""
     head, *pieces = prompt.split(ANCHOR)
-    if head != f"{INSTRUCTION}\n":
-        raise ValueError(f"prompt does not start with the instruction {INSTRUCTION!r}: {head[:80]!r}")
+    if head != f"{instruction}\n":
+        raise ValueError(f"prompt does not start with the instruction {instruction!r}: {head[:80]!r}")
     sentences = []
     for k, piece in enumerate(pieces, start=1):
         m = _SENT_RE.match(piece)
@@ -339,18 +340,20 @@ def parse_formatted(prompt: str, completion: str) -> tuple[list[str], list[str],
 # ---------------------------------------------------------------------------
 # Records
 # ---------------------------------------------------------------------------
+def prompt_piece_tokens(sentences: Sequence[str], tokenizer, instruction: str = INSTRUCTION) -> list[int]:
+    """Tokens of each piece of `format_prompt(sentences, instruction)` as data.batches counts them
+    (segment by segment): BOS + the instruction line, then one entry per sentence."""
+    return [1 + len(encode_with_spans(tokenizer, f"{instruction}\n"))] + [
+        len(encode_with_spans(tokenizer, _sentence_piece(i, s))) for i, s in enumerate(sentences, start=1)]
+
+
 def truncate_sentences(sentences: Sequence[str], tokenizer, max_prompt_tokens: int) -> list[str]:
     """The longest prefix of whole sentences whose formatted prompt, with BOS,
     fits in `max_prompt_tokens` tokens of `tokenizer`. Counts are exact for
     data.batches.tokenize_record, which encodes segment by segment too."""
-    budget = max_prompt_tokens - 1 - len(encode_with_spans(tokenizer, f"{INSTRUCTION}\n"))
-    kept = []
-    for i, s in enumerate(sentences, start=1):
-        budget -= len(encode_with_spans(tokenizer, _sentence_piece(i, s)))
-        if budget < 0:
-            break
-        kept.append(s)
-    return kept
+    head, *cost = prompt_piece_tokens(sentences, tokenizer)
+    used = np.cumsum([head, *cost])[1:]
+    return list(sentences[: int(np.searchsorted(used, max_prompt_tokens, side="right"))])
 
 
 def make_record(
