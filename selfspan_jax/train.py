@@ -343,7 +343,9 @@ def _train(cfg: TrainConfig, mesh) -> TrainResult:
             final_eval = evaluate_and_log()
         while step < cfg.steps:
             idx, pos = next_indices(len(b.train_set), cfg.batch_size, pos)
-            host = b.train_set.rows(idx[rows])
+            # the width comes from the whole global batch, so every process cuts its rows alike
+            host = b.train_set.rows(idx, cfg.pad_multiple)
+            host = {k: v[rows] for k, v in host.items()}
             tokens_since += int(host["lengths"].sum()) * jax.process_count()
             batch = shd.put_batch(host, mesh)
             trainable, opt_state, metrics = train_step(trainable, b.frozen, opt_state, batch)
@@ -387,7 +389,7 @@ def evaluate(b: Built, trainable, eval_step, *, generate: bool = True) -> dict[s
     for start in range(0, n, bs):
         idx = np.arange(start, start + bs)
         valid = idx < n
-        host = b.eval_set.rows(np.minimum(idx, n - 1))
+        host = b.eval_set.rows(np.minimum(idx, n - 1), cfg.pad_multiple)
         # Padding rows repeat the last example with no loss targets, so every
         # eval batch has one static shape (one compile).
         host["loss_mask"] = host["loss_mask"] & valid[:, None]

@@ -81,6 +81,9 @@ class TrainConfig:
     batch_size: int = _field(32, "global batch size in sequences (per optimizer step)")
     grad_accum: int = _field(1, "split each batch into this many micro-batches (gradient accumulation)")
     seq_len: int = _field(72, "tokens per sequence (examples are right-padded to it)")
+    pad_multiple: int = _field(0, "0: every batch is --seq-len wide; N > 0: each batch is cut to its longest "
+                                  "example rounded up to a multiple of N (fewer padded tokens on ragged data; "
+                                  "one compiled step per width)")
     lr: float = _field(3e-3, "peak learning rate")
     schedule: str = _field("cosine", f"learning-rate schedule after linear warmup: {' | '.join(SCHEDULES)}")
     warmup_steps: int = _field(100, "linear warmup steps from 0 to --lr")
@@ -133,7 +136,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("lora_rank", "warmup_steps", "seed"):
+        for name in ("lora_rank", "warmup_steps", "seed", "pad_multiple"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
@@ -195,6 +198,7 @@ class TrainConfig:
 
 
 FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
 
 
 def _check_model_overrides(overrides: dict) -> None:
@@ -303,6 +307,8 @@ def config_differences(saved: dict[str, Any], cfg: TrainConfig) -> dict[str, tup
     """Fields (outside RESUME_EXEMPT) where a saved run config and `cfg` differ."""
     now = cfg.to_dict()
     keys = (set(saved) | set(now)) - RESUME_EXEMPT
+    # a field added after the run was saved reads as its default: a run that predates it used the default
+    saved = {**{k: v for k, v in DEFAULTS.items() if k not in saved}, **saved}
     return {k: (saved.get(k), now.get(k)) for k in sorted(keys) if saved.get(k) != now.get(k)}
 
 

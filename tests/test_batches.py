@@ -188,3 +188,24 @@ def test_oracle_density_matches_a_hand_count():
     assert out["density"] == pytest.approx(np.mean(fracs), abs=1e-12)
     assert out["final_density"] == pytest.approx(np.mean(finals), abs=1e-12)
     assert out["completion_tokens"] == len(fracs) and 0 < out["density"] < 1
+
+
+def test_rows_cut_to_a_multiple_keep_every_token_and_drop_only_padding(arith, news):
+    """`rows(idx, pad_multiple)`: as wide as the longest chosen row rounded up to the multiple (never
+    wider than the set), and equal to the full-width rows' first columns; the cut columns are padding
+    of every row (pad id, no loss target). Every subset and multiple of a mixed set, against the full rows."""
+    data = Bt.tokenize_set(arith[:4] + news[:2], TOK, 512)
+    rng = np.random.default_rng(int(os.environ.get("SELFSPAN_SEED", "0")) or None)
+    for _ in range(60):
+        idx = rng.choice(len(data), size=rng.integers(1, len(data) + 1), replace=False)
+        multiple = int(rng.choice([1, 7, 16, 64, 100, 1000]))
+        full, cut = data.rows(idx), data.rows(idx, multiple)
+        width = cut["tokens"].shape[1]
+        longest = int(data.lengths[idx].max())
+        assert width == min(512, -(-longest // multiple) * multiple), (multiple, longest, width)
+        assert width >= longest and cut["loss_mask"].shape == cut["tokens"].shape
+        np.testing.assert_array_equal(cut["tokens"], full["tokens"][:, :width])
+        np.testing.assert_array_equal(cut["loss_mask"], full["loss_mask"][:, :width])
+        np.testing.assert_array_equal(cut["lengths"], full["lengths"])
+        assert (full["tokens"][:, width:] == TOK.pad_token_id).all() and not full["loss_mask"][:, width:].any()
+    assert data.rows(np.arange(len(data)), 0)["tokens"].shape[1] == 512

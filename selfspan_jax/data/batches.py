@@ -77,9 +77,18 @@ class TokenizedSet:
     def __len__(self) -> int:
         return len(self.records)
 
-    def rows(self, idx) -> dict[str, np.ndarray]:
-        """The batch of rows `idx`: {"tokens", "loss_mask", "lengths"} (what the train step takes)."""
-        return {"tokens": self.tokens[idx], "loss_mask": self.loss_mask[idx], "lengths": self.lengths[idx]}
+    def rows(self, idx, pad_multiple: int = 0) -> dict[str, np.ndarray]:
+        """The batch of rows `idx`: {"tokens", "loss_mask", "lengths"} (what the train step takes).
+
+        With `pad_multiple` N > 0 the batch is only as wide as its longest row rounded up to a multiple
+        of N (at most the set's width): the columns cut are padding of every row, so the loss is the
+        same, and a step's cost follows the batch's own length instead of the longest example's."""
+        width = self.tokens.shape[1]
+        if pad_multiple:
+            longest = int(self.lengths[idx].max()) if np.size(idx) else 1
+            width = min(width, -(-longest // pad_multiple) * pad_multiple)
+        return {"tokens": self.tokens[idx, :width], "loss_mask": self.loss_mask[idx, :width],
+                "lengths": self.lengths[idx]}
 
 
 def tokenize_set(records: Sequence[dict], tokenizer, seq_len: int, overlong: str = "error",
