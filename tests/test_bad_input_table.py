@@ -127,6 +127,27 @@ def _adore_out(tmp: Path, out) -> None:
     adore_train.distill(adore_train.DistillConfig(run=str(run), out=str(out(run))))
 
 
+def _aclsum_file(tmp: Path, damage=None) -> None:
+    """aclsum.load_papers("train") from a folder whose train.jsonl holds one good paper and, at line
+    2, the paper changed by `damage` (a str: the line's text); no file at all without `damage`."""
+    import json
+
+    from selfspan_jax.data import aclsum
+
+    if damage is not None:
+        good = {"id": "P1", "summary": dict.fromkeys(aclsum.ASPECTS, "A summary ."),
+                "sentences": {s: ["One .", "Two ."] for s in aclsum.SECTIONS},
+                "highlights": {a: {s: [1, 0] for s in aclsum.SECTIONS} for a in aclsum.ASPECTS}}
+        bad = damage if isinstance(damage, str) else json.dumps(damage(json.loads(json.dumps(good))))
+        (tmp / "train.jsonl").write_text(json.dumps(good) + "\n" + bad + "\n")
+    aclsum.load_papers("train", folder=tmp)
+
+
+def _short_labels(paper):
+    paper["highlights"]["outcome"]["conclusion"] = [1]
+    return paper
+
+
 def _dup_config(tmp: Path) -> None:
     (tmp / "c.yaml").write_text("steps: 3\nsteps: 4\n")
     load_config_file(tmp / "c.yaml")
@@ -191,6 +212,9 @@ CASES = {
     "eval-baseline-policies-alone": lambda tmp: ev.compare(str(tmp / "run"),
                                                                     baseline_policies=["quest(page_budget=2)"]),
     "eval-baseline-step-alone": lambda tmp: ev.compare(str(tmp / "run"), baseline_step=40),
+    "aclsum-missing-file": lambda tmp: _aclsum_file(tmp),
+    "aclsum-malformed-line": lambda tmp: _aclsum_file(tmp, '{"id": "P2", "summary": '),
+    "aclsum-label-length": lambda tmp: _aclsum_file(tmp, _short_labels),
 }
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -89,6 +90,10 @@ def load_papers(split: str = "train", *, folder: str | Path | None = None) -> li
     if split not in SPLIT_FILES:
         raise ValueError(f"ACLSum split must be one of {sorted(SPLIT_FILES)}, got {split!r}")
     path = Path(folder or dataset_dir()) / f"{SPLIT_FILES[split]}.jsonl"
+    if not path.is_file():
+        raise ValueError(f"ACLSum {split} split: {path} is missing (the aclsum wheel's dataset/ holds "
+                         f"{', '.join(f + '.jsonl' for f in SPLIT_FILES.values())}; reinstall it with "
+                         "pip install --no-deps aclsum)")
     papers = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -235,3 +240,49 @@ def oracle_agreement(records: Sequence[dict]) -> dict[str, float | int]:
     return {"pairs": pairs, "precision": precision, "recall": recall,
             "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
             "any_overlap": overlap / pairs if pairs else 0.0, "same_set": equal / pairs if pairs else 0.0}
+
+
+# ---------------------------------------------------------------------------
+# Zero-shot prompting and per-aspect scoring
+# ---------------------------------------------------------------------------
+ZERO_SHOT_ASK = ("Summarize the paper above in three sentences, one per line: the challenge it addresses "
+                 "(start the line with 'Challenge:'), its approach ('Approach:') and its outcome ('Outcome:').")
+# "Challenge:" / "**Approach:**" / "Outcome :" where an aspect's text starts (a reply's first one counts)
+_ASPECT_RE = re.compile(r"\*{0,2}\b(" + "|".join(a.capitalize() for a in ASPECTS) + r")\b\*{0,2}\s*:\*{0,2}")
+
+
+def zero_shot_question(record: dict) -> str:
+    """What a pretrained model never fine-tuned on the layout is asked: the paper's kept sentences as
+    plain text (no anchors, no numbers), then `ZERO_SHOT_ASK`."""
+    sentences, _, _ = summarization.parse_formatted(record["prompt"], record["completion"], INSTRUCTION)
+    return "Paper:\n" + " ".join(sentences) + "\n\n" + ZERO_SHOT_ASK
+
+
+def aspect_texts(text: str) -> dict[str, str]:
+    """Each aspect's sentence in `text` (span headers already stripped): what follows its label up
+    to the next label; "" for an aspect the text never labels."""
+    found: dict[str, tuple[int, int]] = {}
+    for m in _ASPECT_RE.finditer(text):
+        found.setdefault(m.group(1).lower(), (m.start(), m.end()))
+    starts = sorted(found.values())
+    out = {}
+    for aspect in ASPECTS:
+        if aspect not in found:
+            out[aspect] = ""
+            continue
+        start, end = found[aspect]
+        following = [b for b, _ in starts if b > start]
+        out[aspect] = text[end:min(following) if following else len(text)].strip()
+    return out
+
+
+def score_aspects(references: Sequence[str], texts: Sequence[str], keys: Sequence[str]) -> dict[str, dict[str, float]]:
+    """ROUGE F1 x 100 (rouge-score, stemmed) per aspect: each reference's aspect sentence against the
+    generated one (`aspect_texts` of both; an aspect the generation never labels scores 0)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(list(keys), use_stemmer=True)
+    pairs = [(aspect_texts(r), aspect_texts(t)) for r, t in zip(references, texts)]
+    return {aspect: {k: 100.0 * float(np.mean([scorer.score(ref[aspect], gen[aspect])[k].fmeasure
+                                               for ref, gen in pairs])) for k in keys}
+            for aspect in ASPECTS}
