@@ -165,7 +165,7 @@ def time_interleaved(calls: dict[str, Any], *, repeats: int = 3) -> dict[str, di
         seconds = reporting.spread(ts)["median"]
         result[name] = {"seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds, "repeats": repeats,
                         "all_seconds": ts}
-        if out.timing is not None:
+        if getattr(out, "timing", None) is not None:
             decode_s = reporting.spread([o.timing["decode_s"] for _, o in runs_])
             result[name].update(decode_seconds=decode_s, decode_tokens_per_s=tokens / decode_s["median"],
                                 prefill_seconds=reporting.spread([o.timing["prefill_s"] for _, o in runs_]))
@@ -347,7 +347,7 @@ def generate_one(model, tokenizer, record: dict, *, policy: str = "self_span", m
                    max_segments=max_segments, block_size=block_size, backend=backend, return_masks=False)
     prompt = encode_prompt(tokenizer, record["prompt"])
     tokens = prompt + [int(t) for t in out.sequences()[0]]
-    title = f"{record.get('task', 'example')}: {record.get('expression', '')}".strip()
+    title = f"{record.get('task', 'example')}: {record.get('expression') or record.get('title') or ''}".strip()
     if record.get("task") == "arithmetic":
         ok, why = check_completion(record["prompt"], out.texts[0])
         title += f" -> {'correct' if ok else why.split(':')[0]}"
