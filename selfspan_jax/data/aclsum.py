@@ -31,7 +31,6 @@ Rules, each counted in the record (`label_source`, `n_dropped`, `lost_labels`):
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
 from pathlib import Path
 from typing import Sequence
@@ -94,18 +93,7 @@ def load_papers(split: str = "train", *, folder: str | Path | None = None) -> li
         raise ValueError(f"ACLSum {split} split: {path} is missing (the aclsum wheel's dataset/ holds "
                          f"{', '.join(f + '.jsonl' for f in SPLIT_FILES.values())}; reinstall it with "
                          "pip install --no-deps aclsum)")
-    papers = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            papers.append(_check_paper(row, where))
-    return papers
+    return summarization.read_jsonl(path, _check_paper)
 
 
 def paper_sentences(paper: dict) -> tuple[list[str], list[str]]:
@@ -208,13 +196,7 @@ def load_records(split: str = "train", *, limit: int | None = None, seed: int | 
     with `seed` a seeded random subset kept in file order), as `summarization.load_records` does."""
     if limit is not None and (not isinstance(limit, int) or limit < 0):
         raise ValueError(f"limit must be a non-negative int or None, got {limit!r}")
-    papers = load_papers(split, folder=folder)
-    if limit is not None and limit < len(papers):
-        if seed is None:
-            papers = papers[:limit]
-        else:
-            chosen = np.sort(np.random.default_rng(seed).choice(len(papers), limit, replace=False))
-            papers = [papers[i] for i in chosen]
+    papers = summarization.chosen_rows(load_papers(split, folder=folder), limit, seed)
     return [make_record(p, tokenizer=tokenizer, max_prompt_tokens=max_prompt_tokens, max_k=max_k) for p in papers]
 
 

@@ -57,7 +57,9 @@ def _check_fields(row: Any, where: str, article_field: str, summary_field: str) 
     }
 
 
-def _read_jsonl(path: str, article_field: str, summary_field: str) -> list[dict]:
+def read_jsonl(path, check) -> list:
+    """`check(row, "file:line")` of every non-blank line of a JSONL file; a line that is not JSON is a
+    ValueError naming its file and line (`check` names the field it refuses the same way)."""
     out = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -68,8 +70,22 @@ def _read_jsonl(path: str, article_field: str, summary_field: str) -> list[dict]
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-            out.append(_check_fields(row, where, article_field, summary_field))
+            out.append(check(row, where))
     return out
+
+
+def chosen_rows(rows: list, limit: int | None, seed: int | None) -> list:
+    """All `rows`, or at most `limit` of them: the first ones, or with `seed` a seeded random subset
+    kept in their order."""
+    if limit is None or limit >= len(rows):
+        return rows
+    if seed is None:
+        return rows[:limit]
+    return [rows[i] for i in np.sort(np.random.default_rng(seed).choice(len(rows), limit, replace=False))]
+
+
+def _read_jsonl(path: str, article_field: str, summary_field: str) -> list[dict]:
+    return read_jsonl(path, lambda row, where: _check_fields(row, where, article_field, summary_field))
 
 
 def _read_parquet(path: str, article_field: str, summary_field: str) -> list[dict]:
@@ -136,13 +152,7 @@ def load_articles(
                 rows.extend(_read_jsonl(path, article_field, summary_field))
             else:
                 raise ValueError(f"unsupported file type {path!r}; use {'/'.join(_LOCAL_SUFFIXES)}")
-        if limit is not None and limit < len(rows):
-            if seed is None:
-                rows = rows[:limit]
-            else:
-                keep = np.sort(np.random.default_rng(seed).choice(len(rows), limit, replace=False))
-                rows = [rows[i] for i in keep]
-        return rows
+        return chosen_rows(rows, limit, seed)
     if source.endswith(_LOCAL_SUFFIXES) or source.startswith((".", "/", "~")):
         raise ValueError(f"local source {source!r} does not exist")
     import datasets  # heavy; only for hub loading
