@@ -506,7 +506,7 @@ def test_zero_shot_row_asks_in_words_and_scores_the_final_answer(trained_run, de
     (cfg, _), (dcfg, _) = trained_run, dense_run
     base = ev.load_for_eval(dcfg.out)
     result = ev.compare(cfg.out, baseline=dcfg.out, num=5, batch_size=5, max_new_tokens=20, timing_repeats=1,
-                        backend="xla", block_size=16, data=SMALL_DATA, zero_shot=base)
+                        backend="xla", block_size=16, data=SMALL_DATA, zero_shot=base, speed_batches=(1, 5))
     row = result["rows"]["base/dense"]
     assert (row["prompting"], row["trained_with"], row["policy"], row["step_progress"]) == (
         "zero-shot", "pretrained", "dense", None)
@@ -536,6 +536,43 @@ def test_zero_shot_row_asks_in_words_and_scores_the_final_answer(trained_run, de
     assert "| base/dense (zero-shot: asked in words, scored by its final answer) | pretrained | dense |" in table
     _, md = ev.write_results(result, tmp_path, "zs")
     assert "scored by its final answer" in md.read_text()
+    assert row["generated"] == out.texts  # every record's text is kept, not only the examples
+    _check_speed(result, recs, base, tmp_path)
+
+
+def _check_speed(result, recs, base, tmp_path):
+    """evaluate_rows(speed_batches=(1, 5)) with timing batch 5: each row timed at both batches (the main
+    timing reused for 5), decode-loop tokens/s from its own decode seconds, and against the baseline
+    the speed-up, the ceiling (1 + r) / (1 + rho r) with r recomputed here from the model's shapes,
+    and their ratio; the markdown has the speed table."""
+    base_name = result["baseline"]
+    b_row = result["rows"][base_name]
+    conf = base.model.config
+    for name, m in result["rows"].items():
+        assert m["speed"]["5"] == m["timing"] and set(m["speed"]) == {"1", "5"}
+        for t in m["speed"].values():
+            assert t["decode_tokens_per_s"] == pytest.approx(t["tokens"] / t["decode_seconds"]["median"])
+            assert t["decode_seconds"]["median"] < t["seconds"]  # prefill is outside the loop's time
+        for b in (1, 5):
+            v = result["vs_baseline"][name]["speed"][str(b)]
+            prompt = np.mean([len(base.tokenizer(r["prompt"])["input_ids"]) for r in recs[:b]])
+            context = prompt + b_row["speed"][str(b)]["tokens"] / (2 * b)
+            r = (b * conf.n_layers * 2 * conf.n_kv_heads * context * conf.head_dim) / conf.num_params()
+            rho = m["kv_read_fraction"] / b_row["kv_read_fraction"]
+            assert v["r"] == pytest.approx(r, rel=0.05) and v["rho"] == pytest.approx(rho)
+            assert v["ceiling"] == pytest.approx((1 + v["r"]) / (1 + rho * v["r"]))
+            speedup = m["speed"][str(b)]["decode_tokens_per_s"] / b_row["speed"][str(b)]["decode_tokens_per_s"]
+            assert v["decode_speedup"] == pytest.approx(speedup)
+            assert v["fraction_of_ceiling"] == pytest.approx(speedup / v["ceiling"])
+    assert result["vs_baseline"][base_name]["speed"]["1"]["decode_speedup"] == 1.0
+    _, md = ev.write_results(result, tmp_path, "speed")
+    text = md.read_text()
+    assert "fraction of ceiling" in text and f"| 1 | {base_name} |" in text
+    rows = [ev.Row("a", base.model, base.tokenizer, "dense")]
+    with pytest.raises(ValueError, match="speed_batches must be ints from 1 to the 5 records"):
+        ev.evaluate_rows(rows, recs, task="arithmetic", baseline="a", speed_batches=(6,))
+    with pytest.raises(ValueError, match="compare rows against a baseline row"):
+        ev.evaluate_rows(rows, recs, task="arithmetic", speed_batches=(1,))
 
 
 def test_demo_real_refuses_what_it_cannot_run(monkeypatch, capsys):
@@ -895,47 +932,3 @@ def test_demo_answers_any_flag_values_with_a_message(flags):
             *(["--results", str(tmp / "res")] if "--results" not in values else []),
             *[a for k, v in values.items() for a in ((k,) if k in _DEMO_SWITCHES else (k, v))]]
     fuzz_cli(demo.main, argv, stub=(demo, "_train_and_compare"), error_code=2, prog="demo.py", cwd=tmp)
-
-
-def test_speed_batches_time_each_row_and_set_it_beside_its_memory_ceiling(trained_run, dense_run, tmp_path):
-    """evaluate_rows(speed_batches=...): each row timed at every batch (the main timing batch reused),
-    decode-loop tokens/s from its own decode seconds, and against the baseline the speed-up, the
-    ceiling (1 + r) / (1 + rho r) with r recomputed here from the model's shapes, and their ratio;
-    every record's generated text is kept per row; the markdown has the speed table."""
-    (cfg, _), (dcfg, _) = trained_run, dense_run
-    result = ev.compare(cfg.out, baseline=dcfg.out, num=3, batch_size=3, max_new_tokens=12, timing_repeats=1,
-                        backend="xla", block_size=16, data=SMALL_DATA, timing_batch=2, speed_batches=(1, 2))
-    base_name = result["baseline"]
-    base = result["rows"][base_name]
-    model = ev.load_for_eval(dcfg.out)
-    conf = model.model.config
-    recs = tasks.get("arithmetic").records("test", 3, seed=12345, data=SMALL_DATA)
-    for name, m in result["rows"].items():
-        assert m["speed"]["2"] == m["timing"] and set(m["speed"]) == {"1", "2"}
-        assert len(m["generated"]) == 3 and m["generated"][:3][0] == m["examples"][0]["generated"]
-        for b in ("1", "2"):
-            t = m["speed"][b]
-            assert t["decode_tokens_per_s"] == pytest.approx(t["tokens"] / t["decode_seconds"]["median"])
-            assert t["decode_seconds"]["median"] < t["seconds"]  # prefill is outside the loop's time
-        for b in (1, 2):
-            v = result["vs_baseline"][name]["speed"][str(b)]
-            prompt = np.mean([len(model.tokenizer(r["prompt"])["input_ids"]) for r in recs[:b]])
-            context = prompt + base["speed"][str(b)]["tokens"] / (2 * b)
-            r = (b * conf.n_layers * 2 * conf.n_kv_heads * context * conf.head_dim) / conf.num_params()
-            rho = m["kv_read_fraction"] / base["kv_read_fraction"]
-            assert v["r"] == pytest.approx(r, rel=0.05) and v["rho"] == pytest.approx(rho)
-            assert v["ceiling"] == pytest.approx((1 + v["r"]) / (1 + rho * v["r"]))
-            speedup = m["speed"][str(b)]["decode_tokens_per_s"] / base["speed"][str(b)]["decode_tokens_per_s"]
-            assert v["decode_speedup"] == pytest.approx(speedup)
-            assert v["fraction_of_ceiling"] == pytest.approx(speedup / v["ceiling"])
-    assert result["vs_baseline"][base_name]["speed"]["1"]["decode_speedup"] == 1.0
-    _, md = ev.write_results(result, tmp_path, "speed")
-    text = md.read_text()
-    assert "fraction of ceiling" in text and f"| 1 | {base_name} |" in text
-    loaded = ev.load_for_eval(cfg.out)
-    records = recs
-    rows = [ev.Row("a", loaded.model, loaded.tokenizer, "dense")]
-    with pytest.raises(ValueError, match="speed_batches must be ints from 1 to the 3 records"):
-        ev.evaluate_rows(rows, records, task="arithmetic", baseline="a", speed_batches=(4,))
-    with pytest.raises(ValueError, match="compare rows against a baseline row"):
-        ev.evaluate_rows(rows, records, task="arithmetic", speed_batches=(1,))
