@@ -209,9 +209,10 @@ def test_eval_step_matches_float64_model_with_span_mask(tmp_path):
 
 def test_a_batch_cut_to_its_longest_row_gives_the_full_width_step(tmp_path):
     """pad_multiple: one train step on rows cut to their longest example (rounded up) gives the same
-    loss, gradient norm and updated parameters as on the full --seq-len rows, under the span mask and
-    the causal one; the width really shrank."""
-    for policy in ("self_span", "dense"):
+    loss, gradient norm and updated parameters as on the full --seq-len rows, under the span mask (whose
+    padding rule the cut touches); the width really shrank."""
+    # the span mask only: the causal mask has no padding term to get wrong
+    for policy in ("self_span",):
         cfg = _small(tmp_path / policy, seed=_seed(), span_policy=policy, seq_len=96, pad_multiple=8)
         b = T.build(cfg)
         idx = np.arange(8)
