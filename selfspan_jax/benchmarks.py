@@ -22,6 +22,7 @@ from flax import nnx
 
 from selfspan_jax import evaluate as ev
 from selfspan_jax import reporting
+from selfspan_jax.reporting import kv_weight_ratio, memory_ceiling  # noqa: F401 (the decode benchmarks' names)
 from selfspan_jax.config import LlamaConfig
 from selfspan_jax.data.arithmetic import generate_examples
 from selfspan_jax.model import Llama
@@ -86,17 +87,6 @@ def trace_stream(completions: list[tuple[str, str]], tokenizer, length: int) -> 
         text += ref.sub(renumber, completion)
         segment += completion.count(ANCHOR)
     return [tokenizer.bos_token_id] + encode_with_spans(tokenizer, text)
-
-
-def kv_weight_ratio(config, batch: int, mean_context: float, itemsize: int) -> float:
-    """r of DESIGN.md section 5: dense KV bytes read per decode step / weight bytes per step."""
-    kv_bytes = batch * config.n_layers * 2 * config.n_kv_heads * mean_context * config.head_dim * itemsize
-    return kv_bytes / (config.num_params() * itemsize)
-
-
-def memory_ceiling(r: float, rho: float) -> float:
-    """The memory-bound speedup ceiling (1 + r) / (1 + rho r) of reading a fraction rho of the KV."""
-    return (1 + r) / (1 + rho * r)
 
 
 def decode_point(model, stream_rows, *, batch: int, context: int, new_tokens: int, policies: dict, repeats: int,

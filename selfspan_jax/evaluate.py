@@ -34,7 +34,6 @@ import numpy as np
 
 from pallas_kernels.backend import resolve_backend
 from selfspan_jax import adore, reporting, runs, tasks
-from selfspan_jax.benchmarks import kv_weight_ratio, memory_ceiling
 from selfspan_jax.data.arithmetic import check_completion
 from selfspan_jax.generation import GenerateOutput, checked_policy, generate
 from selfspan_jax.policies import make_policy
@@ -289,13 +288,14 @@ def evaluate_rows(
         base = results[baseline]["speed"][str(b)]
         context = prompt_tokens + base["tokens"] / (2 * b)
         itemsize = jnp.dtype(base_row.model.config.dtype).itemsize
-        r = kv_weight_ratio(base_row.model.config, b, context, itemsize)
+        r = reporting.kv_weight_ratio(base_row.model.config, b, context, itemsize)
         for name, m in results.items():
             rho = m["kv_read_fraction"] / results[baseline]["kv_read_fraction"]
             speedup = m["speed"][str(b)]["decode_tokens_per_s"] / base["decode_tokens_per_s"]
             vs_baseline[name].setdefault("speed", {})[str(b)] = {
                 "decode_speedup": speedup, "r": r, "mean_context": context, "rho": rho,
-                "ceiling": memory_ceiling(r, rho), "fraction_of_ceiling": speedup / memory_ceiling(r, rho)}
+                "ceiling": reporting.memory_ceiling(r, rho),
+                "fraction_of_ceiling": speedup / reporting.memory_ceiling(r, rho)}
     return {
         "config": {
             "task": task, "num_records": len(records), "batch_size": batch_size, "timing_batch": n_timed,

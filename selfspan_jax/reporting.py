@@ -118,6 +118,17 @@ def interleaved_times(calls: dict[Any, Callable[[], Any]], repeats: int) -> dict
     return interleaved_results(calls, repeats, measure=_wall_seconds)
 
 
+def kv_weight_ratio(config, batch: int, mean_context: float, itemsize: int) -> float:
+    """r of the spec's section 5: dense KV bytes read per decode step / weight bytes per step."""
+    kv_bytes = batch * config.n_layers * 2 * config.n_kv_heads * mean_context * config.head_dim * itemsize
+    return kv_bytes / (config.num_params() * itemsize)
+
+
+def memory_ceiling(r: float, rho: float) -> float:
+    """The memory-bound speedup ceiling (1 + r) / (1 + rho r) of reading a fraction rho of the KV."""
+    return (1 + r) / (1 + rho * r)
+
+
 def spread(values: Sequence[float]) -> dict[str, float]:
     """min / median / max of repeated measurements."""
     if not values:
@@ -162,8 +173,10 @@ def op_self_times(trace_dir: str | os.PathLike) -> dict[str, dict[str, float]]:
         for line in plane.lines:
             if line.name == "python":  # the Python tracer's frames, not XLA's
                 continue
+            # "$file.py:line function": Python frames of other threads (a tqdm monitor, a test
+            # runner's), which the tracer puts on lines named after their thread
             events = [(e.start_ns, e.duration_ns, e.name) for e in line.events
-                      if not e.name.startswith(("ThreadpoolListener", "end: "))]
+                      if not e.name.startswith(("ThreadpoolListener", "end: ", "$"))]
             for name, rec in nested_self_times(events).items():
                 total = out.setdefault(name, {"ms": 0.0, "count": 0})
                 total["ms"] += rec["ns"] / 1e6
