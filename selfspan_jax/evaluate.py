@@ -273,29 +273,7 @@ def evaluate_rows(
         results[name]["timing"] = timing
     vs_baseline = {name: _ratios(task_, m, results[baseline]) for name, m in results.items()} if baseline else {}
     for b in speed_batches:
-        if b == n_timed:  # the timing above is this batch's
-            for name in results:
-                results[name].setdefault("speed", {})[str(b)] = results[name]["timing"]
-        else:
-            timed = {row.name: functools.partial(generate, row.model, row.prompts(task_, records[:b]),
-                                                 policy=row.decode_policy, tokenizer=row.tokenizer,
-                                                 return_timing=True, **kw) for row in rows}
-            for name, timing in time_interleaved(timed, repeats=timing_repeats).items():
-                results[name].setdefault("speed", {})[str(b)] = timing
-        base_row = rows[names.index(baseline)]
-        prompt_tokens = np.mean([len(p) if not isinstance(p, str) else len(encode_prompt(base_row.tokenizer, p))
-                                 for p in base_row.prompts(task_, records[:b])])
-        base = results[baseline]["speed"][str(b)]
-        context = prompt_tokens + base["tokens"] / (2 * b)
-        itemsize = jnp.dtype(base_row.model.config.dtype).itemsize
-        r = reporting.kv_weight_ratio(base_row.model.config, b, context, itemsize)
-        for name, m in results.items():
-            rho = m["kv_read_fraction"] / results[baseline]["kv_read_fraction"]
-            speedup = m["speed"][str(b)]["decode_tokens_per_s"] / base["decode_tokens_per_s"]
-            vs_baseline[name].setdefault("speed", {})[str(b)] = {
-                "decode_speedup": speedup, "r": r, "mean_context": context, "rho": rho,
-                "ceiling": reporting.memory_ceiling(r, rho),
-                "fraction_of_ceiling": speedup / reporting.memory_ceiling(r, rho)}
+        _time_speed_batch(rows, results, vs_baseline, task_, records[:b], baseline, n_timed, timing_repeats, kw)
     return {
         "config": {
             "task": task, "num_records": len(records), "batch_size": batch_size, "timing_batch": n_timed,
@@ -307,6 +285,37 @@ def evaluate_rows(
         "baseline": baseline,
         "vs_baseline": vs_baseline,
     }
+
+
+def _time_speed_batch(rows: Sequence[Row], results: dict, vs_baseline: dict, task: tasks.Task,
+                      records: Sequence[dict], baseline: str, n_timed: int, repeats: int, kw: dict) -> None:
+    """`evaluate_rows`' speed at batch b = len(records): every row timed in turns (the main timing
+    reused when it ran at b), then per row against the baseline the decode-loop speed-up, r, rho,
+    the memory-bound ceiling and the fraction of it reached (written into `results` and `vs_baseline`)."""
+    b = len(records)
+    prompts = {row.name: row.prompts(task, records) for row in rows}
+    if b == n_timed:
+        timings = {name: m["timing"] for name, m in results.items()}
+    else:
+        timings = time_interleaved({row.name: functools.partial(generate, row.model, prompts[row.name],
+                                                                policy=row.decode_policy, tokenizer=row.tokenizer,
+                                                                return_timing=True, **kw) for row in rows},
+                                   repeats=repeats)
+    for name, timing in timings.items():
+        results[name].setdefault("speed", {})[str(b)] = timing
+    base_row = next(row for row in rows if row.name == baseline)
+    prompt_tokens = np.mean([len(p) if not isinstance(p, str) else len(encode_prompt(base_row.tokenizer, p))
+                             for p in prompts[baseline]])
+    base = timings[baseline]
+    context = prompt_tokens + base["tokens"] / (2 * b)
+    r = reporting.kv_weight_ratio(base_row.model.config, b, context, jnp.dtype(base_row.model.config.dtype).itemsize)
+    for name, m in results.items():
+        rho = m["kv_read_fraction"] / results[baseline]["kv_read_fraction"]
+        speedup = timings[name]["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+        ceiling = reporting.memory_ceiling(r, rho)
+        vs_baseline[name].setdefault("speed", {})[str(b)] = {
+            "decode_speedup": speedup, "r": r, "mean_context": context, "rho": rho, "ceiling": ceiling,
+            "fraction_of_ceiling": speedup / ceiling}
 
 
 def _score_row(row: Row, task: tasks.Task, records: Sequence[dict], prompts: list, *, batch_size: int,
@@ -532,6 +541,12 @@ def format_table(result: dict[str, Any]) -> str:
     return reporting.markdown_table(head, lines)
 
 
+def _mean_spread(values: Sequence[float], fmt: str) -> str:
+    """A table cell: the mean, and [min to max] when there are several values (seeds)."""
+    spread = f" [{format(min(values), fmt)} to {format(max(values), fmt)}]" if len(values) > 1 else ""
+    return f"{format(float(np.mean(values)), fmt)}{spread}"
+
+
 def format_aspect_table(result: dict[str, Any]) -> str | None:
     """Markdown table of the per-aspect scores (`Task.score`'s "per_aspect", ACLSum): one line per row
     and aspect, mean [min to max] over seeds when `result` has several; None when no row has them."""
@@ -543,11 +558,7 @@ def format_aspect_table(result: dict[str, Any]) -> str | None:
     lines = []
     for name in names:
         for aspect in result["rows"][name]["per_aspect"]:
-            cells = []
-            for k in acc:
-                values = [rows[name]["per_aspect"][aspect][k] for rows in per_seed]
-                spread = f" [{min(values):.1f} to {max(values):.1f}]" if len(values) > 1 else ""
-                cells.append(f"{np.mean(values):.1f}{spread}")
+            cells = [_mean_spread([rows[name]["per_aspect"][aspect][k] for rows in per_seed], ".1f") for k in acc]
             lines.append([name, aspect, *cells])
     return reporting.markdown_table(["row", "aspect", *acc], lines)
 
@@ -560,20 +571,15 @@ def format_speed_table(result: dict[str, Any]) -> str | None:
     if not batches:
         return None
     seeds = result.get("per_seed") or [result]
-
-    def cell(values, fmt):
-        spread = f" [{format(min(values), fmt)} to {format(max(values), fmt)}]" if len(values) > 1 else ""
-        return f"{format(float(np.mean(values)), fmt)}{spread}"
-
     lines = []
     for b in map(str, batches):
         for name in result["rows"]:
-            tps = [sd["rows"][name]["speed"][b]["decode_tokens_per_s"] for sd in seeds]
             vs = [sd["vs_baseline"][name]["speed"][b] for sd in seeds]
-            lines.append([b, name, cell(tps, ".1f"), cell([v["decode_speedup"] for v in vs], ".2f") + "x",
-                          cell([v["r"] for v in vs], ".2f"), cell([v["rho"] for v in vs], ".3f"),
-                          cell([v["ceiling"] for v in vs], ".2f") + "x", cell([v["fraction_of_ceiling"] for v in vs],
-                                                                             ".2f")])
+            lines.append([b, name, _mean_spread([sd["rows"][name]["speed"][b]["decode_tokens_per_s"] for sd in seeds],
+                                                ".1f"),
+                          *(_mean_spread([v[k] for v in vs], fmt) + unit for k, fmt, unit in (
+                              ("decode_speedup", ".2f", "x"), ("r", ".2f", ""), ("rho", ".3f", ""),
+                              ("ceiling", ".2f", "x"), ("fraction_of_ceiling", ".2f", "")))])
     return reporting.markdown_table(["batch", "row", "decode tokens/s", "vs baseline", "r (KV/weights)",
                                      "rho (KV read vs baseline)", "ceiling", "fraction of ceiling"], lines)
 
