@@ -17,7 +17,7 @@ generations while the context reaches the length asked for:
 - prefill: the first `context` tokens; decode: the next `new_tokens`, forced.
 
 Decode time = the wall time of `generate`'s decode loop alone, which
-`generate(return_timing=True)` measures after prefill (its own compiled
+`generate(outputs=Outputs(timing=True))` measures after prefill (its own compiled
 program) has finished, so prefill neither dilutes the ratio nor adds its
 noise. Each repeat runs every policy once, back to back, so all see the
 same load; the speedup is the median of the per-repeat ratios. The JSON
@@ -89,6 +89,7 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     args = p.parse_args(argv)
     with reporting.reserved_output(args.out, overwrite=args.overwrite, option="--out", prog="bench_decode.py"):
+        from selfspan_jax.generation import KernelOptions
         from selfspan_jax.policies import make_policy, split_policy_specs
 
         policies = split_policy_specs(args.policies)
@@ -123,7 +124,7 @@ def main(argv=None) -> int:
                                            source="random, untrained (speed only)")
 
         def resolved(label):
-            return label if label in ("dense", "self_span") else make_policy(label, adore_controller=controller)
+            return make_policy(label, tokenizer=tokenizer, max_segments=args.max_segments, adore_controller=controller)
 
         need = max(contexts) + args.new_tokens
         # each row starts at a different problem so the batch is not one sequence repeated
@@ -134,8 +135,8 @@ def main(argv=None) -> int:
             for batch in batches:
                 pt = decode_point(model, rows, batch=batch, context=context, new_tokens=args.new_tokens,
                                   policies={label: resolved(label) for label in policies}, repeats=args.repeats,
-                                  tokenizer=tokenizer, block_size=args.block_size, backend=args.backend,
-                                  max_segments=args.max_segments, prefill_chunk=args.prefill_chunk)
+                                  tokenizer=tokenizer, block_size=args.block_size,
+                                  kernel=KernelOptions(backend=args.backend, prefill_chunk=args.prefill_chunk))
                 r = kv_weight_ratio(config, batch, context + args.new_tokens / 2, itemsize)
                 pt["r"] = r
                 for pol in policies:  # DESIGN.md section 5's memory-bound ceiling at the policy's measured rho
@@ -165,8 +166,8 @@ def main(argv=None) -> int:
             "settings": {"block_size": args.block_size, "backend": args.backend, "repeats": args.repeats,
                          "new_tokens": args.new_tokens, "max_segments": args.max_segments,
                          "prefill_chunk": args.prefill_chunk, "timing": "after a warm-up, repeats interleave the "
-                         "policies (statistics off, return_stats=False); decode per repeat = wall time of generate's "
-                         "decode loop after prefill finished (return_timing=True); speedup = median over repeats of "
+                         "policies (statistics off, Outputs(stats=False)); decode per repeat = wall time of generate's "
+                         "decode loop after prefill finished (Outputs(timing=True)); speedup = median over repeats of "
                          "the paired ratio dense / policy, with min and max; rho from one more run with statistics",
                          "load_average_1_5_15_at_start": load_start,
                          "load_average_1_5_15_at_end": list(os.getloadavg())},

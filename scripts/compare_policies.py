@@ -165,7 +165,8 @@ def smollm2_comparison(policies, *, continuation: int, block_size: int, repeats:
 
     from selfspan_jax import reporting
     from selfspan_jax.data.summarization import load_articles
-    from selfspan_jax.generation import generate
+    from selfspan_jax.generation import KernelOptions, Outputs, generate
+    from selfspan_jax.sampling import Sampling
     from selfspan_jax.weights import load_model
 
     from selfspan_jax.generation import checked_policy
@@ -191,21 +192,23 @@ def smollm2_comparison(policies, *, continuation: int, block_size: int, repeats:
         raise ValueError(f"no article of {fixture.name} keeps {2 * continuation} tokens within the cut of {cut}: "
                          "lower --continuation")
     forced = np.array([x[-continuation:] for x in ids], np.int32)
-    kw = dict(max_new_tokens=continuation, block_size=block_size, backend="xla", tokenizer=tok)
+    kw = dict(max_new_tokens=continuation, block_size=block_size, kernel=KernelOptions(backend="xla"), tokenizer=tok)
     names = ["dense", *policies]
+    resolved = {n: checked_policy(model, n, tokenizer=tok) for n in names}
 
     def decoded(n: str) -> dict:
         """Policy n's greedy tokens, perplexity of the real continuation and statistics."""
         key = None if finished is None else finished.key(model=model, policy=n, prompts=prompts, forced=forced,
-                                                         recall=recall, **kw | {"tokenizer": None})
+                                                         recall=recall, max_new_tokens=continuation,
+                                                         block_size=block_size, backend="xla", tokenizer=None)
         row = None if key is None else finished.get(key)
         if row is not None:
             print(f"[compare_policies] {n}: decoded by an interrupted run of this comparison, read back from "
                   f"{finished.folder}", flush=True)
             return row
-        greedy = generate(model, prompts, policy=n, **kw)
-        teacher = generate(model, prompts, policy=n, forced_tokens=forced, return_logprobs=True,
-                           return_recall=recall, **kw)
+        greedy = generate(model, prompts, policy=resolved[n], **kw)
+        teacher = generate(model, prompts, policy=resolved[n], sampling=Sampling(forced_tokens=forced),
+                           outputs=Outputs(logprobs=True, recall=recall), **kw)
         row = {"tokens": np.asarray(greedy.tokens).tolist(), "summary": greedy.summary(),
                "perplexity": float(np.exp(-teacher.logprobs.mean()))}
         if recall:
@@ -216,7 +219,7 @@ def smollm2_comparison(policies, *, continuation: int, block_size: int, repeats:
         return row
 
     done = {n: decoded(n) for n in names}
-    timing = ev.time_interleaved({n: (lambda n=n: generate(model, prompts, policy=n, **kw)) for n in names},
+    timing = ev.time_interleaved({n: (lambda n=n: generate(model, prompts, policy=resolved[n], **kw)) for n in names},
                                  repeats=repeats)
     rows = {}
     ref = np.asarray(done["dense"]["tokens"])

@@ -63,8 +63,9 @@ def main(argv=None) -> int:
         from selfspan_jax.benchmarks import random_model, trace_stream
         from selfspan_jax.cache import KVCache
         from selfspan_jax.decode_loop import shape_buckets
-        from selfspan_jax.generation import generate
-        from selfspan_jax.policies import SelfSpanPolicy, dense_selection
+        from selfspan_jax.generation import KernelOptions, Outputs, generate
+        from selfspan_jax.policies import SelfSpanPolicy, dense_selection, make_policy
+        from selfspan_jax.sampling import Sampling
         from selfspan_jax.spans import SpanTokens
         from selfspan_jax.tokenizer import CharTokenizer
 
@@ -191,11 +192,12 @@ def main(argv=None) -> int:
             "policy": run_policy(),
         }
         if not args.skip_generate:
-            def run_gen(policy):  # generate's decode loop alone, timed by generate (return_timing)
-                kw = dict(policy=policy, tokenizer=tok, block_size=bs, backend="xla", max_segments=args.max_segments,
-                          eos_id=-1, return_stats=False, return_timing=True)
-                return lambda: generate(model, prompt, max_new_tokens=args.new_tokens, forced_tokens=forced,
-                                        **kw).timing
+            def run_gen(name):  # generate's decode loop alone, timed by generate (Outputs(timing=True))
+                policy = make_policy(name, tokenizer=tok, max_segments=args.max_segments)
+                kw = dict(policy=policy, tokenizer=tok, block_size=bs, kernel=KernelOptions(backend="xla"), eos_id=-1,
+                          outputs=Outputs(stats=False, timing=True))
+                return lambda: generate(model, prompt, max_new_tokens=args.new_tokens,
+                                        sampling=Sampling(forced_tokens=forced), **kw).timing
 
             gen = {pol_name: run_gen(pol_name) for pol_name in ("dense", "self_span")}
         times = {name: [] for name in cases}

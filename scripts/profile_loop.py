@@ -11,8 +11,8 @@ their per-step times is the cost of that thing in situ (fusion and scheduling
 included, which a component timed alone would not show):
 
 - `dense` / `self_span`: the lean loop (no statistics, no log-probs);
-- `+stats`: the per-step statistics (`return_stats`);
-- `+logprobs`: the full-vocabulary log_softmax of the chosen token (`return_logprobs`);
+- `+stats`: the per-step statistics (`Outputs(stats=True)`);
+- `+logprobs`: the full-vocabulary log_softmax of the chosen token (`Outputs(logprobs=True)`);
 - `dense greedy` / `dense sampled`: the token chosen by `sample_logits` (argmax, or
   temperature 0.8 with a Gumbel draw) instead of forced;
 - `no_kv_reads`: lists with no block, so the kernel streams no K/V: the weights' share of a step;
@@ -119,6 +119,15 @@ def profile_point(model, rows, variants, *, batch, context, steps, block_size, r
 
     def make(name, policy, flags):
         fx = jnp.asarray(forced)
+        options = decode_loop.LoopOptions(policy=policy, block_size=block_size, cache_len=S, budget=M,
+                                          logprobs=flags["logprobs"], stats=flags["stats"], backend=backend,
+                                          dense_reads=flags.get("dense_reads", False))
+
+        def inputs(use_forced, temperature):
+            return decode_loop.LoopInputs(
+                prompt=jnp.asarray(prompt), lengths=lengths, max_new=jnp.int32(M), temperature=temperature,
+                top_k=jnp.int32(0), top_p=jnp.float32(1.0), rng=rng, eos_id=jnp.int32(-1), pad_id=jnp.int32(0),
+                forced=fx, use_forced=use_forced)
 
         @jax.jit
         def start(k, v):
@@ -126,9 +135,8 @@ def profile_point(model, rows, variants, *, batch, context, steps, block_size, r
             pstate = policy.observe_prefill(policy.init_state(jnp.asarray(prompt), lengths, S), cache, lengths,
                                             block_size=block_size)
             return decode_loop.initial_state(
-                cache, pstate, fx[:, 0], jnp.zeros((batch,)) if flags["logprobs"] else None, budget=M,
-                max_new=jnp.int32(M), eos_id=jnp.int32(-1), pad_id=jnp.int32(0), return_masks=False,
-                return_stats=flags["stats"])
+                cache, pstate, fx[:, 0], jnp.zeros((batch,)) if flags["logprobs"] else None,
+                inputs(jnp.bool_(True), jnp.float32(0.0)), options)
 
         # Sampling knobs and forcing are run-time arrays, as in `decode_loop.run`: constants would let
         # XLA fold the choice and drop the logits (and the last layers) from the loop. The whole
@@ -136,11 +144,9 @@ def profile_point(model, rows, variants, *, batch, context, steps, block_size, r
         @functools.partial(jax.jit, donate_argnums=1)  # the cache is updated in place, as in the while loop
         def loop(params, st, use_forced, temperature):
             m = nnx.merge(graphdef, params)
-
-            choose = decode_loop.chooser(rng, temperature, jnp.int32(0), jnp.float32(1.0), fx, use_forced)
-            body = lambda i, s: decode_loop.decode_step(  # noqa: E731
-                m, policy, s, choose, max_new=jnp.int32(M), eos_id=jnp.int32(-1), pad_id=jnp.int32(0),
-                block_size=block_size, backend=backend, precision=None, dense_reads=flags.get("dense_reads", False))
+            given = inputs(use_forced, temperature)
+            choose = decode_loop.chooser(given)
+            body = lambda i, s: decode_loop.decode_step(m, s, given, options, choose)  # noqa: E731
             return jax.lax.fori_loop(0, steps, body, st)
 
         knobs = (jnp.bool_(flags["forced"]), jnp.float32(flags["temperature"]))

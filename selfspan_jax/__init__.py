@@ -25,6 +25,10 @@ _EXPORTS = {
     "CharTokenizer": "tokenizer",
     "generate": "generation",
     "GenerateOutput": "generation",
+    "Outputs": "generation",
+    "KernelOptions": "generation",
+    "Sampling": "sampling",
+    "make_policy": "policies",
 }
 
 # submodules reachable as attributes (`selfspan_jax.runs.load_run(...)`)

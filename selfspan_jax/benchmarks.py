@@ -95,29 +95,30 @@ def decode_point(model, stream_rows, *, batch: int, context: int, new_tokens: in
 
     policies: {label: policy} (a `generate` policy name or `Policy`); "dense" must be one of them,
     every speedup is over it. generate_kw: the rest of `generate`'s arguments (tokenizer,
-    block_size, backend, sampling, ...).
+    block_size, kernel).
 
     Decode time per repeat = the wall time of `generate`'s decode loop alone
-    (`return_timing=True`: prefill runs as its own program and is finished
+    (`Outputs(timing=True)`: prefill runs as its own program and is finished
     first), so prefill neither dilutes the ratio nor adds its noise. The
     runs of all policies take turns in every repeat
     (`reporting.interleaved_results`), so dense and a policy see the same
     load; speedup = median over repeats of the paired ratio dense / policy,
     with its min and max. Timed runs record no statistics
-    (`return_stats=False`, as a serving loop runs); one more run per policy
+    (`Outputs(stats=False)`, as a serving loop runs); one more run per policy
     with statistics gives the attended and KV-read fractions.
     """
-    from selfspan_jax.generation import generate
+    from selfspan_jax.generation import Outputs, generate
+    from selfspan_jax.sampling import Sampling
 
     if "dense" not in policies:
         raise ValueError(f"policies must include 'dense' (the baseline of every speedup), got {list(policies)}")
     prompts = np.asarray([row[:context] for row in stream_rows[:batch]], np.int32)
     forced = np.asarray([row[context: context + new_tokens] for row in stream_rows[:batch]], np.int32)
     point = {"batch": batch, "context": context, "new_tokens": new_tokens}
-    kw = dict(eos_id=-1, max_new_tokens=new_tokens, forced_tokens=forced, **generate_kw)
+    kw = dict(eos_id=-1, max_new_tokens=new_tokens, sampling=Sampling(forced_tokens=forced), **generate_kw)
 
     def run(label):
-        return lambda: generate(model, prompts, policy=policies[label], return_stats=False, return_timing=True,
+        return lambda: generate(model, prompts, policy=policies[label], outputs=Outputs(stats=False, timing=True),
                                 **kw).timing
 
     point["load_average_before"] = reporting.load_average()
@@ -157,10 +158,10 @@ def record_traces(run: str, n: int, split: str, seed: int) -> list[tuple[str, st
     """(prompt, generated completion) of `n` held-out problems, greedy, self_span, by a trained run."""
     loaded = ev.load_for_eval(run)
     _, _, _, records = ev.held_out_records(loaded, n, seed=seed, task="arithmetic", split=split)
-    out = ev.decode(loaded.model, loaded.tokenizer, [r["prompt"] for r in records], policy="self_span",
+    policy = ev.make_policy("self_span", tokenizer=loaded.tokenizer, max_segments=loaded.max_segments)
+    out = ev.decode(loaded.model, loaded.tokenizer, [r["prompt"] for r in records], policy=policy,
                     batch_size=len(records), max_new_tokens=ev.tasks.generation_budget(
-                        records, loaded.tokenizer, loaded.model.config.max_seq_len),
-                    max_segments=loaded.max_segments)
+                        records, loaded.tokenizer, loaded.model.config.max_seq_len))
     return [(r["prompt"], t) for r, t in zip(records, out.texts)]
 
 

@@ -25,6 +25,7 @@ M token-budget bucket, N query heads, K KV heads, H head dim, V vocab.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -35,7 +36,9 @@ from flax import nnx, struct
 from pallas_kernels import block_sparse_decode
 from pallas_kernels.token_sparse_decode import token_sparse_decode
 from selfspan_jax.cache import KVCache
-from selfspan_jax.policies import Policy, Selection, dense_selection
+from selfspan_jax.loop_stats import attention_recall, selection_stats
+from selfspan_jax.policies import Policy
+from selfspan_jax.selection import Selection, dense_selection
 from selfspan_jax.sampling import chosen_logprob, sample_logits
 
 # Prompt buckets start here so that short prompts share one program.
@@ -73,7 +76,7 @@ class LoopState:
     cache: the KV cache; cache.lengths[b] is the position of the next fed token.
     policy_state: the policy's own pytree (span decode state for self_span).
     visible .. rebuilt: the per-step statistics, each None unless asked for
-        (`return_stats`, a static flag: without it the loop computes none).
+        (`LoopOptions.stats`, a static flag: without it the loop computes none).
     visible: f32 [B, M]: keys the query that produced out[b, m] attended to
         (from the selection actually passed to the kernel, mean over KV heads
         for per-head lists; 0 for m = 0, which comes from prefill).
@@ -83,8 +86,8 @@ class LoopState:
     dense_blocks: int32 [B, M]: blocks a dense read would have touched.
     fallback: bool [B, M]: the policy had switched that sequence to dense.
     rebuilt: f32 [B, M]: released tokens the policy re-admitted for that query (ADORE).
-    masks: bool [B, M, S] visibility rows (only with return_masks), else None.
-    recall: f32 [B, M, L] (only with return_recall), else None: per layer, the share of the
+    masks: bool [B, M, S] visibility rows (only with `LoopOptions.masks`), else None.
+    recall: f32 [B, M, L] (only with `LoopOptions.recall`), else None: per layer, the share of the
         layer's dense softmax attention (over every key at or before the query, the model's own
         q and keys at that step) that falls on the keys the selection reads, mean over query
         heads (`attention_recall`); 1 for dense reads.
@@ -157,8 +160,7 @@ def prefill(model, policy: Policy, prompt, lengths, *, cache_len: int, block_siz
     return cache, last, state
 
 
-def attention_fn_for(policy: Policy, pstate, pos, *, block_size: int, cache_len: int, backend: str,
-                     precision, dense_reads: bool = False, recalls: list | None = None
+def attention_fn_for(options: "LoopOptions", pstate, pos, *, cache_len: int, recalls: list | None = None
                      ) -> tuple[Callable, Callable[[], list[Selection]]]:
     """(attention_fn for `model.decode_step`, the step's selections once the layers have run: one per
     layer for a query-aware policy, else the one shared selection).
@@ -172,10 +174,12 @@ def attention_fn_for(policy: Policy, pstate, pos, *, block_size: int, cache_len:
     selections can be read back, and the last layer's stands for the step.
     Other policies select once per step.
 
-    dense_reads: hand the kernel every causal block with the policy's own
-    token mask (`read_causal_blocks`): the same attention, no block list to
-    build (the "dense path" of `min_sparse_context`).
+    options.dense_reads: hand the kernel every causal block with the policy's
+    own token mask (`read_causal_blocks`): the same attention, no block list
+    to build (the "dense path" of `min_sparse_context`).
     """
+    policy, block_size, backend, precision = options.policy, options.block_size, options.backend, options.precision
+    dense_reads = options.dense_reads
     kw = dict(block_size=block_size, cache_len=cache_len)
 
     def select(**qk):
@@ -204,45 +208,6 @@ def attention_fn_for(policy: Policy, pstate, pos, *, block_size: int, cache_len:
     return attention_fn, lambda: list(seen)
 
 
-def _listed(indices, counts, size: int) -> jax.Array:
-    """bool [B, K, size]: which ids the first counts[b, k] entries of indices [B, K, L] name."""
-    B, K, Lst = indices.shape
-    live = jnp.arange(Lst)[None, None, :] < counts[..., None]
-    return jnp.zeros((B, K, size), bool).at[jnp.arange(B)[:, None, None], jnp.arange(K)[None, :, None],
-                                           indices].max(live)
-
-
-def read_keys(sel: Selection, pos, block_size: int, n_kv_heads: int) -> jax.Array:
-    """bool [B, K, S]: the keys each KV head's attention reads under `sel` (causal, listed and unmasked)."""
-    B, S = sel.token_mask.shape
-    causal = jnp.arange(S)[None, :] <= pos[:, None]  # [B, S]
-    if sel.token_indices is not None:  # token lists: the first token_counts rows of each head
-        keys = _listed(sel.token_indices, sel.token_counts, S) & causal[:, None, :]
-    else:
-        idx, counts = sel.block_indices, sel.block_counts
-        if idx.ndim == 2:  # one list for every head
-            idx, counts = idx[:, None, :], counts[:, None]
-        blocks = jnp.repeat(_listed(idx, counts, S // block_size), block_size, axis=-1)  # [B, K or 1, S]
-        keys = blocks & (sel.token_mask & causal)[:, None, :]
-    return jnp.broadcast_to(keys, (B, n_kv_heads, S))
-
-
-def attention_recall(q, k, sel: Selection, pos, block_size: int) -> jax.Array:
-    """[B]: the share of dense softmax attention (q [B, N, H] against every key k [B, K, S, H] at or
-    before `pos`, fp32, 1/sqrt(H)) on the keys `sel` reads, mean over query heads.
-
-    A selection's quality apart from what the kernel does with it: a SparQ or Quest list that
-    misses where the dense attention goes shows here before it shows in accuracy."""
-    B, N, H = q.shape
-    K, S = k.shape[1], k.shape[2]
-    qg = q.astype(jnp.float32).reshape(B, K, N // K, H)
-    logits = jnp.einsum("bkgh,bksh->bkgs", qg, k.astype(jnp.float32)) / jnp.sqrt(jnp.float32(H))
-    causal = (jnp.arange(S)[None, :] <= pos[:, None])[:, None, None, :]
-    p = jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1)
-    member = read_keys(sel, pos, block_size, K)[:, :, None, :]
-    return jnp.mean(jnp.sum(jnp.where(member, p, 0.0), axis=-1), axis=(1, 2))
-
-
 def read_causal_blocks(sel: Selection, pos, cache_len: int, block_size: int) -> Selection:
     """`sel` reading every block at or before the query instead of its own list, when its token
     mask alone is the attention row (a list shared by all heads: self_span, dense); the attention
@@ -269,38 +234,75 @@ def _mix_mean_v(y, sel: Selection, v_all, layer_idx, pos):
     return (alpha * y.astype(jnp.float32) + (1.0 - alpha) * mean).astype(y.dtype)
 
 
-def _selection_stats(sel: Selection, pos: jax.Array, block_size: int):
-    """Measured from the selection itself: (keys attended f32 [B], blocks read f32 [B], dense blocks [B]).
+@struct.dataclass
+class LoopInputs:
+    """What a call gives the compiled programs as arrays, so calls that change it reuse them.
 
-    Shared lists: the token mask lies inside the listed blocks, so the keys
-    attended are its causal entries. Per-KV-head lists [B, K, L]: the causal
-    token-mask entries inside each head's listed blocks, averaged over heads
-    (as are the blocks read).
+    prompt: int32 [B, T] right-padded; lengths: int32 [B].
+    max_new: int32 []: the token budget (the bucket `LoopOptions.budget` bounds it).
+    temperature f32 [], top_k int32 [] (0 = no limit), top_p f32 [] (1 = no limit), rng: a key
+        (`sampling.Sampling.arrays`).
+    eos_id: int32 [] (-1 = none); pad_id: int32 [].
+    forced: int32 [B, M], emitted instead of sampled tokens when the bool [] `use_forced` is set
+        (teacher forcing; both are arrays, so forcing compiles no second program).
+    row_offset: int32 []: these rows' place in a batch split over devices (`run_sharded`), for the
+        sampler's noise.
     """
-    S = sel.token_mask.shape[-1]
-    # [B, S]
-    row = sel.token_mask & (jnp.arange(S)[None, :] <= pos[:, None])
-    counts = sel.block_counts.astype(jnp.float32)
-    if sel.token_indices is not None:  # token lists: listed rows per head
-        visible = jnp.mean(sel.token_counts.astype(jnp.float32), axis=-1)
-    elif counts.ndim == 1:
-        visible = jnp.sum(row, axis=-1).astype(jnp.float32)
-    else:
-        B = sel.block_indices.shape[0]
-        # [B, K, NB]: which blocks each head reads (entries past the count are not read)
-        member = _listed(sel.block_indices, sel.block_counts, S // block_size)
-        # [B, NB] visible keys per block
-        per_block = row.reshape(B, S // block_size, block_size).sum(-1).astype(jnp.float32)
-        visible = jnp.mean(jnp.sum(member * per_block[:, None, :], axis=-1), axis=-1)
-        counts = jnp.mean(counts, axis=-1)
-    if sel.rows_read is not None:  # the policy counts its own reads (token lists; blocks plus key bounds)
-        counts = sel.rows_read / (2.0 * block_size)
-    return visible, counts, (pos // block_size + 1).astype(jnp.int32)
+
+    prompt: jax.Array
+    lengths: jax.Array
+    max_new: jax.Array
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    rng: jax.Array
+    eos_id: jax.Array
+    pad_id: jax.Array
+    forced: jax.Array
+    use_forced: jax.Array
+    row_offset: Any = 0
 
 
-def decode_step(model, policy: Policy, st: LoopState, choose: Callable, *, max_new, eos_id, pad_id,
-                block_size: int, backend: str, precision, dense_reads: bool = False) -> LoopState:
+@dataclasses.dataclass(frozen=True)
+class LoopOptions:
+    """The static half of a call: one compiled program per distinct value (with the model's graph).
+
+    policy, block_size, cache_len (S), budget (M): what the programs are built for.
+    logprobs, masks, stats, recall: what the loop records (`LoopState`; each off = not computed).
+    backend, precision: the kernels' (`pallas_kernels.block_sparse_decode`).
+    prefill_chunk: prefill this many sequences at a time (None = the whole batch at once).
+    dense_reads: the kernel reads every causal block through the policy's token mask
+        (`generate`'s `min_sparse_context`).
+    batch_total: the whole batch when these rows are one device's part of it (`run_sharded`).
+    """
+
+    policy: Policy
+    block_size: int
+    cache_len: int
+    budget: int
+    logprobs: bool = False
+    masks: bool = False
+    stats: bool = True
+    recall: bool = False
+    backend: str = "xla"
+    precision: str | None = None
+    prefill_chunk: int | None = None
+    dense_reads: bool = False
+    batch_total: int | None = None
+
+    def prefill_part(self) -> "LoopOptions":
+        """The fields `start` reads, the kernel's at their defaults: one prefill program serves
+        every backend, precision and `dense_reads` of the loop."""
+        return dataclasses.replace(self, backend="xla", precision=None, dense_reads=False)
+
+    def loop_part(self) -> "LoopOptions":
+        """The fields `loop` reads: one loop program serves every prefill chunking."""
+        return dataclasses.replace(self, prefill_chunk=None)
+
+
+def decode_step(model, st: LoopState, inputs: LoopInputs, options: LoopOptions, choose: Callable) -> LoopState:
     """One loop iteration: feed the last emitted token, attend through the policy, emit the next."""
+    policy, block_size = options.policy, options.block_size
     B, S = st.out.shape[0], st.cache.k.shape[3]
     # [B] the token emitted last step; it sits at position pos[b]
     fed = jax.lax.dynamic_index_in_dim(st.out, st.step - 1, axis=1, keepdims=False)
@@ -308,9 +310,7 @@ def decode_step(model, policy: Policy, st: LoopState, choose: Callable, *, max_n
     active = ~st.done
     pstate = policy.update(st.policy_state, fed, active)
     recalls = None if st.recall is None else []
-    attention_fn, selection = attention_fn_for(policy, pstate, pos, block_size=block_size, cache_len=S,
-                                               backend=backend, precision=precision, dense_reads=dense_reads,
-                                               recalls=recalls)
+    attention_fn, selection = attention_fn_for(options, pstate, pos, cache_len=S, recalls=recalls)
     step_logits, cache = model.decode_step(fed, st.cache, attention_fn=attention_fn)
     selections = selection()
     sel = selections[-1]  # the last layer's stands for the step in the statistics
@@ -323,7 +323,7 @@ def decode_step(model, policy: Policy, st: LoopState, choose: Callable, *, max_n
 
     stats = {}
     if st.visible is not None:
-        visible, blocks, dense_blocks = _selection_stats(sel, pos, block_size)
+        visible, blocks, dense_blocks = selection_stats(sel, pos, block_size)
         stats = dict(
             visible=put(st.visible, visible, 0.0),
             causal=put(st.causal, pos + 1, 0),
@@ -343,9 +343,9 @@ def decode_step(model, policy: Policy, st: LoopState, choose: Callable, *, max_n
         stats["recall"] = jax.lax.dynamic_update_index_in_dim(st.recall, row, st.step, axis=1)
     return st.replace(
         step=st.step + 1,
-        out=put(st.out, tok, pad_id),
+        out=put(st.out, tok, inputs.pad_id),
         logprobs=logprobs,
-        done=st.done | (active & (tok == eos_id)) | (st.step + 1 >= max_new),
+        done=st.done | (active & (tok == inputs.eos_id)) | (st.step + 1 >= inputs.max_new),
         num_tokens=st.num_tokens + active.astype(jnp.int32),
         cache=cache,
         policy_state=pstate,
@@ -354,17 +354,17 @@ def decode_step(model, policy: Policy, st: LoopState, choose: Callable, *, max_n
     )
 
 
-def initial_state(cache: KVCache, policy_state, tok0, logprob0, *, budget: int, max_new, eos_id, pad_id,
-                  return_masks: bool, return_stats: bool, return_recall: bool = False) -> LoopState:
+def initial_state(cache: KVCache, policy_state, tok0, logprob0, inputs: LoopInputs, options: LoopOptions
+                  ) -> LoopState:
     """The loop's state after prefill emitted tok0 [B] (logprob0 [B] or None: no log-probs asked)."""
-    B, M, S = tok0.shape[0], budget, cache.max_len
+    B, M, S = tok0.shape[0], options.budget, cache.max_len
     zeros_i = jnp.zeros((B, M), jnp.int32)
-    stat = lambda x: x if return_stats else None  # noqa: E731
+    stat = lambda x: x if options.stats else None  # noqa: E731
     return LoopState(
         step=jnp.int32(1),
-        out=jnp.full((B, M), pad_id, jnp.int32).at[:, 0].set(tok0),
+        out=jnp.full((B, M), inputs.pad_id, jnp.int32).at[:, 0].set(tok0),
         logprobs=None if logprob0 is None else jnp.zeros((B, M), jnp.float32).at[:, 0].set(logprob0),
-        done=(tok0 == eos_id) | (max_new <= 1),
+        done=(tok0 == inputs.eos_id) | (inputs.max_new <= 1),
         num_tokens=jnp.ones((B,), jnp.int32),
         cache=cache,
         policy_state=policy_state,
@@ -374,152 +374,93 @@ def initial_state(cache: KVCache, policy_state, tok0, logprob0, *, budget: int, 
         dense_blocks=stat(zeros_i),
         fallback=stat(jnp.zeros((B, M), bool)),
         rebuilt=stat(jnp.zeros((B, M), jnp.float32)),
-        masks=jnp.zeros((B, M, S), bool) if return_masks else None,
-        recall=jnp.zeros((B, M, cache.k.shape[0]), jnp.float32) if return_recall else None,
+        masks=jnp.zeros((B, M, S), bool) if options.masks else None,
+        recall=jnp.zeros((B, M, cache.k.shape[0]), jnp.float32) if options.recall else None,
     )
 
 
-def chooser(rng, temperature, top_k, top_p, forced, use_forced, rows=None) -> Callable:
+def chooser(inputs: LoopInputs, batch_total: int | None = None) -> Callable:
     """choose(step_logits, step) -> [B] tokens: sampled, or the forced column when `use_forced`.
-    rows: (offset, total) of this shard's rows in a batch split over devices (`run_sharded`)."""
+    batch_total: the whole batch when these rows are one device's part of it (their place in it is
+    `inputs.row_offset`), so each shard draws its rows of the whole batch's noise."""
+    rows = None if batch_total is None else (inputs.row_offset, batch_total)
 
     def choose(step_logits, step):
-        drawn = sample_logits(step_logits, jax.random.fold_in(rng, step), temperature, top_k, top_p, rows=rows)
-        given = jax.lax.dynamic_index_in_dim(forced, step, axis=1, keepdims=False)
-        return jnp.where(use_forced, given, drawn)
+        drawn = sample_logits(step_logits, jax.random.fold_in(inputs.rng, step), inputs.temperature, inputs.top_k,
+                              inputs.top_p, rows=rows)
+        given = jax.lax.dynamic_index_in_dim(inputs.forced, step, axis=1, keepdims=False)
+        return jnp.where(inputs.use_forced, given, drawn)
 
     return choose
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("graphdef", "policy", "block_size", "cache_len", "budget", "return_masks", "return_logprobs",
-                     "return_stats", "prefill_chunk", "batch_total", "return_recall"),
-)
-def start(params, prompt, lengths, max_new, temperature, top_k, top_p, rng, eos_id, pad_id, forced, use_forced,
-          row_offset=0, *, batch_total: int | None = None, graphdef, policy: Policy, block_size: int,
-          cache_len: int, budget: int, return_masks: bool, return_logprobs: bool, return_stats: bool,
-          prefill_chunk: int, return_recall: bool = False) -> LoopState:
-    """Stage 1 of `run`: prefill, the first token, the loop's initial state. row_offset, batch_total:
-    these rows' place in a batch split over devices (`run_sharded`), for the sampler's noise."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "options"))
+def start(params, inputs: LoopInputs, *, graphdef, options: LoopOptions) -> LoopState:
+    """Stage 1 of `run`: prefill, the first token, the loop's initial state."""
     model = nnx.merge(graphdef, params)
-    cache, last, policy_state = prefill(model, policy, prompt, lengths, cache_len=cache_len, block_size=block_size,
-                                        prefill_chunk=prefill_chunk)
-    rows = None if batch_total is None else (row_offset, batch_total)
-    tok0 = chooser(rng, temperature, top_k, top_p, forced, use_forced, rows)(last, 0)
-    return initial_state(cache, policy_state, tok0, chosen_logprob(last, tok0) if return_logprobs else None,
-                         budget=budget, max_new=max_new, eos_id=eos_id, pad_id=pad_id, return_masks=return_masks,
-                         return_stats=return_stats, return_recall=return_recall)
+    B = inputs.prompt.shape[0]
+    cache, last, policy_state = prefill(model, options.policy, inputs.prompt, inputs.lengths,
+                                        cache_len=options.cache_len, block_size=options.block_size,
+                                        prefill_chunk=B if options.prefill_chunk is None else options.prefill_chunk)
+    tok0 = chooser(inputs, options.batch_total)(last, 0)
+    return initial_state(cache, policy_state, tok0, chosen_logprob(last, tok0) if options.logprobs else None,
+                         inputs, options)
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("graphdef", "policy", "block_size", "backend", "precision", "dense_reads", "batch_total"),
+    static_argnames=("graphdef", "options"),
     donate_argnames=("state",),  # the cache and buffers are updated in place
 )
-def loop(params, state: LoopState, max_new, temperature, top_k, top_p, rng, eos_id, pad_id, forced, use_forced,
-         row_offset=0, *, batch_total: int | None = None, graphdef, policy: Policy, block_size: int, backend: str,
-         precision, dense_reads: bool):
+def loop(params, state: LoopState, inputs: LoopInputs, *, graphdef, options: LoopOptions):
     """Stage 2 of `run`: the decode while loop from `start`'s state -> (final state, policy report)."""
     model = nnx.merge(graphdef, params)
     M = state.out.shape[1]
-    rows = None if batch_total is None else (row_offset, batch_total)
-    body = functools.partial(decode_step, model, policy, choose=chooser(rng, temperature, top_k, top_p, forced,
-                                                                         use_forced, rows),
-                             max_new=max_new, eos_id=eos_id, pad_id=pad_id, block_size=block_size, backend=backend,
-                             precision=precision, dense_reads=dense_reads)
+    body = functools.partial(decode_step, model, inputs=inputs, options=options,
+                             choose=chooser(inputs, options.batch_total))
     final = jax.lax.while_loop(lambda st: (st.step < M) & ~jnp.all(st.done), body, state)
-    return final, policy.report(final.policy_state)
+    return final, options.policy.report(final.policy_state)
 
 
-def run(
-    params,
-    prompt,
-    lengths,
-    max_new,
-    temperature,
-    top_k,
-    top_p,
-    rng,
-    eos_id,
-    pad_id,
-    forced,
-    use_forced,
-    *,
-    graphdef,
-    policy: Policy,
-    block_size: int,
-    cache_len: int,
-    budget: int,
-    backend: str,
-    precision,
-    return_masks: bool,
-    return_logprobs: bool,
-    return_stats: bool,
-    prefill_chunk: int,
-    min_sparse_context: int = 0,
-    on_prefilled: Callable[[LoopState], Any] | None = None,
-    return_recall: bool = False,
-):
-    """prompt int32 [B, T] right-padded, lengths int32 [B] -> (final `LoopState`, policy report).
+def run(params, inputs: LoopInputs, *, graphdef, options: LoopOptions,
+        on_prefilled: Callable[[LoopState], Any] | None = None):
+    """`inputs` -> (final `LoopState`, policy report).
 
     Two compiled programs, `start` (prefill) and `loop` (the decode steps, the
     state donated so the cache is updated in place): the decode loop can be
-    timed apart from prefill, and one prefill program serves every
-    `min_sparse_context`/backend choice of the loop. Everything that changes
-    per call is an array (budget, sampling knobs, seed, EOS/pad ids), so
-    such changes reuse the programs. forced: int32 [B, M], emitted instead
-    of sampled tokens when the bool `use_forced` is set (teacher forcing
-    through the decode loop; tests and benchmarks replay recorded traces);
-    both are arrays so forcing compiles no second program.
-    min_sparse_context: below this cache length the kernel reads every causal
-    block, through the policy's token mask (same results; see
-    `generation.generate`). on_prefilled: called with `start`'s state before
-    the loop is dispatched (`generate(return_timing=True)` syncs there).
+    timed apart from prefill, and one prefill program serves every kernel
+    choice of the loop (`LoopOptions.prefill_part`). Everything that changes
+    per call is an array (`LoopInputs`: budget, sampling knobs, seed, EOS/pad
+    ids, forcing), so such changes reuse the programs. on_prefilled: called
+    with `start`'s state before the loop is dispatched
+    (`generate(outputs=Outputs(timing=True))` syncs there).
     """
-    knobs = (max_new, temperature, top_k, top_p, rng, eos_id, pad_id, forced, use_forced)
-    state = start(params, prompt, lengths, *knobs, graphdef=graphdef, policy=policy, block_size=block_size,
-                  cache_len=cache_len, budget=budget, return_masks=return_masks, return_logprobs=return_logprobs,
-                  return_stats=return_stats, prefill_chunk=prefill_chunk, return_recall=return_recall)
+    state = start(params, inputs, graphdef=graphdef, options=options.prefill_part())
     if on_prefilled is not None:
         on_prefilled(state)
-    return loop(params, state, *knobs, graphdef=graphdef, policy=policy, block_size=block_size, backend=backend,
-                precision=precision, dense_reads=cache_len < min_sparse_context)
+    return loop(params, state, inputs, graphdef=graphdef, options=options.loop_part())
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("mesh", "graphdef", "policy", "block_size", "cache_len", "budget", "backend", "precision",
-                     "return_masks", "return_logprobs", "return_stats", "prefill_chunk", "dense_reads",
-                     "return_recall"),
-)
-def run_sharded(params, prompt, lengths, max_new, temperature, top_k, top_p, rng, eos_id, pad_id, forced,
-                use_forced, *, mesh, graphdef, policy: Policy, block_size: int, cache_len: int, budget: int,
-                backend: str, precision, return_masks: bool, return_logprobs: bool, return_stats: bool,
-                prefill_chunk: int, dense_reads: bool, return_recall: bool = False):
+@functools.partial(jax.jit, static_argnames=("mesh", "graphdef", "options"))
+def run_sharded(params, inputs: LoopInputs, *, mesh, graphdef, options: LoopOptions):
     """`run` with the batch split over the mesh's "data" axis: each device prefills and decodes its
     own rows (its KV cache, policy state and loop stay on it; parameters are replicated) in one
     SPMD program (`jax.shard_map`), and its while loop stops when its own rows are done.
+    `options.prefill_chunk` counts a device's rows.
     -> (final `LoopState` without cache, policy state and step, policy report), batch-sharded.
     Sampling draws the whole batch's noise and takes each shard's rows, so tokens equal `run`'s."""
     from jax.sharding import PartitionSpec as P
 
-    def local(params, prompt, lengths, forced, max_new, temperature, top_k, top_p, rng, eos_id, pad_id, use_forced):
-        b = prompt.shape[0]
-        knobs = (max_new, temperature, top_k, top_p, rng, eos_id, pad_id, forced, use_forced,
-                 jax.lax.axis_index("data") * b)
-        total = dict(batch_total=b * mesh.shape["data"])
-        state = start(params, prompt, lengths, *knobs, **total, graphdef=graphdef, policy=policy, block_size=block_size,
-                      cache_len=cache_len, budget=budget, return_masks=return_masks,
-                      return_logprobs=return_logprobs, return_stats=return_stats, prefill_chunk=prefill_chunk,
-                      return_recall=return_recall)
-        final, report = loop(params, state, *knobs, **total, graphdef=graphdef, policy=policy, block_size=block_size,
-                             backend=backend, precision=precision, dense_reads=dense_reads)
+    def local(params, inputs):
+        b = inputs.prompt.shape[0]
+        inputs = inputs.replace(row_offset=jax.lax.axis_index("data") * b)
+        opts = dataclasses.replace(options, batch_total=b * mesh.shape["data"])
+        state = start(params, inputs, graphdef=graphdef, options=opts.prefill_part())
+        final, report = loop(params, state, inputs, graphdef=graphdef, options=opts.loop_part())
         # only per-row results leave the shard: every leaf is batch-major, so one spec fits all
         return final.replace(cache=None, policy_state=None, step=None), report
 
     batch, same = P("data"), P()
-    sharded = jax.shard_map(local, mesh=mesh, in_specs=(same, batch, batch, batch, *(same,) * 8),
-                            out_specs=batch, check_vma=False)
-    return sharded(params, prompt, lengths, forced, max_new, temperature, top_k, top_p, rng, eos_id, pad_id,
-                   use_forced)
+    specs = jax.tree.map(lambda _: same, inputs).replace(prompt=batch, lengths=batch, forced=batch)
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(same, specs), out_specs=batch, check_vma=False)
+    return sharded(params, inputs)

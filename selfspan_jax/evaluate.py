@@ -35,7 +35,7 @@ import numpy as np
 from pallas_kernels.backend import resolve_backend
 from selfspan_jax import adore, reporting, runs, tasks
 from selfspan_jax.data.arithmetic import check_completion
-from selfspan_jax.generation import GenerateOutput, checked_policy, generate
+from selfspan_jax.generation import GenerateOutput, KernelOptions, Outputs, checked_policy, generate
 from selfspan_jax.policies import make_policy
 from selfspan_jax.spans import SpanTokens
 from selfspan_jax.tokenizer import encode_prompt
@@ -146,7 +146,7 @@ def time_interleaved(calls: dict[str, Any], *, repeats: int = 3) -> dict[str, di
     """Median seconds, generated tokens and tokens/s of several `generate` calls timed in turns
     (`reporting.interleaved_results`). `calls` maps a name to a zero-argument function returning a
     `GenerateOutput`; every call ends with the host transfer of its results, so `seconds` covers
-    prefill, every decode step and the sync. A call made with `return_timing=True` also gives its
+    prefill, every decode step and the sync. A call made with `Outputs(timing=True)` also gives its
     decode loop's own seconds (`decode_seconds`, min/median/max) and `decode_tokens_per_s`: generated
     tokens over the median decode-loop seconds (prefill excluded; each row's first token, which
     prefill makes, is counted in: 1 of every `tokens / batch`)."""
@@ -201,14 +201,14 @@ def evaluate_rows(
     the accuracy metrics as differences in points (`<metric>_delta`) and, where
     the baseline's is non-zero, ratios. With `recall`, the scored decode also
     records how much of each row's dense attention its policy read
-    (attention_recall, attention_recall_by_layer: `generate(return_recall=True)`);
+    (attention_recall, attention_recall_by_layer: `Outputs(recall=True)`);
     the timed calls never carry that diagnostic. With `finished`, each row is stored there as soon as it
     is scored, and a row found there (same model parameters, policy, records and settings) is read back
     instead of decoded: an interrupted comparison resumes at its first missing row. The timing is
     always measured again, every row in the same turns.
 
     `speed_batches`: decode speed at these batch sizes too (the first records, every row timed in
-    turns with `return_timing`): per row `speed[batch]` = the timing, and against the baseline
+    turns with `Outputs(timing=True)`): per row `speed[batch]` = the timing, and against the baseline
     `vs_baseline[row]["speed"][batch]` = the decode-loop speed-up, the memory-bound ceiling
     (1 + r) / (1 + rho r) at the row's KV-read fraction rho over the baseline's and the KV/weight
     byte ratio r of that batch at its mean context (prompt + half the generated tokens), and
@@ -239,16 +239,18 @@ def evaluate_rows(
         raise ValueError(f"speed_batches must be ints from 1 to the {len(records)} records, got {list(speed_batches)}")
     if speed_batches and baseline is None:
         raise ValueError("speed_batches compare rows against a baseline row: name one")
+    policies = {}
     for row in rows:  # every row's policy against its model before the first row's work
         try:
-            checked_policy(row.model, row.decode_policy, tokenizer=row.tokenizer, max_segments=max_segments)
+            policies[row.name] = checked_policy(row.model, row.decode_policy, tokenizer=row.tokenizer,
+                                                max_segments=max_segments)
         except ValueError as err:
             raise ValueError(f"row {row.name!r}: {err}") from err
     if max_new_tokens is None:
         # one budget for all rows (the first row's tokenizer and model): the same work for everyone
         max_new_tokens = tasks.generation_budget(records, rows[0].tokenizer, rows[0].model.config.max_seq_len)
     backend = resolve_backend(backend)
-    kw = dict(max_new_tokens=max_new_tokens, block_size=block_size, backend=backend, max_segments=max_segments)
+    kw = dict(max_new_tokens=max_new_tokens, block_size=block_size, kernel=KernelOptions(backend=backend))
     n_timed = min(timing_batch or batch_size, len(records))
     results: dict[str, Any] = {}
     calls = {}
@@ -257,23 +259,26 @@ def evaluate_rows(
         key = None if finished is None else finished.key(
             model=row.model, row=[row.name, str(row.policy), repr(row.decode_policy), row.trained_with, row.source,
                                   row.note, row.zero_shot],
-            task=task, records=records, prompts=prompts, batch_size=batch_size, recall=recall, **kw)
+            task=task, records=records, prompts=prompts, batch_size=batch_size, recall=recall,
+            max_new_tokens=max_new_tokens, block_size=block_size, backend=backend, max_segments=max_segments)
         metrics = None if key is None else finished.get(key)
         if metrics is not None:
             print(f"[evaluate] {row.name}: scored by an interrupted run of this comparison, read back from "
                   f"{finished.folder}", flush=True)
         else:
-            metrics = _score_row(row, task_, records, prompts, batch_size=batch_size, recall=recall, **kw)
+            metrics = _score_row(row, policies[row.name], task_, records, prompts, batch_size=batch_size,
+                                 recall=recall, **kw)
             if key is not None:
                 finished.put(key, metrics, label=row.name)
         results[row.name] = metrics
-        calls[row.name] = functools.partial(generate, row.model, prompts[:n_timed], policy=row.decode_policy,
-                                            tokenizer=row.tokenizer, return_timing=True, **kw)
+        calls[row.name] = functools.partial(generate, row.model, prompts[:n_timed], policy=policies[row.name],
+                                            tokenizer=row.tokenizer, outputs=Outputs(timing=True), **kw)
     for name, timing in time_interleaved(calls, repeats=timing_repeats).items():
         results[name]["timing"] = timing
     vs_baseline = {name: _ratios(task_, m, results[baseline]) for name, m in results.items()} if baseline else {}
     for b in speed_batches:
-        _time_speed_batch(rows, results, vs_baseline, task_, records[:b], baseline, n_timed, timing_repeats, kw)
+        _time_speed_batch(rows, policies, results, vs_baseline, task_, records[:b], baseline, n_timed,
+                          timing_repeats, kw)
     return {
         "config": {
             "task": task, "num_records": len(records), "batch_size": batch_size, "timing_batch": n_timed,
@@ -287,7 +292,7 @@ def evaluate_rows(
     }
 
 
-def _time_speed_batch(rows: Sequence[Row], results: dict, vs_baseline: dict, task: tasks.Task,
+def _time_speed_batch(rows: Sequence[Row], policies: dict, results: dict, vs_baseline: dict, task: tasks.Task,
                       records: Sequence[dict], baseline: str, n_timed: int, repeats: int, kw: dict) -> None:
     """`evaluate_rows`' speed at batch b = len(records): every row timed in turns (the main timing
     reused when it ran at b), then per row against the baseline the decode-loop speed-up, r, rho,
@@ -298,8 +303,8 @@ def _time_speed_batch(rows: Sequence[Row], results: dict, vs_baseline: dict, tas
         timings = {name: m["timing"] for name, m in results.items()}
     else:
         timings = time_interleaved({row.name: functools.partial(generate, row.model, prompts[row.name],
-                                                                policy=row.decode_policy, tokenizer=row.tokenizer,
-                                                                return_timing=True, **kw) for row in rows},
+                                                                policy=policies[row.name], tokenizer=row.tokenizer,
+                                                                outputs=Outputs(timing=True), **kw) for row in rows},
                                    repeats=repeats)
     for name, timing in timings.items():
         results[name].setdefault("speed", {})[str(b)] = timing
@@ -318,11 +323,12 @@ def _time_speed_batch(rows: Sequence[Row], results: dict, vs_baseline: dict, tas
             "fraction_of_ceiling": speedup / ceiling}
 
 
-def _score_row(row: Row, task: tasks.Task, records: Sequence[dict], prompts: list, *, batch_size: int,
+def _score_row(row: Row, policy, task: tasks.Task, records: Sequence[dict], prompts: list, *, batch_size: int,
                recall: bool, **generate_kwargs) -> dict[str, Any]:
-    """One row of `evaluate_rows` without its timing: decoded, scored, its span statistics and examples."""
-    out = decode(row.model, row.tokenizer, prompts, policy=row.decode_policy, batch_size=batch_size,
-                 return_recall=recall, **generate_kwargs)
+    """One row of `evaluate_rows` without its timing: decoded under `policy` (the row's, resolved), scored,
+    its span statistics and examples."""
+    out = decode(row.model, row.tokenizer, prompts, policy=policy, batch_size=batch_size,
+                 outputs=Outputs(recall=recall), **generate_kwargs)
     texts = out.texts
     metrics = (task.score_zero_shot if row.zero_shot else task.score)(records, texts)
     metrics.update(out.summary(), span_report={k: int(v.sum()) for k, v in out.policy_report.items()})
@@ -352,8 +358,9 @@ def generate_one(model, tokenizer, record: dict, *, policy: str = "self_span", m
     """Greedy generation of one record: {"tokens": prompt + generated ids, "prompt_length", "text", "title"}."""
     if max_new_tokens is None:
         max_new_tokens = tasks.generation_budget([record], tokenizer, model.config.max_seq_len)
+    policy = make_policy(policy, tokenizer=tokenizer, max_segments=max_segments)
     out = generate(model, [record["prompt"]], policy=policy, max_new_tokens=max_new_tokens, tokenizer=tokenizer,
-                   max_segments=max_segments, block_size=block_size, backend=backend, return_masks=False)
+                   block_size=block_size, kernel=KernelOptions(backend=backend))
     prompt = encode_prompt(tokenizer, record["prompt"])
     tokens = prompt + [int(t) for t in out.sequences()[0]]
     title = f"{record.get('task', 'example')}: {record.get('expression') or record.get('title') or ''}".strip()

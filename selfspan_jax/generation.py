@@ -3,7 +3,8 @@
 Organised as gemma's sampler is: this module is the host side (prompts to a
 padded batch, argument checks, the result as numpy in a `GenerateOutput`);
 the jitted loop with its documented state and named prefill/step functions is
-`decode_loop`; the sampling methods are `sampling`. One compiled program per
+`decode_loop`; the sampling methods are `sampling`. The options
+(`Sampling`, `Outputs`, `KernelOptions`) are frozen objects, checked when built. One compiled program per
 shape bucket does all the decoding on device (see `decode_loop`).
 """
 
@@ -22,7 +23,6 @@ from pallas_kernels.backend import resolve_backend
 from selfspan_jax import decode_loop
 from selfspan_jax.policies import Policy, make_policy
 from selfspan_jax.sampling import Sampling
-from selfspan_jax.spans import SpanTokens
 from selfspan_jax.tokenizer import decode_with_spans, encode_prompt
 
 
@@ -38,8 +38,8 @@ class GenerateOutput:
         so a SentencePiece tokenizer's text after span tokens reads as in the
         records) when a tokenizer was given, else None.
     logprobs: f32 [B, M] log-probability of each generated token under the
-        model (raw logits) when return_logprobs, else None.
-    stats: per-step measurements (only `step_valid` with return_stats=False),
+        model (raw logits) with `Outputs(logprobs=True)`, else None.
+    stats: per-step measurements (only `step_valid` with `Outputs(stats=False)`),
         [B, M] each, indexed like `tokens`; entry m describes the decode step
         that produced tokens[:, m] (m >= 1; m = 0 comes from prefill and is
         not a decode step, see `step_valid`):
@@ -47,14 +47,14 @@ class GenerateOutput:
         block_fraction (KV blocks read / blocks a dense read touches),
         visible, causal, blocks_read, dense_blocks, fallback (policy had
         switched the sequence to dense), rebuilt (tokens re-admitted, ADORE), step_valid;
-        with return_recall also attention_recall [B, M, L] (one value per layer).
+        with `Outputs(recall=True)` also attention_recall [B, M, L] (one value per layer).
     masks: bool [B, M, S] visibility rows used for each decode step (only
-        with return_masks).
+        with `Outputs(masks=True)`).
     policy: the policy's name.
     policy_report: per-sequence counters from the policy's final state
         ({name: [B]}; for self_span: segments, fallback_dense,
         unclosed_headers, ignored_refs, stray_markers).
-    timing: with `return_timing`, wall seconds of prefill and of the decode loop
+    timing: with `Outputs(timing=True)`, wall seconds of prefill and of the decode loop
         and the loop's iterations ({prefill_s, decode_s, decode_steps}); summed
         over the parts by `concatenate`.
     """
@@ -119,11 +119,12 @@ class GenerateOutput:
         rebuilds_per_step: released tokens re-admitted per decode step (ADORE; summed over layers,
             mean over KV heads; 0 for other policies);
         decode_steps, generated_tokens;
-        with return_recall: attention_recall (mean over steps and layers) and
+        with `Outputs(recall=True)`: attention_recall (mean over steps and layers) and
             attention_recall_by_layer (mean over steps, one per layer).
         """
         if "visible" not in self.stats:
-            raise ValueError("this output has no statistics to summarise: it was generated with return_stats=False")
+            raise ValueError("this output has no statistics to summarise: it was generated with "
+                             "Outputs(stats=False)")
         s, ok = self.stats, self.stats["step_valid"]
         n = int(ok.sum())
 
@@ -152,7 +153,7 @@ def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
-def _prepare_prompts(prompts, tokenizer, prompt_lengths) -> tuple[list[list[int]], None]:
+def _prepare_prompts(prompts, tokenizer) -> list[list[int]]:
     """Normalises prompts to a list of id lists. One flat sequence of ids is one prompt, as a 1-D
     array is; each prompt is a string or a 1-D sequence of integer ids (no floats, no deeper nesting)."""
     if isinstance(prompts, str):
@@ -167,18 +168,7 @@ def _prepare_prompts(prompts, tokenizer, prompt_lengths) -> tuple[list[list[int]
             raise ValueError(f"token-array prompts must be integer [B, T], got dtype {arr.dtype} shape {arr.shape}")
         if arr.size == 0:
             raise ValueError(f"token-array prompts are empty (shape {arr.shape}); each prompt needs >= 1 token")
-        if prompt_lengths is None:
-            lens = [arr.shape[1]] * arr.shape[0]
-        else:
-            lens = [int(x) for x in np.asarray(prompt_lengths).reshape(-1)]
-            if len(lens) != arr.shape[0]:
-                raise ValueError(f"prompt_lengths has {len(lens)} entries for {arr.shape[0]} prompts")
-            bad = [n for n in lens if not 1 <= n <= arr.shape[1]]
-            if bad:
-                raise ValueError(f"prompt_lengths must be in [1, {arr.shape[1]}], got {bad}")
-        return [arr[b, :n].tolist() for b, n in enumerate(lens)]
-    if prompt_lengths is not None:
-        raise ValueError("prompt_lengths is only for a padded token array")
+        return arr.tolist()
     prompts = list(prompts)
     if not prompts:
         raise ValueError("prompts is empty")
@@ -201,109 +191,122 @@ def _prepare_prompts(prompts, tokenizer, prompt_lengths) -> tuple[list[list[int]
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+    """What `generate` records besides the tokens. Each is a static flag: what is off is not computed.
+
+    logprobs: the log-probability of every generated token (`GenerateOutput.logprobs`; without it
+        the loop computes no log_softmax).
+    masks: the visibility row of every decode step (`GenerateOutput.masks`, bool [B, M, S]).
+    stats: the per-step statistics (`GenerateOutput.stats`; without them `stats` holds only
+        `step_valid`).
+    recall: also `stats["attention_recall"]` [B, M, L]: per step and layer, the share of the
+        model's dense softmax attention that falls on the keys the policy read
+        (`loop_stats.attention_recall`). A diagnostic: it costs every layer a dense attention's
+        scores per step, so time nothing with it on.
+    timing: wait for prefill to finish before dispatching the decode loop, and record both wall
+        times in `GenerateOutput.timing` (prefill_s, decode_s, decode_steps). Off by default: the
+        loop is then queued behind prefill with no sync between them. Not with a mesh.
+    """
+
+    logprobs: bool = False
+    masks: bool = False
+    stats: bool = True
+    recall: bool = False
+    timing: bool = False
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if not isinstance(getattr(self, f.name), (bool, np.bool_)):
+                raise ValueError(f"Outputs.{f.name} must be a bool, got {getattr(self, f.name)!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelOptions:
+    """How the attention runs; none of it changes the attention itself.
+
+    backend: the kernels' backend ("auto" = pallas on a GPU, xla elsewhere).
+    precision: dot precision of the attention kernel (None = the backend's default, which is tf32
+        for float32 on a GPU; "highest" for exact fp32).
+    prefill_chunk: prefill this many sequences at a time (must divide the batch, or with a mesh the
+        per-device batch); bounds prefill memory at large batch x prompt length.
+    min_sparse_context: when the call's cache length (prompt bucket + budget, rounded to the block
+        size) is below this many tokens, the kernel reads every block at or before the query,
+        through the policy's token mask: the same attention and tokens, no block list to build or
+        follow (policies whose one list serves all heads: self_span, dense; others keep their
+        lists). A per-call rule, decided at trace time (docs/notes/generation.md, "Never slower
+        than dense"). 0 = always the policy's own list.
+    """
+
+    backend: str = "auto"
+    precision: str | None = None
+    prefill_chunk: int | None = None
+    min_sparse_context: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.backend, str):
+            raise ValueError(f"backend must be a string, got {self.backend!r}")
+        if self.prefill_chunk is not None and (not _is_int(self.prefill_chunk) or self.prefill_chunk < 1):
+            raise ValueError(f"prefill_chunk must be a positive int or None, got {self.prefill_chunk!r}")
+        if not _is_int(self.min_sparse_context) or self.min_sparse_context < 0:
+            raise ValueError(f"min_sparse_context must be an int >= 0, got {self.min_sparse_context!r}")
+
+
 def generate(
     model,
     prompts: str | Sequence[str] | Sequence[Sequence[int]] | np.ndarray,
     *,
     policy: str | Policy = "self_span",
     max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int = 0,
-    block_size: int = 64,
-    backend: str = "auto",
-    max_segments: int = 64,
     tokenizer=None,
-    span_tokens=None,
-    return_logprobs: bool = False,
-    return_masks: bool = False,
-    return_stats: bool = True,
-    return_recall: bool = False,
-    prompt_lengths: Sequence[int] | np.ndarray | None = None,
+    block_size: int = 64,
+    sampling: Sampling = Sampling(),
+    outputs: Outputs = Outputs(),
+    kernel: KernelOptions = KernelOptions(),
+    mesh=None,
     eos_id: int | None = None,
     pad_id: int | None = None,
-    forced_tokens: np.ndarray | None = None,
-    precision: str | None = None,
-    prefill_chunk: int | None = None,
-    adore_controller=None,
-    min_sparse_context: int = 0,
-    return_timing: bool = False,
-    mesh=None,
 ) -> GenerateOutput:
     """Generates up to `max_new_tokens` tokens per prompt with the given attention policy.
 
     prompts: strings (`tokenizer.encode_prompt`: BOS once + span-aware ids, what training
-        uses for a record's prompt), id lists of
-        different lengths, or an int array [B, T] (with `prompt_lengths` when
-        it is right-padded).
-    policy: "self_span" (spans the model writes, DESIGN.md §2), "dense", "quest", "sparq",
-        "adore" (with `adore_controller`), a spec such as "sparq(r=8,k=16)" (`policies.make_policy`),
-        or a `policies.Policy` instance.
-    temperature 0 is greedy; top_k / top_p filter the sampling distribution
-        (`sampling.Sampling`).
-    block_size: KV block size of the kernel; the cache length is rounded up
-        to a multiple of it.
-    backend: the kernel backend ("auto" = pallas on GPU, xla elsewhere).
-    max_segments: segment limit of the span language.
-    span_tokens: `spans.SpanTokens`; derived from `tokenizer` when omitted.
-    return_logprobs: also return the log-probability of every generated token
-        (a static flag: without it the loop computes no log_softmax).
-    return_stats: record the per-step statistics (`GenerateOutput.stats`; a static
-        flag: without it the loop computes none and `stats` holds only `step_valid`).
-    return_recall: also record `stats["attention_recall"]` [B, M, L]: per step and layer, the share
-        of the model's dense softmax attention that falls on the keys the policy read
-        (`decode_loop.attention_recall`). A diagnostic (a static flag): it costs every layer a dense
-        attention's scores per step, so time nothing with it on.
-    eos_id / pad_id: default to the tokenizer's; without either, generation
-        only stops at the budget.
-    forced_tokens: int [B, >= max_new_tokens]: emit these instead of sampling
-        (teacher forcing through the same loop; used to replay recorded span
-        traces in benchmarks).
-    precision: dot precision of the attention kernel (None = backend default,
-        which is tf32 for float32 on a GPU; "highest" for exact fp32).
-    prefill_chunk: prefill this many sequences at a time (must divide the
-        batch); bounds prefill memory at large batch x prompt length.
-    min_sparse_context: when the call's cache length (prompt bucket + budget,
-        rounded to the block size) is below this many tokens, the kernel reads
-        every block at or before the query, through the policy's token mask:
-        the same attention and tokens, no block list to build or follow
-        (policies whose one list serves all heads: self_span, dense; others
-        keep their lists). A per-call rule, decided at trace time
-        (docs/notes/generation.md, "Never slower than dense"). 0 = always the
-        policy's own list.
-    return_timing: wait for prefill to finish before dispatching the decode loop, and
-        record both wall times in `GenerateOutput.timing` (prefill_s, decode_s,
-        decode_steps). Off by default: the loop is then queued behind prefill
-        with no sync between them.
+        uses for a record's prompt), id lists of different lengths, or an int array [B, T].
+    policy: a `policies.Policy`, or its name or spec (`policies.make_policy`): "self_span" (the
+        spans the model writes, docs/spec.md §2; span tokens from `tokenizer`), "dense", "quest",
+        "sparq", "sparq(r=8,k=16)", "adore(controller=DIR)", ...
+    tokenizer: encodes string prompts, decodes `GenerateOutput.texts`, and gives the EOS and pad
+        ids unless `eos_id` / `pad_id` are given (without either, generation stops only at the
+        budget).
+    block_size: KV block size of the kernel and the cache granularity of the policies (Quest's
+        pages); the cache length is rounded up to a multiple of it.
+    sampling: how tokens are chosen (`sampling.Sampling`: temperature, top-k, top-p, seed, or
+        forced tokens).
+    outputs: what is recorded besides the tokens (`Outputs`: log-probs, masks, statistics,
+        attention recall, timing).
+    kernel: how attention runs (`KernelOptions`: backend, precision, prefill chunking, the dense
+        path below a context length).
     mesh: a `jax.sharding.Mesh` with a "data" axis (e.g. `sharding.make_mesh()`): the batch is
         split over that axis and every device prefills and decodes its own rows (its KV cache
         and policy state stay on it; the weights are replicated) in one SPMD program. The
         batch must divide evenly. Tokens, log-probs and statistics equal the one-device call's
-        (sampling included: the noise is drawn for the whole batch). Not with return_timing.
-    adore_controller: the trained controller `policy="adore"` uses (`adore.TrainedController` or the
-        directory `scripts/train_adore.py` wrote).
+        (sampling included: the noise is drawn for the whole batch).
     """
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if not _is_int(block_size) or block_size < 1:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    if not _is_int(seed) or not -2**63 <= seed < 2**63:
-        raise ValueError(f"seed must be an int in [-2**63, 2**63), got {seed!r}")
-    sampling = Sampling(temperature, top_k, top_p)
-    backend = resolve_backend(backend)
-    if isinstance(min_sparse_context, bool) or not isinstance(min_sparse_context, (int, np.integer)) \
-            or min_sparse_context < 0:
-        raise ValueError(f"min_sparse_context must be an int >= 0, got {min_sparse_context!r}")
-    if prefill_chunk is not None and (not isinstance(prefill_chunk, (int, np.integer)) or prefill_chunk < 1):
-        raise ValueError(f"prefill_chunk must be a positive int or None, got {prefill_chunk!r}")
-    pol = checked_policy(model, policy, tokenizer=tokenizer, span_tokens=span_tokens, max_segments=max_segments,
-                         adore_controller=adore_controller)
+    for name, value, kind in (("sampling", sampling, Sampling), ("outputs", outputs, Outputs),
+                              ("kernel", kernel, KernelOptions)):
+        if not isinstance(value, kind):
+            raise ValueError(f"{name} must be an instance of {kind.__name__}, got {value!r}")
+    backend = resolve_backend(kernel.backend)
+    pol = checked_policy(model, policy, tokenizer=tokenizer)
 
-    ids = _prepare_prompts(prompts, tokenizer, prompt_lengths)
+    ids = _prepare_prompts(prompts, tokenizer)
     B = len(ids)
-    if prefill_chunk is not None and B % prefill_chunk:
-        raise ValueError(f"prefill_chunk={prefill_chunk} must divide the batch size {B}")
+    chunk = kernel.prefill_chunk
+    if chunk is not None and mesh is None and B % chunk:
+        raise ValueError(f"prefill_chunk={chunk} must divide the batch size {B}")
     lengths = np.array([len(p) for p in ids], np.int32)
     T, M, S = decode_loop.shape_buckets(lengths.max(), max_new_tokens, block_size)
     max_seq = getattr(model.config, "max_seq_len", None)
@@ -322,38 +325,38 @@ def generate(
         prompt[b, : len(p)] = p
     if prompt.min() < 0 or prompt.max() >= vocab:
         raise ValueError(f"prompt ids must be in [0, {vocab}), got range [{prompt.min()}, {prompt.max()}]")
-    forced = _forced(forced_tokens, B, M, max_new_tokens, vocab, pad_id)
+    forced = _forced(sampling.forced_tokens, B, M, max_new_tokens, vocab, pad_id)
 
     graphdef, params = nnx.split(model)
-    knobs = (jnp.asarray(prompt), jnp.asarray(lengths), jnp.int32(max_new_tokens), *sampling.arrays(),
-             jax.random.key(seed), jnp.int32(eos), jnp.int32(pad_id), jnp.asarray(forced),
-             jnp.bool_(forced_tokens is not None))
-    static = dict(graphdef=graphdef, policy=pol, block_size=int(block_size), cache_len=S, budget=M, backend=backend,
-                  precision=precision, return_masks=return_masks, return_logprobs=return_logprobs,
-                  return_stats=return_stats, return_recall=bool(return_recall))
+    inputs = decode_loop.LoopInputs(
+        prompt=jnp.asarray(prompt), lengths=jnp.asarray(lengths), max_new=jnp.int32(max_new_tokens),
+        **dict(zip(("temperature", "top_k", "top_p"), sampling.arrays())), rng=jax.random.key(sampling.seed),
+        eos_id=jnp.int32(eos), pad_id=jnp.int32(pad_id), forced=jnp.asarray(forced),
+        use_forced=jnp.bool_(sampling.forced_tokens is not None))
+    options = decode_loop.LoopOptions(
+        policy=pol, block_size=int(block_size), cache_len=S, budget=M, logprobs=bool(outputs.logprobs),
+        masks=bool(outputs.masks), stats=bool(outputs.stats), recall=bool(outputs.recall), backend=backend,
+        precision=kernel.precision, prefill_chunk=None if chunk is None else int(chunk),
+        dense_reads=S < int(kernel.min_sparse_context))
     if mesh is not None:
-        shards = _data_shards(mesh, B, prefill_chunk, return_timing)
+        _check_mesh(mesh, B, chunk, outputs.timing)
         # Parameters restored from a checkpoint are committed to one device, and jit refuses to mix
         # them with the mesh's arrays: replicate them first (a no-op where they already are).
         params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-        st, report = decode_loop.run_sharded(
-            params, *knobs, mesh=mesh, **static, dense_reads=S < int(min_sparse_context),
-            prefill_chunk=B // shards if prefill_chunk is None else int(prefill_chunk))
+        st, report = decode_loop.run_sharded(params, inputs, mesh=mesh, graphdef=graphdef, options=options)
         return _output(st, report, pol, lengths, max_new_tokens, eos, tokenizer)
-    clock: list[float] = []  # start, prefill done, loop done (return_timing)
+    clock: list[float] = []  # start, prefill done, loop done (outputs.timing)
 
     def prefilled(state):
         jax.block_until_ready(state)
         clock.append(time.perf_counter())
 
-    if return_timing:
+    if outputs.timing:
         clock.append(time.perf_counter())
-    st, report = decode_loop.run(
-        params, *knobs, **static, prefill_chunk=B if prefill_chunk is None else int(prefill_chunk),
-        min_sparse_context=int(min_sparse_context), on_prefilled=prefilled if return_timing else None,
-    )
+    st, report = decode_loop.run(params, inputs, graphdef=graphdef, options=options,
+                                 on_prefilled=prefilled if outputs.timing else None)
     timing = None
-    if return_timing:
+    if outputs.timing:
         jax.block_until_ready((st, report))
         clock.append(time.perf_counter())
         timing = {"prefill_s": clock[1] - clock[0], "decode_s": clock[2] - clock[1],
@@ -361,20 +364,18 @@ def generate(
     return _output(st, report, pol, lengths, max_new_tokens, eos, tokenizer, timing)
 
 
-def checked_policy(model, policy: str | Policy, *, tokenizer=None, span_tokens=None, max_segments: int = 64,
+def checked_policy(model, policy: str | Policy, *, tokenizer=None, max_segments: int | None = None,
                    adore_controller=None) -> Policy:
-    """The `Policy` `generate` decodes `model` with: a name or spec resolved (`policies.make_policy`;
-    self_span takes its span tokens from `tokenizer` unless given), then checked against the model's
-    shapes (`Policy.check_model`). Callers that decode several policies check them all first."""
-    if span_tokens is None and tokenizer is not None and isinstance(policy, str) and policy.strip() == "self_span":
-        span_tokens = SpanTokens.from_tokenizer(tokenizer)
-    pol = make_policy(policy, span_tokens=span_tokens, max_segments=max_segments, adore_controller=adore_controller)
+    """The `Policy` `generate` decodes `model` with: a name or spec resolved (`policies.make_policy`,
+    with the context given), then checked against the model's shapes (`Policy.check_model`).
+    Callers that decode several policies check them all first."""
+    pol = make_policy(policy, tokenizer=tokenizer, max_segments=max_segments, adore_controller=adore_controller)
     pol.check_model(model.config)
     return pol
 
 
-def _data_shards(mesh, B: int, prefill_chunk: int | None, return_timing: bool) -> int:
-    """How many ways `mesh` splits the batch; the checks a sharded `generate` needs."""
+def _check_mesh(mesh, B: int, prefill_chunk: int | None, timing: bool) -> None:
+    """The checks a sharded `generate` needs."""
     if "data" not in getattr(mesh, "axis_names", ()):
         raise ValueError(f"mesh must be a jax.sharding.Mesh with a 'data' axis (sharding.make_mesh), got {mesh!r}")
     shards = int(mesh.shape["data"])
@@ -382,9 +383,8 @@ def _data_shards(mesh, B: int, prefill_chunk: int | None, return_timing: bool) -
         raise ValueError(f"a batch of {B} cannot be split evenly over the mesh's {shards} 'data' devices")
     if prefill_chunk is not None and (B // shards) % prefill_chunk:
         raise ValueError(f"prefill_chunk={prefill_chunk} must divide the per-device batch {B // shards}")
-    if return_timing:
-        raise ValueError("return_timing is not available with mesh: the sharded call is one program")
-    return shards
+    if timing:
+        raise ValueError("Outputs(timing=True) is not available with mesh: the sharded call is one program")
 
 
 def _special_ids(tokenizer, eos_id, pad_id) -> tuple[int, int]:

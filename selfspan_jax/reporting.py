@@ -91,7 +91,7 @@ def interleaved_results(calls: dict[Any, Callable[[], Any]], repeats: int,
     round can cost a few percent by itself (decode_loop_cost_cpu.json: 0.95x
     for a variant whose twin ran first gives 1.01x), and a fixed order turns
     that into a bias. The default measure is what the call returns: for calls
-    that time themselves (e.g. `generate(return_timing=True)`, which times its
+    that time themselves (e.g. `generate(outputs=Outputs(timing=True))`, which times its
     decode loop apart from prefill)."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")

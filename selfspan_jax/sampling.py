@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,13 +19,24 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """temperature 0 = greedy (argmax of the raw logits); top_k / top_p None = no limit."""
+    """How each token is chosen.
+
+    temperature 0 = greedy (argmax of the raw logits); top_k / top_p None = no limit; seed: the
+    noise of a sampled call (greedy calls ignore it), as vLLM's `SamplingParams.seed`.
+    forced_tokens: int [B, >= max_new_tokens]: emit these instead of choosing (teacher forcing
+    through the same loop and program; benchmarks and tests replay recorded span traces with it).
+    """
 
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
+    seed: int = 0
+    forced_tokens: Any = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
+        s = self.seed
+        if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)) or not -2**63 <= s < 2**63:
+            raise ValueError(f"seed must be an int in [-2**63, 2**63), got {s!r}")
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float, np.floating, np.integer)) or not t >= 0 \
                 or not math.isfinite(t):

@@ -41,6 +41,7 @@ from selfspan_jax.checkpoint import abstract_tree
 from selfspan_jax.data.batches import DataPosition, TokenizedSet, next_indices, tokenize_set
 from selfspan_jax.evaluate import decode
 from selfspan_jax.models import build_model, trainable_filter
+from selfspan_jax.policies import make_policy
 from selfspan_jax.spans import SpanTokens, attention_mask
 from selfspan_jax.train_config import TrainConfig
 
@@ -412,6 +413,7 @@ def exact_match(b: Built, trainable) -> float:
     model = nnx.merge(b.graphdef, jax.device_get(trainable), jax.device_get(b.frozen))
     records = b.eval_set.records
     max_new = tasks.generation_budget(records, b.tokenizer, model.config.max_seq_len)
-    out = decode(model, b.tokenizer, [r["prompt"] for r in records], policy=cfg.span_policy,
-                 batch_size=cfg.eval_batch_size, max_new_tokens=max_new, max_segments=cfg.max_segments)
+    policy = make_policy(cfg.span_policy, tokenizer=b.tokenizer, max_segments=cfg.max_segments)
+    out = decode(model, b.tokenizer, [r["prompt"] for r in records], policy=policy,
+                 batch_size=cfg.eval_batch_size, max_new_tokens=max_new)
     return float(np.mean(tasks.get(cfg.task).exact(records, out.texts)))

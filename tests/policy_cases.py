@@ -10,7 +10,7 @@ from flax import nnx
 from selfspan_jax.cache import KVCache
 from selfspan_jax.config import LlamaConfig
 from selfspan_jax.decode_loop import shape_buckets
-from selfspan_jax.generation import generate
+from selfspan_jax.generation import KernelOptions, Outputs, generate
 from selfspan_jax.model import Llama
 from selfspan_jax.policies import causal_mask
 
@@ -32,7 +32,8 @@ def random_prompts(seed: int, batch: int = 3) -> list[list[int]]:
 def assert_policy_equals_dense(model, policy, seed: int, atol: float):
     """A policy whose budget covers the whole context decodes exactly as dense (same tokens, log-probs)."""
     prompts = random_prompts(seed)
-    kw = dict(max_new_tokens=10, block_size=8, backend="xla", return_logprobs=True, eos_id=-1, pad_id=0)
+    kw = dict(max_new_tokens=10, block_size=8, kernel=KernelOptions(backend="xla"), outputs=Outputs(logprobs=True),
+              eos_id=-1, pad_id=0)
     dense = generate(model, prompts, policy="dense", **kw)
     other = generate(model, prompts, policy=policy, **kw)
     np.testing.assert_array_equal(other.tokens, dense.tokens)

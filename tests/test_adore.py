@@ -19,7 +19,8 @@ from conftest import draws, fuzz_cli
 from selfspan_jax import adore, adore_train
 from selfspan_jax import train as T
 from selfspan_jax.cache import KVCache
-from selfspan_jax.generation import generate
+from selfspan_jax.generation import KernelOptions, Outputs, generate
+from selfspan_jax.sampling import Sampling
 from selfspan_jax.policies import AdorePolicy, make_policy
 
 
@@ -141,8 +142,8 @@ def test_loop_matches_an_eager_float64_reference():
     prompts = random_prompts(seed)
     M, bs = 8, 8
     forced = np.random.default_rng(seed).integers(1, 40, size=(len(prompts), M)).astype(np.int32)
-    out = generate(model, prompts, policy=pol, max_new_tokens=M, block_size=bs, backend="xla",
-                   return_logprobs=True, eos_id=-1, pad_id=0, forced_tokens=forced)
+    out = generate(model, prompts, policy=pol, max_new_tokens=M, block_size=bs, kernel=KernelOptions(backend="xla"),
+                   outputs=Outputs(logprobs=True), eos_id=-1, pad_id=0, sampling=Sampling(forced_tokens=forced))
     cache, lengths, S, ref = eager_prefill(model, prompts, M, bs, forced)
     state = pol.observe_prefill((), cache, jnp.asarray(lengths), block_size=bs)
     B = len(prompts)
@@ -301,8 +302,8 @@ def test_distill_learns_resumes_and_plugs_into_generate(dense_run, tmp_path):
         with pytest.raises(runs.RunDirLocked, match="controller directory .* is in use: pid"):
             adore_train.distill(adore_train.DistillConfig(out=str(tmp_path / "a"), **kw))
     loaded = runs.load_run(dense_run)
-    out = generate(loaded.model, ["3+4-2="], tokenizer=loaded.tokenizer, policy="adore(budget=6, rebuild=1)",
-                   adore_controller=str(tmp_path / "a"), max_new_tokens=12, block_size=16)
+    out = generate(loaded.model, ["3+4-2="], tokenizer=loaded.tokenizer,
+                   policy=f"adore(budget=6, rebuild=1, controller={tmp_path / 'a'})", max_new_tokens=12, block_size=16)
     assert out.policy == "adore" and out.summary()["decode_steps"] > 0
 
 
@@ -317,9 +318,9 @@ def test_pallas_token_kernel_in_the_loop_matches_the_xla_path():
     model = Llama(cfg, rngs=nnx.Rngs(seed))
     pol = AdorePolicy(budget=9, rebuild=3, controller=_controller(2, 16, 4, seed))
     prompts = random_prompts(seed, batch=2)
-    kw = dict(policy=pol, max_new_tokens=6, block_size=16, return_logprobs=True, eos_id=-1, pad_id=0)
-    xla = generate(model, prompts, backend="xla", **kw)
-    pallas = generate(model, prompts, backend="interpret", precision="highest", **kw)
+    kw = dict(policy=pol, max_new_tokens=6, block_size=16, outputs=Outputs(logprobs=True), eos_id=-1, pad_id=0)
+    xla = generate(model, prompts, kernel=KernelOptions(backend="xla"), **kw)
+    pallas = generate(model, prompts, kernel=KernelOptions(backend="interpret", precision="highest"), **kw)
     np.testing.assert_array_equal(pallas.tokens, xla.tokens)
     np.testing.assert_allclose(pallas.logprobs, xla.logprobs, atol=1e-5)
 

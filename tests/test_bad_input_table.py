@@ -24,6 +24,7 @@ from selfspan_jax.config import LlamaConfig
 from selfspan_jax.generation import generate
 from selfspan_jax.model import Llama
 from selfspan_jax.policies import make_policy
+from selfspan_jax.sampling import Sampling
 from selfspan_jax.tokenizer import CharTokenizer
 from selfspan_jax.train_config import config_from_args, load_config_file
 from selfspan_jax.weights import load_model
@@ -168,22 +169,19 @@ CASES = {
     "generate-eos": lambda tmp: generate(_model(), ["1+2"], tokenizer=_TOK, max_new_tokens=4, eos_id=10**6),
     "generate-pad": lambda tmp: generate(_model(), ["1+2"], tokenizer=_TOK, max_new_tokens=4, pad_id=-5),
     "generate-forced": lambda tmp: generate(_model(), ["1+2"], tokenizer=_TOK, max_new_tokens=4,
-                                            forced_tokens=np.full((1, 8), 3.7)),
+                                            sampling=Sampling(forced_tokens=np.full((1, 8), 3.7))),
     "generate-empty": lambda tmp: generate(_model(), np.zeros((1, 0), np.int32), tokenizer=_TOK, max_new_tokens=4),
-    "generate-top-p-str": lambda tmp: generate(_model(), ["1+2"], tokenizer=_TOK, max_new_tokens=4, temperature=1.0,
-                                               top_p="0.5"),
-    "generate-top-p-bool": lambda tmp: generate(_model(), ["1+2"], tokenizer=_TOK, max_new_tokens=4, temperature=1.0,
-                                                top_p=True),
+    "generate-top-p-str": lambda tmp: Sampling(temperature=1.0, top_p="0.5"),
+    "generate-top-p-bool": lambda tmp: Sampling(temperature=1.0, top_p=True),
     "generate-budget-bool": lambda tmp: generate(_model(), ["1+2"], tokenizer=_TOK, max_new_tokens=True),
-    "generate-seed-float": lambda tmp: generate(_model(), ["1+2"], tokenizer=_TOK, max_new_tokens=4, seed=1.5),
-    "generate-seed-big": lambda tmp: generate(_model(), ["1+2"], tokenizer=_TOK, max_new_tokens=4, seed=2**64),
+    "generate-seed-float": lambda tmp: Sampling(seed=1.5),
+    "generate-seed-big": lambda tmp: Sampling(seed=2**64),
     "policy-spec-twice": lambda tmp: make_policy("sparq(r=4,k=16,r=2)"),
     "policy-spec-no-value": lambda tmp: make_policy("sparq(r=)"),
     "policy-spec-yaml-tag": lambda tmp: make_policy("sparq(r=!!python/object:os.system 1,k=3)"),
     "generate-float-ids": lambda tmp: generate(_model(), [[5.9, 6.2]], tokenizer=_TOK, max_new_tokens=4),
     "generate-nested-ids": lambda tmp: generate(_model(), [[[5, 6]]], tokenizer=_TOK, max_new_tokens=4),
-    "generate-temperature": lambda tmp: generate(_model(), ["1+2"], tokenizer=_TOK, max_new_tokens=4,
-                                                 temperature=float("nan")),
+    "generate-temperature": lambda tmp: Sampling(temperature=float("nan")),
     "generate-too-long": lambda tmp: generate(_model(), ["1+2" * 20], tokenizer=_TOK, max_new_tokens=16),
     "config-override-key": lambda tmp: config_from_args(["--model-override", "foo=3"]),
     "config-override-type": lambda tmp: config_from_args(["--model-override", "d_model=abc"]),

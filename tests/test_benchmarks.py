@@ -52,6 +52,7 @@ def test_decode_point_pairs_repeats_and_reads_the_trace():
     paired ratio with itself is exactly 1 in every repeat, the spread is ordered, and the KV read
     fractions are measured from the selections (self_span reads less than dense)."""
     from selfspan_jax.benchmarks import decode_point, reference_traces, trace_stream
+    from selfspan_jax.generation import KernelOptions
     from selfspan_jax.tokenizer import CharTokenizer
 
     tok = CharTokenizer()
@@ -60,8 +61,8 @@ def test_decode_point_pairs_repeats_and_reads_the_trace():
     traces = reference_traces(8, "harder", seed=1)
     rows = [trace_stream(traces[i:] + traces[:i], tok, 300) for i in range(2)]
     pt = decode_point(model, rows, batch=2, context=256, new_tokens=28, policies={"dense": "dense",
-                      "self_span": "self_span"}, repeats=2, tokenizer=tok, block_size=16, backend="xla",
-                      max_segments=64)
+                      "self_span": "self_span"}, repeats=2, tokenizer=tok, block_size=16,
+                      kernel=KernelOptions(backend="xla"))
     assert pt["decode_steps"] == 27  # token 0 comes from prefill
     assert all(t > 0 for t in pt["self_span"]["decode_s_per_repeat"] + pt["self_span"]["prefill_s_per_repeat"])
     assert pt["self_span"]["speedup_per_repeat"] == pytest.approx(

@@ -152,8 +152,8 @@ def test_evaluate_script_end_to_end(trained_run, tmp_path, capsys):
     # the aggregates are those of the generations themselves (same batch, same program)
     loaded = ev.load_for_eval(cfg.out)
     recs = tasks.get("arithmetic").records("test", 6, seed=12345, data=SMALL_DATA)
-    out = ev.generate(loaded.model, [r["prompt"] for r in recs], policy="self_span", max_new_tokens=24,
-                      tokenizer=loaded.tokenizer, block_size=16, backend="xla", max_segments=16)
+    out = ev.generate(loaded.model, [r["prompt"] for r in recs], policy="self_span(max_segments=16)",
+                      max_new_tokens=24, tokenizer=loaded.tokenizer, block_size=16, kernel=ev.KernelOptions(backend="xla"))
     s = out.summary()
     for key in ("mean_attended_fraction", "kv_read_fraction", "token_read_fraction", "decode_steps",
                 "generated_tokens"):
@@ -219,8 +219,8 @@ def test_baseline_rows_are_each_model_under_its_policy(trained_run, dense_run, t
     rows, base = result["rows"], result["rows"]["dense-trained/dense"]
     # each row is its own model: regenerate every row from the loaded runs and compare
     recs = tasks.get("arithmetic").records("test", 5, seed=12345, data=SMALL_DATA)
-    kw = dict(max_new_tokens=20, block_size=16, backend="xla", max_segments=16)
-    for name, run, policy in (("span-trained/self_span", cfg.out, "self_span"),
+    kw = dict(max_new_tokens=20, block_size=16, kernel=ev.KernelOptions(backend="xla"))
+    for name, run, policy in (("span-trained/self_span", cfg.out, "self_span(max_segments=16)"),
                               ("span-trained/dense", cfg.out, "dense"), ("dense-trained/dense", dcfg.out, "dense")):
         loaded = ev.load_for_eval(run)
         out = ev.generate(loaded.model, [r["prompt"] for r in recs], policy=policy, tokenizer=loaded.tokenizer, **kw)
@@ -515,7 +515,7 @@ def test_zero_shot_row_asks_in_words_and_scores_the_final_answer(trained_run, de
         r["expression"]) + "\n") for r in recs]
     assert row["examples"][0]["prompt"] == base.tokenizer.decode(prompts[0])
     out = ev.generate(base.model, prompts, policy="dense", max_new_tokens=20, tokenizer=base.tokenizer,
-                      block_size=16, backend="xla", max_segments=16)
+                      block_size=16, kernel=ev.KernelOptions(backend="xla"))
 
     def last_int(text):  # independent of the regex: scan from the end
         digits = ""

@@ -22,10 +22,10 @@ from hypothesis import assume, example, given, settings
 from selfspan_jax.config import LlamaConfig
 from selfspan_jax.data.arithmetic import generate_examples
 from selfspan_jax import decode_loop
-from selfspan_jax.generation import GenerateOutput, generate
+from selfspan_jax.generation import GenerateOutput, KernelOptions, Outputs, generate
 from selfspan_jax.model import Llama
-from selfspan_jax.policies import DensePolicy, Policy, Selection, SelfSpanPolicy
-from selfspan_jax.sampling import sample_logits
+from selfspan_jax.policies import DensePolicy, Policy, Selection, SelfSpanPolicy, make_policy
+from selfspan_jax.sampling import Sampling, sample_logits
 from selfspan_jax.spans import ANCHOR, REF_CLOSE, REF_OPEN, SpanTokens, attention_mask
 from selfspan_jax.tokenizer import CharTokenizer
 
@@ -39,7 +39,15 @@ BLOCK = 16
 # buckets: batch 3, prompts of 65..128 tokens, budgets of 9..16 tokens, masks
 # returned; the full-sequence oracle runs at one padded length.
 BATCH, MAX_NEW, REF_LEN = 3, 12, 160
-COMMON = dict(block_size=BLOCK, max_segments=MAX_SEGMENTS, return_masks=True)
+COMMON = dict(block_size=BLOCK)
+XLA = KernelOptions(backend="xla")
+MASKS = Outputs(masks=True)
+WITH_LOGPROBS = Outputs(masks=True, logprobs=True)
+
+
+def P(spec: str):
+    """The policy `spec` names, self_span with this file's segment limit."""
+    return make_policy(spec, tokenizer=CharTokenizer(), max_segments=MAX_SEGMENTS)
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +163,8 @@ def test_generation_logprobs_equal_teacher_forced(model, tok, span_tokens, polic
     prompt_ids = [tok.encode(p) for p in prompts]
     assert len({len(p) for p in prompt_ids}) == BATCH  # uneven lengths
     out = generate(
-        model, prompts, policy=policy, max_new_tokens=MAX_NEW, tokenizer=tok, backend=backend,
-        return_logprobs=True, **COMMON,
+        model, prompts, policy=P(policy), max_new_tokens=MAX_NEW, tokenizer=tok,
+        kernel=KernelOptions(backend=backend), outputs=WITH_LOGPROBS, **COMMON,
     )
     seqs, lengths = _final_sequences(out, prompt_ids)
     mask = _reference_mask(policy, seqs, lengths, span_tokens)
@@ -180,14 +188,14 @@ def test_generation_logprobs_equal_teacher_forced(model, tok, span_tokens, polic
 
 @pytest.mark.parametrize("policy", ["dense", "self_span"])
 def test_attention_recall_of_one_shared_list_matches_float64(model, tok, span_tokens, policy):
-    """return_recall: per step and layer, the share of the model's dense attention on the keys read,
+    """Outputs(recall=True): per step and layer, the share of the model's dense attention on the keys read,
     against float64 from the full forward's own queries and keys under the same mask; 1 for dense."""
     from policy_cases import recall64
 
     prompts = _live_prompts(seed=5)
     prompt_ids = [tok.encode(p) for p in prompts]
-    out = generate(model, prompts, policy=policy, max_new_tokens=MAX_NEW, tokenizer=tok, backend="xla",
-                   return_recall=True, **COMMON)
+    out = generate(model, prompts, policy=P(policy), max_new_tokens=MAX_NEW, tokenizer=tok, kernel=XLA,
+                   outputs=Outputs(masks=True, recall=True), **COMMON)
     seqs, lengths = _final_sequences(out, prompt_ids)
     mask = _reference_mask(policy, seqs, lengths, span_tokens)
     qs, ks = (np.asarray(x) for x in model.attention_inputs(jnp.asarray(seqs), attention_mask=mask))
@@ -228,8 +236,8 @@ def test_forced_span_streams_match_training_mask(model, tok, span_tokens):
     M = 16
     forced = rng.choice(alphabet, size=(BATCH, M), p=weights / weights.sum()).astype(np.int32)
     out = generate(
-        model, prompts, policy="self_span", max_new_tokens=M, tokenizer=tok, backend="xla",
-        return_logprobs=True, forced_tokens=forced, **COMMON,
+        model, prompts, policy=P("self_span"), max_new_tokens=M, tokenizer=tok, kernel=XLA,
+        outputs=WITH_LOGPROBS, sampling=Sampling(forced_tokens=forced), **COMMON,
     )
     np.testing.assert_array_equal(out.tokens, forced)
     seqs, lengths = _final_sequences(out, prompt_ids)
@@ -254,8 +262,8 @@ def test_stops_at_eos_per_sequence_and_at_budget(model, tok):
     forced[0, 2] = eos  # stops after 3 tokens
     forced[1, 0] = eos  # stops at once (from prefill)
     out = generate(
-        model, _live_prompts(seed=2), policy="dense", max_new_tokens=MAX_NEW, tokenizer=tok, backend="xla",
-        return_logprobs=True, forced_tokens=forced, **COMMON,
+        model, _live_prompts(seed=2), policy="dense", max_new_tokens=MAX_NEW, tokenizer=tok, kernel=XLA,
+        outputs=WITH_LOGPROBS, sampling=Sampling(forced_tokens=forced), **COMMON,
     )
     np.testing.assert_array_equal(out.num_tokens, [3, 1, MAX_NEW])
     np.testing.assert_array_equal(out.tokens[0], [x, x, eos] + [pad] * (MAX_NEW - 3))
@@ -277,7 +285,7 @@ def _to_reference_ids(ids, span_tokens) -> list[int]:
 _SPAN_ALPHABET = (ANCHOR, REF_OPEN, REF_CLOSE, *"0123459", ",", "x", "<eos>")
 
 
-@pytest.mark.parametrize("policy", ["self_span", "quest(page_budget=2)", "sparq(r=4,k=8)"])
+@pytest.mark.parametrize("policy", ["self_span", "quest(page_budget=2)", "sparq(r=4,k=8,local_window=0)"])
 @settings(max_examples=draws(6), deadline=None)
 @given(streams=hst.lists(hst.lists(hst.sampled_from(_SPAN_ALPHABET), min_size=MAX_NEW, max_size=MAX_NEW),
                          min_size=BATCH, max_size=BATCH),
@@ -298,10 +306,11 @@ def test_a_rows_report_and_statistics_do_not_depend_on_the_rest_of_the_batch(mod
     ids = {c: tok.eos_token_id if c == "<eos>" else tok.convert_tokens_to_ids(c) for c in _SPAN_ALPHABET}
     forced = np.asarray([[ids[c] for c in row] for row in streams], np.int32)
     prompts = _live_prompts(seed=prompt_seed)
-    kw = dict(policy=policy, max_new_tokens=MAX_NEW, tokenizer=tok, backend="xla", **COMMON)
-    batch = generate(model, prompts, forced_tokens=forced, **kw)
+    kw = dict(policy=P(policy), max_new_tokens=MAX_NEW, tokenizer=tok, kernel=XLA, outputs=MASKS, **COMMON)
+    batch = generate(model, prompts, sampling=Sampling(forced_tokens=forced), **kw)
     for b in range(BATCH):
-        alone = generate(model, [prompts[b]] * BATCH, forced_tokens=np.repeat(forced[b:b + 1], BATCH, 0), **kw)
+        alone = generate(model, [prompts[b]] * BATCH, sampling=Sampling(forced_tokens=np.repeat(forced[b:b + 1],
+                                                                                                 BATCH, 0)), **kw)
         assert batch.num_tokens[b] == alone.num_tokens[0]
         np.testing.assert_array_equal(batch.tokens[b], alone.tokens[0])
         for name, values in batch.stats.items():
@@ -319,23 +328,24 @@ def test_a_rows_report_and_statistics_do_not_depend_on_the_rest_of_the_batch(mod
 
 
 def test_same_bucket_does_not_recompile(model, tok):
-    kw = dict(policy="self_span", tokenizer=tok, backend="xla", **COMMON)
+    kw = dict(policy=P("self_span"), tokenizer=tok, kernel=XLA, outputs=MASKS, **COMMON)
     generate(model, _live_prompts(seed=7), max_new_tokens=MAX_NEW, **kw)
     programs = lambda: (decode_loop.start._cache_size(), decode_loop.loop._cache_size())  # noqa: E731
     before = programs()
     # other prompt lengths, budget, sampling knobs and seed, same buckets
-    out = generate(model, _live_prompts(seed=8), max_new_tokens=9, temperature=0.8, top_k=5, seed=5, **kw)
+    out = generate(model, _live_prompts(seed=8), max_new_tokens=9, sampling=Sampling(temperature=0.8, top_k=5, seed=5),
+                   **kw)
     assert programs() == before
     assert out.tokens.shape == (BATCH, 9)
 
 
 def test_logprobs_only_when_asked_and_same_tokens(model, tok):
-    """return_logprobs is a static flag: without it the state carries no log-probs (no log_softmax per
+    """Outputs.logprobs is a static flag: without it the state carries no log-probs (no log_softmax per
     step) and the emitted tokens and statistics are those of the run that computed them."""
-    kw = dict(policy="self_span", tokenizer=tok, backend="xla", max_new_tokens=MAX_NEW, **COMMON)
+    kw = dict(policy=P("self_span"), tokenizer=tok, kernel=XLA, max_new_tokens=MAX_NEW, **COMMON)
     prompts = _live_prompts(seed=11)
-    without = generate(model, prompts, **kw)
-    with_lp = generate(model, prompts, return_logprobs=True, **kw)
+    without = generate(model, prompts, outputs=MASKS, **kw)
+    with_lp = generate(model, prompts, outputs=WITH_LOGPROBS, **kw)
     assert without.logprobs is None and with_lp.logprobs.shape == without.tokens.shape
     np.testing.assert_array_equal(without.tokens, with_lp.tokens)
     for key in without.stats:
@@ -345,7 +355,7 @@ def test_logprobs_only_when_asked_and_same_tokens(model, tok):
 def test_outputs_of_batches_concatenate_to_one_batch(model, tok):
     # parts of BATCH rows reuse the program the other tests compiled; only the whole batch compiles
     prompts = _live_prompts(seed=12, n=2 * BATCH)
-    kw = dict(policy="self_span", tokenizer=tok, backend="xla", max_new_tokens=MAX_NEW, **COMMON)
+    kw = dict(policy=P("self_span"), tokenizer=tok, kernel=XLA, max_new_tokens=MAX_NEW, outputs=MASKS, **COMMON)
     whole = generate(model, prompts, **kw)
     parts = [generate(model, prompts[i:i + BATCH], **kw) for i in (0, BATCH)]
     merged = type(whole).concatenate(parts)
@@ -378,14 +388,14 @@ def test_outputs_of_batches_concatenate_to_one_batch(model, tok):
 ])
 def test_bad_sampling_arguments_are_named(model, tok, bad, match):
     with pytest.raises(ValueError, match=match):
-        generate(model, ["1+2"], tokenizer=tok, max_new_tokens=2, **bad)
+        generate(model, ["1+2"], tokenizer=tok, max_new_tokens=2, sampling=Sampling(**bad))
 
 
 @pytest.mark.parametrize("bad, match", [
     (dict(eos_id=10**6), "eos_id=1000000 is outside the model's vocabulary"),
     (dict(pad_id=-5), "pad_id=-5 is outside"),
     (dict(eos_id=2.5), "eos_id must be an int"),
-    (dict(forced_tokens=np.full((1, 8), 3.7)), "forced_tokens must be integer"),
+    (dict(sampling=Sampling(forced_tokens=np.full((1, 8), 3.7))), "forced_tokens must be integer"),
     (dict(prompts=np.zeros((1, 0), np.int32)), "token-array prompts are empty"),
     (dict(prompts=np.zeros((0,), np.int32)), "token-array prompts are empty"),
 ])
@@ -400,11 +410,10 @@ def test_bad_special_ids_forced_tokens_and_empty_arrays_are_named(model, tok, ba
 def test_sampling_reproducible_and_logprobs_still_exact(model, tok, span_tokens):
     prompts = _live_prompts(seed=5)
     prompt_ids = [tok.encode(p) for p in prompts]
-    kw = dict(policy="self_span", max_new_tokens=MAX_NEW, tokenizer=tok, backend="xla",
-              temperature=1.5, top_k=20, top_p=0.95, return_logprobs=True, **COMMON)
-    a = generate(model, prompts, seed=1, **kw)
-    b = generate(model, prompts, seed=1, **kw)
-    c = generate(model, prompts, seed=2, **kw)
+    kw = dict(policy=P("self_span"), max_new_tokens=MAX_NEW, tokenizer=tok, kernel=XLA, outputs=WITH_LOGPROBS,
+              **COMMON)
+    a, b, c = (generate(model, prompts, sampling=Sampling(temperature=1.5, top_k=20, top_p=0.95, seed=seed), **kw)
+               for seed in (1, 1, 2))
     np.testing.assert_array_equal(a.tokens, b.tokens)
     assert (a.tokens != c.tokens).any()
     seqs, lengths = _final_sequences(a, prompt_ids)
@@ -459,7 +468,7 @@ def test_query_aware_per_head_policy_plugs_in(model, tok):
     pol = _PerHeadWindow(window=5)
     prompt_ids = [tok.encode(p) for p in _live_prompts(seed=4)]
     out = generate(model, prompt_ids, policy=pol, max_new_tokens=MAX_NEW, tokenizer=tok, block_size=BLOCK,
-                   backend="xla", return_logprobs=True)
+                   kernel=XLA, outputs=Outputs(logprobs=True))
     seqs, lengths = _final_sequences(out, prompt_ids)
     ref = _teacher_forced(model, out, prompt_ids, pol._mask(seqs.shape[1], jnp.asarray(lengths)))
     valid = np.arange(MAX_NEW)[None, :] < out.num_tokens[:, None]
@@ -472,29 +481,36 @@ def test_bad_arguments_raise(model, tok):
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, ["ab"], max_new_tokens=0, tokenizer=tok)
     with pytest.raises(ValueError, match="top_p"):
-        generate(model, ["ab"], max_new_tokens=2, tokenizer=tok, top_p=1.5)
+        generate(model, ["ab"], max_new_tokens=2, tokenizer=tok, sampling=Sampling(top_p=1.5))
     with pytest.raises(ValueError, match="top_k"):
-        generate(model, ["ab"], max_new_tokens=2, tokenizer=tok, top_k=0)
+        generate(model, ["ab"], max_new_tokens=2, tokenizer=tok, sampling=Sampling(top_k=0))
     with pytest.raises(ValueError, match="policy"):
         generate(model, ["ab"], max_new_tokens=2, tokenizer=tok, policy="adore")
     with pytest.raises(ValueError, match="tokenizer"):
         generate(model, ["ab"], max_new_tokens=2, policy="dense")
     with pytest.raises(ValueError, match="prompt ids"):
         generate(model, [[1, 5000]], max_new_tokens=2, policy="dense")
-    with pytest.raises(ValueError, match="prompt_lengths"):
-        generate(model, np.ones((2, 4), np.int32), prompt_lengths=[5, 1], max_new_tokens=2, policy="dense")
+    with pytest.raises(ValueError, match="sampling must be an instance of Sampling"):
+        generate(model, [[1, 2]], max_new_tokens=2, policy="dense", sampling=0.5)
+    with pytest.raises(ValueError, match="outputs must be an instance of Outputs"):
+        generate(model, [[1, 2]], max_new_tokens=2, policy="dense", outputs={"logprobs": True})
+    with pytest.raises(ValueError, match="Outputs.masks must be a bool"):
+        Outputs(masks="yes")
+    with pytest.raises(ValueError, match="seed"):
+        Sampling(seed=1.5)
     with pytest.raises(ValueError, match="empty"):
         generate(model, [[]], max_new_tokens=2, policy="dense")
     with pytest.raises(ValueError, match="forced_tokens"):
-        generate(model, [[1, 2]], max_new_tokens=4, policy="dense", forced_tokens=np.ones((1, 3), np.int32))
+        generate(model, [[1, 2]], max_new_tokens=4, policy="dense",
+                 sampling=Sampling(forced_tokens=np.ones((1, 3), np.int32)))
     with pytest.raises(ValueError, match="max_seq_len"):
         generate(model, [[1, 2]], max_new_tokens=600, policy="dense")
     with pytest.raises(ValueError, match="max_segments"):
         SelfSpanPolicy(SpanTokens.from_tokenizer(tok), 0)
     with pytest.raises(ValueError, match="prefill_chunk"):
-        generate(model, [[1, 2], [1, 3]], max_new_tokens=2, policy="dense", prefill_chunk=3)
+        generate(model, [[1, 2], [1, 3]], max_new_tokens=2, policy="dense", kernel=KernelOptions(prefill_chunk=3))
     with pytest.raises(ValueError, match="backend"):
-        generate(model, [[1, 2]], max_new_tokens=2, policy="dense", backend="cuda")
+        generate(model, [[1, 2]], max_new_tokens=2, policy="dense", kernel=KernelOptions(backend="cuda"))
 
 
 def test_token_array_prompts_equal_list_prompts(model, tok):
@@ -502,23 +518,25 @@ def test_token_array_prompts_equal_list_prompts(model, tok):
     arr = np.zeros((BATCH, max(map(len, ids))), np.int32)
     for b, p in enumerate(ids):
         arr[b, : len(p)] = p
-    kw = dict(policy=DensePolicy(), max_new_tokens=MAX_NEW, backend="xla", eos_id=tok.eos_token_id, **COMMON)
-    a = generate(model, arr, prompt_lengths=[len(p) for p in ids], **kw)
-    b = generate(model, ids, **kw)
+    kw = dict(policy=DensePolicy(), max_new_tokens=MAX_NEW, eos_id=tok.eos_token_id, **COMMON)
+    # equal lengths: the array is the batch as it is
+    same = [p[:min(map(len, ids))] for p in ids]
+    a = generate(model, np.asarray(same, np.int32), kernel=XLA, outputs=MASKS, **kw)
+    b = generate(model, same, kernel=XLA, outputs=MASKS, **kw)
     np.testing.assert_array_equal(a.tokens, b.tokens)
-    # prefilling one sequence at a time writes the same cache
-    c = generate(model, ids, prefill_chunk=1, return_logprobs=True, **kw)
-    d = generate(model, ids, return_logprobs=True, **kw)
-    np.testing.assert_array_equal(c.tokens, b.tokens)
-    np.testing.assert_allclose(c.logprobs, d.logprobs, rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(a.prompt_lengths, [len(p) for p in ids])
+    np.testing.assert_array_equal(a.prompt_lengths, [len(p) for p in same])
     assert a.texts is None and a.logprobs is None
+    # prefilling one sequence at a time writes the same cache
+    c = generate(model, ids, kernel=KernelOptions(backend="xla", prefill_chunk=1), outputs=WITH_LOGPROBS, **kw)
+    d = generate(model, ids, kernel=XLA, outputs=WITH_LOGPROBS, **kw)
+    np.testing.assert_array_equal(c.tokens, d.tokens)
+    np.testing.assert_allclose(c.logprobs, d.logprobs, rtol=1e-6, atol=1e-6)
 
 
 def test_a_flat_id_list_is_one_prompt_as_a_1d_array_is(model, tok):
     """[5, 6, 7] was read as three one-token prompts while np.array([5, 6, 7]) was one."""
     ids = tok.encode(_live_prompts(seed=9)[0])
-    kw = dict(policy="dense", max_new_tokens=4, backend="xla", block_size=BLOCK)
+    kw = dict(policy="dense", max_new_tokens=4, kernel=XLA, block_size=BLOCK)
     outs = [generate(model, p, **kw) for p in (ids, tuple(ids), np.asarray(ids), [ids])]
     for out in outs:
         assert out.prompt_lengths.tolist() == [len(ids)]
@@ -526,20 +544,20 @@ def test_a_flat_id_list_is_one_prompt_as_a_1d_array_is(model, tok):
 
 
 def test_statistics_off_changes_nothing_else(model, tok):
-    """return_stats=False: same tokens and log-probs, sampled and greedy; only step_valid is kept,
+    """Outputs(stats=False): same tokens and log-probs, sampled and greedy; only step_valid is kept,
     and summary() says why it cannot summarise."""
     ids = [tok.encode(p) for p in _live_prompts(seed=11)]
     for temperature in (0.0, 0.8):
-        kw = dict(max_new_tokens=MAX_NEW, tokenizer=tok, block_size=BLOCK, backend="xla", return_logprobs=True,
-                  temperature=temperature, seed=3)
-        on = generate(model, ids, **kw)
-        off = generate(model, ids, return_stats=False, **kw)
+        kw = dict(max_new_tokens=MAX_NEW, tokenizer=tok, block_size=BLOCK, kernel=XLA,
+                  sampling=Sampling(temperature=temperature, seed=3))
+        on = generate(model, ids, outputs=Outputs(logprobs=True), **kw)
+        off = generate(model, ids, outputs=Outputs(logprobs=True, stats=False), **kw)
         np.testing.assert_array_equal(off.tokens, on.tokens)
         np.testing.assert_array_equal(off.logprobs, on.logprobs)
         assert set(off.stats) == {"step_valid"}
         np.testing.assert_array_equal(off.stats["step_valid"], on.stats["step_valid"])
         assert on.summary()["decode_steps"] > 0
-        with pytest.raises(ValueError, match="return_stats=False"):
+        with pytest.raises(ValueError, match=r"Outputs\(stats=False\)"):
             off.summary()
 
 
@@ -550,10 +568,9 @@ def test_dense_path_below_min_sparse_context_keeps_results(model, tok, policy):
     statistics count the blocks the kernel read (all of them). Quest's per-head lists are its
     selection (one token mask serves all heads), so the rule leaves them alone."""
     ids = [tok.encode(p) for p in _live_prompts(seed=13)]
-    kw = dict(policy=policy, max_new_tokens=MAX_NEW, tokenizer=tok, block_size=BLOCK, backend="xla",
-              return_logprobs=True)
-    own = generate(model, ids, **kw)
-    dense_path = generate(model, ids, min_sparse_context=1 << 20, **kw)
+    kw = dict(policy=policy, max_new_tokens=MAX_NEW, tokenizer=tok, block_size=BLOCK, outputs=Outputs(logprobs=True))
+    own = generate(model, ids, kernel=XLA, **kw)
+    dense_path = generate(model, ids, kernel=KernelOptions(backend="xla", min_sparse_context=1 << 20), **kw)
     np.testing.assert_array_equal(dense_path.tokens, own.tokens)
     np.testing.assert_allclose(dense_path.logprobs, own.logprobs, rtol=1e-5, atol=1e-5)
     ok = own.stats["step_valid"]
@@ -564,7 +581,7 @@ def test_dense_path_below_min_sparse_context_keeps_results(model, tok, policy):
     else:
         np.testing.assert_array_equal(dense_path.stats["blocks_read"][ok], own.stats["blocks_read"][ok])
     with pytest.raises(ValueError, match="min_sparse_context"):
-        generate(model, ids, min_sparse_context=-1, **kw)
+        generate(model, ids, kernel=KernelOptions(backend="xla", min_sparse_context=-1), **kw)
 
 
 # ---------------------------------------------------------------------------
@@ -636,14 +653,13 @@ def test_public_generate_is_the_function():
     assert callable(selfspan_jax.generate)
 
 
-def test_return_timing_splits_prefill_from_the_loop_and_changes_nothing(model, tok):
-    """return_timing syncs between the two programs: same tokens and log-probs as without it, both
+def test_timing_splits_prefill_from_the_loop_and_changes_nothing(model, tok):
+    """Outputs(timing=True) syncs between the two programs: same tokens and log-probs as without it, both
     times positive, and the loop's iteration count is the last step any sequence ran."""
-    kw = dict(policy="self_span", tokenizer=tok, backend="xla", max_new_tokens=MAX_NEW, return_logprobs=True,
-              **COMMON)
+    kw = dict(policy=P("self_span"), tokenizer=tok, kernel=XLA, max_new_tokens=MAX_NEW, **COMMON)
     prompts = _live_prompts(seed=11)
-    plain = generate(model, prompts, **kw)
-    timed = generate(model, prompts, return_timing=True, **kw)
+    plain = generate(model, prompts, outputs=WITH_LOGPROBS, **kw)
+    timed = generate(model, prompts, outputs=Outputs(masks=True, logprobs=True, timing=True), **kw)
     assert plain.timing is None
     np.testing.assert_array_equal(timed.tokens, plain.tokens)
     np.testing.assert_array_equal(timed.logprobs, plain.logprobs)

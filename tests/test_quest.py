@@ -22,7 +22,8 @@ from policy_cases import (
     small_gqa_model,
 )
 from selfspan_jax.cache import KVCache
-from selfspan_jax.generation import generate
+from selfspan_jax.generation import KernelOptions, Outputs, generate
+from selfspan_jax.sampling import Sampling
 from selfspan_jax.policies import QuestPolicy, make_policy
 
 
@@ -125,8 +126,9 @@ def test_loop_equals_eager_reference_with_bounds_from_scratch(model, budget):
     rng = np.random.default_rng(seed + 1)
     forced = rng.integers(1, VOCAB, size=(len(prompts), M)).astype(np.int32)
     pol = QuestPolicy(page_budget=budget)
-    out = generate(model, prompts, policy=pol, max_new_tokens=M, block_size=bs, backend="xla", eos_id=-1, pad_id=0,
-                   forced_tokens=forced, return_logprobs=True, return_recall=True)
+    out = generate(model, prompts, policy=pol, max_new_tokens=M, block_size=bs, kernel=KernelOptions(backend="xla"),
+                   eos_id=-1, pad_id=0, sampling=Sampling(forced_tokens=forced),
+                   outputs=Outputs(logprobs=True, recall=True))
     np.testing.assert_array_equal(out.tokens, forced)
     recalls = []  # per step, per layer: [B]
 

@@ -142,7 +142,8 @@ def test_generated_text_is_decoded_with_spans(tok):
     from flax import nnx
 
     from selfspan_jax.config import LlamaConfig
-    from selfspan_jax.generation import generate
+    from selfspan_jax.generation import KernelOptions, generate
+    from selfspan_jax.sampling import Sampling
     from selfspan_jax.model import Llama
 
     record = A.generate_examples(1, seed=7)[0]
@@ -150,8 +151,9 @@ def test_generated_text_is_decoded_with_spans(tok):
     cfg = LlamaConfig(vocab_size=len(tok), d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, mlp_dim=64,
                       max_seq_len=256)
     model = Llama(cfg, rngs=nnx.Rngs(0))
-    out = generate(model, [record["prompt"]], policy="self_span", tokenizer=tok, backend="xla", block_size=16,
-                   max_new_tokens=len(completion), forced_tokens=np.asarray([completion], np.int32))
+    out = generate(model, [record["prompt"]], policy="self_span", tokenizer=tok, kernel=KernelOptions(backend="xla"),
+                   block_size=16, max_new_tokens=len(completion),
+                   sampling=Sampling(forced_tokens=np.asarray([completion], np.int32)))
     assert out.tokens[0].tolist() == completion
     assert out.texts == [record["completion"]]
     assert A.check_completion(record["prompt"], out.texts[0]) == (True, "ok")

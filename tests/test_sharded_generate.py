@@ -29,8 +29,10 @@ _SCRIPT = textwrap.dedent('''
     from flax import nnx
     from selfspan_jax.config import LlamaConfig
     from selfspan_jax.data.arithmetic import generate_examples
-    from selfspan_jax.generation import generate
+    from selfspan_jax.generation import KernelOptions, Outputs, generate
     from selfspan_jax.model import Llama
+    from selfspan_jax.policies import make_policy
+    from selfspan_jax.sampling import Sampling
     from selfspan_jax.sharding import make_mesh
     from selfspan_jax.tokenizer import CharTokenizer
 
@@ -48,14 +50,17 @@ _SCRIPT = textwrap.dedent('''
         prompts = [r["prompt"] + r["completion"][: 5 * i] for i, r in enumerate(recs)]
         checks = {}
         for name, kw in {
-            "self_span greedy": dict(policy="self_span"),
-            "self_span sampled": dict(policy="self_span", temperature=0.9, top_k=8, seed=seed),
+            "self_span greedy": dict(policy="self_span(max_segments=16)"),
+            "self_span sampled": dict(policy="self_span(max_segments=16)", temperature=0.9, top_k=8, seed=seed),
             "dense sampled": dict(policy="dense", temperature=1.1, seed=seed + 1),
             "quest greedy": dict(policy="quest(page_budget=2)"),
         }.items():
-            common = dict(tokenizer=tok, max_new_tokens=24, block_size=16, max_segments=16, backend="xla",
-                          return_logprobs=True, return_masks=True, **kw)
-            one, four = generate(model, prompts, **common), generate(model, prompts, mesh=mesh, **common)
+            kw = dict(kw, seed=kw.get("seed", 0), temperature=kw.get("temperature", 0.0))
+            drawn = Sampling(temperature=kw["temperature"], top_k=kw.get("top_k"), seed=kw["seed"])
+            common = dict(tokenizer=tok, max_new_tokens=24, block_size=16, kernel=KernelOptions(backend="xla"),
+                          outputs=Outputs(logprobs=True, masks=True), policy=make_policy(kw["policy"], tokenizer=tok))
+            one = generate(model, prompts, sampling=drawn, **common)
+            four = generate(model, prompts, mesh=mesh, sampling=drawn, **common)
             ties = []
             for b in np.flatnonzero((one.tokens != four.tokens).any(axis=1)):
                 # Two float32 programs agree to ~1e-6, so an argmax between two near-equal scores may go
@@ -65,15 +70,15 @@ _SCRIPT = textwrap.dedent('''
                 a, c = int(one.tokens[b, m]), int(four.tokens[b, m])
                 alt = one.tokens.copy()
                 alt[b, m] = c
-                lp_c = generate(model, prompts, forced_tokens=alt, **common).logprobs[b, m]
-                t = kw.get("temperature", 0.0)
+                lp_c = generate(model, prompts, sampling=Sampling(forced_tokens=alt), **common).logprobs[b, m]
+                t = kw["temperature"]
                 gap = float(one.logprobs[b, m] - lp_c)
                 if t > 0:  # the same Gumbel noise as the sampler: the whole batch's, for token m
                     g = jax.random.gumbel(jax.random.fold_in(jax.random.key(kw["seed"]), m), (len(prompts), cfg.vocab_size))
                     gap = gap / t + float(g[b, a] - g[b, c])
                 ties.append({"row": int(b), "step": m, "tokens": [a, c], "gap": gap})
             if ties:  # the rest compares the four-device computation along the one-device tokens
-                four = generate(model, prompts, mesh=mesh, forced_tokens=one.tokens, **common)
+                four = generate(model, prompts, mesh=mesh, sampling=Sampling(forced_tokens=one.tokens), **common)
             stats = sorted(one.stats)
             checks[name] = {
                 "ties": ties,
@@ -93,11 +98,11 @@ _SCRIPT = textwrap.dedent('''
         if programs is None:  # every seed after the first may add prompt buckets of its own
             programs = decode_loop.run_sharded._cache_size()
     errors = []
-    for bad in (dict(prompts=prompts[:6]), dict(prompts=prompts, return_timing=True),
-                dict(prompts=prompts, prefill_chunk=4)):
+    for bad in (dict(prompts=prompts[:6]), dict(prompts=prompts, outputs=Outputs(timing=True)),
+                dict(prompts=prompts, kernel=KernelOptions(backend="xla", prefill_chunk=4))):
         try:
-            generate(model, bad.pop("prompts"), tokenizer=tok, max_new_tokens=4, block_size=16, max_segments=16,
-                     backend="xla", mesh=mesh, **bad)
+            generate(model, bad.pop("prompts"), tokenizer=tok, max_new_tokens=4, block_size=16, mesh=mesh,
+                     **{"kernel": KernelOptions(backend="xla"), **bad})
             errors.append(None)
         except ValueError as err:
             errors.append(str(err))
@@ -145,7 +150,7 @@ def test_batch_sharded_generate_equals_one_device(tmp_path):
     print(f"near-ties that went the other way on four devices: {ties or 'none'}")
     not_even, timing, chunk = info["errors"]
     assert "cannot be split evenly over the mesh's 4 'data' devices" in not_even
-    assert "return_timing is not available with mesh" in timing
+    assert "Outputs(timing=True) is not available with mesh" in timing
     assert "prefill_chunk=4 must divide the per-device batch 2" in chunk
 
 
@@ -154,13 +159,14 @@ _RESTORED = textwrap.dedent('''
     import jax, numpy as np
     from selfspan_jax import runs
     from selfspan_jax.data.arithmetic import generate_examples
-    from selfspan_jax.generation import generate
+    from selfspan_jax.generation import KernelOptions, Outputs, generate
     from selfspan_jax.sharding import make_mesh
 
     run = runs.load_run(sys.argv[1])
     committed = {str(leaf.sharding) for leaf in jax.tree.leaves(run.model) if hasattr(leaf, "sharding")}
     prompts = [r["prompt"] for r in generate_examples(4, seed=5, split="test", min_operands=3, max_operands=4)]
-    kw = dict(tokenizer=run.tokenizer, max_new_tokens=12, block_size=16, backend="xla", return_logprobs=True)
+    kw = dict(tokenizer=run.tokenizer, max_new_tokens=12, block_size=16, kernel=KernelOptions(backend="xla"),
+              outputs=Outputs(logprobs=True))
     one = generate(run.model, prompts, **kw)
     two = generate(run.model, prompts, mesh=make_mesh(dp=2), **kw)
     print(json.dumps({"devices": jax.device_count(), "step": run.step, "committed": sorted(committed),

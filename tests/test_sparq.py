@@ -22,7 +22,8 @@ from policy_cases import (
     small_gqa_model,
 )
 from selfspan_jax.cache import KVCache
-from selfspan_jax.generation import generate
+from selfspan_jax.generation import KernelOptions, Outputs, generate
+from selfspan_jax.sampling import Sampling
 from selfspan_jax.policies import SparQPolicy
 
 
@@ -157,7 +158,8 @@ def test_component_major_copy_decodes_as_the_row_major_gather(model):
     change only: same tokens, log-probs within float32 noise, same reads counted."""
     seed = secrets.randbelow(2**20)
     prompts = random_prompts(seed)
-    kw = dict(max_new_tokens=12, block_size=8, backend="xla", return_logprobs=True, eos_id=-1, pad_id=0)
+    kw = dict(max_new_tokens=12, block_size=8, kernel=KernelOptions(backend="xla"), outputs=Outputs(logprobs=True),
+              eos_id=-1, pad_id=0)
     row = generate(model, prompts, policy=SparQPolicy(r=3, k=10, local_window=2), **kw)
     col = generate(model, prompts, policy="sparq(r=3, k=10, local_window=2, component_major=true)", **kw)
     np.testing.assert_array_equal(col.tokens, row.tokens)
@@ -175,8 +177,9 @@ def test_loop_equals_eager_reference(model, reallocate):
     prompts = random_prompts(seed)
     forced = np.random.default_rng(seed + 1).integers(1, VOCAB, size=(len(prompts), M)).astype(np.int32)
     pol = SparQPolicy(r=3, k=12, local_window=4, reallocate_mean=reallocate)
-    out = generate(model, prompts, policy=pol, max_new_tokens=M, block_size=bs, backend="xla", eos_id=-1, pad_id=0,
-                   forced_tokens=forced, return_logprobs=True, return_recall=True)
+    out = generate(model, prompts, policy=pol, max_new_tokens=M, block_size=bs, kernel=KernelOptions(backend="xla"),
+                   eos_id=-1, pad_id=0, sampling=Sampling(forced_tokens=forced),
+                   outputs=Outputs(logprobs=True, recall=True))
     cache, lengths, S, ref = eager_prefill(model, prompts, M, bs, forced)
     B = len(prompts)
     recalls = []  # per step, per layer: [B]
@@ -233,7 +236,10 @@ def test_by_name_and_spec():
     assert make_policy("  quest(page_budget=3) ") == QuestPolicy(3) and make_policy(" sparq ") == make_policy("sparq")
     assert split_policy_specs("dense, quest(page_budget=2),sparq(r=8,k=16),self_span") == [
         "dense", "quest(page_budget=2)", "sparq(r=8,k=16)", "self_span"]
-    for bad, match in (("sparq(r=8)", "'k'"), ("quest(budget=2)", "budget"), ("quest(2)", "key=value"),
+    # defaults live in the dataclass: a spec sets what it names, the rest as the bare name has it
+    assert make_policy("sparq(r=8)") == SparQPolicy(r=8) == SparQPolicy(8, 64, 16)
+    assert SparQPolicy(r=4, k=8).local_window == 8  # the default window never exceeds k
+    for bad, match in (("sparq(r=8,k=8,local_window=9)", "local_window"), ("sparq(k=4,q=2)", "'q'"), ("quest(budget=2)", "budget"), ("quest(2)", "key=value"),
                        ("adore(budget=2)", "controller"), ("h2o(budget=2)", "expected one of"),
                        ("quest(page_budget=0)", "page_budget")):
         with pytest.raises(ValueError, match=match):
