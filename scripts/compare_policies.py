@@ -180,8 +180,9 @@ def smollm2_comparison(policies, *, continuation: int, block_size: int, repeats:
     model, tok = load_model(source)
     if tok is None:
         raise ValueError(f"model source {source!r} carries no tokenizer")
-    for n in policies:  # every spec against the model's shapes before the first row's work
-        checked_policy(model, n, tokenizer=tok)
+    names = ["dense", *policies]
+    # every spec against the model's shapes before the first row's work
+    resolved = {n: checked_policy(model, n, tokenizer=tok) for n in names}
     fixture = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "news_sample.jsonl"
     ids = [tok.encode(a["article"], add_special_tokens=False) for a in load_articles(str(fixture))]
     # articles are cut to `max_article_tokens` and to the model's context (SmolLM2's 8k never cuts the fixture)
@@ -193,8 +194,6 @@ def smollm2_comparison(policies, *, continuation: int, block_size: int, repeats:
                          "lower --continuation")
     forced = np.array([x[-continuation:] for x in ids], np.int32)
     kw = dict(max_new_tokens=continuation, block_size=block_size, kernel=KernelOptions(backend="xla"), tokenizer=tok)
-    names = ["dense", *policies]
-    resolved = {n: checked_policy(model, n, tokenizer=tok) for n in names}
 
     def decoded(n: str) -> dict:
         """Policy n's greedy tokens, perplexity of the real continuation and statistics."""

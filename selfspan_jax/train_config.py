@@ -257,8 +257,14 @@ def _no_duplicate_keys(path):
     return hook
 
 
-def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """YAML or JSON file of TrainConfig overrides -> dict (unknown keys raise)."""
+EXTENDS = "extends"
+
+
+def load_config_file(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """YAML or JSON file of TrainConfig overrides -> dict (unknown keys raise).
+
+    `extends: other.yaml` (a path relative to this file's folder) starts from that file's values, so a
+    twin config (the dense baseline of a span run) holds only what differs."""
     path = Path(path)
     try:
         if path.is_dir():
@@ -280,10 +286,20 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
         values = {}
     if not isinstance(values, dict):
         raise ValueError(f"config file {str(path)!r} must hold a mapping of TrainConfig fields")
+    parent = values.pop(EXTENDS, None)
     unknown = sorted(set(values) - FIELDS)
     if unknown:
         raise ValueError(f"config file {str(path)!r}: unknown fields {unknown}")
-    return values
+    if parent is None:
+        return values
+    if not isinstance(parent, str) or not parent:
+        raise ValueError(f"config file {str(path)!r}: {EXTENDS} must name a config file, got {parent!r}")
+    base = (path.parent / parent).resolve()
+    chain = (*_chain, path.resolve())
+    if base in chain:
+        raise ValueError(f"config file {str(path)!r}: {EXTENDS} makes a cycle: "
+                         + " -> ".join(str(p) for p in (*chain, base)))
+    return {**load_config_file(base, chain), **values}
 
 
 def resolve_config(file_values: dict | None = None, cli_values: dict | None = None,

@@ -134,6 +134,38 @@ def test_config_file_errors(tmp_path):
         C.config_from_args(["--config", str(run)])
 
 
+def test_a_config_extends_another_and_overrides_it(tmp_path):
+    """`extends:` starts from another file (relative to the extending one); the extending file's own
+    values win; chains resolve in order; cycles, unknown fields of the base and bad values are named."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "base.yaml").write_text("steps: 7\nlr: 0.01\nbatch_size: 4\ndata:\n  min_operands: 3\n")
+    (tmp_path / "sub" / "twin.yaml").write_text("extends: ../base.yaml\nspan_policy: dense\nlr: 0.02\n")
+    (tmp_path / "sub" / "third.yaml").write_text("extends: twin.yaml\nsteps: 9\n")
+    twin, _ = C.config_from_args(["--config", str(tmp_path / "sub" / "twin.yaml")])
+    assert (twin.steps, twin.lr, twin.batch_size, twin.span_policy) == (7, 0.02, 4, "dense")
+    assert twin.data["min_operands"] == 3
+    third, _ = C.config_from_args(["--config", str(tmp_path / "sub" / "third.yaml"), "--batch-size", "2"])
+    assert (third.steps, third.lr, third.batch_size, third.span_policy) == (9, 0.02, 2, "dense")
+    # the committed dense twin is its span config with the mask, the warm start and the folder changed
+    root = Path(__file__).resolve().parents[1] / "configs"
+    span, dense = C.load_config_file(root / "arith_long.yaml"), C.load_config_file(root / "arith_long_dense.yaml")
+    assert {k for k in span.keys() | dense.keys() if span.get(k) != dense.get(k)} == {"span_policy", "init_from", "out"}
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ValueError, match="extends makes a cycle"):
+        C.load_config_file(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: [base.yaml]\n")
+    with pytest.raises(ValueError, match="extends must name a config file"):
+        C.load_config_file(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("extends: missing.yaml\n")
+    with pytest.raises(ValueError, match="missing.yaml.*does not exist"):
+        C.load_config_file(tmp_path / "d.yaml")
+    (tmp_path / "e.yaml").write_text("stepz: 1\n")
+    (tmp_path / "f.yaml").write_text("extends: e.yaml\n")
+    with pytest.raises(ValueError, match=r"e.yaml.*unknown fields \['stepz'\]"):
+        C.load_config_file(tmp_path / "f.yaml")
+
+
 def test_evaluating_a_run_directory_without_its_config_is_named(tmp_path):
     from selfspan_jax import evaluate as ev
 
