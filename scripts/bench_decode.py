@@ -52,8 +52,9 @@ from pathlib import Path
 import numpy as np
 
 from selfspan_jax import reporting
-from selfspan_jax.benchmarks import (SHAPES, decode_point, kv_weight_ratio, memory_ceiling, random_model,
-                                     record_traces, reference_traces, trace_stream)
+from selfspan_jax.benchmarks import (SHAPES, decode_point, random_model, record_traces, reference_traces,
+                                     trace_stream)
+from selfspan_jax.reporting import kv_weight_ratio, memory_ceiling
 
 
 

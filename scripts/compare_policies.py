@@ -40,6 +40,7 @@ import sys
 from pathlib import Path
 
 from selfspan_jax import evaluate as ev
+from selfspan_jax import tables
 from selfspan_jax import runs
 from selfspan_jax.finished_rows import FinishedRows
 from selfspan_jax.policies import make_policy, split_policy_specs
@@ -295,8 +296,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-article-tokens", type=int, default=None, help="--smollm2: cut articles to this many tokens")
     p.add_argument("--overwrite", action="store_true", help="replace <out-dir>/<name>.{json,md} if they exist")
     args = p.parse_args(argv)
-    try:  # the output is checked and held before any work (evaluate.reserved_results)
-        with ev.reserved_results(args.out_dir, args.name, overwrite=args.overwrite) as out_dir:
+    try:  # the output is checked and held before any work (tables.reserved_results)
+        with tables.reserved_results(args.out_dir, args.name, overwrite=args.overwrite) as out_dir:
             finished = FinishedRows(out_dir / f".{args.name}.rows")
             if len(finished):
                 print(f"[compare_policies] {len(finished)} rows finished by an interrupted run are kept in "
@@ -373,12 +374,12 @@ def _compare(args, p: argparse.ArgumentParser, argv, finished: FinishedRows) -> 
     except ValueError as err:
         print(f"compare_policies.py: error: {err}", file=sys.stderr)
         return 2
-    result = ev.with_seeds(results, seeds, pairs) if len(pairs) > 1 else results[0]
+    result = tables.with_seeds(results, seeds, pairs) if len(pairs) > 1 else results[0]
     result["command"] = "python scripts/compare_policies.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    json_path, md_path = ev.write_results(result, args.out_dir, args.name)
+    json_path, md_path = tables.write_results(result, args.out_dir, args.name)
     png = plot(result, Path(args.out_dir) / f"{args.name}.png")
     recall_png = plot_recall(result, Path(args.out_dir) / f"{args.name}_recall.png")
-    print(ev.format_seed_table(result) if "over_seeds" in result else ev.format_table(result))
+    print(tables.format_seed_table(result) if "over_seeds" in result else tables.format_table(result))
     print(f"\nwrote {json_path}, {md_path} and {png}" + (f" and {recall_png}" if recall_png else ""))
     return 0
 

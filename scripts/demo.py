@@ -77,6 +77,7 @@ import time
 from pathlib import Path
 
 from selfspan_jax import evaluate as ev
+from selfspan_jax import tables
 from selfspan_jax import reporting, runs
 from selfspan_jax.finished_rows import FinishedRows
 from selfspan_jax.train import TrainingDiverged, train
@@ -150,7 +151,7 @@ def main(argv=None) -> int:
     try:
         with contextlib.ExitStack() as held:
             for name in names:  # before any training: the folder is usable and no other demo writes there
-                held.enter_context(ev.reserved_results(args.results, name, overwrite=True, option="--results",
+                held.enter_context(tables.reserved_results(args.results, name, overwrite=True, option="--results",
                                                      dir_option="--results"))
                 if (Path(args.results) / f"{name}.json").exists():
                     print(f"[demo] {Path(args.results) / name}.json exists: this run replaces it "
@@ -410,7 +411,7 @@ def _stage(args, stage_runs, data: dict, repeats: int, name: str, what_evaluated
                 first = loaded
         if n_seeds > 1:
             print(f"[demo] the pair trained with seed {seed}:")
-        print(ev.format_table(record["result"]))
+        print(tables.format_table(record["result"]))
         results.append(record["result"])
         recorded.update(record["recorded_train_s"])
         if i == 0:
@@ -419,8 +420,8 @@ def _stage(args, stage_runs, data: dict, repeats: int, name: str, what_evaluated
     for line in result["notes"]:
         print(f"note: {line}")
     if len(seeds) > 1:
-        result = ev.with_seeds(results, seeds, [[out for out, _, _ in runs_] for runs_ in per_seed_runs])
-        print(ev.format_seed_table(result))
+        result = tables.with_seeds(results, seeds, [[out for out, _, _ in runs_] for runs_ in per_seed_runs])
+        print(tables.format_seed_table(result))
     t0 = time.perf_counter()
     first_out = per_seed_runs[0][0][0]
     if first is None and runs.is_run_dir(first_out):
@@ -439,7 +440,7 @@ def _stage(args, stage_runs, data: dict, repeats: int, name: str, what_evaluated
         + ", ".join(f"{k} {'?' if v is None else f'{v:.0f} s'}" for k, v in recorded.items())
         + f"; 1/5/15-min load average at start {load['start'][0]:.1f}/{load['start'][1]:.1f}/{load['start'][2]:.1f}"
         f", at end {load['end'][0]:.1f}/{load['end'][1]:.1f}/{load['end'][2]:.1f} ({os.cpu_count()} CPUs)")
-    json_path, md_path = ev.write_results(result, args.results, name)
+    json_path, md_path = tables.write_results(result, args.results, name)
     FinishedRows(Path(args.results) / f".{name}.rows").discard()  # every seed's rows are in its record now
     print(f"wrote {json_path} and {md_path}")
     print("\n".join(f"[{name}] {k}: {v:.0f} s" for k, v in wall.items()))

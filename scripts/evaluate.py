@@ -77,6 +77,7 @@ def _split_policies(text: str) -> list[str]:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from selfspan_jax import evaluate as ev
+    from selfspan_jax import tables
     from selfspan_jax.finished_rows import FinishedRows
     from selfspan_jax.train_config import parse_key_value
 
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
         data = dict(parse_key_value(item) for item in args.data)
         loaded = ev.load_for_eval(args.source, step=args.step)  # once: the table and the heat map share it
         name = args.name or "eval_{}_{}".format(*ev.task_and_split(loaded, args.task, args.split))
-        with ev.reserved_results(args.out_dir, name, overwrite=args.overwrite) as out_dir:
+        with tables.reserved_results(args.out_dir, name, overwrite=args.overwrite) as out_dir:
             finished = FinishedRows(out_dir / f".{name}.rows")  # rows of a killed run of this command
             result = ev.compare(
                 loaded, baseline=args.baseline, baseline_step=args.baseline_step, task=args.task,
@@ -95,11 +96,11 @@ def main(argv=None) -> int:
                 max_new_tokens=args.max_new_tokens, block_size=args.block_size, backend=args.backend,
                 timing_repeats=args.repeats, timing_batch=args.timing_batch, finished=finished,
             )
-            print(ev.format_table(result))  # before writing: a failed write keeps the table
+            print(tables.format_table(result))  # before writing: a failed write keeps the table
             for line in result["notes"]:
                 print(f"note: {line}")
             try:
-                json_path, md_path = ev.write_results(result, args.out_dir, name)
+                json_path, md_path = tables.write_results(result, args.out_dir, name)
             except OSError as err:
                 print(f"evaluate.py: error: could not write the results to {args.out_dir}: {err}", file=sys.stderr)
                 return 1

@@ -274,7 +274,8 @@ def main(argv=None) -> int:
     with reporting.reserved_output(args.out, overwrite=args.overwrite, option="--out", prog="profile_loop.py"):
 
         from selfspan_jax import reporting
-        from selfspan_jax.benchmarks import kv_weight_ratio, memory_ceiling, random_model, trace_stream
+        from selfspan_jax.benchmarks import random_model, trace_stream
+        from selfspan_jax.reporting import kv_weight_ratio, memory_ceiling
         from selfspan_jax.spans import SpanTokens
         from selfspan_jax.tokenizer import CharTokenizer
 

@@ -22,7 +22,6 @@ from flax import nnx
 
 from selfspan_jax import evaluate as ev
 from selfspan_jax import reporting
-from selfspan_jax.reporting import kv_weight_ratio, memory_ceiling  # noqa: F401 (the decode benchmarks' names)
 from selfspan_jax.config import LlamaConfig
 from selfspan_jax.data.arithmetic import generate_examples
 from selfspan_jax.model import Llama

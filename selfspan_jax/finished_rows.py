@@ -8,7 +8,7 @@ measured in the same turns). Each finished row is stored under a key that digest
 numbers depend on: the row's model (a digest of its parameters), its policy, the records and the
 generation settings. A row whose key is found is read back instead of decoded; anything changed
 gives a new key, so a stale row is never reused. The folder belongs to one results file (the
-caller holds its lock, `evaluate.reserved_results`) and is deleted once that file is written.
+caller holds its lock, `tables.reserved_results`) and is deleted once that file is written.
 """
 
 from __future__ import annotations

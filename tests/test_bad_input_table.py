@@ -19,6 +19,7 @@ from flax import nnx
 
 from pallas_kernels import BlockSparseParams, block_sparse_decode
 from selfspan_jax import evaluate as ev
+from selfspan_jax import tables
 from selfspan_jax import runs
 from selfspan_jax.config import LlamaConfig
 from selfspan_jax.generation import generate
@@ -95,16 +96,14 @@ def _eval_without_config(tmp: Path) -> None:
 
 
 def _results(tmp: Path, setup=None, *, out: str = "res", name: str = "x", holder: bool = False) -> None:
-    """scripts/evaluate.py's output check, as it runs before any work (`evaluate.reserved_results`)."""
-    from selfspan_jax import evaluate as ev
-
+    """scripts/evaluate.py's output check, as it runs before any work (`tables.reserved_results`)."""
     if setup:
         setup(tmp)
     if holder:  # another evaluation writing the same name holds it
-        with ev.reserved_results(tmp / out, name):
-            with ev.reserved_results(tmp / out, name):
+        with tables.reserved_results(tmp / out, name):
+            with tables.reserved_results(tmp / out, name):
                 pass
-    with ev.reserved_results(tmp / out, name):
+    with tables.reserved_results(tmp / out, name):
         pass
 
 

@@ -88,7 +88,7 @@ def test_profile_loop_pairs_rounds_and_stops_at_max_seconds(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
     import profile_loop
 
-    from selfspan_jax.benchmarks import memory_ceiling
+    from selfspan_jax.reporting import memory_ceiling
 
     out = tmp_path / "loop.json"
     common = ["--batch", "2", "--steps", "3", "--block-size", "16", "--max-segments", "64",

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st_
 
 from selfspan_jax import evaluate as ev
+from selfspan_jax import tables
 from selfspan_jax import reporting, runs, tasks
 from selfspan_jax import train as T
 from selfspan_jax.data import arithmetic, summarization
@@ -187,7 +188,7 @@ def test_evaluate_script_checks_its_output_first_and_keeps_the_table(trained_run
     def full_disk(*a, **kw):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ev, "write_results", full_disk)
+    monkeypatch.setattr(tables, "write_results", full_disk)
     assert script.main([*common, "--out-dir", str(tmp_path / "res"), "--overwrite"]) == 1
     out = capsys.readouterr()
     assert "| span-trained/self_span |" in out.out and "No space left on device" in out.err
@@ -439,7 +440,7 @@ def test_format_table_and_errors():
                                            "kv_read_fraction": 0.4, "tokens_per_s": 1.25},
                             "d/dense": {"exact_match_delta": 0.0, "step_progress_delta": 0.0,
                                         "kv_read_fraction": 1.0, "tokens_per_s": 1.0}}}
-    table = ev.format_table(rows).splitlines()
+    table = tables.format_table(rows).splitlines()
     assert table[0].startswith("| row | trained with | decoded with | exact_match | step_progress |")
     assert table[2] == ("| s/self_span | self_span | self_span | 91.0 | 96.0 | 0.400 | 0.400 | 125.0 "
                         "| +1.0 pt | +1.0 pt | 0.400x | 1.25x | 0 |")
@@ -532,9 +533,9 @@ def test_zero_shot_row_asks_in_words_and_scores_the_final_answer(trained_run, de
     vs = result["vs_baseline"]["base/dense"]
     assert vs["step_progress_delta"] is None and vs["exact_match_delta"] == want - result["rows"][
         result["baseline"]]["exact_match"]
-    table = ev.format_table(result)
+    table = tables.format_table(result)
     assert "| base/dense (zero-shot: asked in words, scored by its final answer) | pretrained | dense |" in table
-    _, md = ev.write_results(result, tmp_path, "zs")
+    _, md = tables.write_results(result, tmp_path, "zs")
     assert "scored by its final answer" in md.read_text()
     assert row["generated"] == out.texts  # every record's text is kept, not only the examples
     _check_speed(result, recs, base, tmp_path)
@@ -565,7 +566,7 @@ def _check_speed(result, recs, base, tmp_path):
             assert v["decode_speedup"] == pytest.approx(speedup)
             assert v["fraction_of_ceiling"] == pytest.approx(speedup / v["ceiling"])
     assert result["vs_baseline"][base_name]["speed"]["1"]["decode_speedup"] == 1.0
-    _, md = ev.write_results(result, tmp_path, "speed")
+    _, md = tables.write_results(result, tmp_path, "speed")
     text = md.read_text()
     assert "fraction of ceiling" in text and f"| 1 | {base_name} |" in text
     rows = [ev.Row("a", base.model, base.tokenizer, "dense")]
@@ -602,7 +603,7 @@ def test_demo_holds_its_results_before_training_and_says_what_it_replaces(tmp_pa
     (tmp_path / "file").write_text("x")
     assert demo.main(["--results", str(tmp_path / "file"), "--out", str(tmp_path / "a")]) == 2
     assert "is a file, not a directory" in capsys.readouterr().err
-    with ev.reserved_results(tmp_path / "res", "demo_long"):  # another demo --long is writing there
+    with tables.reserved_results(tmp_path / "res", "demo_long"):  # another demo --long is writing there
         assert demo.main(["--results", str(tmp_path / "res"), "--long", "--out", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err
     assert "is in use: pid" in err and "use another --results" in err
@@ -611,7 +612,7 @@ def test_demo_holds_its_results_before_training_and_says_what_it_replaces(tmp_pa
 
     def arithmetic(args):
         with pytest.raises(ValueError, match="is in use"):  # held while the demo works
-            with ev.reserved_results(tmp_path / "res", "demo"):
+            with tables.reserved_results(tmp_path / "res", "demo"):
                 pass
         held.append(args.results)
         return 0
