@@ -17,6 +17,7 @@ from hypothesis import strategies as st_
 
 from selfspan_jax import evaluate as ev
 from selfspan_jax import tables
+from selfspan_jax.policies import QuestPolicy
 from selfspan_jax import reporting, runs, tasks
 from selfspan_jax import train as T
 from selfspan_jax.data import arithmetic, summarization
@@ -846,7 +847,7 @@ def test_compare_policies_on_a_pretrained_model_resumes_too(tmp_path, monkeypatc
     calls.clear()
     monkeypatch.setattr(generation, "generate", generate_then_die_at(99))
     assert _script("compare_policies").main([*args, "--name", "cut"]) == 0
-    assert calls[:2] == ["quest(page_budget=1)"] * 2  # greedy and teacher-forced; then the timed turns
+    assert calls[:2] == [QuestPolicy(page_budget=1)] * 2  # greedy and teacher-forced; then the timed turns
     assert "dense: decoded by an interrupted run" in capsys.readouterr().out
     assert _script("compare_policies").main([*args, "--name", "whole"]) == 0
     cut, whole = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("cut", "whole"))
