@@ -247,7 +247,7 @@ def _pallas_partials(q, k, v, layer, block_indices, block_counts, token_mask, *,
     """The pallas_call alone: per-split partials o f32 [k_splits, B, K, block_h, H], m, l [k_splits, B, K,
     block_h] (rows past G are padding, never written) and live bool [k_splits, B, K] (which splits
     wrote). Separate from the combine so the GPU bench can time the kernel without the XLA ops around
-    it (scripts/kernel_fixed_cost.py)."""
+    it (benchmarks/kernel_fixed_cost.py)."""
     batch, kv_heads, group, head_dim = q.shape
     num_cores = 1 if interpret else gpu_core_count()
     p = params.resolve(

@@ -10,7 +10,7 @@ a GPU run reports; the software pipeliner is the same code.
     configs = sm90.CONFIGS                       # the matrix of shapes
     report = sm90.compile_configs(configs, venv=".venv-sm90")
 
-`scripts/compile_kernel_sm90.py` is the command line.
+`tools/gpu/compile_kernel_sm90.py` is the command line.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Runs inside the pinned triton environment (requirements-sm90.txt), not
 the project's: it imports only the standard library and `triton`. Driven by
-scripts/compile_kernel_sm90.py, which captures the modules with jax and reads
+tools/gpu/compile_kernel_sm90.py, which captures the modules with jax and reads
 this script's JSON back:
 
     <triton-venv>/bin/python pallas_kernels/sm90_worker.py DIR

@@ -6,7 +6,7 @@ Triton lowering and serialises the module as bytecode into the
 execute is only seen once the module goes through Triton's own pipeline
 (TTIR -> TTGIR with the software pipeliner -> LLVM -> PTX -> cubin). This file
 keeps the module as text so that a separate process with the `triton` pip
-package can compile it for sm_90 (scripts/compile_kernel_sm90.py).
+package can compile it for sm_90 (tools/gpu/compile_kernel_sm90.py).
 
 Why by hand: jax offers no API returning the Triton module of a pallas_call;
 its lowering rule calls `lowering.lower_jaxpr_to_triton_module` and writes the

@@ -1,6 +1,6 @@
-"""Shared pieces of the benchmarks: for decode (`scripts/bench_decode.py`, `scripts/profile_decode.py`)
+"""Shared pieces of the benchmarks: for decode (`benchmarks/bench_decode.py`, `benchmarks/profile_decode.py`)
 the model shapes, a random-weight model of a shape, and the recorded span traces they replay; for
-training (`scripts/bench_train_step.py`) a step's FLOP count and the machine's measured matmul rate
+training (`benchmarks/bench_train_step.py`) a step's FLOP count and the machine's measured matmul rate
 and streaming bandwidth.
 
 Decode speed does not depend on the weights, so the benchmarks use random
@@ -218,3 +218,36 @@ def stream_bandwidth(n: int = 1 << 26, repeats: int = 5) -> float:
     """Measured GB/s of a jitted elementwise add of two n-float arrays (3 arrays of traffic)."""
     a, b = jnp.ones((n,), jnp.float32), jnp.ones((n,), jnp.float32)
     return 3 * a.nbytes / _median_seconds(jax.jit(lambda x, y: x + y), a, b, repeats=repeats) / 1e9
+
+
+def machine_of(result: dict) -> str:
+    """The CPU or device a result JSON ran on, for a plot's title (the CPU changes these numbers)."""
+    env = result.get("environment", {})
+    return env.get("cpu") if str(env.get("device", "")).startswith("cpu") and env.get("cpu") else env.get("device", "")
+
+
+def plot_fraction_of_ceiling(series: dict, path, title: str, machine: str = "") -> None:
+    """measured speedup / ceiling against batch size: series = {label: [(batch, {min, median, max})]},
+    min-max as error bars (profile_loop.py draws its decode-only sweep with it too); `machine` is added
+    to the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for label, pts in series.items():
+        pts = sorted(pts, key=lambda p: p[0])
+        med = np.array([s["median"] for _, s in pts])
+        err = np.array([[m - s["min"] for m, (_, s) in zip(med, pts)], [s["max"] - m for m, (_, s) in zip(med, pts)]])
+        ax.errorbar([b for b, _ in pts], med, yerr=err, marker="o", capsize=3, label=label)
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.axhline(0.85, color="gray", lw=0.8, ls="--", label="target 85%")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("speedup over dense / ceiling (1+r)/(1+rho r)")
+    ax.set_title(title + (f"; {machine}" if machine else ""), fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

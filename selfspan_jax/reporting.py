@@ -2,7 +2,7 @@
 interleaved timing, spreads, markdown tables and JSON files.
 
 One home for these so that `scripts/evaluate.py`, the demo and every
-`scripts/bench_*.py` time and record the same way.
+`benchmarks/bench_*.py` time and record the same way.
 """
 
 from __future__ import annotations

@@ -67,3 +67,17 @@ def fuzz_cli(main, argv, *, stub, error_code: int | tuple[int, ...], prog: str, 
     if os.environ.get("SELFSPAN_FUZZ_LOG"):  # which way each draw ended, for a person checking the fuzz
         with open(os.environ["SELFSPAN_FUZZ_LOG"], "a") as log:
             log.write(json.dumps({"argv": argv, "stderr": err.getvalue().strip()[-200:]}) + "\n")
+
+
+def load_script(relpath: str):
+    """A benchmark or tool script (`benchmarks/*.py`, `tools/gpu/*.py`, the `scripts/` shims) loaded from
+    its file as the module its command line runs, for tests of that command line. Logic the tests
+    check on its own lives in the package; this is only for the scripts' own flags and output."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / relpath
+    spec = importlib.util.spec_from_file_location(f"{path.stem}_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -337,13 +337,8 @@ def test_train_adore_answers_any_flag_values_with_a_message(dense_run, flags, tm
     """Fuzz: random values for train_adore.py's flags (RUN standing for the trained run) end in argparse's
     usage error, the script's own "error:" line (exit 1), or the start of the distillation -- never a
     traceback, and never a file written into the run's own folders."""
-    import sys
-    from pathlib import Path
+    from selfspan_jax.cli import train_adore
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import train_adore
-
-    sys.path.pop(0)
     work = tmp_path_factory.mktemp("fuzz")
     values = {k: v.replace("RUN", str(dense_run)) for k, v in flags.items()}
     values.setdefault("--run", str(dense_run))

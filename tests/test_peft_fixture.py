@@ -1,9 +1,9 @@
 """Our exported LoRA adapters load in Hugging Face PEFT, our merged export in transformers.
 
 The fixtures (tests/fixtures/peft/<base>/) were made in two steps:
-`scripts/make_peft_fixture.py` wrote the adapters and merged export of the
+`tests/make_peft_fixture.py` wrote the adapters and merged export of the
 models in `peft_fixture_models.py` with this package's exporters, then
-`scripts/make_reference_outputs.py --peft-only` (Python 3.11, torch, peft,
+`tests/make_reference_outputs.py --peft-only` (Python 3.11, torch, peft,
 transformers; versions in reference.json) loaded them with
 `PeftModel.from_pretrained` on the resized tiny base and with
 `AutoModelForCausalLM.from_pretrained`, and stored their logits. No torch here.

@@ -8,7 +8,6 @@ They share a persistent compilation cache so each program compiles once.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import secrets
@@ -177,9 +176,8 @@ def test_evaluating_a_run_directory_without_its_config_is_named(tmp_path):
 
 
 def test_script_reports_errors_cleanly(capsys):
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from selfspan_jax.cli import train as script
+
     assert script.main(["--model", "nope"]) == 2
     assert "unknown model 'nope'" in capsys.readouterr().err
     assert script.main(["--print-config", "--steps", "3"]) == 0
@@ -440,9 +438,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
 ])
 def test_bad_overrides_are_named_before_anything_runs(tmp_path, capsys, args, message):
     # issue 14, item 6: these were raw TypeErrors at build time, or accepted by --print-config
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from selfspan_jax.cli import train as script
+
     assert script.main(["--out", str(tmp_path / "run"), *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
@@ -474,9 +471,8 @@ def test_second_writer_is_refused_and_a_dead_holder_is_not(tmp_path, capsys):
     with runs.RunLock(run):
         with pytest.raises(runs.RunDirLocked, match=f"pid {os.getpid()} on host"):
             T.train(cfg)
-        spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
-        script = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(script)
+        from selfspan_jax.cli import train as script
+
         assert script.main(["--out", str(run), "--steps", "2"]) == 1
         assert "is in use" in capsys.readouterr().err
     assert not (run / "checkpoints").exists()  # the refused start wrote nothing
@@ -689,9 +685,8 @@ def test_train_script_answers_any_flag_values_with_a_message(flags):
     construction (every check passed) -- never a traceback."""
     import tempfile
 
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "scripts" / "train.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from selfspan_jax.cli import train as script
+
     tmp = Path(tempfile.mkdtemp())
     base = ["--num-train", "64", "--num-eval", "8", "--steps", "2", "--no-progress", "--no-tensorboard",
             "--out", str(tmp / "run")]

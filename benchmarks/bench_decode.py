@@ -31,13 +31,13 @@ the headers). ADORE takes `--adore-controller DIR`, or a random controller of
 the model's shape: its reads and compute do not depend on its weights.
 
     # CPU (xla path), reduced shape -- what benchmarks/results/decode_cpu.json holds
-    python scripts/bench_decode.py --shape cpu-reduced --batch 8 --context 2048 --new-tokens 64
-    # GPU, LLaMA-7B shape, bf16 (scripts/gpu_bench_decode.sh runs this)
-    python scripts/bench_decode.py --shape llama2-7b --dtype bfloat16 --batch 8,16,32 --context 2048
+    python benchmarks/bench_decode.py --shape cpu-reduced --batch 8 --context 2048 --new-tokens 64
+    # GPU, LLaMA-7B shape, bf16 (tools/gpu/gpu_bench_decode.sh runs this)
+    python benchmarks/bench_decode.py --shape llama2-7b --dtype bfloat16 --batch 8,16,32 --context 2048
     # the policies at the 1/8 setting, 2k tokens (benchmarks/results/decode_policies_cpu.json)
     P='dense,self_span,quest(page_budget=4),sparq(r=16,k=128,local_window=16)'
     P="$P,sparq(r=16,k=128,local_window=16,component_major=True),adore(budget=256,rebuild=4)"
-    python scripts/bench_decode.py --batch 8 --context 2048 --new-tokens 512 --repeats 5 --policies "$P" \\
+    python benchmarks/bench_decode.py --batch 8 --context 2048 --new-tokens 512 --repeats 5 --policies "$P" \\
         --out benchmarks/results/decode_policies_cpu.json
 """
 
@@ -52,8 +52,8 @@ from pathlib import Path
 import numpy as np
 
 from selfspan_jax import reporting
-from selfspan_jax.benchmarks import (SHAPES, decode_point, random_model, record_traces, reference_traces,
-                                     trace_stream)
+from selfspan_jax.benchmarks import (SHAPES, decode_point, machine_of, plot_fraction_of_ceiling, random_model,
+                                     record_traces, reference_traces, trace_stream)
 from selfspan_jax.reporting import kv_weight_ratio, memory_ceiling
 
 
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
                          "load_average_1_5_15_at_start": load_start,
                          "load_average_1_5_15_at_end": list(os.getloadavg())},
             "points": points,
-            "command": "python scripts/bench_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": "python benchmarks/bench_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         }
         out = reporting.write_json(result, args.out)
         print("| batch | context | policy | decode tok/s | speedup over dense, median [min-max] of paired repeats | "
@@ -193,39 +193,6 @@ def main(argv=None) -> int:
             print(f"wrote {args.plot}")
         print(f"wrote {out} ({label})")
         return 0
-
-
-def machine_of(result: dict) -> str:
-    """The CPU or device a result JSON ran on, for a plot's title (the CPU changes these numbers)."""
-    env = result.get("environment", {})
-    return env.get("cpu") if str(env.get("device", "")).startswith("cpu") and env.get("cpu") else env.get("device", "")
-
-
-def plot_fraction_of_ceiling(series: dict, path, title: str, machine: str = "") -> None:
-    """measured speedup / ceiling against batch size: series = {label: [(batch, {min, median, max})]},
-    min-max as error bars (profile_loop.py draws its decode-only sweep with it too); `machine` is added
-    to the title."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for label, pts in series.items():
-        pts = sorted(pts, key=lambda p: p[0])
-        med = np.array([s["median"] for _, s in pts])
-        err = np.array([[m - s["min"] for m, (_, s) in zip(med, pts)], [s["max"] - m for m, (_, s) in zip(med, pts)]])
-        ax.errorbar([b for b, _ in pts], med, yerr=err, marker="o", capsize=3, label=label)
-    ax.axhline(1.0, color="gray", lw=0.8)
-    ax.axhline(0.85, color="gray", lw=0.8, ls="--", label="target 85%")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("speedup over dense / ceiling (1+r)/(1+rho r)")
-    ax.set_title(title + (f"; {machine}" if machine else ""), fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

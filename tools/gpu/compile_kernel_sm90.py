@@ -12,8 +12,8 @@ number of shared-memory buffers of the K/V tiles and the async_wait depth in
 the inner loop (the software pipeline), any blocking global load left in the
 loop, and the split-K partial bytes against the K/V bytes at density 1/8.
 
-    python scripts/compile_kernel_sm90.py                 # the whole matrix
-    python scripts/compile_kernel_sm90.py --only gqa4 --keep /tmp/sm90   # + TTIR/TTGIR/PTX files
+    python tools/gpu/compile_kernel_sm90.py                 # the whole matrix
+    python tools/gpu/compile_kernel_sm90.py --only gqa4 --keep /tmp/sm90   # + TTIR/TTGIR/PTX files
 
 Writes benchmarks/results/kernel_sm90_compile.json and prints a markdown table.
 """
@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         report = sm90.compile_configs(configs, venv=args.venv or sm90.DEFAULT_VENV, keep=args.keep)
         report["wall_s"] = time.perf_counter() - t0
         report["environment"] = reporting.environment()
-        report["command"] = "python scripts/compile_kernel_sm90.py " + " ".join(argv if argv is not None
+        report["command"] = "python tools/gpu/compile_kernel_sm90.py " + " ".join(argv if argv is not None
                                                                                 else sys.argv[1:])
         path = reporting.write_json(report, args.out)
     print(table(report))

@@ -6,12 +6,12 @@ finds each Triton kernel's entry in the dump, runs the GPU image's ptxas
 (from its triton package) on it, and puts registers, spills and the
 `cp.async.wait_group` depths next to the committed offline numbers
 (benchmarks/results/kernel_sm90_compile.json). GPU_CHECKS.md item 0; run by
-scripts/gpu_session.sh. First run 2026-12-04 (H200, jax 0.11.2): XLA's dump held no top-level
+tools/gpu/gpu_session.sh. First run 2026-12-04 (H200, jax 0.11.2): XLA's dump held no top-level
 *.ptx; the Pallas calls left only per-module folders (`module_NNNN.jit_call/module.mlir`). The
 search now walks the folders too, and a row that finds no PTX lists what the kernel's module
 folder holds, so the next visit can see where (or whether) jaxlib writes it.
 
-    python3 scripts/gpu_ptx_check.py --out $OUT/ptx_check.json
+    python3 tools/gpu/gpu_ptx_check.py --out $OUT/ptx_check.json
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import re
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 CHECKED = ["block-gqa4-H128-bs64-bf16-mask", "block-llama7b_mha-H128-bs64-bf16-mask",
            "block-smollm2_g3-H64-bs16-bf16-mask", "block-gqa4-H128-bs128-bf16", "token-gqa4-H128-bs16-bf16-L4"]
 
@@ -64,7 +64,6 @@ def main(argv=None) -> int:
     # asked for; the first visit's plain --xla_dump_to left only PJRT's per-module MLIR folders.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + f" --xla_dump_to={dump} --xla_dump_hlo_as_text --xla_gpu_dump_llvmir").strip()
-    sys.path.insert(0, ROOT)
     import jax
     import jax.numpy as jnp
 

@@ -19,7 +19,7 @@ process's peak RSS (`ru_maxrss`, which includes Python, jax and the model).
 A full_mask point whose buffers would not fit the machine is compiled, not
 run. Times: median (min, max) of `--repeats` runs after a warm-up.
 
-    python scripts/bench_prefill.py --context 2048,8192,16384 --batch 1,8 --out benchmarks/results/prefill_cpu.json
+    python benchmarks/bench_prefill.py --context 2048,8192,16384 --batch 1,8 --out benchmarks/results/prefill_cpu.json
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
                                    "(ru_maxrss, includes Python, jax and the model)",
                          "load_average_at_end": reporting.load_average()},
             "points": points,
-            "command": "python scripts/bench_prefill.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": "python benchmarks/bench_prefill.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         }
         out = reporting.write_json(result, args.out)
         print(f"wrote {out}")

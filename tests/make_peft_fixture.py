@@ -3,7 +3,7 @@
 
 Step 1 of 2 (this environment, JAX):
 
-    .venv/bin/python scripts/make_peft_fixture.py
+    .venv/bin/python tests/make_peft_fixture.py
 
 builds the LoRA models of `tests/peft_fixture_models.py` (tiny HF checkpoints +
 three span tokens + seeded random rank-4 adapters on every projection), and
@@ -12,7 +12,7 @@ merged export (`hf_interop.export_merged_safetensors`: HF LlamaForCausalLM),
 plus a token batch that uses the span tokens.
 
 Step 2 (the Python 3.11 + torch reference environment, see
-scripts/make_reference_outputs.py): `make_reference_outputs.py --peft` loads
+tests/make_reference_outputs.py): `make_reference_outputs.py --peft` loads
 the adapters with `peft.PeftModel.from_pretrained` on top of the base
 checkpoint and the merged export with `AutoModelForCausalLM`, and records both
 sets of logits. tests/test_peft_fixture.py then checks our model against them
@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 
+# run as `python tests/make_peft_fixture.py`: tests/ is the script's own folder, first on sys.path
 from peft_fixture_models import BASES, FIXTURES, RANK, ALPHA, lora_model, token_ids  # noqa: E402
 
 from selfspan_jax import hf_interop  # noqa: E402

@@ -18,8 +18,8 @@ ENTRY instructions that are not parameters, constants, tuples or bitcasts). Timi
 bench_kernel's: U unrolled calls in one executable on distinct q, rotating over cache copies
 bigger than the L2.
 
-    python3 scripts/kernel_fixed_cost.py --out $OUT/kernel_fixed_cost.json          # GPU (Triton)
-    .venv/bin/python scripts/kernel_fixed_cost.py --backend interpret --quick       # CPU smoke run
+    python3 benchmarks/kernel_fixed_cost.py --out $OUT/kernel_fixed_cost.json          # GPU (Triton)
+    .venv/bin/python benchmarks/kernel_fixed_cost.py --backend interpret --quick       # CPU smoke run
 """
 
 from __future__ import annotations
@@ -30,51 +30,20 @@ import functools
 import json
 import math
 import os
-import re
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import block_sparse_decode
+from pallas_kernels.backend import BlockSparseParams, on_gpu, resolve_backend
+from pallas_kernels.block_sparse_decode import _pallas_partials
+from selfspan_jax import reporting
+from selfspan_jax.kernel_bench import (HEADS, bytes_read, copy_bandwidth, fit_line, launched_ops, random_caches,
+                                       random_lists, time_executable, unrolled)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-
-from bench_kernel import (HEADS, bytes_read, copy_bandwidth, random_caches, random_lists,  # noqa: E402
-                          time_executable, unrolled)
-from pallas_kernels import block_sparse_decode  # noqa: E402
-from pallas_kernels.backend import BlockSparseParams, on_gpu, resolve_backend  # noqa: E402
-from pallas_kernels.block_sparse_decode import _pallas_partials  # noqa: E402
-from selfspan_jax import reporting  # noqa: E402
-
-_NOT_KERNELS = ("parameter", "constant", "get-tuple-element", "tuple", "bitcast")
-
-
-def launched_ops(fn, *args) -> dict[str, int]:
-    """Opcode -> count of the ENTRY instructions of fn's optimized HLO that run on the device."""
-    text = jax.jit(fn).lower(*args).compile().as_text()
-    entry = text[text.index("ENTRY"):]
-    entry = entry[: entry.index("\n}") if "\n}" in entry else len(entry)]
-    counts: dict[str, int] = {}
-    for line in entry.splitlines()[1:]:
-        # "name = <shape, maybe a tuple with spaces> opcode(operands), ...": the first " word(" after "="
-        m = re.search(r"=.*?\s([a-z][\w-]*)\(", line)
-        if m and m.group(1) not in _NOT_KERNELS:
-            counts[m.group(1)] = counts.get(m.group(1), 0) + 1
-    return counts
-
-
-def fit_line(ns, ts) -> dict:
-    """Least-squares t = t0 + n * slope over the points with n >= 1 (n = 0 skips the loop entirely)."""
-    pts = [(n, t) for n, t in zip(ns, ts) if n >= 1]
-    if len(pts) < 2:
-        return {}
-    x, y = np.array([p[0] for p in pts], float), np.array([p[1] for p in pts], float)
-    slope, t0 = np.polyfit(x, y, 1)
-    return dict(t0_us=float(t0) * 1e6, slope_us_per_block=float(slope) * 1e6)
-
 
 def run_group(rng, heads, batch, context, block_size, counts, dtype, backend, reps, unroll_min, rotate_bytes, log,
               copies=None):

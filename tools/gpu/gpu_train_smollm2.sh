@@ -9,10 +9,10 @@
 #           (configs/smollm2_lora_aclsum_gpu.yaml, `demo.py --aclsum`):
 #           demo_aclsum_gpu.{json,md}
 #
-#   bash scripts/gpu_train_smollm2.sh              # both tasks, full size
-#   TASKS=aclsum bash scripts/gpu_train_smollm2.sh # one of them
-#   STEPS=100 NUM=32 REPEATS=1 bash scripts/gpu_train_smollm2.sh  # quick look (steps, records, timed repeats)
-#   SEEDS=3 bash scripts/gpu_train_smollm2.sh      # each arm trained with 3 seeds: mean [min to max]
+#   bash tools/gpu/gpu_train_smollm2.sh              # both tasks, full size
+#   TASKS=aclsum bash tools/gpu/gpu_train_smollm2.sh # one of them
+#   STEPS=100 NUM=32 REPEATS=1 bash tools/gpu/gpu_train_smollm2.sh  # quick look (steps, records, timed repeats)
+#   SEEDS=3 bash tools/gpu/gpu_train_smollm2.sh      # each arm trained with 3 seeds: mean [min to max]
 #   CONFIG_ARITH=a.yaml CONFIG_ACLSUM=b.yaml ...   # other configs (the suite's CPU dry run uses tiny ones)
 #   MAX_NEW=8 ...                                  # generated tokens per record (the dry run's budget)
 #
@@ -32,7 +32,7 @@
 #                mkdir -p .smollm2_1 .smollm2_2 && split -b 50M -d "$G" part- \
 #                  && mv part-00 .smollm2_1/ && mv part-01 .smollm2_2/
 #        call 1: carry [".smollm2_1"], command "true"
-#        call 2: carry [".smollm2_2", ".whl"], command "bash scripts/gpu_train_smollm2.sh"
+#        call 2: carry [".smollm2_2", ".whl"], command "bash tools/gpu/gpu_train_smollm2.sh"
 # Missing small wheels (gguf, aclsum) travel in .whl/ as the device README
 # says; they are installed to /tmp/site when present.
 #

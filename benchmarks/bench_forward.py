@@ -1,6 +1,6 @@
 """CPU forward time of SmolLM2-135M-Instruct: our jitted Llama vs the PyTorch reference.
 
-    .venv/bin/python scripts/bench_forward.py [--torch-python /tmp/torchref/bin/python]
+    .venv/bin/python benchmarks/bench_forward.py [--torch-python /tmp/torchref/bin/python]
 
 Both sides load the same GGUF (ours via `load_model`, PyTorch via transformers'
 GGUF loader, both dequantized to fp32), run a full forward with fp32 logits on

@@ -31,7 +31,7 @@ time goes, per XLA op and per part of the step (kernel loop, kernel setup,
 block list, weight matmuls, other, executor): the kind of question a difference
 of two wall times cannot answer (docs/notes/generation.md, session 27).
 
-    python scripts/profile_loop.py --batch 1,8,64 --context 100,2048 --out benchmarks/results/decode_loop_cost_cpu.json
+    python benchmarks/profile_loop.py --batch 1,8,64 --context 100,2048 --out benchmarks/results/decode_loop_cost_cpu.json
 """
 
 from __future__ import annotations
@@ -311,7 +311,7 @@ def main(argv=None) -> int:
                 "variants": {n: {"policy": type(pol).__name__, **flags} for n, (pol, flags) in variants.items()},
                 "points": points,
                 "not_measured": skipped,  # points --max-seconds left out
-                "command": "python scripts/profile_loop.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                "command": "python benchmarks/profile_loop.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             }
             return reporting.write_json(result, args.out)
 
@@ -351,8 +351,7 @@ def main(argv=None) -> int:
             print(f"not measured (--max-seconds {args.max_seconds}): {skipped}")
         print(f"wrote {write(points, skipped)}")
         if args.plot:
-            sys.path.insert(0, str(Path(__file__).parent))
-            from bench_decode import machine_of, plot_fraction_of_ceiling
+            from selfspan_jax.benchmarks import machine_of, plot_fraction_of_ceiling
 
             series = {f"self_span, {c} tokens": [(pt["batch"], pt["ceiling"]["fraction_of_ceiling"]) for pt in points
                                                  if pt["context"] == c and "ceiling" in pt] for c in contexts}
