@@ -23,7 +23,7 @@ noise. Each repeat runs every policy once, back to back, so all see the
 same load; the speedup is the median of the per-repeat ratios. The JSON
 also holds rho (KV blocks read / dense blocks), r (dense KV bytes / weight
 bytes per step) and the memory-bound ceiling (1 + r) / (1 + rho r) of
-DESIGN.md section 5, per policy at its measured rho.
+docs/spec.md section 5, per policy at its measured rho.
 
 `--policies` adds the training-free and learned baselines to the same turns
 (forced tokens make every policy decode the same trace; only self_span reads
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
                                   kernel=KernelOptions(backend=args.backend, prefill_chunk=args.prefill_chunk))
                 r = kv_weight_ratio(config, batch, context + args.new_tokens / 2, itemsize)
                 pt["r"] = r
-                for pol in policies:  # DESIGN.md section 5's memory-bound ceiling at the policy's measured rho
+                for pol in policies:  # docs/spec.md section 5's memory-bound ceiling at the policy's measured rho
                     rho = pt[pol]["kv_read_fraction"]
                     pt[pol].update(rho=rho, ceiling=memory_ceiling(r, rho))
                     pt[pol]["fraction_of_ceiling"] = pt[pol]["speedup"] / pt[pol]["ceiling"]

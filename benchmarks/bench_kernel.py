@@ -1,4 +1,4 @@
-"""Microbenchmark of block_sparse_decode (issue 4 sweep; DESIGN.md §5 targets).
+"""Microbenchmark of block_sparse_decode (issue 4 sweep; docs/spec.md §5 targets).
 
     .venv/bin/python benchmarks/bench_kernel.py             # CPU: xla path, small sweep (~minutes)
     python3 benchmarks/bench_kernel.py                      # GPU: Triton kernel, full sweep
@@ -349,7 +349,7 @@ def main(argv=None) -> dict:
             benchmark="block_sparse_decode", device=str(device), device_kind=device.device_kind, platform=device.platform,
             jax_version=jax.__version__, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             environment=reporting.environment(), sweep=cfg, reps=reps, rotate_bytes=rotate_bytes, target_factor=0.8 if gpu else 0.5,
-            target_note="DESIGN.md §5: speedup >= 0.8/rho (GPU kernel) or >= 0.5/rho (CPU XLA path) at T >= 8k",
+            target_note="docs/spec.md §5: speedup >= 0.8/rho (GPU kernel) or >= 0.5/rho (CPU XLA path) at T >= 8k",
             copy_bandwidth_gbps=copy_bandwidth((1024 if gpu else 256) * 1024 * 1024, reps), groups=[], truncated=False,
         )
         print(f"device {result['device_kind']} ({result['platform']}), jax {jax.__version__}, "

@@ -10,7 +10,7 @@ Shapes use the house letters: B batch, N query heads, K KV heads, G = N/K,
 H head dim, S cache length, L length of a block list (entries, padded),
 NB = S // block_size blocks in the cache.
 
-Semantics (DESIGN.md §3): the query of (b, n) sees token s iff the block
+Semantics (docs/spec.md §3): the query of (b, n) sees token s iff the block
 s // block_size is among the first block_counts[b(, k)] entries of
 block_indices[b(, k)], and token_mask[b, s] when a mask is given. The result is
 softmax attention over exactly those tokens; a row that sees nothing is zero.
@@ -114,7 +114,7 @@ def block_sparse_decode_kernel(
         o_prev, m_prev, l_prev, start, *keep = carry  # keep: [] or [the int8 mask row of tile t]
         start_next = tile_start(t + 1)
         # One indexer on the whole-array ref: Triton lowering rejects chained
-        # `.at[...][...]` indexers (DESIGN.md §4).
+        # `.at[...][...]` indexers (docs/spec.md §4).
         k = k_ref[layer, b, h, pl.ds(start, block_k), :]  # [block_k, H]
         # [block_h, block_k]
         s = lax.dot_general(
@@ -263,7 +263,7 @@ def _pallas_partials(q, k, v, layer, block_indices, block_counts, token_mask, *,
     # [B, K, block_h, H]: Triton's mma needs >= 16 rows; padded rows attend
     # with q = 0 and are dropped below.
     q_pad = jnp.pad(q, ((0, 0), (0, 0), (0, p.block_h - group), (0, 0)))
-    # The layer is an ordinary input (no scalar prefetch on Triton, DESIGN.md
+    # The layer is an ordinary input (no scalar prefetch on Triton, docs/spec.md
     # §4) so one compiled kernel serves every layer of the stacked cache.
     inputs = [jnp.reshape(layer, (1,)).astype(jnp.int32), block_indices, block_counts, q_pad, k, v]
     if token_mask is not None:

@@ -139,7 +139,7 @@ def block_sparse_decode_xla(
     slot_rows = row_ids.reshape(-1)[owner * list_rows + within]  # [slots] row within its (b, k)
     # Padding slots re-read slot 0's row (the first live row: a step runs only when total > 0)
     # and are masked out: the list's padding, and blocks nobody listed, are never read, so a
-    # NaN there cannot reach the output (the kernel contract, DESIGN.md §3).
+    # NaN there cannot reach the output (the kernel contract, docs/spec.md §3).
     owner = jnp.where(valid, owner, owner[0])
     slot_rows = jnp.where(valid, slot_rows, slot_rows[0])
 

@@ -1,6 +1,6 @@
 """The Triton module that Pallas hands to XLA for an H100, obtained without a GPU.
 
-`jax.export` against an abstract H100 (DESIGN.md §4) runs the whole Pallas ->
+`jax.export` against an abstract H100 (docs/spec.md §4) runs the whole Pallas ->
 Triton lowering and serialises the module as bytecode into the
 `__gpu$xla.gpu.triton` custom call. That proves lowering; what the GPU will
 execute is only seen once the module goes through Triton's own pipeline

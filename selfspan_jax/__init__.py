@@ -24,7 +24,7 @@ _EXPORTS = {
     "load_model": "weights",
     "CharTokenizer": "tokenizer",
     "generate": "generation",
-    "GenerateOutput": "generation",
+    "GenerateOutput": "generate_output",
     "Outputs": "generation",
     "KernelOptions": "generation",
     "Sampling": "sampling",

@@ -4,7 +4,7 @@ Two compiled programs per shape bucket (`start`, then `loop`, which takes
 the state donated) do everything on device:
 
 1. `prefill`: a full forward over the right-padded prompts with the policy's
-   mask (the span mask of DESIGN.md §2 for `self_span`), writing the KV cache,
+   mask (the span mask of docs/spec.md §2 for `self_span`), writing the KV cache,
    and the policy's initial state; the first token is sampled from the logits
    at each prompt's last position;
 2. `decode_step`, the body of a `lax.while_loop`: the emitted token is
@@ -21,6 +21,11 @@ temperatures or seeds in the same bucket reuse the compiled program.
 
 Shapes use the house letters: B batch, T prompt bucket, S cache length,
 M token-budget bucket, N query heads, K KV heads, H head dim, V vocab.
+
+Why one file of ~470 lines: it is everything the two compiled programs trace
+(their state, inputs and options, prefill, the step and the attention hook),
+read top to bottom; what the loop measures is `loop_stats`, what it reads is
+`selection`.
 """
 
 from __future__ import annotations

@@ -16,7 +16,12 @@ records are generated greedily and scored, the per-step span statistics of
   policy to dense is reported.
 
 `load_for_eval` turns a training run directory (`scripts/train.py --out`) or
-a model source (`weights.load_model`) into (model, tokenizer).
+a model source (`weights.load_model`) into (model, tokenizer). How a result
+is shown and stored is `tables`.
+
+Why one file of ~520 lines: one job, a comparison's rows from models to
+scored and timed metrics (loading, rows, decoding, scoring, timing in turns,
+the speed batches); the result's tables and files are `tables`.
 """
 
 from __future__ import annotations

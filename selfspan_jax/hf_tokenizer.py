@@ -11,7 +11,7 @@
   token. transformers' own entry point (`get_gguf_tokenizer`) goes through a
   reader that imports torch, which this package must not need.
 
-`add_span_tokens` appends the three span special tokens of DESIGN.md section 2.
+`add_span_tokens` appends the three span special tokens of docs/spec.md section 2.
 """
 
 from __future__ import annotations

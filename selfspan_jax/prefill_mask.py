@@ -5,7 +5,7 @@ sequence, and the dense attention that consumes it scores [B, N, T, T] in
 fp32 (4 GB per layer at 4 heads). Prefill never needs all of it at once:
 `blocked_attention` (selfspan_jax.attention) walks query chunks and, inside
 each, the key chunks at or before it, asking the mask for one block. What the
-mask keeps is per query and per key (DESIGN.md section 2's rule needs no more):
+mask keeps is per query and per key (docs/spec.md section 2's rule needs no more):
 
 - `SpanPrefillMask`: each query's (segment, refs [M], dense) and each key's
   segment, as `spans.query_fields` scans them; a block is `spans._visible` on

@@ -1,4 +1,4 @@
-"""The span language of DESIGN.md §2: one rule, used by training and decoding.
+"""The span language of docs/spec.md §2: one rule, used by training and decoding.
 
 Three special tokens: `<|anchor|>` (A), `<|ref|>` (R), `<|/ref|>` (/R).
 Reference ids are decimal numbers written with the tokenizer's ordinary

@@ -1,7 +1,7 @@
 """Character-level tokenizer for the `tiny` model.
 
 One id per character, plus the special tokens BOS/EOS/PAD/UNK and the three
-span tokens of DESIGN.md §2, each a single id. The interface copies the parts
+span tokens of docs/spec.md §2, each a single id. The interface copies the parts
 of a `transformers` tokenizer that the rest of the package calls, so training,
 data and generation code treat both alike.
 
@@ -18,7 +18,7 @@ import re
 import string
 from typing import Iterable, Sequence
 
-# The span language's three special tokens (DESIGN.md §2). Their one home:
+# The span language's three special tokens (docs/spec.md §2). Their one home:
 # jax-free, so data generation and tokenizers need no jax.
 ANCHOR, REF_OPEN, REF_CLOSE = "<|anchor|>", "<|ref|>", "<|/ref|>"
 SPAN_TOKEN_STRINGS = (ANCHOR, REF_OPEN, REF_CLOSE)

@@ -70,7 +70,7 @@ class TrainConfig:
     lora_rank: int = _field(0, "LoRA rank; 0 = full fine-tuning (tiny always trains fully)")
     lora_alpha: float = _field(16.0, "LoRA alpha (the update is scaled by alpha / rank)")
     lora_mlp: bool = _field(False, "also put LoRA adapters on the MLP projections (default: attention only)")
-    span_policy: str = _field("self_span", "self_span: train with the DESIGN.md section 2 span mask on every "
+    span_policy: str = _field("self_span", "self_span: train with the docs/spec.md section 2 span mask on every "
                                            "sequence; dense: same data, causal mask (the ablation)")
     max_segments: int = _field(64, "segment limit of the span language")
     init_from: str | None = _field(None, "warm start: initialise the trained parameters from this run "

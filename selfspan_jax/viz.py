@@ -57,7 +57,7 @@ def span_image(tokens: Sequence[int], prompt_length: int, *, span_tokens, max_se
 
 def segment_bounds(tokens: Sequence[int], span_tokens) -> list[tuple[int, int]]:
     """[(start, end)] of every segment: segment 0 runs to the first anchor, each later one starts at
-    its anchor (DESIGN.md section 2). Empty leading segments are kept, so index = segment id."""
+    its anchor (docs/spec.md section 2). Empty leading segments are kept, so index = segment id."""
     anchors = [i for i, t in enumerate(tokens) if int(t) == span_tokens.anchor]
     bounds = [0, *anchors, len(tokens)]
     return list(zip(bounds[:-1], bounds[1:]))

@@ -18,7 +18,7 @@ MAX_SEG = 32
 
 
 def brute_mask(ids, tok, max_segments=MAX_SEG):
-    """Visibility of DESIGN.md §2 for well-formed sequences, written out with
+    """Visibility of docs/spec.md §2 for well-formed sequences, written out with
     plain loops over the token list (no state machine)."""
     A_, R_, RC_ = (tok.convert_tokens_to_ids(s) for s in (ANCHOR, REF_OPEN, REF_CLOSE))
     T = len(ids)

@@ -224,7 +224,7 @@ def test_forced_span_streams_match_training_mask(model, tok, span_tokens):
 
     Teacher forcing through the decode loop must give the same rows and
     log-probs as the training mask and the full forward, including the
-    fallbacks of DESIGN.md §2 (which this stream provokes on purpose: the
+    fallbacks of docs/spec.md §2 (which this stream provokes on purpose: the
     prompts already hold 5 segments and MAX_SEGMENTS is 8).
     """
     rng = np.random.default_rng(3)

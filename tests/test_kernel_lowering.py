@@ -1,6 +1,6 @@
 """The Pallas kernel lowers to Triton IR for an H100, proved without a GPU.
 
-jax.export lowers for CUDA against an abstract H100 (DESIGN.md §4): this runs
+jax.export lowers for CUDA against an abstract H100 (docs/spec.md §4): this runs
 the whole Pallas -> Triton lowering and serialises the Triton module into the
 `__gpu$xla.gpu.triton` custom call. It proves lowering; tests/test_kernel_sm90.py
 compiles the captured modules on to PTX and machine code for sm_90.
@@ -98,7 +98,7 @@ def test_explicit_params_reach_the_launch():
 
 def test_export_really_runs_triton_lowering():
     # Negative control: a kernel with a chained indexer (which Triton lowering
-    # rejects, DESIGN.md §4) must fail the same export, so a pass above means
+    # rejects, docs/spec.md §4) must fail the same export, so a pass above means
     # the Triton lowering accepted our kernel rather than being skipped.
     def kernel(x_ref, o_ref):
         b = pl.program_id(0)

@@ -1,4 +1,4 @@
-"""Tests for the span language (selfspan_jax/spans.py, DESIGN.md §2).
+"""Tests for the span language (selfspan_jax/spans.py, docs/spec.md §2).
 
 Three independent views of the rule must agree on random token streams:
 the training mask (`attention_mask`), the decode state stepped token by token
@@ -45,7 +45,7 @@ def _is_digit(tok: int) -> bool:
 
 
 def reference_mask(tokens: list[int], length: int, max_segments: int) -> tuple[np.ndarray, dict]:
-    """Brute-force mask [T, T] and statistics of the rule, written from DESIGN.md §2.
+    """Brute-force mask [T, T] and statistics of the rule, written from docs/spec.md §2.
 
     Works on the whole list at once: segments are found by counting anchors,
     each segment's header by searching for its first R and the first /R after
@@ -222,7 +222,7 @@ def test_pad_id_masks_rows_and_columns_when_no_lengths(stream, use_pad):
     np.testing.assert_array_equal(mask, expected)
 
 
-# --- the DESIGN.md arithmetic example, by hand ------------------------------
+# --- the docs/spec.md arithmetic example, by hand ------------------------------
 
 def _char_ids(text: str) -> tuple[list[int], spans.SpanTokens]:
     """A throwaway char tokenizer: specials, then one id per character."""

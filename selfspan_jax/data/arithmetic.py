@@ -1,4 +1,4 @@
-"""Step-by-step arithmetic with span annotations (DESIGN.md §2).
+"""Step-by-step arithmetic with span annotations (docs/spec.md §2).
 
 A problem is a nested integer expression over + - * /. Its derivation
 rewrites the expression one reduction at a time: every step replaces exactly

@@ -11,7 +11,7 @@ draws on, found by a ROUGE greedy oracle:
     completion:  <|anchor|><|ref|>1<|/ref|>The footbridge opened on Saturday.\\n
                  <|anchor|><|ref|>4,5<|/ref|>Costs rose ...
 
-The ids in a header are SEGMENT numbers (DESIGN.md §2: seg counts anchors,
+The ids in a header are SEGMENT numbers (docs/spec.md §2: seg counts anchors,
 segment 0 is the instruction). Article sentence i sits in segment i, and the
 visible "[i]" equals it, so what the model reads and what it must write
 agree. Summary sentence j is segment n_sentences + j.
