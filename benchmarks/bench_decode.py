@@ -49,7 +49,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 
 from selfspan_jax import reporting
 from selfspan_jax.benchmarks import (SHAPES, decode_point, machine_of, plot_fraction_of_ceiling, random_model,
@@ -117,15 +116,11 @@ def main(argv=None) -> int:
         contexts = [int(c) for c in args.context.split(",")]
         model = random_model(args.shape, args.dtype, max(contexts) + args.new_tokens + 64)
         config = model.config
-        controller = args.adore_controller
-        if controller is None and any(p.startswith("adore") for p in policies):
-            from selfspan_jax.adore import TrainedController, new_controller
+        controller = args.adore_controller or "random"  # a random one reads and computes what a trained one does
 
-            controller = TrainedController(new_controller(config.n_layers, config.head_dim),
-                                           source="random, untrained (speed only)")
-
-        def resolved(label):
-            return make_policy(label, tokenizer=tokenizer, max_segments=args.max_segments, adore_controller=controller)
+        resolved = {label: make_policy(label, tokenizer=tokenizer, max_segments=args.max_segments,
+                                       adore_controller=controller, model_config=config) for label in policies}
+        controllers = [pol.controller.source for pol in resolved.values() if hasattr(pol, "controller")]
 
         need = max(contexts) + args.new_tokens
         # each row starts at a different problem so the batch is not one sequence repeated
@@ -135,7 +130,7 @@ def main(argv=None) -> int:
         for context in contexts:
             for batch in batches:
                 pt = decode_point(model, rows, batch=batch, context=context, new_tokens=args.new_tokens,
-                                  policies={label: resolved(label) for label in policies}, repeats=args.repeats,
+                                  policies=resolved, repeats=args.repeats,
                                   tokenizer=tokenizer, block_size=args.block_size,
                                   kernel=KernelOptions(backend=args.backend, prefill_chunk=args.prefill_chunk))
                 r = kv_weight_ratio(config, batch, context + args.new_tokens / 2, itemsize)
@@ -158,7 +153,7 @@ def main(argv=None) -> int:
         result = {
             "benchmark": f"end-to-end decode, {' vs '.join(policies)}, forced recorded span traces",
             "policies": policies,
-            "adore_controller": None if controller is None else str(getattr(controller, "source", controller)),
+            "adore_controller": str(controllers[0]) if controllers else None,
             "label": label,
             "environment": reporting.environment(),
             "model": {"shape": args.shape, **config.to_dict(), "num_params": config.num_params(),

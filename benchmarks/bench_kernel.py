@@ -51,8 +51,8 @@ import numpy as np
 from pallas_kernels import block_sparse_decode
 from pallas_kernels.backend import BlockSparseParams, on_gpu, resolve_backend
 from selfspan_jax import reporting
-from selfspan_jax.kernel_bench import (HEADS, PEER_MODULES, bytes_read, cache_copies, copy_bandwidth,  # noqa: F401 (PEER_MODULES: read by the tests)
-                                       peer_ops, random_caches, random_lists, time_executable, unrolled)
+from selfspan_jax.kernel_bench import (HEADS, bytes_read, cache_copies, copy_bandwidth, peer_ops, random_caches,
+                                       random_lists, time_executable, unrolled)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

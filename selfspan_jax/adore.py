@@ -198,3 +198,18 @@ def load_controller(directory: str | Path, step: int | None = None) -> TrainedCo
     with ck.Checkpointer(folder) as mgr:
         state, _ = mgr.restore(target, step, partial=True)
     return TrainedController(nnx.merge(graphdef, state["params"]), source=str(directory))
+
+
+def controller_of_run(run_dir: str | Path) -> Path | None:
+    """Where `scripts/train_adore.py` puts a run's controller by default (`<run>/adore`), if it is there."""
+    path = Path(run_dir) / "adore"
+    return path if (path / SETTINGS).is_file() else None
+
+
+def check_controller_source(controller: TrainedController, run_dir: str | Path) -> None:
+    """A controller learned one run's attention: refuse it for another run (`controller.json`'s
+    source_run against `run_dir`, compared by where they are)."""
+    source_run = read_settings(controller.source).get("source_run") if controller.source else None
+    if source_run and Path(source_run).resolve() != Path(run_dir).resolve():
+        raise ValueError(f"the ADORE controller {controller.source} was distilled from the run {source_run}, not "
+                         f"from {run_dir}: distil one for this run (scripts/train_adore.py --run {run_dir})")

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.backend import resolve_backend
-from selfspan_jax import adore, reporting, runs, tasks
+from selfspan_jax import reporting, runs, tasks
 from selfspan_jax.data.arithmetic import check_completion
 from selfspan_jax.generation import GenerateOutput, KernelOptions, Outputs, checked_policy, generate
 from selfspan_jax.policies import make_policy
@@ -112,6 +112,7 @@ class Row:
     source: str = ""
     note: str = ""
     attention: Any = None  # the resolved `Policy` to decode with when `policy` is only its label
+    run_dir: str | None = None  # the training run decoded: policies that need it (ADORE's controller) find it there
     # a pretrained model that never saw the task's format: asked `Task.zero_shot_question` (through the
     # tokenizer's chat template when it has one) and scored by `Task.score_zero_shot`
     zero_shot: bool = False
@@ -247,7 +248,7 @@ def evaluate_rows(
     for row in rows:  # every row's policy against its model before the first row's work
         try:
             policies[row.name] = checked_policy(row.model, row.decode_policy, tokenizer=row.tokenizer,
-                                                max_segments=max_segments)
+                                                max_segments=max_segments, run_dir=row.run_dir)
         except ValueError as err:
             raise ValueError(f"row {row.name!r}: {err}") from err
     if max_new_tokens is None:
@@ -404,32 +405,6 @@ _NOT_COMPARED = {"span_policy", "out", "progress", "tensorboard", "eval_batch_si
                  "keep_checkpoints", "eval_every", "eval_generate", "export_merged"}
 
 
-def adore_controller_of(loaded: Loaded) -> Path | None:
-    """Where `scripts/train_adore.py` puts a run's controller by default (`<run>/adore`), if it is there."""
-    path = Path(loaded.source) / "adore"
-    return path if (path / "controller.json").is_file() else None
-
-
-def resolve_policy(policy: Any, loaded: Loaded):
-    """The `Policy` to decode a row labelled `policy` with: ADORE specs get the model's own controller
-    (`adore_controller_of`); other labels are resolved by `generate` itself (None)."""
-    if isinstance(policy, str) and (policy == "adore" or policy.startswith("adore(")):
-        pol = make_policy(policy, adore_controller=adore_controller_of(loaded))
-        check_controller_source(pol.controller, loaded)
-        return pol
-    return None
-
-
-def check_controller_source(controller, loaded: Loaded) -> None:
-    """An ADORE controller learned one run's attention: refuse it for a row that decodes another run
-    (`controller.json`'s source_run against the row's run directory, compared by where they are)."""
-    source_run = adore.read_settings(controller.source).get("source_run") if controller.source else None
-    if source_run and loaded.step is not None and Path(source_run).resolve() != Path(loaded.source).resolve():
-        raise ValueError(f"the ADORE controller {controller.source} was distilled from the run {source_run}, not "
-                         f"from {loaded.source}: distil one for this run (scripts/train_adore.py --run "
-                         f"{loaded.source})")
-
-
 def comparison_rows(loaded: Loaded, base: Loaded | None, policies: Sequence[str],
                     baseline_policies: Sequence[str]) -> tuple[list[Row], str | None, list[str]]:
     """The rows of a run under `policies` (and of its baseline under `baseline_policies`), the row
@@ -448,7 +423,7 @@ def comparison_rows(loaded: Loaded, base: Loaded | None, policies: Sequence[str]
         tw = trained(lo)
         return Row(f"{prefix}{'span' if tw == 'self_span' else tw}-trained/{policy}", lo.model, lo.tokenizer,
                    policy, trained_with=tw, source=lo.source if lo.step is None else f"{lo.source} step {lo.step}",
-                   note=ood_note(tw, policy), attention=resolve_policy(policy, lo))
+                   note=ood_note(tw, policy), run_dir=lo.source if lo.step is not None else None)
 
     rows = [row(loaded, p) for p in policies]
     notes = []

@@ -242,12 +242,11 @@ def generate(
     return GenerateOutput.from_loop(st, report, pol, lengths, max_new_tokens, eos, tokenizer, timing)
 
 
-def checked_policy(model, policy: str | Policy, *, tokenizer=None, max_segments: int | None = None,
-                   adore_controller=None) -> Policy:
+def checked_policy(model, policy: str | Policy, *, tokenizer=None, **context) -> Policy:
     """The `Policy` `generate` decodes `model` with: a name or spec resolved (`policies.make_policy`,
-    with the context given), then checked against the model's shapes (`Policy.check_model`).
-    Callers that decode several policies check them all first."""
-    pol = make_policy(policy, tokenizer=tokenizer, max_segments=max_segments, adore_controller=adore_controller)
+    with the context given and the model's config), then checked against the model's shapes
+    (`Policy.check_model`). Callers that decode several policies check them all first."""
+    pol = make_policy(policy, tokenizer=tokenizer, model_config=model.config, **context)
     pol.check_model(model.config)
     return pol
 

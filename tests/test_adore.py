@@ -290,13 +290,18 @@ def test_distill_learns_resumes_and_plugs_into_generate(dense_run, tmp_path):
         assert "delete" not in str(err.value)
     assert sorted(p.name for p in dense_run.iterdir()) == before
     # a controller is refused for a row decoding another run than the one it learned (a copy elsewhere here)
-    from selfspan_jax import evaluate as ev
-
     shutil.copytree(dense_run, tmp_path / "other", ignore=shutil.ignore_patterns("adore", ".lock"))
     spec = f"adore(budget=6,rebuild=1,controller={tmp_path / 'a'})"
-    assert ev.resolve_policy(spec, ev.load_for_eval(str(dense_run))).controller == adore.load_controller(tmp_path / "a")
+    assert make_policy(spec, run_dir=str(dense_run)).controller == adore.load_controller(tmp_path / "a")
     with pytest.raises(ValueError, match="was distilled from the run .*, not from .*other"):
-        ev.resolve_policy(spec, ev.load_for_eval(str(tmp_path / "other")))
+        make_policy(spec, run_dir=str(tmp_path / "other"))
+    # a run's own controller is found in <run>/adore when the spec names none
+    (dense_run / "adore").symlink_to(tmp_path / "a")
+    try:
+        assert make_policy("adore(budget=6,rebuild=1)", run_dir=str(dense_run)).controller.source == str(
+            dense_run / "adore")
+    finally:
+        (dense_run / "adore").unlink()
     # one writer per output folder, as for training runs
     with runs.RunLock(tmp_path / "a"):
         with pytest.raises(runs.RunDirLocked, match="controller directory .* is in use: pid"):

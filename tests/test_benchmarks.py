@@ -264,22 +264,24 @@ def test_kernel_bench_sweeps_without_jax_peer_ops(tmp_path, monkeypatch):
     import json
     import types
 
+    from selfspan_jax import kernel_bench
+
     bench_kernel = load_script("benchmarks/bench_kernel.py")
 
     assert all("no GPU" in why for why in bench_kernel.peer_ops(gpu=False).values())
     real_import = importlib.import_module
 
     def only_decode(name, *a, **kw):
-        if name == bench_kernel.PEER_MODULES["jax_paged"]:
+        if name == kernel_bench.PEER_MODULES["jax_paged"]:
             raise ModuleNotFoundError(f"No module named {name!r}")
-        if name == bench_kernel.PEER_MODULES["jax_decode"]:
+        if name == kernel_bench.PEER_MODULES["jax_decode"]:
             return types.SimpleNamespace(decode_attn_unbatched=_reference_decode)
         return real_import(name, *a, **kw)
 
     monkeypatch.setattr(importlib, "import_module", only_decode)
     peers = bench_kernel.peer_ops(gpu=True)
     assert peers["jax_decode"].decode_attn_unbatched is _reference_decode
-    assert f"jax {jax.__version__} has no {bench_kernel.PEER_MODULES['jax_paged']}" in peers["jax_paged"]
+    assert f"jax {jax.__version__} has no {kernel_bench.PEER_MODULES['jax_paged']}" in peers["jax_paged"]
 
     monkeypatch.setattr(bench_kernel, "peer_ops", lambda gpu: peers)
     out = tmp_path / "k.json"

@@ -43,6 +43,7 @@ from selfspan_jax import evaluate as ev
 from selfspan_jax import tables
 from selfspan_jax import runs
 from selfspan_jax.finished_rows import FinishedRows
+from selfspan_jax.adore import controller_of_run
 from selfspan_jax.policies import make_policy, split_policy_specs
 from selfspan_jax.train_config import parse_key_value
 
@@ -353,7 +354,7 @@ def _compare(args, p: argparse.ArgumentParser, argv, finished: FinishedRows) -> 
     try:
         for run, baseline in pairs:
             base = ev.load_for_eval(baseline)  # once per seed: the first's head dim sets the default sweep
-            controller = ev.adore_controller_of(base)
+            controller = controller_of_run(base.source)
             if policies is None:
                 policies = (split_policy_specs(args.policies) if args.policies else
                             default_sweep(base.model.config.head_dim, budgets=tuple(args.budgets),

@@ -62,13 +62,27 @@ class AdorePolicy(DecodeOnlyPolicy):
 
     @classmethod
     def from_settings(cls, settings, context):
+        from selfspan_jax import adore  # the policy table must not need flax's RNN modules to import
+
         settings = dict(settings)
-        if settings.get("controller") is None:
-            if context.adore_controller is None:
-                raise ValueError("policy 'adore' needs a trained controller: pass adore_controller= (the directory "
-                                 "scripts/train_adore.py wrote, <run>/adore by default) or adore(controller=DIR, ...)")
-            settings["controller"] = context.adore_controller
-        return cls(**settings)
+        controller = settings.get("controller")
+        if controller is None:
+            controller = context.adore_controller
+        if controller is None and context.run_dir is not None:
+            controller = adore.controller_of_run(context.run_dir)
+        if controller is None:
+            raise ValueError("policy 'adore' needs a trained controller: pass adore_controller= (the directory "
+                             "scripts/train_adore.py wrote, <run>/adore by default) or adore(controller=DIR, ...)")
+        if isinstance(controller, str) and controller == "random":
+            if context.model_config is None:
+                raise ValueError("adore(controller=random) needs the model's config (its layers and head dim)")
+            controller = adore.TrainedController(
+                adore.new_controller(context.model_config.n_layers, context.model_config.head_dim),
+                source="random, untrained (speed only)")
+        pol = cls(**{**settings, "controller": controller})
+        if context.run_dir is not None:
+            adore.check_controller_source(pol.controller, context.run_dir)
+        return pol
 
     def __post_init__(self):
         from selfspan_jax import adore  # the policy table must not need flax's RNN modules to import

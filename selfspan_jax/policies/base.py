@@ -123,10 +123,16 @@ class PolicyContext:
     tokenizer: the span tokens of `self_span` come from it.
     max_segments: the span language's segment limit a run was trained with (`self_span`; None = the
         policy's default).
-    adore_controller: the trained controller of `adore` (`adore.TrainedController` or the directory
-        `scripts/train_adore.py` wrote; a run's is `<run>/adore`).
+    adore_controller: the trained controller of `adore` (`adore.TrainedController`, the directory
+        `scripts/train_adore.py` wrote, or "random": an untrained one of `model_config`'s shape, which
+        reads and computes what a trained one does: for speed only).
+    run_dir: the training run being decoded: `adore` takes its controller from `<run_dir>/adore` when
+        none is given, and refuses one distilled from another run.
+    model_config: the `LlamaConfig` of the model being decoded.
     """
 
     tokenizer: Any = None
     max_segments: int | None = None
     adore_controller: Any = None
+    run_dir: Any = None
+    model_config: Any = None

@@ -66,12 +66,13 @@ def split_policy_specs(text: str) -> list[str]:
 
 
 def make_policy(policy: str | Policy, *, tokenizer=None, max_segments: int | None = None,
-                adore_controller=None) -> Policy:
+                adore_controller=None, run_dir=None, model_config=None) -> Policy:
     """A policy from its name or spec (a `Policy` passes through).
 
     "dense", "self_span" (span tokens from `tokenizer`; `max_segments` the run's limit), "quest"
     (8 pages), "sparq" (r=16, k=64, local window 16: the paper's 1/8 setting at head dim 128) and
-    "adore" (budget 64, 4 rebuilt, the controller `adore_controller` or "adore(controller=DIR)");
+    "adore" (budget 64, 4 rebuilt; the controller `adore_controller`, "adore(controller=DIR)" or the
+    run's own under `run_dir`; `PolicyContext`);
     "quest(page_budget=3)", "sparq(r=8,k=16,local_window=4)" and "adore(budget=32,rebuild=2)" set
     the dataclass fields (what `scripts/evaluate.py --policies` and the comparison script take).
     """
@@ -80,7 +81,8 @@ def make_policy(policy: str | Policy, *, tokenizer=None, max_segments: int | Non
     if not isinstance(policy, str):
         raise ValueError(f"policy must be a name, a spec or a Policy, got {policy!r}")
     name, settings = parse_policy_spec(policy)
-    context = PolicyContext(tokenizer=tokenizer, max_segments=max_segments, adore_controller=adore_controller)
+    context = PolicyContext(tokenizer=tokenizer, max_segments=max_segments, adore_controller=adore_controller,
+                            run_dir=run_dir, model_config=model_config)
     try:
         return POLICIES[name].from_settings(settings, context)
     except TypeError as err:
