@@ -30,15 +30,15 @@ docs/spec.md section 5, per policy at its measured rho.
 the headers). ADORE takes `--adore-controller DIR`, or a random controller of
 the model's shape: its reads and compute do not depend on its weights.
 
-    # CPU (xla path), reduced shape -- what benchmarks/results/decode_cpu.json holds
+    # CPU (xla path), reduced shape -- what benchmarks/results/decode/decode_cpu.json holds
     python benchmarks/bench_decode.py --shape cpu-reduced --batch 8 --context 2048 --new-tokens 64
     # GPU, LLaMA-7B shape, bf16 (tools/gpu/gpu_bench_decode.sh runs this)
     python benchmarks/bench_decode.py --shape llama2-7b --dtype bfloat16 --batch 8,16,32 --context 2048
-    # the policies at the 1/8 setting, 2k tokens (benchmarks/results/decode_policies_cpu.json)
+    # the policies at the 1/8 setting, 2k tokens (benchmarks/results/decode/decode_policies_cpu.json)
     P='dense,self_span,quest(page_budget=4),sparq(r=16,k=128,local_window=16)'
     P="$P,sparq(r=16,k=128,local_window=16,component_major=True),adore(budget=256,rebuild=4)"
     python benchmarks/bench_decode.py --batch 8 --context 2048 --new-tokens 512 --repeats 5 --policies "$P" \\
-        --out benchmarks/results/decode_policies_cpu.json
+        --out benchmarks/results/decode/decode_policies_cpu.json
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     p.add_argument("--adore-controller", default=None, metavar="DIR",
                    help="ADORE controller (scripts/train_adore.py); default: a random one of the model's shape, "
                         "which reads and computes exactly what a trained one does (speed only)")
-    p.add_argument("--out", default="benchmarks/results/decode_cpu.json")
+    p.add_argument("--out", default="benchmarks/results/decode/decode_cpu.json")
     p.add_argument("--plot", default=None, help="PNG of measured/ceiling against batch size, one line per context")
     p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     args = p.parse_args(argv)

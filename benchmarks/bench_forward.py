@@ -10,7 +10,7 @@ side is a long-lived subprocess (this same file with --torch-worker) under the
 Python 3.11 + torch venv, since the project itself never imports torch; runs
 of the two sides alternate, so both see the same background load on the
 shared cores. The last-position logits of both are compared as a
-sanity check. Writes benchmarks/results/forward_cpu.json and prints a table.
+sanity check. Writes benchmarks/results/decode/forward_cpu.json and prints a table.
 
 Only the standard library is imported at module level so the torch worker
 does not need jax.
@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="threads per side; 1 also pins XLA to one thread (XLA otherwise uses every core)")
     parser.add_argument("--torch-python", default="/tmp/torchref/bin/python")
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "forward_cpu.json"))
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "decode", "forward_cpu.json"))
     parser.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--gguf", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)

@@ -310,7 +310,7 @@ def plot(result: dict, path: str, min_context: int) -> None:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sweep (smoke test)")
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kernel_{cpu,gpu}.json)")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kernel/kernel_{cpu,gpu}.json)")
     parser.add_argument("--plot", default=None, help="PNG path (default: the JSON path with .png)")
     parser.add_argument("--heads", nargs="+", choices=sorted(HEADS), default=None)
     parser.add_argument("--batches", nargs="+", type=int, default=None)
@@ -337,7 +337,7 @@ def main(argv=None) -> dict:
     if 1.0 not in cfg["densities"]:
         cfg["densities"] = list(cfg["densities"]) + [1.0]  # the all-blocks baseline
     reps = args.reps or (20 if gpu else 5)
-    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"kernel_{'gpu' if gpu else 'cpu'}{'_quick' if args.quick else ''}.json")
+    out = args.out or os.path.join(ROOT, "benchmarks", "results", "kernel", f"kernel_{'gpu' if gpu else 'cpu'}{'_quick' if args.quick else ''}.json")
     png = args.plot or os.path.splitext(out)[0] + ".png"
     with reporting.reserved_output(out, overwrite=args.overwrite, option="--out", prog="bench_kernel.py"):
         os.makedirs(os.path.dirname(out), exist_ok=True)

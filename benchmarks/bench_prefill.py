@@ -19,7 +19,7 @@ process's peak RSS (`ru_maxrss`, which includes Python, jax and the model).
 A full_mask point whose buffers would not fit the machine is compiled, not
 run. Times: median (min, max) of `--repeats` runs after a warm-up.
 
-    python benchmarks/bench_prefill.py --context 2048,8192,16384 --batch 1,8 --out benchmarks/results/prefill_cpu.json
+    python benchmarks/bench_prefill.py --context 2048,8192,16384 --batch 1,8 --out benchmarks/results/decode/prefill_cpu.json
 """
 
 from __future__ import annotations
@@ -110,14 +110,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch", default="1,8")
     p.add_argument("--modes", default="full_mask,blocked")
     p.add_argument("--shape", default="cpu-reduced")
-    p.add_argument("--traces", default="benchmarks/results/decode_traces_long.json")
+    p.add_argument("--traces", default="benchmarks/results/decode/decode_traces_long.json")
     p.add_argument("--max-segments", type=int, default=4096)
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--run-limit-gib", type=float, default=RUN_LIMIT_GIB,
                    help="compile but do not run a full_mask point whose XLA buffers exceed this")
     p.add_argument("--one", nargs=3, metavar=("MODE", "CONTEXT", "BATCH"), help=argparse.SUPPRESS)
-    p.add_argument("--out", default="benchmarks/results/prefill_cpu.json")
+    p.add_argument("--out", default="benchmarks/results/decode/prefill_cpu.json")
     p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     args = p.parse_args(argv)
     from selfspan_jax import reporting

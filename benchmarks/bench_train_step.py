@@ -17,7 +17,7 @@ at the measured streaming bandwidth (no overlap assumed).
         --set batch_size=8 --set seq_len=128 \\
         --variant attn_mlp: --variant attn_only:lora_mlp=false
 
-Writes benchmarks/results/<--name>.json.
+Writes benchmarks/results/training/<--name>.json.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     p.add_argument("--turns", type=int, default=5, help="timed steps per variant, taken in turns")
     p.add_argument("--num-train", type=int, default=256, help="examples to draw batches from (timing only)")
     p.add_argument("--name", default="train_step_cpu")
-    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--out-dir", default="benchmarks/results/training")
     p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     args = p.parse_args(argv)
     from selfspan_jax import reporting

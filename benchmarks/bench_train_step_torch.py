@@ -16,7 +16,7 @@ forward on a [batch, seq] batch of token ids, the next-token cross-entropy,
 the backward and an AdamW update of the adapters. Variants are timed in turns
 (median of --turns after one warm-up step each) with torch limited to the
 threads JAX uses here (all cores). Writes
-benchmarks/results/train_step_smollm2_torch_cpu.json.
+benchmarks/results/training/train_step_smollm2_torch_cpu.json.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--turns", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--out", default="benchmarks/results/train_step_smollm2_torch_cpu.json")
+    p.add_argument("--out", default="benchmarks/results/training/train_step_smollm2_torch_cpu.json")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args()
     # an existence check only: this runs in the PyTorch environment, without the package's lock

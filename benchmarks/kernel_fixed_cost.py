@@ -152,7 +152,7 @@ def main(argv=None) -> dict:
     if args.quick:
         args.heads, args.batches, args.context, args.block_size, args.counts = ["4,2,16"], [1], 64, 16, [0, 1, 2, 4]
     reps = args.reps or (20 if gpu else 2)
-    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"kernel_fixed_cost_{'gpu' if gpu else 'cpu'}.json")
+    out = args.out or os.path.join(ROOT, "benchmarks", "results", "kernel", f"kernel_fixed_cost_{'gpu' if gpu else 'cpu'}.json")
     with reporting.reserved_output(out, overwrite=args.overwrite, option="--out", prog="kernel_fixed_cost.py"):
         device = jax.devices()[0]
         result = dict(

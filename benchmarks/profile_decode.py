@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-segments", type=int, default=4096)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--calls", type=int, default=16, help="calls per timed sample (median of per-call means)")
-    p.add_argument("--traces", default="benchmarks/results/decode_traces_arithmetic.json")
+    p.add_argument("--traces", default="benchmarks/results/decode/decode_traces_arithmetic.json")
     p.add_argument("--skip-generate", action="store_true")
     p.add_argument("--out", default=None, help="write the numbers as JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")

@@ -31,7 +31,7 @@ time goes, per XLA op and per part of the step (kernel loop, kernel setup,
 block list, weight matmuls, other, executor): the kind of question a difference
 of two wall times cannot answer (docs/notes/generation.md, session 27).
 
-    python benchmarks/profile_loop.py --batch 1,8,64 --context 100,2048 --out benchmarks/results/decode_loop_cost_cpu.json
+    python benchmarks/profile_loop.py --batch 1,8,64 --context 100,2048 --out benchmarks/results/decode/decode_loop_cost_cpu.json
 """
 
 from __future__ import annotations
@@ -256,11 +256,11 @@ def main(argv=None) -> int:
     p.add_argument("--max-seconds", type=float, default=None,
                    help="start no new (batch, context) point after this many seconds; the JSON is rewritten "
                         "after every point, so a run stopped early keeps what it measured")
-    p.add_argument("--traces", default="benchmarks/results/decode_traces_long.json")
+    p.add_argument("--traces", default="benchmarks/results/decode/decode_traces_long.json")
     p.add_argument("--variants", default=None, help="comma-separated subset of the variants (default: all)")
     p.add_argument("--plot", default=None, help="PNG of self_span's measured/ceiling against batch size (needs "
                    "the variants dense, self_span and 'self_span +stats')")
-    p.add_argument("--out", default="benchmarks/results/decode_loop_cost_cpu.json")
+    p.add_argument("--out", default="benchmarks/results/decode/decode_loop_cost_cpu.json")
     p.add_argument("--op-profile", default=None, metavar="DIR",
                    help="after the timed rounds, trace one more call of each variant (jax.profiler, to DIR) and "
                         "record CPU ms per step of self time: its most expensive XLA ops (names as in --dump-hlo) and "

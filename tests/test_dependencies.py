@@ -42,7 +42,7 @@ def test_constraints_pin_every_declared_dependency_inside_its_range():
 
 def test_gpu_session_states_the_jax_version_against_the_pin():
     """The check gpu_session.sh runs before any stage, run here on this machine's jax."""
-    script = (ROOT / "scripts" / "gpu_session.sh").read_text()
+    script = (ROOT / "tools" / "gpu" / "gpu_session.sh").read_text()
     check = re.search(r"<<'PYCHECK'[^\n]*\n(.*?)\nPYCHECK\n", script, re.S).group(1)
     proc = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr

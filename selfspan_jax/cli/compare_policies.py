@@ -287,7 +287,7 @@ def main(argv=None) -> int:
     p.add_argument("--recall", action="store_true",
                    help="also measure each row's attention recall: the share of its model's dense attention on "
                         "the keys its policy read, per layer (a diagnostic; the timed calls run without it)")
-    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--out-dir", default="benchmarks/results/policies")
     p.add_argument("--name", default="policies_compare")
     p.add_argument("--smollm2", action="store_true",
                    help="instead: SmolLM2-135M-Instruct, training-free policies vs dense on the news fixture "

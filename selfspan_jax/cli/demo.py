@@ -19,8 +19,8 @@ model with its self-selected spans, (b) the span-trained model decoded dense
 the dense-trained baseline decoded dense; for each, exact match, the fraction
 of the context each generated token attended to, the fraction of KV-cache
 bytes read, tokens/s, and ratios against (c). Results, with the wall time of
-every phase, go to benchmarks/results/demo.{json,md}. Step 4 draws the span
-heat map of one example (benchmarks/results/demo_spans.png). The demo holds
+every phase, go to benchmarks/results/training/demo.{json,md}. Step 4 draws the span
+heat map of one example (benchmarks/results/training/demo_spans.png). The demo holds
 its results files while it runs (a second demo writing the same ones is
 refused) and replaces the ones it finds, saying so first: the committed
 results are what this command made, and `git diff` shows what moved on your
@@ -108,7 +108,9 @@ def main(argv=None) -> int:
     p.add_argument("--skip-train", action="store_true", help="evaluate the existing runs only")
     p.add_argument("--num", type=int, default=None,
                    help=f"held-out problems to evaluate (default 256; {REAL_NUM} with --real)")
-    p.add_argument("--results", default="benchmarks/results", help="where the table and picture go")
+    p.add_argument("--results", default=None,
+                   help="where the table and picture go (default: benchmarks/results/training, with --real or "
+                        "--aclsum benchmarks/results/real_models)")
     # one timed call of the 64-problem batch lasts ~0.15 s on the 2-core CPU: 20 turns keep the median
     # steady under the load of a shared machine for ~10 s more than evaluate.py's default of 5
     p.add_argument("--repeats", type=int, default=None,
@@ -147,6 +149,8 @@ def main(argv=None) -> int:
     if sum((args.real, args.long, args.aclsum)) > 1:
         p.error("--real, --aclsum and --long are separate experiments; run them one at a time")
     real = REAL_STAGES["aclsum" if args.aclsum else "real"] if args.real or args.aclsum else None
+    if args.results is None:
+        args.results = f"benchmarks/results/{'real_models' if real else 'training'}"
     names = [args.name or real.name] if real else ["demo", *(["demo_long"] if args.long else [])]
     try:
         with contextlib.ExitStack() as held:
@@ -268,7 +272,7 @@ def _real(args, stage: RealStage) -> int:
 
 # PyTorch + PEFT on the same step shape ([8, 256], rank 16, attention-only adapters), measured by
 # benchmarks/bench_train_step_torch.py on the same 2-core machine
-PEFT_STEP_RESULT = ROOT / "benchmarks" / "results" / "train_step_smollm2_torch_cpu.json"
+PEFT_STEP_RESULT = ROOT / "benchmarks" / "results" / "training" / "train_step_smollm2_torch_cpu.json"
 
 
 def _train_step_vs_peft(run: str) -> dict:

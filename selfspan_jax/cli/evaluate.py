@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-segments", type=int, default=None, help="default: the run's")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (median) after one warm-up")
     p.add_argument("--timing-batch", type=int, default=None, help="batch used for timing (default: --batch-size)")
-    p.add_argument("--out-dir", default="benchmarks/results")
+    p.add_argument("--out-dir", default="benchmarks/results/training")
     p.add_argument("--name", default=None, help="file stem of the results (default: eval_<task>_<split>)")
     p.add_argument("--overwrite", action="store_true", help="replace <out-dir>/<name>.{json,md} if they exist")
     p.add_argument("--heatmap", default=None, metavar="PNG", help="also draw the span heat map of the first example")

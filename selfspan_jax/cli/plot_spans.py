@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Heat map of the self-selected spans of one generated example (PNG).
 
-    python scripts/plot_spans.py runs/default --out benchmarks/results/spans_arithmetic.png
+    python scripts/plot_spans.py runs/default --out benchmarks/results/training/spans_arithmetic.png
 
 Loads a run (or model source), generates one held-out example greedily with the
 self_span policy and draws which earlier positions every generated token could
@@ -17,7 +17,7 @@ import sys
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="plot_spans.py", description=__doc__.split("\n\n")[0])
     p.add_argument("source", help="training run directory or model source")
-    p.add_argument("--out", default="benchmarks/results/spans_arithmetic.png")
+    p.add_argument("--out", default="benchmarks/results/training/spans_arithmetic.png")
     p.add_argument("--split", default="test", help="arithmetic held-out split")
     p.add_argument("--index", type=int, default=0, help="which held-out example")
     p.add_argument("--seed", type=int, default=12345)

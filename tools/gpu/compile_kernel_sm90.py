@@ -15,7 +15,7 @@ loop, and the split-K partial bytes against the K/V bytes at density 1/8.
     python tools/gpu/compile_kernel_sm90.py                 # the whole matrix
     python tools/gpu/compile_kernel_sm90.py --only gqa4 --keep /tmp/sm90   # + TTIR/TTGIR/PTX files
 
-Writes benchmarks/results/kernel_sm90_compile.json and prints a markdown table.
+Writes benchmarks/results/kernel/kernel_sm90_compile.json and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", action="append", default=[], help="keep configs whose id contains this (repeatable)")
     p.add_argument("--venv", default=None, help="the triton environment (default .venv-sm90, created if missing)")
     p.add_argument("--keep", default=None, help="directory for the TTIR, TTGIR and PTX of every config")
-    p.add_argument("--out", default="benchmarks/results/kernel_sm90_compile.json")
+    p.add_argument("--out", default="benchmarks/results/kernel/kernel_sm90_compile.json")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = p.parse_args(argv)
 

@@ -5,11 +5,11 @@
 # benchmarks/results/ with the date.
 #   run: bash tools/gpu/gpu_bench_decode.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
-OUT="${OUT:-benchmarks/results}"
+cd "$(dirname "$0")/../.."  # the repository
+OUT="${OUT:-benchmarks/results/decode}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
-TRACES=benchmarks/results/decode_traces_arithmetic.json
+TRACES=benchmarks/results/decode/decode_traces_arithmetic.json
 TRACE_ARGS=()
 if [ -f "$TRACES" ]; then TRACE_ARGS=(--traces "$TRACES"); fi
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/decode_gpu.log"

@@ -5,7 +5,7 @@ Runs a few configs of `pallas_kernels.sm90.CONFIGS` with XLA dumping its PTX,
 finds each Triton kernel's entry in the dump, runs the GPU image's ptxas
 (from its triton package) on it, and puts registers, spills and the
 `cp.async.wait_group` depths next to the committed offline numbers
-(benchmarks/results/kernel_sm90_compile.json). GPU_CHECKS.md item 0; run by
+(benchmarks/results/kernel/kernel_sm90_compile.json). Run by
 tools/gpu/gpu_session.sh. First run 2026-12-04 (H200, jax 0.11.2): XLA's dump held no top-level
 *.ptx; the Pallas calls left only per-module folders (`module_NNNN.jit_call/module.mlir`). The
 search now walks the folders too, and a row that finds no PTX lists what the kernel's module
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     from pallas_kernels import sm90
     from pallas_kernels.sm90_worker import ptx_report, ptxas_entry, ptxas_report, ptxas_verbose
 
-    with open(os.path.join(ROOT, "benchmarks/results/kernel_sm90_compile.json")) as f:
+    with open(os.path.join(ROOT, "benchmarks/results/kernel/kernel_sm90_compile.json")) as f:
         offline = {k["id"]: k for k in json.load(f)["kernels"]}
     configs = {c.id: c for c in sm90.CONFIGS}
     rows = []

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU visit for the block-sparse decode kernel (shared/GPU_CHECKS.md items 1-2).
+# One GPU visit for the block-sparse decode kernel (kernel tests and the sweep).
 #
 #   tools/gpu/gpu_session.sh            # tests, then the bench sweep in the time left
 #   tools/gpu/gpu_session.sh tests      # kernel tests only (backend=pallas subclass runs on a GPU)
@@ -23,7 +23,7 @@
 # Everything it writes lands in $OUT (at most 8 files come back): log.txt,
 # pytest.xml, kernel_gpu.json, kernel_gpu.png (kernel stage: ptx_check.json,
 # kernel_gpu_stages.json and .png). Commit the JSON and PNG under
-# benchmarks/results/ afterwards. One device call is capped at 600 s: the
+# benchmarks/results/kernel/ afterwards. One device call is capped at 600 s: the
 # budget below leaves ~40 s for machine start-up noise and the transfer.
 set -u -o pipefail
 
@@ -131,7 +131,7 @@ if [[ "$STAGE" == "distinct" ]]; then
 fi
 
 if [[ "$STAGE" == "ptxas" ]]; then
-  # GPU_CHECKS item 0 without a PTX dump (jax 0.11.2's XLA writes HLO, buffer and thunk dumps but no
+  # the PTX check without a PTX dump (jax 0.11.2's XLA writes HLO, buffer and thunk dumps but no
   # PTX, even with --xla_gpu_dump_llvmir): ask XLA's ptxas for its -v report, and make any register
   # spill a compile error, while the five checked kernels compile.
   echo "== ptxas -v through XLA, spills fatal (t=$(elapsed)s)" | tee -a "$LOG"

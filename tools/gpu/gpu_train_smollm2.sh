@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU_CHECKS.md item 4, one command: both real-model pairs of scripts/demo.py
+# One command: both real-model pairs of scripts/demo.py
 # at full size on one GPU. SmolLM2-135M-Instruct is LoRA-fine-tuned with the
 # span mask and, as its twin, with the causal mask, then both and the base
 # model zero-shot are evaluated, for each task in turn:
@@ -40,7 +40,7 @@
 # two run directories' metrics, demo_<task>_gpu.{json,md}, the heat map and
 # the curves.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."  # the repository
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
