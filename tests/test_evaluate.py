@@ -499,6 +499,28 @@ def test_final_answer_is_the_last_integer_written(words, numbers, tail):
     assert arithmetic.final_answer(text) == want
 
 
+def test_evaluate_zero_shot_scores_the_source_alone(dense_run, tmp_path, capsys):
+    """`evaluate.py SOURCE --zero-shot`: one row, the source asked in words and scored on its plain
+    reply, the same row `compare(zero_shot=...)` makes; with --policies or --baseline it is refused."""
+    (dcfg, _) = dense_run
+    common = [dcfg.out, "--zero-shot", "--num", "4", "--batch-size", "4", "--max-new-tokens", "12", "--repeats", "1",
+              "--backend", "xla", "--block-size", "16", "--data", "min_operands=3", "--data", "max_operands=3",
+              "--out-dir", str(tmp_path)]
+    assert _script("evaluate").main([*common, "--name", "zs"]) == 0
+    result = json.loads((tmp_path / "zs.json").read_text())
+    assert list(result["rows"]) == ["base/dense"] and result["baseline"] is None
+    row = result["rows"]["base/dense"]
+    assert (row["prompting"], row["trained_with"], row["policy"]) == ("zero-shot", "pretrained", "dense")
+    direct = ev.compare(dcfg.out, policies=[], zero_shot=ev.load_for_eval(dcfg.out), num=4, batch_size=4,
+                        max_new_tokens=12, timing_repeats=1, backend="xla", block_size=16,
+                        data={"min_operands": 3, "max_operands": 3})
+    assert [e["generated"] for e in row["examples"]] == [e["generated"] for e in
+                                                         direct["rows"]["base/dense"]["examples"]]
+    for extra, word in ((["--policies", "dense"], "--policies"), (["--baseline", dcfg.out], "--baseline")):
+        assert _script("evaluate").main([*common, "--name", "bad", *extra]) == 2
+        assert word in capsys.readouterr().err
+
+
 def test_zero_shot_row_asks_in_words_and_scores_the_final_answer(trained_run, dense_run, tmp_path):
     """The base-model row of `demo.py --real`: the model is asked `zero_shot_question` (BOS + question
     + newline when the tokenizer has no chat template), decoded dense, scored by its reply's last

@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="file stem of the results (default: eval_<task>_<split>)")
     p.add_argument("--overwrite", action="store_true", help="replace <out-dir>/<name>.{json,md} if they exist")
     p.add_argument("--heatmap", default=None, metavar="PNG", help="also draw the span heat map of the first example")
+    p.add_argument("--zero-shot", action="store_true",
+                   help="ask the source zero-shot instead: the task's question in words (through the tokenizer's "
+                        "chat template), decoded dense and scored on its plain reply (a pretrained model's row; "
+                        "not with --policies or --baseline)")
     return p
 
 
@@ -82,7 +86,11 @@ def main(argv=None) -> int:
     from selfspan_jax.train_config import parse_key_value
 
     try:
-        policies = _split_policies(args.policies)
+        if args.zero_shot and args.baseline is not None:
+            raise ValueError("--zero-shot scores the source alone; it takes no --baseline")
+        if args.zero_shot and args.policies != build_parser().get_default("policies"):
+            raise ValueError("--zero-shot decodes dense (the model never saw span headers); it takes no --policies")
+        policies = [] if args.zero_shot else _split_policies(args.policies)
         baseline_policies = None if args.baseline_policies is None else _split_policies(args.baseline_policies)
         data = dict(parse_key_value(item) for item in args.data)
         loaded = ev.load_for_eval(args.source, step=args.step)  # once: the table and the heat map share it
@@ -95,6 +103,7 @@ def main(argv=None) -> int:
                 baseline_policies=baseline_policies, max_segments=args.max_segments, batch_size=args.batch_size,
                 max_new_tokens=args.max_new_tokens, block_size=args.block_size, backend=args.backend,
                 timing_repeats=args.repeats, timing_batch=args.timing_batch, finished=finished,
+                zero_shot=loaded if args.zero_shot else None,
             )
             print(tables.format_table(result))  # before writing: a failed write keeps the table
             for line in result["notes"]:
