@@ -35,6 +35,7 @@ from typing import Any, Sequence
 
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from pallas_kernels.backend import resolve_backend
 from selfspan_jax import reporting, runs, tasks
@@ -86,12 +87,15 @@ def load_for_eval(source: str, *, step: int | None = None) -> Loaded:
 
 
 def decode(model, tokenizer, prompts: Sequence, *, policy, batch_size: int, **generate_kwargs) -> GenerateOutput:
-    """`generate` over all prompts, `batch_size` at a time, merged into one output."""
+    """`generate` over all prompts, `batch_size` at a time, merged into one output (a progress bar
+    when there is more than one batch: a real model's evaluation takes minutes per row on a CPU)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    starts = range(0, len(prompts), batch_size)
+    label = getattr(policy, "name", policy)
     return GenerateOutput.concatenate([
         generate(model, prompts[start: start + batch_size], policy=policy, tokenizer=tokenizer, **generate_kwargs)
-        for start in range(0, len(prompts), batch_size)
+        for start in tqdm(starts, desc=f"decode {label}", unit="batch", leave=False, disable=len(starts) < 2)
     ])
 
 
