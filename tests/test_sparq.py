@@ -3,7 +3,9 @@ oracle of the paper's algorithm, full k == dense, and the decode loop against an
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
+from typing import ClassVar
 
 import jax.numpy as jnp
 import numpy as np
@@ -244,6 +246,36 @@ def test_by_name_and_spec():
                        ("quest(page_budget=0)", "page_budget")):
         with pytest.raises(ValueError, match=match):
             make_policy(bad)
+
+
+def test_a_registered_policy_is_reachable_by_name_and_spec(monkeypatch):
+    """`register_policy` makes a new policy class a name every --policies takes, with its dataclass
+    defaults; a second class under a taken name, or something that is not a Policy, is refused."""
+    from selfspan_jax import policies as P
+
+    monkeypatch.setattr(P.registry, "POLICIES", dict(P.POLICIES))
+
+    @P.register_policy
+    @dataclasses.dataclass(frozen=True)
+    class Window(P.DecodeOnlyPolicy):
+        width: int = 4
+        name: ClassVar[str] = "window"
+
+        def select(self, state, lengths, *, block_size, cache_len, q=None, k=None, layer_idx=None):
+            return P.dense_selection(lengths, cache_len, block_size)
+
+    assert P.make_policy("window") == Window() and P.make_policy("window(width=7)") == Window(7)
+    with pytest.raises(ValueError, match="'width2'"):
+        P.make_policy("window(width2=7)")
+
+    @dataclasses.dataclass(frozen=True)
+    class Other(Window):
+        pass
+
+    with pytest.raises(ValueError, match="registered already"):
+        P.register_policy(Other)
+    with pytest.raises(ValueError, match="Policy subclass"):
+        P.register_policy(dict)
 
 
 def test_r_above_the_head_dim_is_refused(model):
