@@ -111,19 +111,14 @@ class Row:
     name: str
     model: Any
     tokenizer: Any
-    policy: Any = "self_span"
+    policy: Any = "self_span"  # a name or spec (resolved with the row's tokenizer and run) or a `Policy`
     trained_with: str = "?"
     source: str = ""
     note: str = ""
-    attention: Any = None  # the resolved `Policy` to decode with when `policy` is only its label
     run_dir: str | None = None  # the training run decoded: policies that need it (ADORE's controller) find it there
     # a pretrained model that never saw the task's format: asked `Task.zero_shot_question` (through the
     # tokenizer's chat template when it has one) and scored by `Task.score_zero_shot`
     zero_shot: bool = False
-
-    @property
-    def decode_policy(self):
-        return self.policy if self.attention is None else self.attention
 
     def prompts(self, task: tasks.Task, records: Sequence[dict]) -> list:
         """What this row's model is given for `records`: the records' own prompts, or zero-shot ids."""
@@ -251,7 +246,7 @@ def evaluate_rows(
     policies = {}
     for row in rows:  # every row's policy against its model before the first row's work
         try:
-            policies[row.name] = checked_policy(row.model, row.decode_policy, tokenizer=row.tokenizer,
+            policies[row.name] = checked_policy(row.model, row.policy, tokenizer=row.tokenizer,
                                                 max_segments=max_segments, run_dir=row.run_dir)
         except ValueError as err:
             raise ValueError(f"row {row.name!r}: {err}") from err
@@ -266,7 +261,7 @@ def evaluate_rows(
     for row in rows:
         prompts = row.prompts(task_, records)
         key = None if finished is None else finished.key(
-            model=row.model, row=[row.name, str(row.policy), repr(row.decode_policy), row.trained_with, row.source,
+            model=row.model, row=[row.name, str(row.policy), repr(row.policy), row.trained_with, row.source,
                                   row.note, row.zero_shot],
             task=task, records=records, prompts=prompts, batch_size=batch_size, recall=recall,
             max_new_tokens=max_new_tokens, block_size=block_size, backend=backend, max_segments=max_segments)
