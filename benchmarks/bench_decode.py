@@ -51,9 +51,9 @@ from pathlib import Path
 
 
 from selfspan_jax import reporting
-from selfspan_jax.benchmarks import (SHAPES, decode_point, machine_of, plot_fraction_of_ceiling, random_model,
-                                     record_traces, reference_traces, trace_stream)
-from selfspan_jax.reporting import kv_weight_ratio, memory_ceiling
+from selfspan_jax.benchmarks import (SHAPES, decode_point, plot_fraction_of_ceiling, random_model, record_traces,
+                                     reference_traces, trace_stream)
+from selfspan_jax.reporting import kv_weight_ratio, machine_of, memory_ceiling
 
 
 

@@ -351,7 +351,8 @@ def main(argv=None) -> int:
             print(f"not measured (--max-seconds {args.max_seconds}): {skipped}")
         print(f"wrote {write(points, skipped)}")
         if args.plot:
-            from selfspan_jax.benchmarks import machine_of, plot_fraction_of_ceiling
+            from selfspan_jax.benchmarks import plot_fraction_of_ceiling
+            from selfspan_jax.reporting import machine_of
 
             series = {f"self_span, {c} tokens": [(pt["batch"], pt["ceiling"]["fraction_of_ceiling"]) for pt in points
                                                  if pt["context"] == c and "ceiling" in pt] for c in contexts}

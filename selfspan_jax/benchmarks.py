@@ -220,12 +220,6 @@ def stream_bandwidth(n: int = 1 << 26, repeats: int = 5) -> float:
     return 3 * a.nbytes / _median_seconds(jax.jit(lambda x, y: x + y), a, b, repeats=repeats) / 1e9
 
 
-def machine_of(result: dict) -> str:
-    """The CPU or device a result JSON ran on, for a plot's title (the CPU changes these numbers)."""
-    env = result.get("environment", {})
-    return env.get("cpu") if str(env.get("device", "")).startswith("cpu") and env.get("cpu") else env.get("device", "")
-
-
 def plot_fraction_of_ceiling(series: dict, path, title: str, machine: str = "") -> None:
     """measured speedup / ceiling against batch size: series = {label: [(batch, {min, median, max})]},
     min-max as error bars (profile_loop.py draws its decode-only sweep with it too); `machine` is added

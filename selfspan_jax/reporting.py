@@ -287,3 +287,9 @@ def reserved_output(path: str | os.PathLike | None, *, overwrite: bool = False, 
     with contextlib.ExitStack() as stack:
         stack.push(held)  # released however the work ends
         yield path
+
+
+def machine_of(result: dict) -> str:
+    """The CPU or device a result JSON ran on, for a plot's title (the CPU changes these numbers)."""
+    env = result.get("environment", {})
+    return env.get("cpu") if str(env.get("device", "")).startswith("cpu") and env.get("cpu") else env.get("device", "")

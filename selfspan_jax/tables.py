@@ -188,7 +188,8 @@ def write_results(result: dict[str, Any], out_dir: str | Path, name: str) -> tup
           f"{cfg['num_records']} held-out {cfg['task']} records; timing: batch {cfg['timing_batch']}, "
           f"median of {cfg['timing_repeats']} runs {timing}after warm-up; block size {cfg['block_size']}, "
           f"backend {cfg['backend']}.",
-          f"Ran on {env.get('device', '?')}, jax {env.get('jax_version', '?')}, {env.get('date', '?')}."]
+          f"Ran on {reporting.machine_of(result) or '?'}, jax {env.get('jax_version', '?')}, "
+          f"{env.get('date', '?')}."]
     md += ["", "Rows:"]
     md += [f"- {n}: model `{m['source'] or '?'}` (trained with {m['trained_with']}), decoded with {m['policy']}"
            + (f"; {m['note']}" if m.get("prompting") == "zero-shot" else "")

@@ -246,12 +246,12 @@ def test_ceiling_plots_name_the_machine(tmp_path):
 
     cpu = {"environment": {"device": "cpu: cpu", "cpu": "AMD EPYC (2 logical cores)"}}
     gpu = {"environment": {"device": "gpu: NVIDIA H200", "cpu": "Intel(R) Xeon(R)"}}
-    assert bench.machine_of(cpu) == "AMD EPYC (2 logical cores)"
-    assert bench.machine_of(gpu) == "gpu: NVIDIA H200"
-    assert bench.machine_of({}) == ""
+    assert reporting.machine_of(cpu) == "AMD EPYC (2 logical cores)"
+    assert reporting.machine_of(gpu) == "gpu: NVIDIA H200"
+    assert reporting.machine_of({}) == ""
     png = tmp_path / "c.png"
     bench.plot_fraction_of_ceiling({"s": [(1, {"min": 0.9, "median": 1.0, "max": 1.1})]}, png, "t",
-                                   machine=bench.machine_of(cpu))
+                                   machine=reporting.machine_of(cpu))
     assert png.stat().st_size > 0
 
 
