@@ -1,8 +1,11 @@
-"""The kernel microbenchmark, under the name docs/spec.md §3 gives it: runs benchmarks/bench_kernel.py
-with the same arguments (`python scripts/bench_kernel.py --help`)."""
+"""The kernel microbenchmark (the name docs/spec.md §3 gives it; also `benchmarks/bench_kernel.py`): density x block size x context x batch against all blocks and
+`jax.nn.dot_product_attention` (`--help`; the code is `selfspan_jax/cli/bench_kernel.py`, which the
+notebook calls too)."""
 
-import runpy
-from pathlib import Path
+import sys
+
+from selfspan_jax.cli.bench_kernel import main
 
 if __name__ == "__main__":
-    runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernel.py"), run_name="__main__")
+    main()
+    sys.exit(0)

@@ -265,8 +265,7 @@ def test_kernel_bench_sweeps_without_jax_peer_ops(tmp_path, monkeypatch):
     import types
 
     from selfspan_jax import kernel_bench
-
-    bench_kernel = load_script("benchmarks/bench_kernel.py")
+    from selfspan_jax.cli import bench_kernel
 
     assert all("no GPU" in why for why in bench_kernel.peer_ops(gpu=False).values())
     real_import = importlib.import_module
