@@ -18,7 +18,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels import block_sparse_decode
 from pallas_kernels.token_sparse_decode import token_sparse_decode
 from pallas_kernels.backend import BlockSparseParams
-from pallas_kernels.triton_capture import TRITON_CALL, export_for_h100
+from kernel_tools.triton_capture import TRITON_CALL, export_for_h100
 
 
 def _avals(batch, num_heads, kv_heads, seq_len, head_dim, block_size, dtype, per_head, with_mask):

@@ -3,7 +3,7 @@
 The Triton modules are captured from an export for an abstract H100 and
 compiled by the pinned `triton` package in its own environment
 (requirements-sm90.txt; created in .venv-sm90 from PyPI on first use), then
-ptxas reports registers and spills (pallas_kernels/sm90.py). The TTGIR
+ptxas reports registers and spills (kernel_tools/sm90.py). The TTGIR
 parser is checked on hand-written IR first, so a pass of the compile tests
 means the pipeline was read, not skipped.
 """
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 
-from pallas_kernels import sm90
-from pallas_kernels.sm90_worker import loop_bodies, loop_report, ptxas_report, shared_buffers
+from kernel_tools import sm90
+from kernel_tools.sm90_worker import loop_bodies, loop_report, ptxas_report, shared_buffers
 
 # A pipelined loop as Triton 3.9 prints it: the region brace ends the scf.for line, and the
 # result types before it carry braces of their own (#ttg.slice<{...}>).
@@ -114,7 +114,7 @@ def test_split_partials_are_a_small_share_of_the_kv_read():
 
 
 def test_ptxas_entry_picks_one_kernel_of_a_module():
-    from pallas_kernels.sm90_worker import ptxas_entry
+    from kernel_tools.sm90_worker import ptxas_entry
 
     text = ("ptxas info    : Compiling entry function 'fusion_1' for 'sm_90a'\n"
             "ptxas info    : Used 32 registers\n"

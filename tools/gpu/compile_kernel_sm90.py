@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Compile the decode kernels for an H100 (sm_90) on this CPU and report what the GPU would run.
 
-For every config of the matrix in `pallas_kernels/sm90.py` (LLaMA-7B MHA,
+For every config of the matrix in `kernel_tools/sm90.py` (LLaMA-7B MHA,
 GQA 4 and 8, SmolLM2's G = 3; head dims 64/128; blocks 16-256; bf16, fp16,
 fp32; with and without a token mask; the stacked cache; the token-list
 kernel), the Triton module Pallas hands to XLA is captured from an export for
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    from pallas_kernels import sm90
+    from kernel_tools import sm90
     from selfspan_jax import reporting
 
     configs = [c for c in sm90.CONFIGS if not args.only or any(s in c.id for s in args.only)]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """On a GPU: does what XLA compiled for the decode kernels match the offline sm_90 compile?
 
-Runs a few configs of `pallas_kernels.sm90.CONFIGS` with XLA dumping its PTX,
+Runs a few configs of `kernel_tools.sm90.CONFIGS` with XLA dumping its PTX,
 finds each Triton kernel's entry in the dump, runs the GPU image's ptxas
 (from its triton package) on it, and puts registers, spills and the
 `cp.async.wait_group` depths next to the committed offline numbers
@@ -67,8 +67,8 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
 
-    from pallas_kernels import sm90
-    from pallas_kernels.sm90_worker import ptx_report, ptxas_entry, ptxas_report, ptxas_verbose
+    from kernel_tools import sm90
+    from kernel_tools.sm90_worker import ptx_report, ptxas_entry, ptxas_report, ptxas_verbose
 
     with open(os.path.join(ROOT, "benchmarks/results/kernel/kernel_sm90_compile.json")) as f:
         offline = {k["id"]: k for k in json.load(f)["kernels"]}

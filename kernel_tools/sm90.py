@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from pallas_kernels.backend import BlockSparseParams
 from pallas_kernels.block_sparse_decode import block_sparse_decode, live_splits
 from pallas_kernels.token_sparse_decode import token_sparse_decode
-from pallas_kernels.triton_capture import H100_CORES, capture_triton_kernels
+from kernel_tools.triton_capture import H100_CORES, capture_triton_kernels
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REQUIREMENTS = os.path.join(os.path.dirname(HERE), "requirements-sm90.txt")

@@ -5,7 +5,7 @@ the project's: it imports only the standard library and `triton`. Driven by
 tools/gpu/compile_kernel_sm90.py, which captures the modules with jax and reads
 this script's JSON back:
 
-    <triton-venv>/bin/python pallas_kernels/sm90_worker.py DIR
+    <triton-venv>/bin/python kernel_tools/sm90_worker.py DIR
 
 DIR holds kernels.json ([{"id", "ttir", "num_warps", "num_stages"}, ...], the
 "ttir" entries being file names in DIR); the report goes to DIR/report.json
