@@ -10,7 +10,11 @@ import dataclasses
 
 import jax
 
-BACKENDS = ("auto", "pallas", "interpret", "xla", "reference")
+BACKENDS = ("auto", "pallas", "interpret", "mosaic", "mosaic_interpret", "xla", "reference")
+# The Pallas kernels and the backend each runs on: Triton, or Mosaic GPU (TMA + wgmma); the
+# *interpret names run the same kernel on the CPU.
+PALLAS_BACKENDS = ("pallas", "interpret")
+MOSAIC_BACKENDS = ("mosaic", "mosaic_interpret")
 
 # H100 SXM has 132 SMs. Used when the kernel is lowered for a GPU that is not
 # attached (export against an abstract H100 in CI) or the device does not say.

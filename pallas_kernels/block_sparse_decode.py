@@ -37,7 +37,10 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.backend import MIN_ENTRIES_PER_SPLIT, BlockSparseParams, gpu_core_count, resolve_backend
+from pallas_kernels.backend import (MIN_ENTRIES_PER_SPLIT, MOSAIC_BACKENDS, BlockSparseParams, gpu_core_count,
+                                    resolve_backend)
+from pallas_kernels.block_sparse_decode_mosaic import check_shapes as check_mosaic_shapes
+from pallas_kernels.block_sparse_decode_mosaic import mosaic_block_sparse
 
 try:  # the Triton backend of Pallas; absent from some CPU-only jaxlib builds
     from jax.experimental.pallas import triton as plgpu
@@ -344,6 +347,8 @@ def _validate(q, k, v, block_indices, block_counts, token_mask, block_size, back
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     if seq_len % block_size:
         raise ValueError(f"cache length S={seq_len} not a multiple of block_size={block_size}")
+    if backend in MOSAIC_BACKENDS:
+        check_mosaic_shapes(head_dim=head_dim, block_size=block_size, dtype=k.dtype)
     if backend in ("pallas", "interpret"):
         # Triton's mma needs every dot dimension >= 16.
         if block_size < 16:
@@ -440,7 +445,9 @@ def block_sparse_decode(
       token_mask: optional bool [B, S]; False removes single tokens.
       block_size: tokens per block; S % block_size == 0.
       backend: "auto" (pallas on GPU, xla elsewhere), "pallas" (Triton),
-        "interpret" (the same kernel in interpret mode), "xla" (gather of the
+        "interpret" (the same kernel in interpret mode), "mosaic" (Mosaic GPU:
+        TMA + wgmma, 16-bit caches, one launch per call), "mosaic_interpret"
+        (that kernel in the GPU interpreter, on the CPU), "xla" (gather of the
         live blocks), "reference" (masked dense attention over the whole cache).
       sm_scale: softmax scale, default 1/sqrt(H).
       k_splits: programs per (batch, KV head) in the Pallas kernel (auto if None).
@@ -470,7 +477,7 @@ def block_sparse_decode(
     if sm_scale is None:
         sm_scale = 1.0 / math.sqrt(q.shape[-1])
     params = params or BlockSparseParams()
-    if backend not in ("pallas", "interpret"):
+    if backend not in ("pallas", "interpret", *MOSAIC_BACKENDS):
         params = BlockSparseParams()  # unused there; keeps one jit cache entry
     elif k_splits is not None:
         params = BlockSparseParams(params.block_h, params.block_k, k_splits, params.num_warps, params.num_stages)
@@ -496,6 +503,14 @@ def _block_sparse_decode_jit(q, k, v, layer, block_indices, block_counts, token_
     # k, v [NL, B, K, S, H]; layer int32 scalar (a traced value: one program
     # serves every layer).
     from pallas_kernels.block_sparse_decode_xla import block_sparse_decode_xla
+
+    if backend in MOSAIC_BACKENDS:
+        # The raw lists, counts and layer go to the kernel, which clamps them itself: no XLA op
+        # runs before it (block_sparse_decode_mosaic.py).
+        if block_indices.shape[-1] == 0:
+            return jnp.zeros_like(q)
+        return mosaic_block_sparse(q, k, v, layer, block_indices, block_counts, token_mask, block_size=block_size,
+                                   sm_scale=sm_scale, params=params, interpret=backend == "mosaic_interpret")
 
     batch, num_heads, head_dim = q.shape
     kv_heads, seq_len = k.shape[2], k.shape[3]
