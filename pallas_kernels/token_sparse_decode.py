@@ -24,7 +24,9 @@ function, the XLA gather path and the masked-dense reference.
 Backends: "pallas" (Triton on a GPU), "interpret" (the same kernel in Pallas
 interpret mode: tests on the CPU), "xla" (gathers the listed rows; what runs
 on the CPU), "reference" (masked dense attention over the whole cache, the
-test oracle's twin); "auto" is pallas on a GPU, xla elsewhere.
+test oracle's twin); "auto" is pallas on a GPU, xla elsewhere; "mosaic" and
+"mosaic_interpret" run the Triton kernel and its interpret mode (see
+_TOKEN_KERNEL_OF).
 """
 
 from __future__ import annotations
@@ -48,7 +50,10 @@ from pallas_kernels.block_sparse_decode import (
     store_partials,
 )
 
-TOKEN_BACKENDS = ("auto", "pallas", "interpret", "xla", "reference")
+TOKEN_BACKENDS = ("auto", "pallas", "interpret", "mosaic", "mosaic_interpret", "xla", "reference")
+# The row-gather kernel has no Mosaic GPU version (not built: its rows are single tokens, one TMA
+# box each on Hopper): a loop run with backend="mosaic" reads its token lists with the Triton kernel.
+_TOKEN_KERNEL_OF = {"mosaic": "pallas", "mosaic_interpret": "interpret"}
 
 # Rows gathered per loop step: Triton's mma needs every dot dimension >= 16.
 BLOCK_T = 16
@@ -165,6 +170,7 @@ def _pallas_token_sparse(q, k, v, layer, token_indices, token_counts, *, sm_scal
 def _check(q, k, v, token_indices, token_counts, layer, backend) -> str:
     if backend not in TOKEN_BACKENDS:
         raise ValueError(f"token_sparse_decode backend must be one of {TOKEN_BACKENDS}, got {backend!r}")
+    backend = _TOKEN_KERNEL_OF.get(backend, backend)
     stacked = layer is not None
     if q.ndim != 3 or k.ndim != 4 + stacked or v.shape != k.shape:
         raise ValueError(f"q must be [B,N,H] and k, v [{'L,' if stacked else ''}B,K,S,H] alike; got q {q.shape}, "
