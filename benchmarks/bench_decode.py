@@ -50,6 +50,7 @@ import sys
 from pathlib import Path
 
 
+from pallas_kernels.backend import BACKENDS
 from selfspan_jax import reporting
 from selfspan_jax.benchmarks import (SHAPES, decode_point, plot_fraction_of_ceiling, random_model, record_traces,
                                      reference_traces, trace_stream)
@@ -69,7 +70,8 @@ def main(argv=None) -> int:
     p.add_argument("--context", default="2048", help="comma-separated prompt lengths (tokens in the cache)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--backend", default="auto")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="kernel backend (auto = pallas on a GPU, xla elsewhere; mosaic = the Mosaic GPU kernel)")
     p.add_argument("--max-segments", type=int, default=4096, help="long streams hold hundreds of segments")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--prefill-chunk", type=int, default=None, help="sequences per prefill chunk (GPU memory)")

@@ -240,6 +240,8 @@ def add_paired_ratios(point: dict, baseline: str = "dense") -> None:
 
 
 def main(argv=None) -> int:
+    from pallas_kernels.backend import BACKENDS
+
     p = argparse.ArgumentParser(prog="profile_loop.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="cpu-reduced")
     p.add_argument("--batch", default="1,8,64")
@@ -251,7 +253,7 @@ def main(argv=None) -> int:
     p.add_argument("--fixed-order", action="store_true",
                    help="take the variants in the same order every round (default: a fresh random order per "
                         "round, seeded; a fixed order lets a variant's place in the round bias it)")
-    p.add_argument("--backend", default="xla")
+    p.add_argument("--backend", default="xla", choices=BACKENDS)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--max-seconds", type=float, default=None,
                    help="start no new (batch, context) point after this many seconds; the JSON is rewritten "

@@ -323,3 +323,23 @@ def test_benchmarks_refuse_to_replace_a_result_before_measuring(script, extra, t
         with pytest.raises(SystemExit):
             module.main(argv)
     assert "is in use: pid" in capsys.readouterr().err and not out.exists()
+
+
+def test_bench_kernel_times_backends_side_by_side(tmp_path):
+    """--backends: the first backend fills each point, every other one is timed on the same inputs
+    right after it, with its output compared to the first's (bf16: the Mosaic kernel in the GPU
+    interpreter against the XLA path)."""
+    from selfspan_jax.cli import bench_kernel
+
+    result = bench_kernel.main(["--quick", "--heads", "gqa", "--batches", "1", "--contexts", "256", "--block-sizes",
+                                "64", "--densities", "0.5", "--reps", "1", "--dtype", "bfloat16",
+                                "--backends", "xla", "mosaic_interpret", "--out", str(tmp_path / "k.json")])
+    (group,) = result["groups"]
+    assert group["backend"] == "xla" and result["backends"] == ["xla", "mosaic_interpret"]
+    for point in group["points"]:
+        entry = point["by_backend"]["mosaic_interpret"]
+        assert entry["median_s"] > 0 and entry["speedup_vs_first"] == pytest.approx(point["median_s"] / entry["median_s"])
+        assert entry["max_abs_diff_vs_first"] < 0.03  # the same attention, bf16 output
+    assert "speedup_vs_all_blocks" in group["points"][1]["by_backend"]["mosaic_interpret"]
+    assert {(r["backend"], r["density"]) for r in result["backend_comparison"]} == {("mosaic_interpret", 1.0),
+                                                                                    ("mosaic_interpret", 0.5)}

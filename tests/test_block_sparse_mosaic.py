@@ -19,11 +19,12 @@ from hypothesis import strategies as st
 
 from kernel_tools.mosaic_capture import lower_for_h100
 from pallas_kernels import block_sparse_decode
-from pallas_kernels.backend import BlockSparseParams
+from pallas_kernels.backend import BlockSparseParams, on_gpu
 from pallas_kernels.block_sparse_decode_mosaic import mosaic_tiles
 from test_block_sparse_decode import assert_close, attention_np, random_case, visible_np
 
-BACKEND = "mosaic_interpret"
+# On a GPU the same tests run the compiled kernel (tools/gpu/gpu_session.sh mosaic).
+BACKEND = "mosaic" if on_gpu() else "mosaic_interpret"
 
 
 def check(case, seed, **kw):
@@ -236,7 +237,7 @@ def test_decode_loop_runs_the_kernel():
     kw = dict(policy="quest(page_budget=2)", max_new_tokens=5, block_size=16, outputs=Outputs(logprobs=True),
               eos_id=-1, pad_id=0)
     xla = generate(model, prompts, kernel=KernelOptions(backend="xla"), **kw)
-    mosaic = generate(model, prompts, kernel=KernelOptions(backend="mosaic_interpret"), **kw)
+    mosaic = generate(model, prompts, kernel=KernelOptions(backend=BACKEND), **kw)
     np.testing.assert_array_equal(mosaic.tokens, xla.tokens)
     # bf16 activations: the two paths round differently (observed max 0.015)
     np.testing.assert_allclose(mosaic.logprobs, xla.logprobs, atol=0.06)

@@ -1,14 +1,16 @@
-"""Microbenchmark of block_sparse_decode (issue 4 sweep; docs/spec.md §5 targets).
+"""Microbenchmark of block_sparse_decode (docs/spec.md §5 targets).
 
     .venv/bin/python benchmarks/bench_kernel.py             # CPU: xla path, small sweep (~minutes)
     python3 benchmarks/bench_kernel.py                      # GPU: Triton kernel, full sweep
     .venv/bin/python benchmarks/bench_kernel.py --quick     # smoke run
+    python3 benchmarks/bench_kernel.py --backends pallas mosaic   # GPU: Triton and Mosaic side by side
 
 Sweep: density x block size x context x batch, for LLaMA-7B heads (32 x 128, no
 GQA) and GQA (32 query / 8 KV heads x 128). At each (heads, batch, context) it
 times, in one run and on the same arrays:
 
-  ours@rho     block_sparse_decode at each density rho (backend "auto")
+  ours@rho     block_sparse_decode at each density rho (backend "auto", or the
+               first of --backends; the others timed right after it, same inputs)
   ours@1       the same op with every block live (rho = 1 point)
   dpa          jax.nn.dot_product_attention over the full cache
   jax_decode   jax's Pallas GPU decode_attention over the full cache (GPU only)
@@ -49,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import block_sparse_decode
-from pallas_kernels.backend import BlockSparseParams, on_gpu, resolve_backend
+from pallas_kernels.backend import BACKENDS, BlockSparseParams, on_gpu, resolve_backend
 from selfspan_jax import reporting
 from selfspan_jax.kernel_bench import (HEADS, bytes_read, cache_copies, copy_bandwidth, peer_ops, random_caches,
                                        random_lists, time_executable, unrolled)
@@ -130,8 +132,11 @@ def jax_paged_fn(paged_attention, block_size: int, live: int, interpret: bool = 
 # ---------------------------------------------------------------------------
 # One (heads, batch, context) group
 # ---------------------------------------------------------------------------
-def bench_group(rng, heads, batch, seq_len, cfg, *, reps, gpu, rotate_bytes, unroll_min, log, peers=None):
-    """peers: `peer_ops`'s result; the columns whose entry is a module are timed."""
+def bench_group(rng, heads, batch, seq_len, cfg, *, reps, gpu, rotate_bytes, unroll_min, log, peers=None,
+                backends=None):
+    """peers: `peer_ops`'s result; the columns whose entry is a module are timed. backends: the kernel
+    backends to time at every point, the first filling the point's own fields (default: "auto"
+    resolved); each other one is timed on the same inputs right after it, under "by_backend"."""
     peers = {name: op for name, op in (peers or {}).items() if not isinstance(op, str)}
     num_heads, kv_heads, head_dim = HEADS[heads]
     dtype = jnp.dtype(cfg["dtype"])
@@ -143,7 +148,7 @@ def bench_group(rng, heads, batch, seq_len, cfg, *, reps, gpu, rotate_bytes, unr
     unroll = copies_n
     q = jnp.asarray(rng.standard_normal((batch, num_heads, head_dim)), dtype)
     caches = random_caches(rng, (batch, kv_heads, seq_len, head_dim), dtype, copies_n)
-    backend = resolve_backend("auto")
+    backend, *others = backends or [resolve_backend("auto")]
     group = dict(heads=heads, num_heads=num_heads, kv_heads=kv_heads, head_dim=head_dim, batch=batch,
                  context=seq_len, dtype=str(dtype), cache_bytes=cache_bytes, cache_copies=copies_n, unroll=unroll,
                  backend=backend, points=[], baselines={})
@@ -181,6 +186,8 @@ def bench_group(rng, heads, batch, seq_len, cfg, *, reps, gpu, rotate_bytes, unr
         num_blocks = seq_len // block_size
         op = functools.partial(block_sparse_decode, block_size=block_size, backend=backend)
         run = unrolled(op, unroll)
+        other_ops = {name: functools.partial(block_sparse_decode, block_size=block_size, backend=name) for name in others}
+        other_all = {}
         all_time = None
         done = set()
         for rho in sorted(set(cfg["densities"]), reverse=True):  # rho = 1 first: the speedup baseline
@@ -212,6 +219,22 @@ def bench_group(rng, heads, batch, seq_len, cfg, *, reps, gpu, rotate_bytes, unr
                     point["speedup_vs_all_blocks_net"] = (all_time - harness) / (med - harness)
             for name, base in group["baselines"].items():
                 point[f"speedup_vs_{name}"] = base["median_s"] / med
+            for name, other in other_ops.items():
+                omed, omn = (t / unroll for t in time_executable(unrolled(other, unroll), (q, caches, (idx, cnt)), reps))
+                entry = dict(median_s=omed, min_s=omn, gbps=read / omed / 1e9, speedup_vs_first=med / omed)
+                if med > 2 * harness and omed > 2 * harness:
+                    entry["speedup_vs_first_net"] = (med - harness) / (omed - harness)
+                if live == num_blocks:
+                    other_all[name] = omed
+                if name in other_all:
+                    entry["speedup_vs_all_blocks"] = other_all[name] / omed
+                theirs = np.asarray(jnp.asarray(other(q, *caches[0], idx, cnt), jnp.float32))
+                entry["max_abs_diff_vs_first"] = float(np.abs(
+                    theirs - np.asarray(jnp.asarray(op(q, *caches[0], idx, cnt), jnp.float32))).max())
+                point.setdefault("by_backend", {})[name] = entry
+                log(f"    {name:<8} {omed * 1e3:9.3f} ms {entry['gbps']:8.1f} GB/s  x{entry['speedup_vs_first']:5.2f} "
+                    f"vs {backend}" + (f" (net x{entry['speedup_vs_first_net']:.2f})" if "speedup_vs_first_net" in entry
+                                       else ""))
             if "jax_paged" in peers:
                 fn, width = jax_paged_fn(peers["jax_paged"], block_size, live)
                 # Page p of sequence b is block (b, p) of a [K, B*NB, bs, H] view.
@@ -262,6 +285,20 @@ def summarise(result: dict, min_context: int) -> list[dict]:
                         target=result["target_factor"] / rho, meets_target=sp >= result["target_factor"] / rho,
                         max_gbps=max(v[1] for v in vals), n=len(vals)))
     return out
+
+
+def compare_backends(result: dict) -> list[dict]:
+    """One row per point and extra backend: its time and its speedup over the first backend."""
+    rows = []
+    for g in result["groups"]:
+        for p in g["points"]:
+            for name, e in p.get("by_backend", {}).items():
+                rows.append(dict(backend=name, heads=g["heads"], batch=g["batch"], context=g["context"],
+                                 block_size=p["block_size"], density=round(p["density"], 4), median_s=e["median_s"],
+                                 speedup_vs_first=e["speedup_vs_first"],
+                                 speedup_vs_first_net=e.get("speedup_vs_first_net"),
+                                 max_abs_diff_vs_first=e["max_abs_diff_vs_first"]))
+    return rows
 
 
 def plot(result: dict, path: str, min_context: int) -> None:
@@ -326,10 +363,14 @@ def main(argv=None) -> dict:
                              "launch cost is spread over them (benchmarks/kernel_fixed_cost.py measures it)")
     parser.add_argument("--num-stages", nargs="+", type=int, default=None,
                         help="also time the kernel at each of these Triton pipeline depths (GPU tuning)")
+    parser.add_argument("--backends", nargs="+", choices=[b for b in BACKENDS if b != "auto"], default=None,
+                        help="kernel backends timed side by side at every point, the first as the reference "
+                             "(default: auto, i.e. pallas on a GPU, xla on a CPU); e.g. --backends pallas mosaic")
     parser.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     args = parser.parse_args(argv)
 
     gpu = on_gpu()
+    backends = args.backends or [resolve_backend("auto")]
     cfg = default_sweep(gpu, args.quick)
     for key in ("heads", "batches", "contexts", "block_sizes", "densities", "dtype", "max_tokens", "num_stages"):
         if getattr(args, key) is not None:
@@ -371,13 +412,16 @@ def main(argv=None) -> dict:
                         break
                     result["groups"].append(bench_group(
                         rng, heads, batch, seq_len, cfg, reps=reps, gpu=gpu, rotate_bytes=rotate_bytes,
-                        unroll_min=args.unroll or (8 if gpu else 1), log=lambda s: print(s, flush=True), peers=peers))
+                        unroll_min=args.unroll or (8 if gpu else 1), log=lambda s: print(s, flush=True), peers=peers,
+                        backends=backends))
                     # Written after every group so a run cut short keeps what it measured.
                     reporting.write_json(result, out)
         result["elapsed_s"] = time.perf_counter() - start
         min_context = 8192 if any(g["context"] >= 8192 for g in result["groups"]) else max((g["context"] for g in result["groups"]), default=0)
         result["summary_min_context"] = min_context
         result["summary"] = summarise(result, min_context)
+        result["backends"] = backends
+        result["backend_comparison"] = compare_backends(result)
         result["environment"]["load_average_at_end"] = reporting.load_average()
         reporting.write_json(result, out)
         plot(result, png, min_context)
@@ -389,6 +433,15 @@ def main(argv=None) -> dict:
             print(f"{r['heads']:>5} {r['block_size']:>4} {r['density']:>7.4f} {r['geomean_speedup_vs_all']:>8.2f} "
                   f"{net if net is not None else float('nan'):>6.2f} "
                   f"{r['target']:>7.2f} {'yes' if r['meets_target'] else 'NO':>3} {r['max_gbps']:>9.1f}")
+        if result["backend_comparison"]:
+            print(f"\nSide by side (speedup of each backend over {backends[0]} at the same point; net = minus the "
+                  "harness):")
+            print(f"{'backend':>16} {'heads':>5} {'B':>3} {'T':>6} {'bs':>4} {'rho':>7} {'ms':>8} {'x first':>8} {'net':>6}")
+            for r in result["backend_comparison"]:
+                net = r["speedup_vs_first_net"]
+                print(f"{r['backend']:>16} {r['heads']:>5} {r['batch']:>3} {r['context']:>6} {r['block_size']:>4} "
+                      f"{r['density']:>7.4f} {r['median_s'] * 1e3:>8.3f} {r['speedup_vs_first']:>8.2f} "
+                      f"{net if net is not None else float('nan'):>6.2f}")
         print(f"copy bandwidth {result['copy_bandwidth_gbps']:.1f} GB/s; wrote {out} and {png} ({result['elapsed_s']:.0f}s)")
         return result
 

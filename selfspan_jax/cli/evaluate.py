@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: longest reference + 16")
     p.add_argument("--block-size", type=int, default=16, help="KV block size of the kernel (>= 16 for pallas)")
-    p.add_argument("--backend", default="auto", help="kernel backend: auto | pallas | interpret | xla | reference")
+    p.add_argument("--backend", default="auto", help="kernel backend: auto | pallas | interpret | mosaic | mosaic_interpret | xla | reference")
     p.add_argument("--max-segments", type=int, default=None, help="default: the run's")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats (median) after one warm-up")
     p.add_argument("--timing-batch", type=int, default=None, help="batch used for timing (default: --batch-size)")

@@ -10,6 +10,9 @@
 #   tools/gpu/gpu_session.sh fixedcost  # second visit (~7 min): where XLA leaves the PTX; the kernel's fixed
 #                                     # cost per call against live blocks (benchmarks/kernel_fixed_cost.py);
 #                                     # a sweep at 32k tokens, blocks 64/256, B 8/1
+#   tools/gpu/gpu_session.sh mosaic     # the Mosaic GPU kernel: its tests on the real backend, then
+#                                     # Triton and Mosaic side by side (density x block x batch, 8k
+#                                     # and 32k tokens): decides backend="auto"
 #   tools/gpu/gpu_session.sh visit      # one ~9-minute visit: the Triton-backend kernel tests (TestPallas and
 #                                     # test_sparq), XLA's PTX against the offline compile, a short kernel
 #                                     # sweep, then the decode loop at LLaMA-7B widths (8 layers, bf16):
@@ -177,6 +180,25 @@ if [[ "$STAGE" == "visit" ]]; then
   fi
   nvidia-smi --query-gpu=temperature.gpu,clocks.sm,power.draw,utilization.gpu --format=csv 2>&1 | tee -a "$LOG"
   echo "== visit done (t=$(elapsed)s)" | tee -a "$LOG"
+fi
+
+if [[ "$STAGE" == "mosaic" ]]; then
+  # Decides backend="auto" between the Triton and the Mosaic GPU kernels: the Mosaic tests on the
+  # real backend (the same file runs the GPU interpreter in CI), then both kernels timed side by
+  # side on the same inputs (bench_kernel --backends; *_net = minus the harness), 8k and 32k tokens.
+  echo "== Mosaic GPU kernel tests (t=$(elapsed)s)" | tee -a "$LOG"
+  timeout 200 "$PY" -m pytest -p no:cacheprovider -q -rs --durations=10 --junitxml="$OUT/pytest.xml" \
+    tests/test_block_sparse_mosaic.py 2>&1 | tee -a "$LOG"
+  status=$?
+  echo "== tests exit $status (t=$(elapsed)s)" | tee -a "$LOG"
+  budget=$(( 545 - $(elapsed) ))
+  echo "== Triton vs Mosaic, ${budget}s budget (t=$(elapsed)s)" | tee -a "$LOG"
+  timeout $(( budget + 40 )) "$PY" benchmarks/bench_kernel.py --out "$OUT/kernel_gpu_mosaic.json" \
+    --backends pallas mosaic --heads gqa mha --batches 1 8 --contexts 8192 32768 --block-sizes 64 256 16 \
+    --densities 0.0625 0.125 0.25 1 --dtype bfloat16 --max-seconds "$(( budget - 40 ))" 2>&1 | tee -a "$LOG"
+  bstatus=$?
+  echo "== bench exit $bstatus (t=$(elapsed)s)" | tee -a "$LOG"
+  [[ $status -eq 0 ]] && status=$bstatus
 fi
 
 if [[ "$STAGE" == "all" || "$STAGE" == "tests" ]]; then
