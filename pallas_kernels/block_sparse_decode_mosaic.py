@@ -12,9 +12,9 @@ One program per (batch b, KV head h, split): one warpgroup that
 
   1. copies 64 query rows that contain the G heads of (b, h) from q viewed as
      [B*N, H] into SMEM (one TMA). wgmma's M is 64, G is 1-8: the other rows
-     are neighbouring heads' queries, computed and never written. The copy's
-     start is a multiple of 8 (the SMEM tile's rows) and clamped so the 64 rows
-     stay inside q; the G rows sit at `offset` inside the tile.
+     are neighbouring heads' queries (or zeros past a short q), computed and
+     never written. The copy's start is a multiple of 8 (the SMEM tile's rows)
+     and clamped so the 64 rows stay inside q; the G rows sit at `offset`.
   2. walks its share of the live list with `plgpu.emit_pipeline`: the index
      map reads the block id from the list in GMEM, so TMA fetches K and V
      tiles [block_k, H] of exactly the listed blocks, `stages` in flight
@@ -28,9 +28,9 @@ One program per (batch b, KV head h, split): one warpgroup that
      (several splits; the combine picks the G rows, a static gather).
 
 Why not Q padded to 64 rows outside: that is an XLA op before every call.
-q is padded only when B*N is below 64 rows or not a multiple of 8 (tiny
-batches: e.g. SmolLM2's 9 heads at batch 1); the notes in
-docs/notes/kernel.md give the cost.
+A q of fewer than 64 rows (batch 1 at 7B widths) is copied whole into a
+zeroed tile instead. q is padded (one XLA op) only when B*N is not a multiple
+of 8, the SMEM tile's rows: e.g. SmolLM2's 9 heads at odd batch sizes.
 
 Hopper numbers assumed (H100 SXM): 132 SMs, 228 KiB SMEM per SM (227 usable
 by one block), 3.35 TB/s HBM; a [64, 128] x [128, 128] bf16 wgmma takes ~0.1
@@ -110,13 +110,16 @@ def check_shapes(*, head_dim: int, block_size: int, dtype) -> None:
 
 
 def _query_rows(batch: int, num_heads: int) -> int:
-    """Rows of q as the kernel reads it: B*N rounded up to a tile, at least 64."""
-    return max(ROWS, -(-batch * num_heads // _TILE_ROWS) * _TILE_ROWS)
+    """Rows of q as the kernel reads it: B*N rounded up to a whole SMEM tile of 8 rows."""
+    return -(-batch * num_heads // _TILE_ROWS) * _TILE_ROWS
 
 
 def _query_tile(row, q_rows: int):
     """(start, offset): the 64-row window of q that holds rows [row, row + G), starting at a multiple
-    of 8 and inside q, and where row falls in it (row >= 0; a numpy array or a traced int32)."""
+    of 8 and inside q, and where row falls in it (row >= 0; a numpy array or a traced int32). A q of
+    fewer than 64 rows is copied whole: start 0."""
+    if q_rows <= ROWS:
+        return 0, row
     minimum = np.minimum if isinstance(row, np.ndarray) else jnp.minimum
     start = minimum((row // _TILE_ROWS) * _TILE_ROWS, q_rows - ROWS)
     return start, row - start
@@ -150,7 +153,14 @@ def _kernel(layer_ref, idx_ref, cnt_ref, q_ref, k_ref, v_ref, *refs, kv_heads, g
 
     row = (b * kv_heads + h) * group  # this (b, h)'s first row of q viewed as [B*N, H]
     start, offset = _query_tile(row, q_rows)
-    plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(pl.multiple_of(start, _TILE_ROWS), ROWS)], q_smem, q_barrier)
+    if q_rows < ROWS:
+        # All of q fits below the 64 rows: zero the rest (rows past q would be whatever SMEM held;
+        # they feed only rows that are never written, but NaN there is needless), then copy q whole.
+        q_smem[...] = plgpu.layout_cast(jnp.zeros((ROWS, q_smem.shape[1]), dtype), plgpu.Layout.WGMMA)
+        plgpu.commit_smem()
+        plgpu.copy_gmem_to_smem(q_ref, q_smem.at[pl.ds(0, q_rows)], q_barrier)
+    else:
+        plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(pl.multiple_of(start, _TILE_ROWS), ROWS)], q_smem, q_barrier)
 
     def tile_index(t):
         entry = first + lax.div(t, tiles_per_block)
@@ -258,7 +268,7 @@ def mosaic_block_sparse(
                                                    num_cores=1 if interpret else gpu_core_count())
     q_rows = _query_rows(batch, num_heads)
     q2 = q.reshape(batch * num_heads, head_dim)
-    if q_rows > q2.shape[0]:  # tiny batches only (see the module docstring)
+    if q_rows > q2.shape[0]:  # B*N not a multiple of 8 (see the module docstring)
         q2 = jnp.pad(q2, ((0, q_rows - q2.shape[0]), (0, 0)))
 
     rows_out = batch * num_heads
