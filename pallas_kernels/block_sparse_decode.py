@@ -453,7 +453,8 @@ def block_sparse_decode(
       k_splits: programs per (batch, KV head) in the Pallas kernel (auto if None).
       precision: dot precision; None is the backend default (tf32 for float32
         on a GPU), "highest" asks for full float32.
-      params: tile/split parameters of the Pallas kernel (backend.BlockSparseParams).
+      params: tile/split parameters of the Pallas kernels (backend.BlockSparseParams; the
+        Mosaic kernel reads block_k, k_splits and num_stages only).
       layer: None, or an int / int32 scalar: attend to layer `layer` of the
         stacked k, v, read in place. Every backend indexes the stack itself
         because a caller's `k[layer]` is a slice that XLA copies whole before

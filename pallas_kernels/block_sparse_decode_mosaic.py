@@ -81,9 +81,14 @@ def mosaic_tiles(*, block_size: int, head_dim: int, itemsize: int, params: Block
     """(block_k, stages): tokens per pipeline step and K/V steps in flight.
 
     block_k: params.block_k, else the largest power of two <= 256 (wgmma's N) dividing the block
-    whose two-stage K+V buffers fit the pipeline's SMEM. stages: params.num_stages, else as many
-    K+V tiles as fit, 2 to 4 (2 = double buffering at the largest tiles).
+    whose two-stage K+V buffers fit the pipeline's SMEM. stages: params.num_stages (here: K/V steps
+    in flight, not Triton's pipeline depth), else as many K+V tiles as fit, 2 to 4 (2 = double
+    buffering at the largest tiles). params.k_splits is read by the caller; block_h and num_warps
+    are Triton's and refused.
     """
+    if params.block_h not in (None, ROWS) or params.num_warps is not None:
+        raise ValueError(f"BlockSparseParams(block_h={params.block_h}, num_warps={params.num_warps}) do not apply to "
+                         f"the Mosaic kernel: its programs are one warpgroup over {ROWS} query rows (wgmma's M)")
     tile_bytes = 2 * head_dim * itemsize  # one token of K and V
     block_k = params.block_k
     if block_k is None:

@@ -162,6 +162,8 @@ def test_tiles():
     assert mosaic_tiles(block_size=48, head_dim=128, itemsize=2, params=BlockSparseParams()) == (16, 4)
     with pytest.raises(ValueError, match="block_k=32"):
         mosaic_tiles(block_size=48, head_dim=64, itemsize=2, params=BlockSparseParams(block_k=32))
+    with pytest.raises(ValueError, match="do not apply to the Mosaic kernel"):
+        mosaic_tiles(block_size=64, head_dim=64, itemsize=2, params=BlockSparseParams(block_h=16))
 
 
 # ---------------------------------------------------------------------------
