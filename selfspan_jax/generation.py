@@ -217,7 +217,7 @@ def generate(
         precision=kernel.precision, prefill_chunk=None if chunk is None else int(chunk),
         dense_reads=S < int(kernel.min_sparse_context))
     if mesh is not None:
-        _check_mesh(mesh, B, chunk, outputs.timing)
+        _check_mesh(mesh, B, chunk, outputs.timing, backend)
         # Parameters restored from a checkpoint are committed to one device, and jit refuses to mix
         # them with the mesh's arrays: replicate them first (a no-op where they already are).
         params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
@@ -251,7 +251,7 @@ def checked_policy(model, policy: str | Policy, *, tokenizer=None, **context) ->
     return pol
 
 
-def _check_mesh(mesh, B: int, prefill_chunk: int | None, timing: bool) -> None:
+def _check_mesh(mesh, B: int, prefill_chunk: int | None, timing: bool, backend: str) -> None:
     """The checks a sharded `generate` needs."""
     if "data" not in getattr(mesh, "axis_names", ()):
         raise ValueError(f"mesh must be a jax.sharding.Mesh with a 'data' axis (sharding.make_mesh), got {mesh!r}")
@@ -262,6 +262,10 @@ def _check_mesh(mesh, B: int, prefill_chunk: int | None, timing: bool) -> None:
         raise ValueError(f"prefill_chunk={prefill_chunk} must divide the per-device batch {B // shards}")
     if timing:
         raise ValueError("Outputs(timing=True) is not available with mesh: the sharded call is one program")
+    if backend == "mosaic_interpret" and mesh.size > 1:
+        # the GPU interpreter keeps one simulated device per process: shards running at once collide
+        raise ValueError("backend='mosaic_interpret' runs on one device only (jax's GPU interpreter simulates one "
+                         "GPU per process); use backend='interpret' or 'xla' with a mesh of several devices")
 
 
 def _special_ids(tokenizer, eos_id, pad_id) -> tuple[int, int]:

@@ -249,3 +249,15 @@ def test_decode_loop_runs_the_kernel():
     np.testing.assert_array_equal(mosaic.tokens, xla.tokens)
     # bf16 activations: the two paths round differently (observed max 0.015)
     np.testing.assert_allclose(mosaic.logprobs, xla.logprobs, atol=0.06)
+
+
+def test_interpreter_refuses_a_mesh_of_several_devices():
+    # jax's GPU interpreter simulates one GPU per process: two shards interpreting at once collide
+    # (observed: "Barrier remains allocated"), so generate refuses the pair by name.
+    from selfspan_jax.generation import _check_mesh
+
+    mesh = jax.sharding.AbstractMesh((2,), ("data",))
+    with pytest.raises(ValueError, match="mosaic_interpret.*one device only"):
+        _check_mesh(mesh, 4, None, False, "mosaic_interpret")
+    _check_mesh(mesh, 4, None, False, "mosaic")
+    _check_mesh(jax.sharding.AbstractMesh((1,), ("data",)), 4, None, False, "mosaic_interpret")
