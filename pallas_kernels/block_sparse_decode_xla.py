@@ -91,7 +91,7 @@ def block_sparse_decode_xla(
         the stacked buffer: handing the kernel `k[layer]` instead makes XLA:CPU
         materialise the slice (a copy of the layer's whole K and V, every call,
         whatever the density) because a slice cannot fuse into a while loop's
-        operand (docs/notes/generation.md, "Why the CPU decode number...").
+        operand (docs/notes/generation.md, "Why the attention reads the stacked cache...").
     """
     if layer is None:
         if k.ndim != 4:
