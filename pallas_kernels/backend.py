@@ -59,6 +59,9 @@ def resolve_backend(backend: str) -> str:
 
     auto -> "pallas" on GPU (the Triton kernel), "xla" elsewhere (gather path;
     interpret mode is a correctness tool, orders of magnitude too slow to serve).
+    "auto" moves to "mosaic" once a GPU run (`tools/gpu/gpu_session.sh mosaic`)
+    shows the Mosaic kernel at least as fast as Triton at every point of the
+    side-by-side sweep; none has run yet (docs/notes/kernel.md).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
