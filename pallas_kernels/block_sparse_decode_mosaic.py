@@ -62,7 +62,9 @@ from pallas_kernels.backend import MIN_ENTRIES_PER_SPLIT, BlockSparseParams, def
 ROWS = 64
 # Rows of an SMEM tile (TilingTransform): the query copy starts at a multiple of it.
 _TILE_ROWS = 8
-# SMEM the K/V pipeline may use (of 227 KiB): the rest holds q, p, the output tile and barriers.
+# Shared memory one block may allocate on Hopper (227 KiB), and the K/V pipeline's share of it: 128
+# KiB in flight per SM is ~5x what Little's law asks at one SM's share of HBM (docs/notes/kernel.md).
+SMEM_BYTES = 227 * 1024
 _PIPELINE_SMEM_BYTES = 128 * 1024
 _MAX_STAGES = 4
 _NEG = -0.7 * float(np.finfo(np.float32).max)
@@ -77,12 +79,21 @@ def _swizzled(inner: int, itemsize: int):
     return plgpu.TilingTransform((_TILE_ROWS, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle)
 
 
+def smem_bytes(*, block_k: int, stages: int, head_dim: int, itemsize: int) -> int:
+    """Shared memory one program allocates: the K/V pipeline (`stages` K and V tiles), q and p
+    tiles, the output tile (counted at fp32, the several-split case), m and l, barriers."""
+    pipeline = stages * 2 * block_k * head_dim * itemsize
+    fixed = ROWS * head_dim * itemsize + ROWS * block_k * itemsize + ROWS * head_dim * 4 + 2 * ROWS * 4
+    return pipeline + fixed + 8 * (stages + 1)
+
+
 def mosaic_tiles(*, block_size: int, head_dim: int, itemsize: int, params: BlockSparseParams) -> tuple[int, int]:
     """(block_k, stages): tokens per pipeline step and K/V steps in flight.
 
     block_k: params.block_k, else the largest power of two <= 256 (wgmma's N) dividing the block
-    whose two-stage K+V buffers fit the pipeline's SMEM. stages: params.num_stages (here: K/V steps
-    in flight, not Triton's pipeline depth), else as many K+V tiles as fit, 2 to 4 (2 = double
+    whose two K+V stages fit both the pipeline's share (128 KiB) and, with the other tiles, the
+    SMEM of one block (`smem_bytes` <= SMEM_BYTES). stages: params.num_stages (here: K/V steps in
+    flight, not Triton's pipeline depth), else as many K+V tiles as fit those, 2 to 4 (2 = double
     buffering at the largest tiles). params.k_splits is read by the caller; block_h and num_warps
     are Triton's and refused.
     """
@@ -90,14 +101,24 @@ def mosaic_tiles(*, block_size: int, head_dim: int, itemsize: int, params: Block
         raise ValueError(f"BlockSparseParams(block_h={params.block_h}, num_warps={params.num_warps}) do not apply to "
                          f"the Mosaic kernel: its programs are one warpgroup over {ROWS} query rows (wgmma's M)")
     tile_bytes = 2 * head_dim * itemsize  # one token of K and V
+    fits = lambda bk, st: (st * bk * tile_bytes <= _PIPELINE_SMEM_BYTES  # noqa: E731
+                           and smem_bytes(block_k=bk, stages=st, head_dim=head_dim, itemsize=itemsize) <= SMEM_BYTES)
     block_k = params.block_k
     if block_k is None:
         block_k = 256
-        while block_k > 16 and (block_size % block_k or 2 * block_k * tile_bytes > _PIPELINE_SMEM_BYTES):
+        while block_k > 16 and (block_size % block_k or not fits(block_k, 2)):
             block_k //= 2
     if block_size % block_k or block_k % 16 or block_k > 256:
         raise ValueError(f"block_k={block_k} must be a multiple of 16, at most 256, dividing block_size={block_size}")
-    stages = params.num_stages or max(2, min(_MAX_STAGES, _PIPELINE_SMEM_BYTES // (block_k * tile_bytes)))
+    stages = params.num_stages
+    if stages is None:
+        stages = _MAX_STAGES
+        while stages > 2 and not fits(block_k, stages):
+            stages -= 1
+    need = smem_bytes(block_k=block_k, stages=stages, head_dim=head_dim, itemsize=itemsize)
+    if need > SMEM_BYTES:
+        raise ValueError(f"block_k={block_k} with {stages} stages needs {need // 1024} KiB of shared memory at H={head_dim}, "
+                         f"more than the {SMEM_BYTES // 1024} KiB of one block: pass a smaller block_k or num_stages")
     return block_k, stages
 
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from kernel_tools.mosaic_capture import lower_for_h100
 from pallas_kernels import block_sparse_decode
 from pallas_kernels.backend import BlockSparseParams, on_gpu
-from pallas_kernels.block_sparse_decode_mosaic import mosaic_tiles
+from pallas_kernels.block_sparse_decode_mosaic import SMEM_BYTES, mosaic_tiles, smem_bytes
 from test_block_sparse_decode import assert_close, attention_np, random_case, visible_np
 
 # On a GPU the same tests run the compiled kernel (tools/gpu/gpu_session.sh mosaic).
@@ -155,11 +155,19 @@ def test_refuses_what_it_cannot_run(over, match):
 
 def test_tiles():
     # Two K+V stages of the largest power-of-two tile that divides the block fit 128 KiB; small
-    # tiles get up to 4 stages.
+    # tiles get up to 4 stages; at H = 256 the other tiles leave less room (bk 32, 3 stages).
     assert mosaic_tiles(block_size=256, head_dim=128, itemsize=2, params=BlockSparseParams()) == (128, 2)
     assert mosaic_tiles(block_size=256, head_dim=64, itemsize=2, params=BlockSparseParams()) == (256, 2)
     assert mosaic_tiles(block_size=16, head_dim=64, itemsize=2, params=BlockSparseParams()) == (16, 4)
     assert mosaic_tiles(block_size=48, head_dim=128, itemsize=2, params=BlockSparseParams()) == (16, 4)
+    assert mosaic_tiles(block_size=256, head_dim=256, itemsize=2, params=BlockSparseParams()) == (32, 3)
+    # every shape the kernel accepts fits one block's shared memory
+    for head_dim in (64, 128, 192, 256):
+        for block_size in range(16, 513, 16):
+            bk, st = mosaic_tiles(block_size=block_size, head_dim=head_dim, itemsize=2, params=BlockSparseParams())
+            assert smem_bytes(block_k=bk, stages=st, head_dim=head_dim, itemsize=2) <= SMEM_BYTES
+    with pytest.raises(ValueError, match="KiB of shared memory at H=256"):
+        mosaic_tiles(block_size=256, head_dim=256, itemsize=2, params=BlockSparseParams(block_k=128, num_stages=3))
     with pytest.raises(ValueError, match="block_k=32"):
         mosaic_tiles(block_size=48, head_dim=64, itemsize=2, params=BlockSparseParams(block_k=32))
     with pytest.raises(ValueError, match="do not apply to the Mosaic kernel"):
@@ -197,6 +205,7 @@ def _lower(block_size, k_splits, *avals):
         # One split (B*K fills the SMs), q at least 64 rows: the kernel alone, nothing around it.
         (8, 32, 32, 128, 64, 8192, False, False, ()),  # LLaMA-7B MHA, shared list
         (8, 32, 8, 128, 256, 32768, True, False, ()),  # GQA 32q/8kv, 256-token blocks
+        (8, 16, 4, 256, 256, 4096, True, False, ()),  # H = 256: block_k 32, 3 stages (SMEM)
         # A token mask: its bool -> int8 conversion is the one op beside the kernel.
         (8, 32, 8, 128, 64, 8192, True, True, ("stablehlo.convert",)),
         # Batch 1 at 7B widths: 32 query rows, copied whole into a zeroed 64-row tile, no pad.
