@@ -436,12 +436,12 @@ def main(argv=None) -> dict:
         if result["backend_comparison"]:
             print(f"\nSide by side (speedup of each backend over {backends[0]} at the same point; net = minus the "
                   "harness):")
-            print(f"{'backend':>16} {'heads':>5} {'B':>3} {'T':>6} {'bs':>4} {'rho':>7} {'ms':>8} {'x first':>8} {'net':>6}")
-            for r in result["backend_comparison"]:
-                net = r["speedup_vs_first_net"]
-                print(f"{r['backend']:>16} {r['heads']:>5} {r['batch']:>3} {r['context']:>6} {r['block_size']:>4} "
-                      f"{r['density']:>7.4f} {r['median_s'] * 1e3:>8.3f} {r['speedup_vs_first']:>8.2f} "
-                      f"{net if net is not None else float('nan'):>6.2f}")
+            print(reporting.markdown_table(
+                ["backend", "heads", "B", "T", "bs", "rho", "ms", f"x {backends[0]}", "net"],
+                [[r["backend"], r["heads"], r["batch"], r["context"], r["block_size"], f"{r['density']:.4f}",
+                  f"{r['median_s'] * 1e3:.3f}", f"{r['speedup_vs_first']:.2f}",
+                  "-" if r["speedup_vs_first_net"] is None else f"{r['speedup_vs_first_net']:.2f}"]
+                 for r in result["backend_comparison"]]))
         print(f"copy bandwidth {result['copy_bandwidth_gbps']:.1f} GB/s; wrote {out} and {png} ({result['elapsed_s']:.0f}s)")
         return result
 
