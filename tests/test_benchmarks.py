@@ -343,3 +343,26 @@ def test_bench_kernel_times_backends_side_by_side(tmp_path):
     assert "speedup_vs_all_blocks" in group["points"][1]["by_backend"]["mosaic_interpret"]
     assert {(r["backend"], r["density"]) for r in result["backend_comparison"]} == {("mosaic_interpret", 1.0),
                                                                                     ("mosaic_interpret", 0.5)}
+
+
+def test_bench_kernel_keeps_going_when_a_backend_fails(tmp_path, monkeypatch):
+    """A backend that raises (e.g. a kernel the GPU's compiler refuses) is recorded with its error and not
+    tried again; the first backend's points are all there."""
+    from selfspan_jax.cli import bench_kernel
+
+    real = bench_kernel.block_sparse_decode
+
+    def failing(*a, backend, **kw):
+        if backend == "reference":
+            raise RuntimeError("ptxas refused the module")
+        return real(*a, backend=backend, **kw)
+
+    monkeypatch.setattr(bench_kernel, "block_sparse_decode", failing)
+    result = bench_kernel.main(["--quick", "--heads", "gqa", "--batches", "1", "--contexts", "256", "512",
+                                "--block-sizes", "64", "--densities", "0.5", "--reps", "1",
+                                "--backends", "xla", "reference", "--out", str(tmp_path / "k.json")])
+    assert result["backend_failures"] == {"reference": "RuntimeError: ptxas refused the module"}
+    first, second = result["groups"]
+    assert first["points"][0]["by_backend"]["reference"]["error"].startswith("RuntimeError")
+    assert all("by_backend" not in p for p in first["points"][1:] + second["points"])
+    assert len(first["points"]) == len(second["points"]) == 2 and result["backend_comparison"] == []

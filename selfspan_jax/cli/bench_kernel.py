@@ -132,11 +132,26 @@ def jax_paged_fn(paged_attention, block_size: int, live: int, interpret: bool = 
 # ---------------------------------------------------------------------------
 # One (heads, batch, context) group
 # ---------------------------------------------------------------------------
+def _time_other(other, op, q, caches, idx, cnt, *, unroll, reps, read, med, harness) -> dict:
+    """One more backend at a point, on the first one's inputs: its times and its output against the first's."""
+    omed, omn = (t / unroll for t in time_executable(unrolled(other, unroll), (q, caches, (idx, cnt)), reps))
+    entry = dict(median_s=omed, min_s=omn, gbps=read / omed / 1e9, speedup_vs_first=med / omed)
+    if med > 2 * harness and omed > 2 * harness:
+        entry["speedup_vs_first_net"] = (med - harness) / (omed - harness)
+    theirs = np.asarray(jnp.asarray(other(q, *caches[0], idx, cnt), jnp.float32))
+    entry["max_abs_diff_vs_first"] = float(np.abs(
+        theirs - np.asarray(jnp.asarray(op(q, *caches[0], idx, cnt), jnp.float32))).max())
+    return entry
+
+
 def bench_group(rng, heads, batch, seq_len, cfg, *, reps, gpu, rotate_bytes, unroll_min, log, peers=None,
-                backends=None):
+                backends=None, failed=None):
     """peers: `peer_ops`'s result; the columns whose entry is a module are timed. backends: the kernel
     backends to time at every point, the first filling the point's own fields (default: "auto"
-    resolved); each other one is timed on the same inputs right after it, under "by_backend"."""
+    resolved); each other one is timed on the same inputs right after it, under "by_backend". A
+    backend that raises is recorded there with its error and added to `failed` (name -> error),
+    which the caller shares across groups so it is not tried again."""
+    failed = {} if failed is None else failed
     peers = {name: op for name, op in (peers or {}).items() if not isinstance(op, str)}
     num_heads, kv_heads, head_dim = HEADS[heads]
     dtype = jnp.dtype(cfg["dtype"])
@@ -220,21 +235,24 @@ def bench_group(rng, heads, batch, seq_len, cfg, *, reps, gpu, rotate_bytes, unr
             for name, base in group["baselines"].items():
                 point[f"speedup_vs_{name}"] = base["median_s"] / med
             for name, other in other_ops.items():
-                omed, omn = (t / unroll for t in time_executable(unrolled(other, unroll), (q, caches, (idx, cnt)), reps))
-                entry = dict(median_s=omed, min_s=omn, gbps=read / omed / 1e9, speedup_vs_first=med / omed)
-                if med > 2 * harness and omed > 2 * harness:
-                    entry["speedup_vs_first_net"] = (med - harness) / (omed - harness)
+                if name in failed:
+                    continue
+                try:
+                    entry = _time_other(other, op, q, caches, idx, cnt, unroll=unroll, reps=reps, read=read, med=med,
+                                        harness=harness)
+                except Exception as e:  # noqa: BLE001 - one GPU call must still time the other backends
+                    failed[name] = f"{type(e).__name__}: {str(e)[:500]}"
+                    point.setdefault("by_backend", {})[name] = dict(error=failed[name])
+                    log(f"    {name:<8} failed, left out from here on: {failed[name][:200]}")
+                    continue
                 if live == num_blocks:
-                    other_all[name] = omed
+                    other_all[name] = entry["median_s"]
                 if name in other_all:
-                    entry["speedup_vs_all_blocks"] = other_all[name] / omed
-                theirs = np.asarray(jnp.asarray(other(q, *caches[0], idx, cnt), jnp.float32))
-                entry["max_abs_diff_vs_first"] = float(np.abs(
-                    theirs - np.asarray(jnp.asarray(op(q, *caches[0], idx, cnt), jnp.float32))).max())
+                    entry["speedup_vs_all_blocks"] = other_all[name] / entry["median_s"]
                 point.setdefault("by_backend", {})[name] = entry
-                log(f"    {name:<8} {omed * 1e3:9.3f} ms {entry['gbps']:8.1f} GB/s  x{entry['speedup_vs_first']:5.2f} "
-                    f"vs {backend}" + (f" (net x{entry['speedup_vs_first_net']:.2f})" if "speedup_vs_first_net" in entry
-                                       else ""))
+                log(f"    {name:<8} {entry['median_s'] * 1e3:9.3f} ms {entry['gbps']:8.1f} GB/s  "
+                    f"x{entry['speedup_vs_first']:5.2f} vs {backend}"
+                    + (f" (net x{entry['speedup_vs_first_net']:.2f})" if "speedup_vs_first_net" in entry else ""))
             if "jax_paged" in peers:
                 fn, width = jax_paged_fn(peers["jax_paged"], block_size, live)
                 # Page p of sequence b is block (b, p) of a [K, B*NB, bs, H] view.
@@ -293,6 +311,8 @@ def compare_backends(result: dict) -> list[dict]:
     for g in result["groups"]:
         for p in g["points"]:
             for name, e in p.get("by_backend", {}).items():
+                if "error" in e:
+                    continue
                 rows.append(dict(backend=name, heads=g["heads"], batch=g["batch"], context=g["context"],
                                  block_size=p["block_size"], density=round(p["density"], 4), median_s=e["median_s"],
                                  speedup_vs_first=e["speedup_vs_first"],
@@ -392,6 +412,7 @@ def main(argv=None) -> dict:
             environment=reporting.environment(), sweep=cfg, reps=reps, rotate_bytes=rotate_bytes, target_factor=0.8 if gpu else 0.5,
             target_note="docs/spec.md §5: speedup >= 0.8/rho (GPU kernel) or >= 0.5/rho (CPU XLA path) at T >= 8k",
             copy_bandwidth_gbps=copy_bandwidth((1024 if gpu else 256) * 1024 * 1024, reps), groups=[], truncated=False,
+            backend_failures={},
         )
         print(f"device {result['device_kind']} ({result['platform']}), jax {jax.__version__}, "
               f"copy bandwidth {result['copy_bandwidth_gbps']:.1f} GB/s (read + write)", flush=True)
@@ -413,7 +434,7 @@ def main(argv=None) -> dict:
                     result["groups"].append(bench_group(
                         rng, heads, batch, seq_len, cfg, reps=reps, gpu=gpu, rotate_bytes=rotate_bytes,
                         unroll_min=args.unroll or (8 if gpu else 1), log=lambda s: print(s, flush=True), peers=peers,
-                        backends=backends))
+                        backends=backends, failed=result["backend_failures"]))
                     # Written after every group so a run cut short keeps what it measured.
                     reporting.write_json(result, out)
         result["elapsed_s"] = time.perf_counter() - start
