@@ -103,7 +103,8 @@ class Outputs:
 class KernelOptions:
     """How the attention runs; none of it changes the attention itself.
 
-    backend: the kernels' backend ("auto" = pallas on a GPU, xla elsewhere).
+    backend: the kernels' backend ("auto" = pallas on a GPU, xla elsewhere; "mosaic" = the Mosaic GPU
+        block kernel, 16-bit models, token lists on the Triton kernel; `pallas_kernels.backend.BACKENDS`).
     precision: dot precision of the attention kernel (None = the backend's default, which is tf32
         for float32 on a GPU; "highest" for exact fp32).
     prefill_chunk: prefill this many sequences at a time (must divide the batch, or with a mesh the
