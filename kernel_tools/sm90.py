@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.backend import BlockSparseParams
-from pallas_kernels.block_sparse_decode import block_sparse_decode, live_splits
+from pallas_kernels.block_sparse_decode import block_sparse_decode
+from pallas_kernels.splits import live_splits
 from pallas_kernels.token_sparse_decode import token_sparse_decode
 from kernel_tools.triton_capture import H100_CORES, capture_triton_kernels
 

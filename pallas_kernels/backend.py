@@ -26,7 +26,7 @@ _SMEM_BUDGET_BYTES = 160 * 1024
 
 # A split of a block list reads at least this many entries (blocks; tiles of rows in the token
 # kernel): below it, a split's fixed cost (its partials, written by the kernel and read by the
-# combine) outweighs what it reads. block_sparse_decode.split_range applies it.
+# combine) outweighs what it reads. splits.split_range applies it.
 MIN_ENTRIES_PER_SPLIT = 4
 
 

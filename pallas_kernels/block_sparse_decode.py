@@ -37,21 +37,17 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.backend import (MIN_ENTRIES_PER_SPLIT, MOSAIC_BACKENDS, BlockSparseParams, gpu_core_count,
-                                    resolve_backend)
+from pallas_kernels.backend import MOSAIC_BACKENDS, BlockSparseParams, gpu_core_count, resolve_backend
 from pallas_kernels.block_sparse_decode_mosaic import check_shapes as check_mosaic_shapes
 from pallas_kernels.block_sparse_decode_mosaic import mosaic_block_sparse
+from pallas_kernels.splits import NEG, combine_splits, live_splits, split_range
 
 try:  # the Triton backend of Pallas; absent from some CPU-only jaxlib builds
     from jax.experimental.pallas import triton as plgpu
 except ImportError:  # pragma: no cover - every jaxlib we support ships it
     plgpu = None
 
-# Masked scores are set to this finite value before the running max, so a fully
-# masked tile gives m_new - m_prev == 0 instead of inf - inf = NaN. Their
-# probabilities are then zeroed explicitly: the large negative value alone
-# would still leak exp(0) = 1 per masked token when a whole tile is masked.
-_NEG = -0.7 * float(np.finfo(np.float32).max)
+_NEG = NEG  # (splits.py says why it is finite)
 
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -155,27 +151,6 @@ def block_sparse_decode_kernel(
     store_partials(o_ref, m_ref, l_ref, (split, b, h), o, m, l, group=group, live=last > first)
 
 
-def split_range(count, split, k_splits):
-    """[first, last) of the live entries that split `split` of `k_splits` reads.
-
-    Contiguous shares of the live count (not of the padded list), so splits stay
-    balanced at any density, and at least MIN_ENTRIES_PER_SPLIT each, so a short
-    list leaves the later splits empty: they read nothing and write nothing
-    (`live_splits` tells the combine). Works on scalars in the kernel and on
-    arrays outside it.
-    """
-    per_split = jnp.maximum((count + k_splits - 1) // k_splits, MIN_ENTRIES_PER_SPLIT)
-    first = split * per_split
-    return first, jnp.minimum(count, first + per_split)
-
-
-def live_splits(counts, k_splits: int):
-    """bool [k_splits, *counts.shape]: which splits hold entries (and so wrote partials)."""
-    split = jnp.arange(k_splits).reshape((k_splits,) + (1,) * counts.ndim)
-    first, last = split_range(counts[None], split, k_splits)
-    return last > first
-
-
 def store_partials(o_ref, m_ref, l_ref, at, o, m, l, *, group: int, live):
     """Writes a split's unnormalised partials, only the `group` real query rows, and only when
     the split read something: padded rows and empty splits cost no bytes (the combine masks
@@ -199,29 +174,6 @@ def _compiler_params(num_warps: int, num_stages: int):
     return cls(num_warps=num_warps, num_stages=num_stages)
 
 
-def _combine_splits(o, m, l, live):
-    """Flash-decoding combine of per-split partials.
-
-    o f32 [k_splits, ..., H], m, l f32 [k_splits, ...], live bool [k_splits, ...]
-    (a prefix of m's dims: the splits that wrote; the others hold whatever the
-    buffer held) -> f32 [..., H]; rows whose total weight is 0 (nothing
-    visible) come out exactly 0.
-    """
-    live = live.reshape(live.shape + (1,) * (m.ndim - live.ndim))
-    m = jnp.where(live, m, _NEG)
-    l = jnp.where(live, l, 0.0)
-    o = jnp.where(live[..., None], o, 0.0)
-    m_max = m.max(axis=0)
-    # jax's own Pallas decode_attention needs this barrier to keep XLA:GPU from
-    # fusing the max into the exp below and producing NaNs (b/389925439).
-    m_max = lax.optimization_barrier(m_max)
-    weight = jnp.exp(m - m_max[None])  # [k_splits, ...]
-    l_total = (l * weight).sum(axis=0)
-    o_total = (o * weight[..., None]).sum(axis=0)
-    safe = jnp.where(l_total > 0, l_total, 1.0)
-    return jnp.where((l_total > 0)[..., None], o_total / safe[..., None], 0.0)
-
-
 def _pallas_block_sparse(
     q,  # [B, K, G, H]
     k,  # [NL, B, K, S, H]: stacked cache (NL = 1 for a single layer)
@@ -242,7 +194,7 @@ def _pallas_block_sparse(
     o, m, l, live = _pallas_partials(q, k, v, layer, block_indices, block_counts, token_mask, block_size=block_size,
                                      sm_scale=sm_scale, params=params, precision=precision, interpret=interpret)
     # Only the G real rows of the splits that read something were written; read only those rows.
-    return _combine_splits(o[..., :group, :], m[..., :group], l[..., :group], live)
+    return combine_splits(o[..., :group, :], m[..., :group], l[..., :group], live)
 
 
 def _pallas_partials(q, k, v, layer, block_indices, block_counts, token_mask, *, block_size, sm_scale, params,

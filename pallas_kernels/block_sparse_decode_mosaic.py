@@ -56,7 +56,8 @@ try:  # the Mosaic GPU backend of Pallas (jax >= 0.5)
 except ImportError:  # pragma: no cover - every jaxlib we support ships it
     plgpu = None
 
-from pallas_kernels.backend import MIN_ENTRIES_PER_SPLIT, BlockSparseParams, default_k_splits, gpu_core_count
+from pallas_kernels.backend import BlockSparseParams, default_k_splits, gpu_core_count
+from pallas_kernels.splits import NEG, combine_splits, live_splits, split_range
 
 # wgmma's M: query rows per program.
 ROWS = 64
@@ -67,7 +68,6 @@ _TILE_ROWS = 8
 SMEM_BYTES = 227 * 1024
 _PIPELINE_SMEM_BYTES = 128 * 1024
 _MAX_STAGES = 4
-_NEG = -0.7 * float(np.finfo(np.float32).max)
 MOSAIC_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
@@ -172,9 +172,8 @@ def _kernel(layer_ref, idx_ref, cnt_ref, q_ref, k_ref, v_ref, *refs, kv_heads, g
     count = cnt_ref[b] if shared_count else cnt_ref[b, h]
     count = jnp.clip(count, 0, min(list_len, num_blocks))
     list_row = idx_ref.at[b] if shared_list else idx_ref.at[b, h]
-    per_split = jnp.maximum(lax.div(count + k_splits - 1, k_splits), MIN_ENTRIES_PER_SPLIT)
-    first = split * per_split
-    num_entries = jnp.maximum(jnp.minimum(count, first + per_split) - first, 0)
+    first, last = split_range(count, split, k_splits)
+    num_entries = jnp.maximum(last - first, 0)
     layer = jnp.clip(layer_ref[0], 0, num_layers - 1)
 
     row = (b * kv_heads + h) * group  # this (b, h)'s first row of q viewed as [B*N, H]
@@ -203,7 +202,7 @@ def _kernel(layer_ref, idx_ref, cnt_ref, q_ref, k_ref, v_ref, *refs, kv_heads, g
 
     plgpu.barrier_wait(q_barrier)
     acc = plgpu.layout_cast(jnp.zeros((ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA)
-    m = plgpu.layout_cast(jnp.full((ROWS,), _NEG, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+    m = plgpu.layout_cast(jnp.full((ROWS,), NEG, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
     l = plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1))
 
     def step(_, k_smem, v_smem, *rest):
@@ -217,12 +216,12 @@ def _kernel(layer_ref, idx_ref, cnt_ref, q_ref, k_ref, v_ref, *refs, kv_heads, g
         if has_mask:
             column = plgpu.load(mask_smem[0], layout=plgpu.Layout.WGMMA.reduce(0))
             visible = lax.broadcast_in_dim(column != 0, s.shape, [1])
-            s = jnp.where(visible, s, _NEG)
+            s = jnp.where(visible, s, NEG)
         m_next = jnp.maximum(m_prev, s.max(axis=1))
         correction = jnp.exp(m_prev - m_next)
         p = jnp.exp(s - lax.broadcast_in_dim(m_next, s.shape, [0]))
         if has_mask:
-            # zero, not exp(0): a fully masked tile keeps m at _NEG
+            # zero, not exp(0): a fully masked tile keeps m at NEG
             p = jnp.where(visible, p, 0.0)
             # p is 0 there, but 0 * NaN is NaN: a masked V row must not reach the output
             # (zeroed through the transposed view [H, block_k], the WGMMA layout of the scores' shape)
@@ -281,8 +280,6 @@ def mosaic_block_sparse(
     interpret: bool,
 ):
     """The Mosaic GPU kernel plus, with several splits, the combine; returns [B, N, H] in q's dtype."""
-    from pallas_kernels.block_sparse_decode import _combine_splits, live_splits
-
     num_layers, batch, kv_heads, seq_len, head_dim = k.shape
     num_heads = q.shape[1]
     group = num_heads // kv_heads
@@ -348,6 +345,6 @@ def mosaic_block_sparse(
     counts = block_counts.astype(jnp.int32)
     counts = jnp.clip(counts if counts.ndim == 2 else counts[:, None] + jnp.zeros((1, kv_heads), jnp.int32),
                       0, min(list_len, seq_len // block_size))
-    out = _combine_splits(o, m, l, live_splits(counts, k_splits))
+    out = combine_splits(o, m, l, live_splits(counts, k_splits))
     return out.reshape(batch, num_heads, head_dim).astype(q.dtype)
 

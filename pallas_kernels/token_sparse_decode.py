@@ -39,16 +39,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.backend import default_k_splits, gpu_core_count, on_gpu, query_rows
-from pallas_kernels.block_sparse_decode import (
-    _NEG,
-    _combine_splits,
-    _compiler_params,
-    _normalise_precision,
-    live_splits,
-    plgpu,
-    split_range,
-    store_partials,
-)
+from pallas_kernels.block_sparse_decode import _NEG, _compiler_params, _normalise_precision, plgpu, store_partials
+from pallas_kernels.splits import combine_splits, live_splits, split_range
 
 TOKEN_BACKENDS = ("auto", "pallas", "interpret", "mosaic", "mosaic_interpret", "xla", "reference")
 # The row-gather kernel has no Mosaic GPU version (not built: its rows are single tokens, one TMA
@@ -161,7 +153,7 @@ def _pallas_token_sparse(q, k, v, layer, token_indices, token_counts, *, sm_scal
         name=f"token_sparse_decode_bt{BLOCK_T}_bh{block_h}",
     )(jnp.reshape(layer, (1,)).astype(jnp.int32), idx, counts, q_pad, k, v)
     live = live_splits((counts + BLOCK_T - 1) // BLOCK_T, k_splits)
-    return _combine_splits(o[..., :group, :], m[..., :group], l[..., :group], live)
+    return combine_splits(o[..., :group, :], m[..., :group], l[..., :group], live)
 
 
 # --------------------------------------------------------------------------
