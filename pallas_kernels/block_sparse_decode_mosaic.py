@@ -6,7 +6,8 @@ are read inside the kernel (clamped there, so no XLA clamp or broadcast runs
 before it), and with one split per (batch, KV head) the kernel writes the
 normalised output in q's dtype, so nothing runs after it either. With several
 splits (flash-decoding, for batch x KV heads far below the SM count) it writes
-per-split partials and one XLA fusion combines them.
+per-split partials and the XLA combine beside it merges them
+(`splits.combine_splits`; an in-kernel combine is not built).
 
 One program per (batch b, KV head h, split): one warpgroup that
 
