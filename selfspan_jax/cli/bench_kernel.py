@@ -321,6 +321,32 @@ def compare_backends(result: dict) -> list[dict]:
     return rows
 
 
+def _plot_comparison(axes, heads_list, compared: list[dict], result: dict) -> None:
+    """Second row: each extra backend's time over the first backend's at the same point, against
+    density, one line per (backend, block size, batch, context); above 1 = faster than the first."""
+    import matplotlib.ticker
+
+    for ax, heads in zip(axes, heads_list):
+        lines = {}
+        for r in compared:
+            if r["heads"] == heads:
+                key = (r["backend"], r["block_size"], r["batch"], r["context"])
+                lines.setdefault(key, []).append((r["density"], r["speedup_vs_first"]))
+        for (name, bs, batch, context), pts in sorted(lines.items()):
+            xs, ys = zip(*sorted(pts))
+            ax.plot(xs, ys, "o-", label=f"{name} bs {bs} B {batch} T {context}")
+        ax.axhline(1.0, color="k", ls="--", lw=1)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_title(f"{heads}: speedup over {result['backends'][0]}, same inputs")
+        ax.set_xlabel("density rho")
+        ax.set_ylabel(f"time of {result['backends'][0]} / time")
+        ax.grid(True, which="both", alpha=0.3)
+        if lines:
+            ax.legend(fontsize=6, ncol=2)
+
+
 def plot(result: dict, path: str, min_context: int) -> None:
     import matplotlib
 
@@ -329,7 +355,11 @@ def plot(result: dict, path: str, min_context: int) -> None:
     import matplotlib.ticker
 
     heads_list = sorted({g["heads"] for g in result["groups"]})
-    fig, axes = plt.subplots(1, len(heads_list), figsize=(6 * len(heads_list), 4.5), squeeze=False)
+    compared = result.get("backend_comparison") or []
+    rows = 2 if compared else 1
+    fig, axes = plt.subplots(rows, len(heads_list), figsize=(6 * len(heads_list), 4.5 * rows), squeeze=False)
+    if compared:
+        _plot_comparison(axes[1], heads_list, compared, result)
     for ax, heads in zip(axes[0], heads_list):
         series = {}
         for g in result["groups"]:
