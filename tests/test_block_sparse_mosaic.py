@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import draws
 from kernel_tools.mosaic_capture import lower_for_h100
 from pallas_kernels import block_sparse_decode
 from pallas_kernels.backend import BlockSparseParams, on_gpu
@@ -120,7 +121,8 @@ def test_nothing_unselected_reaches_the_output():
 
 
 def test_structured():
-    @settings(max_examples=6, deadline=None)
+    # about a second a draw in the interpreter: 6 in CI, SELFSPAN_DRAWS=N for a longer run
+    @settings(max_examples=draws(6), deadline=None)
     @given(st.data())
     def run(data):
         kv_heads = data.draw(st.sampled_from([1, 2, 3]), "kv_heads")
