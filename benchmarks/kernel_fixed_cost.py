@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Where the block-sparse kernel's fixed cost per call goes (GPU visit; issue 15, docs/notes/kernel.md).
+"""Where the block-sparse kernel's fixed cost per call goes (docs/notes/kernel.md).
 
 The first GPU visit found ~20-45 µs per call that does not scale with the bytes read: GQA at B = 1,
 T = 8k took 48 µs at density 1/8 and 52 µs with every block, where 4 MB at the copy bandwidth is
@@ -10,7 +10,8 @@ T = 8k took 48 µs at density 1/8 and 52 µs with every block, where 4 MB at the
   op          block_sparse_decode as users call it (list clamps, q pad, pallas_call, split combine)
   op_ks1      the same with k_splits = 1 (no split-K: B * K programs)
   kernel      the pallas_call alone on prepared inputs (q pad fused into the harness's add):
-              op - kernel is what the XLA ops around the kernel cost
+              op - kernel is what the XLA ops around the kernel cost (Triton backends; the
+              Mosaic op at k_splits = 1 is its kernel alone, so it has no such row)
   dpa         jax.nn.dot_product_attention over the whole cache (one point, for scale)
 
 and reports how many device kernels each executable launches per call (the optimized HLO's
@@ -19,6 +20,7 @@ bench_kernel's: U unrolled calls in one executable on distinct q, rotating over 
 bigger than the L2.
 
     python3 benchmarks/kernel_fixed_cost.py --out $OUT/kernel_fixed_cost.json          # GPU (Triton)
+    python3 benchmarks/kernel_fixed_cost.py --backend mosaic --out $OUT/k.json        # GPU (Mosaic: op, op_ks1)
     .venv/bin/python benchmarks/kernel_fixed_cost.py --backend interpret --quick       # CPU smoke run
 """
 
@@ -37,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import block_sparse_decode
-from pallas_kernels.backend import BlockSparseParams, on_gpu, resolve_backend
+from pallas_kernels.backend import MOSAIC_BACKENDS, BlockSparseParams, on_gpu, resolve_backend
 from pallas_kernels.block_sparse_decode import _pallas_partials
 from selfspan_jax import reporting
 from selfspan_jax.kernel_bench import (HEADS, bytes_read, copy_bandwidth, fit_line, launched_ops, random_caches,
@@ -57,6 +59,7 @@ def run_group(rng, heads, batch, context, block_size, counts, dtype, backend, re
     q = jnp.asarray(rng.standard_normal((batch, num_heads, head_dim)), dtype)
     caches = random_caches(rng, (batch, kv_heads, context, head_dim), dtype, copies_n)
     interpret = backend == "interpret"
+    mosaic = backend in MOSAIC_BACKENDS
     sm_scale = 1 / math.sqrt(head_dim)
 
     def per_call(run, copies, rest):
@@ -83,8 +86,9 @@ def run_group(rng, heads, batch, context, block_size, counts, dtype, backend, re
     variants = {
         "op": functools.partial(block_sparse_decode, block_size=block_size, backend=backend),
         "op_ks1": functools.partial(block_sparse_decode, block_size=block_size, backend=backend, k_splits=1),
-        "kernel": kernel_only,
     }
+    if not mosaic:  # the Mosaic op at k_splits = 1 is its kernel alone (launched_ops shows it)
+        variants["kernel"] = kernel_only
     runs = {name: unrolled(op, unroll) for name, op in variants.items()}  # one compile each, reused at every n
     for n in counts:
         if n > num_blocks:
@@ -119,8 +123,9 @@ def run_group(rng, heads, batch, context, block_size, counts, dtype, backend, re
                                                                   for k, v in caches], ()),
         "op": launched_ops(variants["op"], q, k0, v0, idx, cnt),
         "op_ks1": launched_ops(variants["op_ks1"], q, k0, v0, idx, cnt),
-        "kernel": launched_ops(kernel_only, q, k0, v0, idx3, cnt2),
     }
+    if "kernel" in variants:
+        result["launched_ops"]["kernel"] = launched_ops(kernel_only, q, k0, v0, idx3, cnt2)
     log(f"  fits {json.dumps(result['fits'])}\n  launched ops {json.dumps(result['launched_ops'])}")
     return result
 
@@ -146,11 +151,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     args = parser.parse_args(argv)
     backend = resolve_backend(args.backend)
-    if backend not in ("pallas", "interpret"):
-        raise SystemExit(f"the kernel variant needs the Pallas kernel: --backend pallas or interpret, not {backend!r}")
+    if backend not in ("pallas", "interpret", *MOSAIC_BACKENDS):
+        raise SystemExit(f"the fixed cost is measured on a Pallas kernel: --backend pallas, interpret, mosaic or "
+                         f"mosaic_interpret, not {backend!r}")
+    if backend in MOSAIC_BACKENDS and args.dtype == "float32":
+        raise SystemExit("the Mosaic kernel runs 16-bit caches: --dtype bfloat16")
     gpu = on_gpu()
     if args.quick:
-        args.heads, args.batches, args.context, args.block_size, args.counts = ["4,2,16"], [1], 64, 16, [0, 1, 2, 4]
+        head_dim = 64 if backend in MOSAIC_BACKENDS else 16  # the Mosaic kernel's smallest head dim
+        args.heads, args.batches, args.context, args.block_size, args.counts = [f"4,2,{head_dim}"], [1], 64, 16, [0, 1, 2, 4]
     reps = args.reps or (20 if gpu else 2)
     out = args.out or os.path.join(ROOT, "benchmarks", "results", "kernel", f"kernel_fixed_cost_{'gpu' if gpu else 'cpu'}.json")
     with reporting.reserved_output(out, overwrite=args.overwrite, option="--out", prog="kernel_fixed_cost.py"):

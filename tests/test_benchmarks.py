@@ -366,3 +366,16 @@ def test_bench_kernel_keeps_going_when_a_backend_fails(tmp_path, monkeypatch):
     assert first["points"][0]["by_backend"]["reference"]["error"].startswith("RuntimeError")
     assert all("by_backend" not in p for p in first["points"][1:] + second["points"])
     assert len(first["points"]) == len(second["points"]) == 2 and result["backend_comparison"] == []
+
+
+def test_kernel_fixed_cost_on_the_mosaic_kernel(tmp_path):
+    """--backend mosaic_interpret: op and op_ks1 against live blocks (the Mosaic op at one split is its
+    kernel alone, so there is no separate kernel row); a float32 cache is refused before any work."""
+    module = load_script("benchmarks/kernel_fixed_cost.py")
+    with pytest.raises(SystemExit, match="16-bit"):
+        module.main(["--backend", "mosaic_interpret", "--quick", "--dtype", "float32", "--out", str(tmp_path / "a.json")])
+    result = module.main(["--backend", "mosaic_interpret", "--quick", "--out", str(tmp_path / "k.json")])
+    (group,) = result["groups"]
+    assert group["head_dim"] == 64 and [p["live_blocks"] for p in group["points"]] == [0, 1, 2, 4]
+    assert all(set(p) >= {"op", "op_ks1"} and "kernel" not in p for p in group["points"])
+    assert set(group["fits"]) == {"op", "op_ks1"} and set(group["launched_ops"]) == {"dpa_unrolled", "op", "op_ks1"}

@@ -10,9 +10,10 @@
 #   tools/gpu/gpu_session.sh fixedcost  # second visit (~7 min): where XLA leaves the PTX; the kernel's fixed
 #                                     # cost per call against live blocks (benchmarks/kernel_fixed_cost.py);
 #                                     # a sweep at 32k tokens, blocks 64/256, B 8/1
-#   tools/gpu/gpu_session.sh mosaic     # the Mosaic GPU kernel: its tests on the real backend, then
-#                                     # Triton and Mosaic side by side (density x block x batch, 8k
-#                                     # and 32k tokens): decides backend="auto"
+#   tools/gpu/gpu_session.sh mosaic     # the Mosaic GPU kernel: its tests on the real backend, its
+#                                     # fixed cost per call (kernel_fixed_cost.py), then Triton and
+#                                     # Mosaic side by side (density x block x batch, 8k and 32k
+#                                     # tokens): decides backend="auto"
 #   tools/gpu/gpu_session.sh visit      # one ~9-minute visit: the Triton-backend kernel tests (TestPallas and
 #                                     # test_sparq), XLA's PTX against the offline compile, a short kernel
 #                                     # sweep, then the decode loop at LLaMA-7B widths (8 layers, bf16):
@@ -191,6 +192,10 @@ if [[ "$STAGE" == "mosaic" ]]; then
     tests/test_block_sparse_mosaic.py 2>&1 | tee -a "$LOG"
   status=$?
   echo "== tests exit $status (t=$(elapsed)s)" | tee -a "$LOG"
+  echo "== Mosaic fixed cost per call against live blocks (t=$(elapsed)s)" | tee -a "$LOG"
+  timeout 100 "$PY" benchmarks/kernel_fixed_cost.py --out "$OUT/kernel_fixed_cost_gpu_mosaic.json" --backend mosaic \
+    --heads gqa mha --batches 1 8 --counts 0 1 4 16 128 --unroll 32 --copies 32 --max-seconds 70 2>&1 \
+    | grep -v "^  fits" | tee -a "$LOG"
   budget=$(( 545 - $(elapsed) ))
   echo "== Triton vs Mosaic, ${budget}s budget (t=$(elapsed)s)" | tee -a "$LOG"
   timeout $(( budget + 40 )) "$PY" benchmarks/bench_kernel.py --out "$OUT/kernel_gpu_mosaic.json" \
