@@ -404,7 +404,8 @@ def block_sparse_decode(
       sm_scale: softmax scale, default 1/sqrt(H).
       k_splits: programs per (batch, KV head) in the Pallas kernel (auto if None).
       precision: dot precision; None is the backend default (tf32 for float32
-        on a GPU), "highest" asks for full float32.
+        on a GPU), "highest" asks for full float32. The Mosaic kernel takes
+        16-bit caches only, whose wgmma has one precision: it ignores this.
       params: tile/split parameters of the Pallas kernels (backend.BlockSparseParams; the
         Mosaic kernel reads block_k, k_splits and num_stages only).
       layer: None, or an int / int32 scalar: attend to layer `layer` of the
