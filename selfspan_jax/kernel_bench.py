@@ -86,7 +86,7 @@ def cache_copies(cache_bytes: int, *, rotate_bytes: int, unroll_min: int, budget
     Every call reads its own copy because XLA merges dots that share an operand: with 8 calls on
     4 copies, the unrolled dot_product_attention baseline read each cache once for two calls and
     looked 1.5-2x faster than the kernel at GQA; with one copy per call it is 2.8x slower
-    (GPU visit 2, docs/notes/kernel.md). A custom call (our kernel, jax's) is never merged."""
+    (docs/notes/kernel.md, "GPU measurements"). A custom call (our kernel, jax's) is never merged."""
     wanted = max(unroll_min, math.ceil(rotate_bytes / cache_bytes))
     return int(max(1, min(wanted, budget_bytes // cache_bytes)))
 

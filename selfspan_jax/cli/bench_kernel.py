@@ -416,6 +416,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--backends", nargs="+", choices=[b for b in BACKENDS if b != "auto"], default=None,
                         help="kernel backends timed side by side at every point, the first as the reference "
                              "(default: auto, i.e. pallas on a GPU, xla on a CPU); e.g. --backends pallas mosaic")
+    parser.add_argument("--rotate-mb", type=int, default=None,
+                        help="cache copies rotated over per executable, in MB (default 256 on a GPU, past its L2; "
+                             "64 on a CPU); a small value keeps a dry run short")
     parser.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     args = parser.parse_args(argv)
 
@@ -435,7 +438,7 @@ def main(argv=None) -> dict:
 
         device = jax.devices()[0]
         # Rotate over >= this many cache bytes (H100 L2 is 50 MB; CPU L3 tens of MB).
-        rotate_bytes = (256 if gpu else 64) * 1024 * 1024
+        rotate_bytes = (args.rotate_mb or (256 if gpu else 64)) * 1024 * 1024
         result = dict(
             benchmark="block_sparse_decode", device=str(device), device_kind=device.device_kind, platform=device.platform,
             jax_version=jax.__version__, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -185,24 +185,37 @@ fi
 
 if [[ "$STAGE" == "mosaic" ]]; then
   # Decides backend="auto" between the Triton and the Mosaic GPU kernels: the Mosaic tests on the
-  # real backend (the same file runs the GPU interpreter in CI), then both kernels timed side by
-  # side on the same inputs (bench_kernel --backends; *_net = minus the harness), 8k and 32k tokens.
+  # real backend (the same file runs the GPU interpreter in CI), its fixed cost per call, then both
+  # kernels timed side by side on the same inputs (bench_kernel --backends; *_net = minus the
+  # harness), 8k and 32k tokens. DRY_RUN=1 with MOSAIC_BACKEND=mosaic_interpret TRITON_BACKEND=xla
+  # runs the same steps at toy sizes on a CPU (tests/test_gpu_session_script.py).
+  MOSAIC="${MOSAIC_BACKEND:-mosaic}"
+  TRITON="${TRITON_BACKEND:-pallas}"
+  tests=(tests/test_block_sparse_mosaic.py)
+  kfc=(--heads gqa mha --batches 1 8 --counts 0 1 4 16 128 --unroll 32 --copies 32 --max-seconds 70)
+  sweep=(--heads gqa mha --batches 1 8 --contexts 8192 32768 --block-sizes 64 256 16 --densities 0.0625 0.125 0.25 1)
+  if [[ -n "${DRY_RUN:-}" ]]; then
+    tests=(tests/test_block_sparse_mosaic.py -k "tiles or refuses")
+    kfc=(--quick --reps 1)
+    sweep=(--quick --heads gqa --batches 1 --contexts 256 --block-sizes 64 --densities 0.5 --reps 1 --rotate-mb 1)
+  fi
   echo "== Mosaic GPU kernel tests (t=$(elapsed)s)" | tee -a "$LOG"
   timeout 200 "$PY" -m pytest -p no:cacheprovider -q -rs --durations=10 --junitxml="$OUT/pytest.xml" \
-    tests/test_block_sparse_mosaic.py 2>&1 | tee -a "$LOG"
-  status=$?
+    "${tests[@]}" 2>&1 | tee -a "$LOG"
+  status=${PIPESTATUS[0]}
   echo "== tests exit $status (t=$(elapsed)s)" | tee -a "$LOG"
   echo "== Mosaic fixed cost per call against live blocks (t=$(elapsed)s)" | tee -a "$LOG"
-  timeout 100 "$PY" benchmarks/kernel_fixed_cost.py --out "$OUT/kernel_fixed_cost_gpu_mosaic.json" --backend mosaic \
-    --heads gqa mha --batches 1 8 --counts 0 1 4 16 128 --unroll 32 --copies 32 --max-seconds 70 2>&1 \
-    | grep -v "^  fits" | tee -a "$LOG"
+  timeout 100 "$PY" benchmarks/kernel_fixed_cost.py --out "$OUT/kernel_fixed_cost_gpu_mosaic.json" --backend "$MOSAIC" \
+    "${kfc[@]}" 2>&1 | grep -v "^  fits" | tee -a "$LOG"
+  kstatus=${PIPESTATUS[0]}
+  echo "== fixed cost exit $kstatus (t=$(elapsed)s)" | tee -a "$LOG"
   budget=$(( 545 - $(elapsed) ))
   echo "== Triton vs Mosaic, ${budget}s budget (t=$(elapsed)s)" | tee -a "$LOG"
   timeout $(( budget + 40 )) "$PY" benchmarks/bench_kernel.py --out "$OUT/kernel_gpu_mosaic.json" \
-    --backends pallas mosaic --heads gqa mha --batches 1 8 --contexts 8192 32768 --block-sizes 64 256 16 \
-    --densities 0.0625 0.125 0.25 1 --dtype bfloat16 --max-seconds "$(( budget - 40 ))" 2>&1 | tee -a "$LOG"
-  bstatus=$?
+    --backends "$TRITON" "$MOSAIC" "${sweep[@]}" --dtype bfloat16 --max-seconds "$(( budget - 40 ))" 2>&1 | tee -a "$LOG"
+  bstatus=${PIPESTATUS[0]}
   echo "== bench exit $bstatus (t=$(elapsed)s)" | tee -a "$LOG"
+  [[ $status -eq 0 ]] && status=$kstatus
   [[ $status -eq 0 ]] && status=$bstatus
 fi
 
